@@ -1,0 +1,1 @@
+"""Relay: a multi-tenant webhook relay."""

@@ -1,0 +1,194 @@
+"""The route table: each API module declares its routes here once, with their auth.
+
+The same declarations register the aiohttp routes and produce the OpenAPI
+document, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+
+import pydantic
+from aiohttp import web
+
+from relay import errors
+from relay.crypto import constant_time_equals, hash_api_key
+from relay.keys import POOL, SETTINGS, TENANT_ID
+from relay.store import tenants as tenant_store
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Auth = Literal["operator", "tenant", "none", "source"]
+M = TypeVar("M", bound=pydantic.BaseModel)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One endpoint: what it is, who may call it, and what it takes."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    auth: Auth
+    body: type[pydantic.BaseModel] | None = None
+    query: type[pydantic.BaseModel] | None = None
+    status: int = 200
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+def add_routes(app: web.Application, routes: list[Route]) -> None:
+    """Register ``routes`` with their authentication wrapped around the handler."""
+    for route in routes:
+        app.router.add_route(route.method, route.path, _with_auth(route))
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _with_auth(route: Route) -> Handler:
+    handler = route.handler
+    if route.auth == "operator":
+
+        async def operator(request: web.Request) -> web.StreamResponse:
+            token = _bearer(request)
+            expected = request.app[SETTINGS].admin_token
+            if token is None or not expected or not constant_time_equals(token, expected):
+                raise errors.Unauthorized("a valid operator token is required")
+            return await handler(request)
+
+        return operator
+    if route.auth == "tenant":
+
+        async def tenant(request: web.Request) -> web.StreamResponse:
+            token = _bearer(request)
+            if token is None:
+                raise errors.Unauthorized("a tenant API key is required")
+            tenant_id = await tenant_store.tenant_for_key(
+                request.app[POOL], hash_api_key(token)
+            )
+            if tenant_id is None:
+                raise errors.Unauthorized("invalid or revoked API key")
+            request[TENANT_ID] = tenant_id
+            return await handler(request)
+
+        return tenant
+    return handler
+
+
+def tenant_id(request: web.Request) -> str:
+    """The authenticated tenant (never taken from the body or the path)."""
+    return request[TENANT_ID]
+
+
+# --- bodies and queries ---------------------------------------------------
+
+
+def validation_details(exc: pydantic.ValidationError) -> list[dict[str, str]]:
+    """Pydantic errors as API.md's per-field ``details``."""
+    details = []
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(part) for part in error["loc"] if part not in ("body",))
+        details.append({"field": loc or "body", "message": error["msg"]})
+    return details
+
+
+def _invalid(exc: pydantic.ValidationError) -> errors.ValidationFailed:
+    details = validation_details(exc)
+    summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:3])
+    return errors.ValidationFailed(summary or "invalid input", details=details)
+
+
+def is_json_content_type(request: web.Request) -> bool:
+    """True for application/json and application/*+json."""
+    ctype = request.content_type.lower()
+    return ctype == "application/json" or (
+        ctype.startswith("application/") and ctype.endswith("+json")
+    )
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body: 415 if not JSON, 400 if malformed."""
+    if not is_json_content_type(request):
+        raise errors.UnsupportedMediaType()
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise errors.InvalidJSON(f"the body is not valid JSON: {exc}") from None
+
+
+async def read_body(request: web.Request, model: type[M], *, empty_ok: bool = False) -> M:
+    """Parse and validate the body into ``model`` (400/415/422 on bad input)."""
+    if empty_ok and not request.can_read_body:
+        data: Any = {}
+    else:
+        data = await read_json(request)
+    if not isinstance(data, dict):
+        raise errors.InvalidRequest("the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def read_query(request: web.Request, model: type[M]) -> M:
+    """Validate the query string into ``model`` (422 naming each bad parameter)."""
+    try:
+        return model.model_validate(dict(request.query))
+    except pydantic.ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+class ListQuery(pydantic.BaseModel):
+    """``?limit=&cursor=`` of every list."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    limit: int = pydantic.Field(50, ge=1, le=500)
+    cursor: str | None = pydantic.Field(None, min_length=1, max_length=64)
+
+
+# --- answers ----------------------------------------------------------------
+
+
+def timestamp(value: datetime | None) -> str | None:
+    """RFC 3339 in UTC with milliseconds: ``2026-11-28T12:00:00.123Z``."""
+    if value is None:
+        return None
+    value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return timestamp(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def dumps(data: Any) -> str:
+    """JSON text for an answer."""
+    return json.dumps(data, default=_default, separators=(",", ":"))
+
+
+def respond(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    """A JSON answer."""
+    return web.json_response(data, status=status, headers=headers, dumps=dumps)
+
+
+def page(data: list[Any], next_cursor: str | None) -> web.Response:
+    """A list answer: ``{"data": [...], "next_cursor": ...}``."""
+    return respond({"data": data, "next_cursor": next_cursor})
+
+
+def no_content() -> web.Response:
+    """204."""
+    return web.Response(status=204)

@@ -1,0 +1,286 @@
+"""Tenant endpoints for targets: where the tenant receives its events."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import pydantic
+from aiohttp import web
+from yarl import URL
+
+from relay import errors
+from relay.api.routing import (
+    ListQuery,
+    Route,
+    no_content,
+    page,
+    read_body,
+    read_query,
+    respond,
+    tenant_id,
+)
+from relay.api.sources import HEADER_NAME, RateLimit
+from relay.crypto import new_id, new_webhook_secret
+from relay.egress import host_is_forbidden
+from relay.keys import CACHE, POOL, SECRETS, SETTINGS
+from relay.store import sources as source_store
+from relay.store import targets as store
+
+MAX_URL = 2048
+#: Headers a target may not set: hop-by-hop, framing, and what the relay signs.
+FORBIDDEN_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+    }
+)
+
+FilterValue = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=200)]
+
+
+def _check_url(value: str) -> str:
+    if len(value) > MAX_URL:
+        raise ValueError(f"at most {MAX_URL} characters")
+    try:
+        url = URL(value)
+    except ValueError:
+        raise ValueError("not a URL") from None
+    if url.scheme not in ("http", "https") or not url.is_absolute():
+        raise ValueError("must be an absolute http:// or https:// URL")
+    if not url.host:
+        raise ValueError("must have a host")
+    return value
+
+
+def _check_headers(value: dict[str, str]) -> dict[str, str]:
+    for name, header_value in value.items():
+        lower = name.lower()
+        if not HEADER_NAME.match(name):
+            raise ValueError(f"{name!r} is not a valid header name")
+        if lower in FORBIDDEN_HEADERS or lower.startswith("webhook-"):
+            raise ValueError(f"{name!r} may not be set by a target")
+        if any(c in header_value for c in "\r\n\0") or len(header_value) > 4096:
+            raise ValueError(f"the value of {name!r} is not a valid header value")
+    return value
+
+
+TargetUrl = Annotated[str, pydantic.AfterValidator(_check_url)]
+Headers = Annotated[
+    dict[str, str], pydantic.Field(max_length=20), pydantic.AfterValidator(_check_headers)
+]
+Description = Annotated[str, pydantic.StringConstraints(max_length=1000)]
+SourceIds = Annotated[list[Annotated[str, pydantic.StringConstraints(max_length=64)]],
+                      pydantic.Field(max_length=100)]
+
+
+class TargetFilter(pydantic.BaseModel):
+    """Which events a target wants; an absent or empty list matches everything."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    object_type: Annotated[list[FilterValue], pydantic.Field(max_length=100)] = pydantic.Field(
+        default_factory=list, alias="objectType"
+    )
+    action: Annotated[list[FilterValue], pydantic.Field(max_length=100)] = pydantic.Field(
+        default_factory=list
+    )
+
+
+class TargetCreate(pydantic.BaseModel):
+    """Body of POST /v1/targets."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    url: TargetUrl
+    description: Description | None = None
+    filter: TargetFilter | None = None
+    source_ids: SourceIds | None = None
+    headers: Headers | None = None
+    rate_limit: RateLimit | None = None
+    enabled: bool = True
+
+
+class TargetPatch(pydantic.BaseModel):
+    """Body of PATCH /v1/targets/{id}: present fields change, null clears optional ones."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    url: TargetUrl | None = None
+    description: Description | None = None
+    filter: TargetFilter | None = None
+    source_ids: SourceIds | None = None
+    headers: Headers | None = None
+    rate_limit: RateLimit | None = None
+    enabled: bool | None = None
+
+
+def render_target(row: Any) -> dict[str, Any]:
+    """A target as the API shows it (no secret)."""
+    return {
+        "id": row["id"],
+        "url": row["url"],
+        "description": row["description"],
+        "filter": {"objectType": row["filter_object_types"], "action": row["filter_actions"]},
+        "source_ids": row["source_ids"],
+        "headers": row["headers"],
+        "rate_limit": row["rate_limit"],
+        "enabled": row["enabled"],
+        "disabled_reason": row["disabled_reason"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+async def _check_destination(request: web.Request, url: str) -> None:
+    if request.app[SETTINGS].allow_private_targets:
+        return
+    host = URL(url).host or ""
+    if await host_is_forbidden(host):
+        raise errors.ValidationFailed.field(
+            "url", "resolves to a loopback, private, link-local or metadata address"
+        )
+
+
+async def _check_sources(request: web.Request, source_ids: list[str] | None) -> list[str] | None:
+    if source_ids is None:
+        return None
+    unique = list(dict.fromkeys(source_ids))
+    known = await source_store.live_source_ids(request.app[POOL], tenant_id(request), unique)
+    missing = [s for s in unique if s not in known]
+    if missing:
+        raise errors.ValidationFailed.field("source_ids", f"unknown sources: {', '.join(missing)}")
+    return unique
+
+
+async def create_target(request: web.Request) -> web.Response:
+    """Create a target; its signing secret is in this answer."""
+    body = await read_body(request, TargetCreate)
+    await _check_destination(request, body.url)
+    source_ids = await _check_sources(request, body.source_ids)
+    target_id = new_id("tgt")
+    secret = new_webhook_secret()
+    flt = body.filter or TargetFilter()
+    row = await store.create_target(
+        request.app[POOL],
+        tenant_id(request),
+        target_id=target_id,
+        url=body.url,
+        description=body.description,
+        filter_object_types=flt.object_type,
+        filter_actions=flt.action,
+        source_ids=source_ids,
+        headers=body.headers or {},
+        rate_limit=body.rate_limit,
+        enabled=body.enabled,
+        disabled_reason=None if body.enabled else "disabled through the API",
+        secret_enc=request.app[SECRETS].seal(secret, bound_to=target_id),
+    )
+    request.app[CACHE].forget_tenant(tenant_id(request))
+    return respond({**render_target(row), "secret": secret}, status=201)
+
+
+async def list_targets(request: web.Request) -> web.Response:
+    """The tenant's targets, newest first."""
+    query = read_query(request, ListQuery)
+    rows, cursor = await store.list_targets(
+        request.app[POOL], tenant_id(request), query.limit, query.cursor
+    )
+    return page([render_target(r) for r in rows], cursor)
+
+
+async def _get_or_404(request: web.Request) -> Any:
+    row = await store.get_target(request.app[POOL], tenant_id(request), request.match_info["target_id"])
+    if row is None:
+        raise errors.NotFound("no such target")
+    return row
+
+
+async def get_target(request: web.Request) -> web.Response:
+    """One target."""
+    return respond(render_target(await _get_or_404(request)))
+
+
+async def update_target(request: web.Request) -> web.Response:
+    """Change a target; ``enabled: true`` re-enables a disabled one."""
+    body = await read_body(request, TargetPatch)
+    current = await _get_or_404(request)
+    changes: dict[str, Any] = {}
+    fields = body.model_fields_set
+    for required in ("url", "filter", "headers", "enabled"):
+        if required in fields and getattr(body, required) is None:
+            raise errors.ValidationFailed.field(required, "may not be null")
+    if body.url is not None:
+        await _check_destination(request, body.url)
+        changes["url"] = body.url
+    if "description" in fields:
+        changes["description"] = body.description
+    if body.filter is not None:
+        changes["filter_object_types"] = body.filter.object_type
+        changes["filter_actions"] = body.filter.action
+    if "source_ids" in fields:
+        changes["source_ids"] = await _check_sources(request, body.source_ids)
+    if body.headers is not None:
+        changes["headers"] = body.headers
+    if "rate_limit" in fields:
+        changes["rate_limit"] = body.rate_limit
+    if body.enabled is not None and body.enabled != current["enabled"]:
+        changes["enabled"] = body.enabled
+        changes["disabled_reason"] = None if body.enabled else "disabled through the API"
+        changes["failing_since"] = None
+    row = await store.update_target(request.app[POOL], tenant_id(request), current["id"], changes)
+    if row is None:
+        raise errors.NotFound("no such target")
+    request.app[CACHE].forget_tenant(tenant_id(request))
+    return respond(render_target(row))
+
+
+async def delete_target(request: web.Request) -> web.Response:
+    """Delete a target: nothing more is sent to it."""
+    if not await store.delete_target(
+        request.app[POOL], tenant_id(request), request.match_info["target_id"]
+    ):
+        raise errors.NotFound("no such target")
+    request.app[CACHE].forget_tenant(tenant_id(request))
+    return no_content()
+
+
+async def get_target_secret(request: web.Request) -> web.Response:
+    """The target's current signing secret."""
+    row = await _get_or_404(request)
+    return respond({"secret": request.app[SECRETS].open(row["secret_enc"], bound_to=row["id"])})
+
+
+async def rotate_target_secret(request: web.Request) -> web.Response:
+    """A new signing secret; deliveries carry both signatures during the overlap."""
+    current = await _get_or_404(request)
+    secret = new_webhook_secret()
+    row = await store.rotate_target_secret(
+        request.app[POOL],
+        tenant_id(request),
+        current["id"],
+        request.app[SECRETS].seal(secret, bound_to=current["id"]),
+    )
+    if row is None:
+        raise errors.NotFound("no such target")
+    return respond({"secret": secret})
+
+
+ROUTES = [
+    Route("POST", "/v1/targets", create_target, "Create a target", "tenant", TargetCreate, status=201),
+    Route("GET", "/v1/targets", list_targets, "List targets", "tenant", query=ListQuery),
+    Route("GET", "/v1/targets/{target_id}", get_target, "Get a target", "tenant"),
+    Route("PATCH", "/v1/targets/{target_id}", update_target, "Update a target", "tenant", TargetPatch),
+    Route("DELETE", "/v1/targets/{target_id}", delete_target, "Delete a target", "tenant", status=204),
+    Route("GET", "/v1/targets/{target_id}/secret", get_target_secret, "Get a target's signing secret",
+          "tenant"),
+    Route("POST", "/v1/targets/{target_id}/rotate-secret", rotate_target_secret,
+          "Rotate a target's signing secret", "tenant"),
+]

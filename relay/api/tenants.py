@@ -1,0 +1,106 @@
+"""Operator endpoints for tenants and their API keys."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import pydantic
+from aiohttp import web
+
+from relay import errors
+from relay.api.routing import ListQuery, Route, no_content, page, read_body, read_query, respond
+from relay.crypto import hash_api_key, new_api_key, new_id
+from relay.keys import POOL
+from relay.store import tenants as store
+
+Name = Annotated[str, pydantic.StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+
+
+class TenantCreate(pydantic.BaseModel):
+    """Body of POST /v1/tenants."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    name: Name
+
+
+def render_tenant(row: Any) -> dict[str, Any]:
+    """A tenant as the API shows it (never a key)."""
+    return {"id": row["id"], "name": row["name"], "created_at": row["created_at"]}
+
+
+def render_key(row: Any) -> dict[str, Any]:
+    """An API key's metadata (never the key or its hash)."""
+    return {"id": row["id"], "created_at": row["created_at"], "revoked_at": row["revoked_at"]}
+
+
+async def create_tenant(request: web.Request) -> web.Response:
+    """Create a tenant with its first API key, shown once."""
+    body = await read_body(request, TenantCreate)
+    api_key = new_api_key()
+    async with request.app[POOL].acquire() as conn:
+        tenant, key = await store.create_tenant(
+            conn, new_id("ten"), body.name, new_id("key"), hash_api_key(api_key)
+        )
+    return respond(
+        {**render_tenant(tenant), "api_key": api_key, "api_key_id": key["id"]}, status=201
+    )
+
+
+async def list_tenants(request: web.Request) -> web.Response:
+    """All tenants, newest first."""
+    query = read_query(request, ListQuery)
+    rows, cursor = await store.list_tenants(request.app[POOL], query.limit, query.cursor)
+    return page([render_tenant(r) for r in rows], cursor)
+
+
+async def get_tenant(request: web.Request) -> web.Response:
+    """One tenant."""
+    row = await store.get_tenant(request.app[POOL], request.match_info["tenant_id"])
+    if row is None:
+        raise errors.NotFound("no such tenant")
+    return respond(render_tenant(row))
+
+
+async def create_api_key(request: web.Request) -> web.Response:
+    """Another API key for a tenant, shown once."""
+    api_key = new_api_key()
+    row = await store.create_api_key(
+        request.app[POOL], request.match_info["tenant_id"], new_id("key"), hash_api_key(api_key)
+    )
+    if row is None:
+        raise errors.NotFound("no such tenant")
+    return respond({"id": row["id"], "api_key": api_key, "created_at": row["created_at"]}, 201)
+
+
+async def list_api_keys(request: web.Request) -> web.Response:
+    """A tenant's keys: ids and dates, never a key."""
+    pool = request.app[POOL]
+    tenant_id = request.match_info["tenant_id"]
+    query = read_query(request, ListQuery)
+    if await store.get_tenant(pool, tenant_id) is None:
+        raise errors.NotFound("no such tenant")
+    rows, cursor = await store.list_api_keys(pool, tenant_id, query.limit, query.cursor)
+    return page([render_key(r) for r in rows], cursor)
+
+
+async def revoke_api_key(request: web.Request) -> web.Response:
+    """Revoke a key: it fails on the next request."""
+    revoked = await store.revoke_api_key(
+        request.app[POOL], request.match_info["tenant_id"], request.match_info["key_id"]
+    )
+    if not revoked:
+        raise errors.NotFound("no such API key")
+    return no_content()
+
+
+ROUTES = [
+    Route("POST", "/v1/tenants", create_tenant, "Create a tenant", "operator", TenantCreate, status=201),
+    Route("GET", "/v1/tenants", list_tenants, "List tenants", "operator", query=ListQuery),
+    Route("GET", "/v1/tenants/{tenant_id}", get_tenant, "Get a tenant", "operator"),
+    Route("GET", "/v1/tenants/{tenant_id}/api-keys", list_api_keys, "List a tenant's API keys",
+          "operator", query=ListQuery),
+    Route("POST", "/v1/tenants/{tenant_id}/api-keys", create_api_key, "Create an API key",
+          "operator", status=201),
+    Route("DELETE", "/v1/tenants/{tenant_id}/api-keys/{key_id}", revoke_api_key,
+          "Revoke an API key", "operator", status=204),
+]

@@ -1,0 +1,121 @@
+"""The gateway application: routes, middlewares, and the resources opened with it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
+from aiohttp import web
+
+from relay import errors
+from relay.api import health, sources, targets, tenants
+from relay.api.routing import Route, add_routes, respond
+from relay.cache import RoutingCache
+from relay.config import Settings
+from relay.crypto import SecretBox, new_id
+from relay.keys import CACHE, POOL, REDIS, SECRETS, SETTINGS
+from relay.openapi import OPENAPI, build_openapi
+from relay.store.db import create_pool
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Failures of a dependency, not of the request: answered 503.
+DEPENDENCY_ERRORS = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    ConnectionError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+_HTTP_ERRORS: dict[int, type[errors.RelayError]] = {
+    400: errors.InvalidRequest,
+    404: errors.NotFound,
+    405: errors.MethodNotAllowed,
+    413: errors.PayloadTooLarge,
+    415: errors.UnsupportedMediaType,
+}
+
+
+def all_routes() -> list[Route]:
+    """Every route of the gateway, in one table."""
+    return [*health.ROUTES, *tenants.ROUTES, *sources.ROUTES, *targets.ROUTES]
+
+
+def error_response(exc: errors.RelayError) -> web.Response:
+    """API.md's error shape for ``exc``."""
+    return respond(exc.body(), status=exc.status, headers=exc.headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into API.md's error shape; never a traceback to the caller."""
+    try:
+        return await handler(request)
+    except errors.RelayError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = _HTTP_ERRORS.get(exc.status)
+        if kind is None:
+            error = errors.RelayError(exc.reason)
+            error.status, error.code = exc.status, exc.reason.lower().replace(" ", "_")
+        else:
+            error = kind()
+        if exc.status == 405:
+            allowed = exc.headers.get("Allow", "")
+            error.headers["Allow"] = allowed
+        return error_response(error)
+    except asyncio.CancelledError:
+        raise
+    except DEPENDENCY_ERRORS as exc:
+        log.warning("dependency unavailable on %s %s: %s", request.method, request.path,
+                    type(exc).__name__)
+        return error_response(errors.Unavailable())
+    except Exception:
+        error_id = new_id("err")
+        log.exception("unhandled error %s on %s %s", error_id, request.method, request.path)
+        failure = errors.RelayError(
+            f"internal error; quote {error_id} to the operator", details={"error_id": error_id}
+        )
+        return error_response(failure)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The gateway for ``settings``; Postgres and Redis are opened on startup."""
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[SECRETS] = SecretBox(settings.secret_key)
+    app[CACHE] = RoutingCache(settings.cache_ttl_s)
+    routes = all_routes()
+    app[OPENAPI] = build_openapi(routes)
+    add_routes(app, routes)
+    app.cleanup_ctx.append(_postgres)
+    app.cleanup_ctx.append(_redis)
+    return app
+
+
+async def _postgres(app: web.Application) -> AsyncIterator[None]:
+    app[POOL] = await create_pool(app[SETTINGS].database_url, min_size=2, max_size=20)
+    yield
+    await app[POOL].close()
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    client = aioredis.from_url(
+        app[SETTINGS].redis_url, socket_timeout=2, socket_connect_timeout=2
+    )
+    app[REDIS] = client
+    yield
+    await client.aclose()

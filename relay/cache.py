@@ -1,0 +1,92 @@
+"""The gateway's cache of sources and routing tables, so ingest costs one transaction.
+
+Entries live ``ttl`` seconds (RELAY_CACHE_TTL_S, default 1 s) and are dropped at
+once when this process's API changes them; another gateway process sees a
+change within ``ttl``. Deliveries are inserted only for targets that are still
+enabled and live *at insert time* (relay/store/events.py), so a stale entry can
+never route to a deleted or disabled target.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    """What ingest needs of a source, secrets decrypted."""
+
+    id: str
+    tenant_id: str
+    auth_type: str
+    auth_config: dict[str, str]
+    secret: str
+    previous_secret: str | None
+    previous_valid_until: float | None  # unix time
+    rate_limit: int | None
+
+
+@dataclass(frozen=True)
+class TargetRoute:
+    """What routing needs of a target: its filters, lower-cased."""
+
+    id: str
+    object_types: frozenset[str]
+    actions: frozenset[str]
+    source_ids: frozenset[str] | None
+
+    def matches(self, source_id: str, object_type: str | None, action: str | None) -> bool:
+        """True when an event of ``source_id`` with these fields is for this target."""
+        if self.source_ids is not None and source_id not in self.source_ids:
+            return False
+        if self.object_types and (object_type or "").lower() not in self.object_types:
+            return False
+        return not self.actions or (action or "").lower() in self.actions
+
+
+class TTLCache(Generic[K, V]):
+    """A small per-process cache with expiry and explicit invalidation."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl_s
+        self._clock = clock
+        self._entries: dict[K, tuple[float, V]] = {}
+
+    async def get(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
+        """The cached value, or ``load()`` stored for ``ttl`` seconds."""
+        now = self._clock()
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        value = await load()
+        if self._ttl > 0:
+            if len(self._entries) > 100_000:
+                self._entries.clear()
+            self._entries[key] = (now + self._ttl, value)
+        return value
+
+    def forget(self, key: K) -> None:
+        """Drop one entry."""
+        self._entries.pop(key, None)
+
+
+class RoutingCache:
+    """Sources by id and routable targets by tenant."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.sources: TTLCache[str, SourceEntry | None] = TTLCache(ttl_s)
+        self.targets: TTLCache[str, list[TargetRoute]] = TTLCache(ttl_s)
+
+    def forget_source(self, source_id: str) -> None:
+        """A source changed."""
+        self.sources.forget(source_id)
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        """One of the tenant's targets changed."""
+        self.targets.forget(tenant_id)

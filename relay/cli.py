@@ -1,0 +1,119 @@
+"""The ``relay`` command: serve, worker, migrate, dev, tenants, dlq."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Collection, Sequence
+
+from relay.config import (
+    REQUIRED_FOR_MIGRATE,
+    REQUIRED_FOR_SERVE,
+    ConfigError,
+    Settings,
+)
+
+
+def load_settings(required: Collection[str]) -> Settings:
+    """Settings from the environment, or exit with one line naming the bad variable."""
+    try:
+        return Settings.from_env(os.environ, required=required)
+    except ConfigError as exc:
+        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+async def _migrate(settings: Settings) -> list[str]:
+    from relay.store.db import connect
+    from relay.store.migrations import migrate
+
+    conn = await connect(settings.database_url)
+    try:
+        applied: list[str] = await migrate(conn)
+        return applied
+    finally:
+        await conn.close()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Apply pending migrations."""
+    settings = load_settings(REQUIRED_FOR_MIGRATE)
+    applied = asyncio.run(_migrate(settings))
+    print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the gateway."""
+    from aiohttp import web
+
+    from relay.app import create_app
+    from relay.logs import setup_logging
+
+    settings = load_settings(REQUIRED_FOR_SERVE)
+    setup_logging(settings.log_level)
+    web.run_app(create_app(settings), host=args.host, port=args.port, access_log=None,
+                print=lambda text: print(text, file=sys.stderr))
+    return 0
+
+
+async def _create_tenant(settings: Settings, name: str) -> tuple[str, str]:
+    from relay.crypto import hash_api_key, new_api_key, new_id
+    from relay.store import tenants
+    from relay.store.db import connect
+
+    conn = await connect(settings.database_url)
+    try:
+        api_key = new_api_key()
+        tenant, _ = await tenants.create_tenant(
+            conn, new_id("ten"), name, new_id("key"), hash_api_key(api_key)
+        )
+        return tenant["id"], api_key
+    finally:
+        await conn.close()
+
+
+def cmd_tenants_create(args: argparse.Namespace) -> int:
+    """Create a tenant and print its id and API key."""
+    settings = load_settings(REQUIRED_FOR_MIGRATE)
+    name = args.name.strip()
+    if not 1 <= len(name) <= 200:
+        print("relay: a tenant name is 1 to 200 characters", file=sys.stderr)
+        return 2
+    tenant_id, api_key = asyncio.run(_create_tenant(settings, name))
+    print(f"tenant_id: {tenant_id}\napi_key:   {api_key}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="relay", description="Multi-tenant webhook relay.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    migrate = commands.add_parser("migrate", help="apply pending database migrations")
+    migrate.set_defaults(func=cmd_migrate)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.set_defaults(func=cmd_serve)
+
+    tenants = commands.add_parser("tenants", help="manage tenants")
+    tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True)
+    create = tenant_commands.add_parser("create", help="create a tenant, print its API key")
+    create.add_argument("name")
+    create.set_defaults(func=cmd_tenants_create)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``relay`` console script."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Secrets at rest, identifiers and API keys.
+
+Source and target secrets are stored as AES-256-GCM ciphertexts under
+RELAY_SECRET_KEY, each bound to its row id by the associated data, so a
+ciphertext copied onto another row does not decrypt. Tenant API keys are
+random 256-bit strings stored only as their SHA-256: they are unguessable,
+so a slow password hash would buy nothing and cost every request.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from ulid import ULID
+
+_NONCE_BYTES = 12
+API_KEY_PREFIX = "rly_"
+
+
+class SecretBox:
+    """Encrypts and decrypts secrets with AES-GCM under one key."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+
+    def seal(self, plaintext: str, *, bound_to: str) -> bytes:
+        """Encrypt ``plaintext`` for the row ``bound_to``: nonce || ciphertext."""
+        nonce = os.urandom(_NONCE_BYTES)
+        return nonce + self._aead.encrypt(nonce, plaintext.encode(), bound_to.encode())
+
+    def open(self, sealed: bytes, *, bound_to: str) -> str:
+        """Decrypt what :meth:`seal` made; raise ValueError if key or row do not match."""
+        try:
+            nonce, ciphertext = sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:]
+            return self._aead.decrypt(nonce, ciphertext, bound_to.encode()).decode()
+        except (InvalidTag, ValueError) as exc:
+            raise ValueError("secret does not decrypt under RELAY_SECRET_KEY") from exc
+
+
+def new_id(prefix: str) -> str:
+    """A time-sortable identifier such as ``tgt_01JD…`` (ULID)."""
+    return f"{prefix}_{ULID()}"
+
+
+def new_api_key() -> str:
+    """A tenant API key: 256 random bits, URL-safe."""
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_api_key(key: str) -> bytes:
+    """What is stored for an API key."""
+    return hashlib.sha256(key.encode()).digest()
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks signing secret: ``whsec_`` + base64 of 32 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def new_source_secret() -> str:
+    """A secret for token, basic or hmac sources."""
+    return secrets.token_urlsafe(32)
+
+
+def constant_time_equals(a: str | bytes, b: str | bytes) -> bool:
+    """Compare secrets without leaking where they differ."""
+    a_bytes = a.encode() if isinstance(a, str) else a
+    b_bytes = b.encode() if isinstance(b, str) else b
+    return hmac.compare_digest(a_bytes, b_bytes)

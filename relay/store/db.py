@@ -1,0 +1,64 @@
+"""Connection pools: opened with retries on transient faults, JSON codecs installed."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import asyncpg
+from tenacity import (
+    AsyncRetrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
+
+log = logging.getLogger(__name__)
+
+Pool = Any  # asyncpg.Pool; asyncpg ships no type information
+Conn = Any  # asyncpg.Connection or a pool-acquired proxy
+
+#: Faults worth waiting out at start (Postgres still booting, a restart).
+TRANSIENT = (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
+
+
+async def _init_connection(conn: Conn) -> None:
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(
+            kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+async def create_pool(
+    dsn: str, *, min_size: int = 2, max_size: int = 10, wait_s: float = 30.0
+) -> Pool:
+    """Open a pool, retrying for up to ``wait_s`` while Postgres is unreachable."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(TRANSIENT),
+        wait=wait_exponential(multiplier=0.2, max=2.0),
+        stop=stop_after_delay(wait_s),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    ):
+        with attempt:
+            return await asyncpg.create_pool(
+                dsn, min_size=min_size, max_size=max_size, init=_init_connection
+            )
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def connect(dsn: str, *, wait_s: float = 30.0) -> Conn:
+    """One connection, with the same retries and codecs as a pool."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(TRANSIENT),
+        wait=wait_exponential(multiplier=0.2, max=2.0),
+        stop=stop_after_delay(wait_s),
+        reraise=True,
+    ):
+        with attempt:
+            conn = await asyncpg.connect(dsn)
+            await _init_connection(conn)
+            return conn
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,125 @@
+"""Sources: where an upstream sends a tenant's events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relay.store.db import Conn
+from relay.store.rows import keyset_page, set_clause
+
+_UPDATABLE = frozenset({"name", "auth_config", "rate_limit"})
+
+
+async def create_source(
+    conn: Conn,
+    tenant_id: str,
+    *,
+    source_id: str,
+    name: str,
+    auth_type: str,
+    auth_config: dict[str, Any],
+    secret_enc: bytes,
+    rate_limit: int | None,
+) -> Any:
+    """Insert a source."""
+    return await conn.fetchrow(
+        """
+        INSERT INTO sources (id, tenant_id, name, auth_type, auth_config, secret_enc, rate_limit)
+        VALUES ($2, $1, $3, $4, $5, $6, $7) RETURNING *
+        """,
+        tenant_id,
+        source_id,
+        name,
+        auth_type,
+        auth_config,
+        secret_enc,
+        rate_limit,
+    )
+
+
+async def get_source(conn: Conn, tenant_id: str, source_id: str) -> Any:
+    """A live source of this tenant, or None."""
+    return await conn.fetchrow(
+        "SELECT * FROM sources WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL",
+        tenant_id,
+        source_id,
+    )
+
+
+async def list_sources(
+    conn: Conn, tenant_id: str, limit: int, cursor: str | None
+) -> tuple[list[Any], str | None]:
+    """A tenant's live sources, newest first."""
+    rows = await conn.fetch(
+        """
+        SELECT * FROM sources
+        WHERE tenant_id = $1 AND deleted_at IS NULL AND ($2::text IS NULL OR id < $2)
+        ORDER BY id DESC LIMIT $3
+        """,
+        tenant_id,
+        cursor,
+        limit + 1,
+    )
+    return keyset_page(rows, limit)
+
+
+async def update_source(conn: Conn, tenant_id: str, source_id: str, changes: dict[str, Any]) -> Any:
+    """Apply a PATCH; None if the tenant has no such source."""
+    if not changes:
+        return await get_source(conn, tenant_id, source_id)
+    clause, values = set_clause(changes, _UPDATABLE, first_param=3)
+    return await conn.fetchrow(
+        f"UPDATE sources SET {clause} "
+        "WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING *",
+        tenant_id,
+        source_id,
+        *values,
+    )
+
+
+async def delete_source(conn: Conn, tenant_id: str, source_id: str) -> bool:
+    """Soft-delete (its events keep their history); False if there is no such source."""
+    row = await conn.fetchrow(
+        """
+        UPDATE sources SET deleted_at = now(), updated_at = now()
+        WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING id
+        """,
+        tenant_id,
+        source_id,
+    )
+    return row is not None
+
+
+async def rotate_source_secret(
+    conn: Conn, tenant_id: str, source_id: str, secret_enc: bytes
+) -> Any:
+    """Replace the secret, keeping the previous one (and when) for the overlap."""
+    return await conn.fetchrow(
+        """
+        UPDATE sources
+        SET previous_secret_enc = secret_enc, secret_enc = $3,
+            secret_rotated_at = now(), updated_at = now()
+        WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING *
+        """,
+        tenant_id,
+        source_id,
+        secret_enc,
+    )
+
+
+async def live_source_ids(conn: Conn, tenant_id: str, source_ids: list[str]) -> set[str]:
+    """Which of ``source_ids`` are this tenant's live sources."""
+    rows = await conn.fetch(
+        "SELECT id FROM sources WHERE tenant_id = $1 AND id = ANY($2::text[]) "
+        "AND deleted_at IS NULL",
+        tenant_id,
+        source_ids,
+    )
+    return {r["id"] for r in rows}
+
+
+async def get_source_for_ingest(conn: Conn, source_id: str) -> Any:
+    """A live source by id alone: ingest authenticates with the source's own secret."""
+    return await conn.fetchrow(
+        "SELECT * FROM sources WHERE id = $1 AND deleted_at IS NULL", source_id
+    )

@@ -1,0 +1,118 @@
+"""Targets: where a tenant receives its events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relay.store.db import Conn
+from relay.store.rows import keyset_page, set_clause
+
+_UPDATABLE = frozenset(
+    {
+        "url",
+        "description",
+        "filter_object_types",
+        "filter_actions",
+        "source_ids",
+        "headers",
+        "rate_limit",
+        "enabled",
+        "disabled_reason",
+        "failing_since",
+    }
+)
+
+
+async def create_target(conn: Conn, tenant_id: str, *, target_id: str, **fields: Any) -> Any:
+    """Insert a target; ``fields`` are column values (url, secret_enc, filters…)."""
+    columns = ["id", "tenant_id", *fields]
+    placeholders = ", ".join(f"${i + 1}" for i in range(len(columns)))
+    return await conn.fetchrow(
+        f"INSERT INTO targets ({', '.join(columns)}) VALUES ({placeholders}) RETURNING *",
+        target_id,
+        tenant_id,
+        *fields.values(),
+    )
+
+
+async def get_target(conn: Conn, tenant_id: str, target_id: str) -> Any:
+    """A live target of this tenant, or None."""
+    return await conn.fetchrow(
+        "SELECT * FROM targets WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL",
+        tenant_id,
+        target_id,
+    )
+
+
+async def list_targets(
+    conn: Conn, tenant_id: str, limit: int, cursor: str | None
+) -> tuple[list[Any], str | None]:
+    """A tenant's live targets, newest first."""
+    rows = await conn.fetch(
+        """
+        SELECT * FROM targets
+        WHERE tenant_id = $1 AND deleted_at IS NULL AND ($2::text IS NULL OR id < $2)
+        ORDER BY id DESC LIMIT $3
+        """,
+        tenant_id,
+        cursor,
+        limit + 1,
+    )
+    return keyset_page(rows, limit)
+
+
+async def update_target(conn: Conn, tenant_id: str, target_id: str, changes: dict[str, Any]) -> Any:
+    """Apply a PATCH; None if the tenant has no such target."""
+    if not changes:
+        return await get_target(conn, tenant_id, target_id)
+    clause, values = set_clause(changes, _UPDATABLE, first_param=3)
+    return await conn.fetchrow(
+        f"UPDATE targets SET {clause} "
+        "WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING *",
+        tenant_id,
+        target_id,
+        *values,
+    )
+
+
+async def delete_target(conn: Conn, tenant_id: str, target_id: str) -> bool:
+    """Soft-delete: its deliveries keep their history and are no longer sent."""
+    row = await conn.fetchrow(
+        """
+        UPDATE targets SET deleted_at = now(), updated_at = now(), enabled = false
+        WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING id
+        """,
+        tenant_id,
+        target_id,
+    )
+    return row is not None
+
+
+async def rotate_target_secret(
+    conn: Conn, tenant_id: str, target_id: str, secret_enc: bytes
+) -> Any:
+    """Replace the signing secret, keeping the previous one for the overlap."""
+    return await conn.fetchrow(
+        """
+        UPDATE targets
+        SET previous_secret_enc = secret_enc, secret_enc = $3,
+            secret_rotated_at = now(), updated_at = now()
+        WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING *
+        """,
+        tenant_id,
+        target_id,
+        secret_enc,
+    )
+
+
+async def routable_targets(conn: Conn, tenant_id: str) -> list[Any]:
+    """The enabled, live targets of a tenant with what routing needs."""
+    return list(
+        await conn.fetch(
+            """
+            SELECT id, filter_object_types, filter_actions, source_ids FROM targets
+            WHERE tenant_id = $1 AND enabled AND deleted_at IS NULL
+            """,
+            tenant_id,
+        )
+    )

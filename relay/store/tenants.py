@@ -1,0 +1,92 @@
+"""Tenants and their API keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relay.store.db import Conn
+from relay.store.rows import keyset_page
+
+
+async def create_tenant(
+    conn: Conn, tenant_id: str, name: str, key_id: str, key_hash: bytes
+) -> tuple[Any, Any]:
+    """Insert a tenant and its first API key, atomically."""
+    async with conn.transaction():
+        tenant = await conn.fetchrow(
+            "INSERT INTO tenants (id, name) VALUES ($1, $2) RETURNING *", tenant_id, name
+        )
+        key = await conn.fetchrow(
+            "INSERT INTO api_keys (id, tenant_id, key_hash) VALUES ($1, $2, $3) RETURNING *",
+            key_id,
+            tenant_id,
+            key_hash,
+        )
+    return tenant, key
+
+
+async def get_tenant(conn: Conn, tenant_id: str) -> Any:
+    """One tenant, or None."""
+    return await conn.fetchrow("SELECT * FROM tenants WHERE id = $1", tenant_id)
+
+
+async def list_tenants(conn: Conn, limit: int, cursor: str | None) -> tuple[list[Any], str | None]:
+    """Tenants, newest first."""
+    rows = await conn.fetch(
+        "SELECT * FROM tenants WHERE ($1::text IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+        cursor,
+        limit + 1,
+    )
+    return keyset_page(rows, limit)
+
+
+async def create_api_key(conn: Conn, tenant_id: str, key_id: str, key_hash: bytes) -> Any:
+    """A new key for an existing tenant, or None if there is no such tenant."""
+    return await conn.fetchrow(
+        """
+        INSERT INTO api_keys (id, tenant_id, key_hash)
+        SELECT $2, id, $3 FROM tenants WHERE id = $1
+        RETURNING *
+        """,
+        tenant_id,
+        key_id,
+        key_hash,
+    )
+
+
+async def list_api_keys(
+    conn: Conn, tenant_id: str, limit: int, cursor: str | None
+) -> tuple[list[Any], str | None]:
+    """A tenant's keys (ids and dates, never the hash), newest first."""
+    rows = await conn.fetch(
+        """
+        SELECT id, created_at, revoked_at FROM api_keys
+        WHERE tenant_id = $1 AND ($2::text IS NULL OR id < $2)
+        ORDER BY id DESC LIMIT $3
+        """,
+        tenant_id,
+        cursor,
+        limit + 1,
+    )
+    return keyset_page(rows, limit)
+
+
+async def revoke_api_key(conn: Conn, tenant_id: str, key_id: str) -> bool:
+    """Revoke a key; False if the tenant has no such key. Revoking twice is harmless."""
+    row = await conn.fetchrow(
+        """
+        UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+        WHERE tenant_id = $1 AND id = $2 RETURNING id
+        """,
+        tenant_id,
+        key_id,
+    )
+    return row is not None
+
+
+async def tenant_for_key(conn: Conn, key_hash: bytes) -> str | None:
+    """The tenant owning a live key with this hash, or None."""
+    tenant_id: str | None = await conn.fetchval(
+        "SELECT tenant_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", key_hash
+    )
+    return tenant_id

@@ -1,0 +1,175 @@
+"""Test fixtures: real Postgres and Redis, a fresh database per run and per module.
+
+A template database is created and migrated once per run; each test module
+gets its own copy (CREATE DATABASE … TEMPLATE), and every database this run
+created is dropped at the end, so runs never collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import secrets
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+import redis
+from aiohttp.test_utils import TestClient
+from yarl import URL
+
+from relay.app import create_app
+from relay.config import Settings
+from relay.store.migrations import migrate
+
+ADMIN_TOKEN = "test-admin-token-" + secrets.token_hex(8)
+SECRET_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def _with_database(url: str, name: str) -> str:
+    return str(URL(url).with_path("/" + name))
+
+
+async def _admin(url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[dict[str, str]]:
+    """URLs of the Postgres server and the Redis db the tests use."""
+    pg = os.environ.get("DATABASE_URL")
+    rd = os.environ.get("REDIS_URL")
+    if not pg or not rd:
+        from tests.embedded import start_embedded
+
+        with start_embedded() as (pg_url, redis_url):
+            yield {"postgres": pg or pg_url, "redis": rd or redis_url}
+        return
+    yield {"postgres": pg, "redis": rd}
+
+
+@pytest.fixture(scope="session")
+def template_db(services: dict[str, str]) -> Iterator[str]:
+    """A migrated template database for this run."""
+    name = f"relay_tpl_{uuid.uuid4().hex[:12]}"
+    admin = services["postgres"]
+    asyncio.run(_admin(admin, f'CREATE DATABASE "{name}"'))
+
+    async def _migrate() -> None:
+        conn = await asyncpg.connect(_with_database(admin, name))
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(_migrate())
+        yield name
+    finally:
+        asyncio.run(_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="module")
+def database_url(services: dict[str, str], template_db: str) -> Iterator[str]:
+    """A fresh copy of the template for this test module."""
+    name = f"relay_t_{uuid.uuid4().hex[:12]}"
+    admin = services["postgres"]
+    asyncio.run(_admin(admin, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
+    try:
+        yield _with_database(admin, name)
+    finally:
+        asyncio.run(_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def redis_url(services: dict[str, str]) -> str:
+    """The Redis database of this run (flushed before each test that asks for it)."""
+    return services["redis"]
+
+
+@pytest.fixture
+def clean_redis(redis_url: str) -> Iterator[str]:
+    """Redis, flushed."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
+    yield redis_url
+
+
+@pytest.fixture
+def settings(database_url: str, clean_redis: str) -> Settings:
+    """Settings for a gateway on this module's database."""
+    return Settings.from_env(
+        {
+            "DATABASE_URL": database_url,
+            "REDIS_URL": clean_redis,
+            "RELAY_ADMIN_TOKEN": ADMIN_TOKEN,
+            "RELAY_SECRET_KEY": SECRET_KEY,
+            "RELAY_ALLOW_PRIVATE_TARGETS": "1",
+        }
+    )
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, settings: Settings) -> TestClient[Any, Any]:
+    """A client of a real gateway on a real database."""
+    result: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
+    return result
+
+
+OPERATOR = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@dataclass
+class Tenant:
+    """A tenant created through the API, with its key."""
+
+    id: str
+    api_key: str
+    api_key_id: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers that authenticate as this tenant."""
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+async def make_tenant(client: TestClient[Any, Any], name: str = "Acme") -> Tenant:
+    """Create a tenant through the operator API."""
+    resp = await client.post("/v1/tenants", json={"name": name}, headers=OPERATOR)
+    assert resp.status == 201, await resp.text()
+    body = await resp.json()
+    return Tenant(body["id"], body["api_key"], body["api_key_id"])
+
+
+@pytest.fixture
+async def tenant(client: TestClient[Any, Any]) -> Tenant:
+    """A fresh tenant."""
+    return await make_tenant(client, "Tenant A")
+
+
+@pytest.fixture
+async def other_tenant(client: TestClient[Any, Any]) -> Tenant:
+    """A second tenant, for isolation tests."""
+    return await make_tenant(client, "Tenant B")
+
+
+async def assert_error(resp: Any, status: int, code: str) -> dict[str, Any]:
+    """Assert API.md's error shape, status and code; return the error object."""
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == "application/json"
+    body = await resp.json()
+    assert set(body) == {"error"}, body
+    assert body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    error: dict[str, Any] = body["error"]
+    return error

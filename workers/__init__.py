@@ -1,0 +1,1 @@
+"""Dramatiq workers: the broker, the deliver actor and the sweeper."""
