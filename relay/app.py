@@ -77,8 +77,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except asyncio.CancelledError:
         raise
     except DEPENDENCY_ERRORS as exc:
-        log.warning("dependency unavailable on %s %s: %s", request.method, request.path,
-                    type(exc).__name__)
+        log.warning(
+            "dependency unavailable on %s %s: %s", request.method, request.path, type(exc).__name__
+        )
         return error_response(errors.Unavailable())
     except Exception:
         error_id = new_id("err")
@@ -113,9 +114,7 @@ async def _postgres(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
-    client = aioredis.from_url(
-        app[SETTINGS].redis_url, socket_timeout=2, socket_connect_timeout=2
-    )
+    client = aioredis.from_url(app[SETTINGS].redis_url, socket_timeout=2, socket_connect_timeout=2)
     app[REDIS] = client
     yield
     await client.aclose()

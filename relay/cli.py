@@ -54,8 +54,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(REQUIRED_FOR_SERVE)
     setup_logging(settings.log_level)
-    web.run_app(create_app(settings), host=args.host, port=args.port, access_log=None,
-                print=lambda text: print(text, file=sys.stderr))
+    web.run_app(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=lambda text: print(text, file=sys.stderr),
+    )
     return 0
 
 

@@ -52,9 +52,7 @@ class Settings:
     log_level: str = "INFO"
 
     @classmethod
-    def from_env(
-        cls, env: Mapping[str, str], *, required: Collection[str] = ()
-    ) -> Settings:
+    def from_env(cls, env: Mapping[str, str], *, required: Collection[str] = ()) -> Settings:
         """Build settings from ``env``; raise ConfigError naming the first bad variable."""
 
         def get(name: str) -> str | None:
@@ -142,7 +140,9 @@ def parse_retry_schedule(value: str) -> tuple[float, ...]:
 def _dsn(value: str, name: str, schemes: tuple[str, ...]) -> str:
     scheme, sep, rest = value.partition("://")
     if not sep or scheme.lower() not in schemes or not rest:
-        raise ConfigError(f"{name} must be a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        raise ConfigError(
+            f"{name} must be a URL starting with {' or '.join(s + '://' for s in schemes)}"
+        )
     return value
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -142,7 +143,7 @@ class EgressClient:
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Response:
         """POST ``body``; raise EgressRefused, aiohttp.ClientError or TimeoutError on failure."""
-        parsed = aiohttp.client.URL(url)
+        parsed = URL(url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise EgressRefused("only absolute http(s) URLs are allowed")
         literal = literal_address(parsed.host)

@@ -66,8 +66,14 @@ def _operation(route: Route, components: dict[str, Any]) -> dict[str, Any]:
     ]
     if route.query is not None:
         for name, field in route.query.model_fields.items():
-            params.append({"name": field.alias or name, "in": "query", "required": False,
-                           "schema": {"type": "string"}})
+            params.append(
+                {
+                    "name": field.alias or name,
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string"},
+                }
+            )
     if params:
         op["parameters"] = params
     if route.body is not None:
@@ -85,8 +91,12 @@ def _operation(route: Route, components: dict[str, Any]) -> dict[str, Any]:
         for code, text in _ERRORS.items():
             op["responses"].setdefault(
                 code,
-                {"description": text, "content": {"application/json": {
-                    "schema": {"$ref": _REF.format(model="Error")}}}},
+                {
+                    "description": text,
+                    "content": {
+                        "application/json": {"schema": {"$ref": _REF.format(model="Error")}}
+                    },
+                },
             )
     return op
 
@@ -108,10 +118,16 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
         "components": {
             "schemas": components,
             "securitySchemes": {
-                "operatorToken": {"type": "http", "scheme": "bearer",
-                                  "description": "RELAY_ADMIN_TOKEN"},
-                "tenantKey": {"type": "http", "scheme": "bearer",
-                              "description": "A tenant API key"},
+                "operatorToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "RELAY_ADMIN_TOKEN",
+                },
+                "tenantKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A tenant API key",
+                },
                 "sourceToken": {"type": "apiKey", "in": "query", "name": "token"},
                 "sourceBasic": {"type": "http", "scheme": "basic"},
             },

@@ -22,7 +22,7 @@ class SignatureError(ValueError):
 
 
 def secret_key(secret: str) -> bytes:
-    """The HMAC key of a ``whsec_`` secret (the prefix is optional, as in the reference libraries)."""
+    """The HMAC key of a ``whsec_`` secret (prefix optional, as in the reference libraries)."""
     raw = secret.removeprefix(SECRET_PREFIX)
     try:
         return base64.b64decode(raw, validate=True)

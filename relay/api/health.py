@@ -7,6 +7,7 @@ import logging
 
 from aiohttp import web
 
+from relay import errors
 from relay.api.routing import Route, respond
 from relay.keys import POOL, REDIS
 from relay.openapi import OPENAPI
@@ -36,15 +37,9 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as exc:
         log.warning("readiness: redis unreachable: %s", type(exc).__name__)
         checks["redis"] = "unreachable"
-    ready = all(v == "ok" for v in checks.values())
-    if not ready:
-        return respond(
-            {
-                "error": {"code": "unavailable", "message": "a dependency is unreachable"},
-                "checks": checks,
-            },
-            status=503,
-        )
+    down = sorted(name for name, state in checks.items() if state != "ok")
+    if down:
+        raise errors.Unavailable(f"unreachable: {', '.join(down)}", details={"checks": checks})
     return respond({"status": "ready", "checks": checks})
 
 

@@ -72,9 +72,7 @@ def _with_auth(route: Route) -> Handler:
             token = _bearer(request)
             if token is None:
                 raise errors.Unauthorized("a tenant API key is required")
-            tenant_id = await tenant_store.tenant_for_key(
-                request.app[POOL], hash_api_key(token)
-            )
+            tenant_id = await tenant_store.tenant_for_key(request.app[POOL], hash_api_key(token))
             if tenant_id is None:
                 raise errors.Unauthorized("invalid or revoked API key")
             request[TENANT_ID] = tenant_id

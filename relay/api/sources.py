@@ -23,7 +23,9 @@ from relay.crypto import new_id, new_source_secret, new_webhook_secret
 from relay.keys import CACHE, POOL, SECRETS, SETTINGS
 from relay.store import sources as store
 
-Name = Annotated[str, pydantic.StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Name = Annotated[
+    str, pydantic.StringConstraints(strip_whitespace=True, min_length=1, max_length=200)
+]
 HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}$")
 
 
@@ -41,7 +43,9 @@ class BasicAuth(_Strict):
     """HTTP Basic with this username; the secret is the password."""
 
     type: Literal["basic"]
-    username: Annotated[str, pydantic.StringConstraints(min_length=1, max_length=200, pattern=r"^[^:\s]+$")]
+    username: Annotated[
+        str, pydantic.StringConstraints(min_length=1, max_length=200, pattern=r"^[^:\s]+$")
+    ]
 
 
 class HmacAuth(_Strict):
@@ -49,7 +53,9 @@ class HmacAuth(_Strict):
 
     type: Literal["hmac"]
     header: Annotated[str, pydantic.StringConstraints(pattern=HEADER_NAME.pattern)] = "X-Signature"
-    prefix: Annotated[str, pydantic.StringConstraints(max_length=32, pattern=r"^[\x21-\x7e]*$")] = ""
+    prefix: Annotated[str, pydantic.StringConstraints(max_length=32, pattern=r"^[\x21-\x7e]*$")] = (
+        ""
+    )
 
 
 class StandardWebhooksAuth(_Strict):
@@ -129,7 +135,9 @@ async def list_sources(request: web.Request) -> web.Response:
 
 
 async def _get_or_404(request: web.Request) -> Any:
-    row = await store.get_source(request.app[POOL], tenant_id(request), request.match_info["source_id"])
+    row = await store.get_source(
+        request.app[POOL], tenant_id(request), request.match_info["source_id"]
+    )
     if row is None:
         raise errors.NotFound("no such source")
     return row
@@ -193,11 +201,22 @@ async def rotate_source_secret(request: web.Request) -> web.Response:
 
 
 ROUTES = [
-    Route("POST", "/v1/sources", create_source, "Create a source", "tenant", SourceCreate, status=201),
+    Route(
+        "POST", "/v1/sources", create_source, "Create a source", "tenant", SourceCreate, status=201
+    ),
     Route("GET", "/v1/sources", list_sources, "List sources", "tenant", query=ListQuery),
     Route("GET", "/v1/sources/{source_id}", get_source, "Get a source", "tenant"),
-    Route("PATCH", "/v1/sources/{source_id}", update_source, "Update a source", "tenant", SourcePatch),
-    Route("DELETE", "/v1/sources/{source_id}", delete_source, "Delete a source", "tenant", status=204),
-    Route("POST", "/v1/sources/{source_id}/rotate-secret", rotate_source_secret,
-          "Rotate a source's secret", "tenant"),
+    Route(
+        "PATCH", "/v1/sources/{source_id}", update_source, "Update a source", "tenant", SourcePatch
+    ),
+    Route(
+        "DELETE", "/v1/sources/{source_id}", delete_source, "Delete a source", "tenant", status=204
+    ),
+    Route(
+        "POST",
+        "/v1/sources/{source_id}/rotate-secret",
+        rotate_source_secret,
+        "Rotate a source's secret",
+        "tenant",
+    ),
 ]

@@ -80,8 +80,9 @@ Headers = Annotated[
     dict[str, str], pydantic.Field(max_length=20), pydantic.AfterValidator(_check_headers)
 ]
 Description = Annotated[str, pydantic.StringConstraints(max_length=1000)]
-SourceIds = Annotated[list[Annotated[str, pydantic.StringConstraints(max_length=64)]],
-                      pydantic.Field(max_length=100)]
+SourceIds = Annotated[
+    list[Annotated[str, pydantic.StringConstraints(max_length=64)]], pydantic.Field(max_length=100)
+]
 
 
 class TargetFilter(pydantic.BaseModel):
@@ -197,7 +198,9 @@ async def list_targets(request: web.Request) -> web.Response:
 
 
 async def _get_or_404(request: web.Request) -> Any:
-    row = await store.get_target(request.app[POOL], tenant_id(request), request.match_info["target_id"])
+    row = await store.get_target(
+        request.app[POOL], tenant_id(request), request.match_info["target_id"]
+    )
     if row is None:
         raise errors.NotFound("no such target")
     return row
@@ -274,13 +277,29 @@ async def rotate_target_secret(request: web.Request) -> web.Response:
 
 
 ROUTES = [
-    Route("POST", "/v1/targets", create_target, "Create a target", "tenant", TargetCreate, status=201),
+    Route(
+        "POST", "/v1/targets", create_target, "Create a target", "tenant", TargetCreate, status=201
+    ),
     Route("GET", "/v1/targets", list_targets, "List targets", "tenant", query=ListQuery),
     Route("GET", "/v1/targets/{target_id}", get_target, "Get a target", "tenant"),
-    Route("PATCH", "/v1/targets/{target_id}", update_target, "Update a target", "tenant", TargetPatch),
-    Route("DELETE", "/v1/targets/{target_id}", delete_target, "Delete a target", "tenant", status=204),
-    Route("GET", "/v1/targets/{target_id}/secret", get_target_secret, "Get a target's signing secret",
-          "tenant"),
-    Route("POST", "/v1/targets/{target_id}/rotate-secret", rotate_target_secret,
-          "Rotate a target's signing secret", "tenant"),
+    Route(
+        "PATCH", "/v1/targets/{target_id}", update_target, "Update a target", "tenant", TargetPatch
+    ),
+    Route(
+        "DELETE", "/v1/targets/{target_id}", delete_target, "Delete a target", "tenant", status=204
+    ),
+    Route(
+        "GET",
+        "/v1/targets/{target_id}/secret",
+        get_target_secret,
+        "Get a target's signing secret",
+        "tenant",
+    ),
+    Route(
+        "POST",
+        "/v1/targets/{target_id}/rotate-secret",
+        rotate_target_secret,
+        "Rotate a target's signing secret",
+        "tenant",
+    ),
 ]

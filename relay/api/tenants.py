@@ -13,7 +13,9 @@ from relay.crypto import hash_api_key, new_api_key, new_id
 from relay.keys import POOL
 from relay.store import tenants as store
 
-Name = Annotated[str, pydantic.StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Name = Annotated[
+    str, pydantic.StringConstraints(strip_whitespace=True, min_length=1, max_length=200)
+]
 
 
 class TenantCreate(pydantic.BaseModel):
@@ -94,13 +96,39 @@ async def revoke_api_key(request: web.Request) -> web.Response:
 
 
 ROUTES = [
-    Route("POST", "/v1/tenants", create_tenant, "Create a tenant", "operator", TenantCreate, status=201),
+    Route(
+        "POST",
+        "/v1/tenants",
+        create_tenant,
+        "Create a tenant",
+        "operator",
+        TenantCreate,
+        status=201,
+    ),
     Route("GET", "/v1/tenants", list_tenants, "List tenants", "operator", query=ListQuery),
     Route("GET", "/v1/tenants/{tenant_id}", get_tenant, "Get a tenant", "operator"),
-    Route("GET", "/v1/tenants/{tenant_id}/api-keys", list_api_keys, "List a tenant's API keys",
-          "operator", query=ListQuery),
-    Route("POST", "/v1/tenants/{tenant_id}/api-keys", create_api_key, "Create an API key",
-          "operator", status=201),
-    Route("DELETE", "/v1/tenants/{tenant_id}/api-keys/{key_id}", revoke_api_key,
-          "Revoke an API key", "operator", status=204),
+    Route(
+        "GET",
+        "/v1/tenants/{tenant_id}/api-keys",
+        list_api_keys,
+        "List a tenant's API keys",
+        "operator",
+        query=ListQuery,
+    ),
+    Route(
+        "POST",
+        "/v1/tenants/{tenant_id}/api-keys",
+        create_api_key,
+        "Create an API key",
+        "operator",
+        status=201,
+    ),
+    Route(
+        "DELETE",
+        "/v1/tenants/{tenant_id}/api-keys/{key_id}",
+        revoke_api_key,
+        "Revoke an API key",
+        "operator",
+        status=204,
+    ),
 ]

@@ -26,9 +26,7 @@ TRANSIENT = (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsE
 
 async def _init_connection(conn: Conn) -> None:
     for kind in ("json", "jsonb"):
-        await conn.set_type_codec(
-            kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-        )
+        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
 async def create_pool(

@@ -22,40 +22,70 @@ async def test_create_tenant_returns_key_once(client: Any) -> None:
     assert got == {"id": body["id"], "name": "Acme Books", "created_at": body["created_at"]}
     keys = await (await client.get(f"/v1/tenants/{body['id']}/api-keys", headers=OPERATOR)).json()
     assert keys == {
-        "data": [{"id": body["api_key_id"], "created_at": keys["data"][0]["created_at"],
-                  "revoked_at": None}],
+        "data": [
+            {
+                "id": body["api_key_id"],
+                "created_at": keys["data"][0]["created_at"],
+                "revoked_at": None,
+            }
+        ],
         "next_cursor": None,
     }
     # And the key works as a tenant credential
-    assert (await client.get("/v1/sources", headers={"Authorization": f"Bearer {body['api_key']}"})).status == 200
+    assert (
+        await client.get("/v1/sources", headers={"Authorization": f"Bearer {body['api_key']}"})
+    ).status == 200
 
 
-async def test_operator_routes_refuse_anything_but_the_admin_token(client: Any, tenant: Tenant) -> None:
-    for headers in ({}, tenant.auth, {"Authorization": "Bearer nope"}, {"Authorization": "Basic eDp5"}):
+async def test_operator_routes_refuse_anything_but_the_admin_token(
+    client: Any, tenant: Tenant
+) -> None:
+    for headers in (
+        {},
+        tenant.auth,
+        {"Authorization": "Bearer nope"},
+        {"Authorization": "Basic eDp5"},
+    ):
         await assert_error(await client.get("/v1/tenants", headers=headers), 401, "unauthorized")
         await assert_error(
-            await client.post("/v1/tenants", json={"name": "x"}, headers=headers), 401, "unauthorized"
+            await client.post("/v1/tenants", json={"name": "x"}, headers=headers),
+            401,
+            "unauthorized",
         )
 
 
 async def test_create_tenant_validation(client: Any) -> None:
-    for body in ({}, {"name": ""}, {"name": "   "}, {"name": 5}, {"name": "x" * 201},
-                 {"name": "ok", "extra": 1}):
+    for body in (
+        {},
+        {"name": ""},
+        {"name": "   "},
+        {"name": 5},
+        {"name": "x" * 201},
+        {"name": "ok", "extra": 1},
+    ):
         error = await assert_error(
             await client.post("/v1/tenants", json=body, headers=OPERATOR), 422, "validation_error"
         )
         assert error["details"] and all("field" in d and "message" in d for d in error["details"])
     error = await assert_error(
-        await client.post("/v1/tenants", json={"name": 5}, headers=OPERATOR), 422, "validation_error"
+        await client.post("/v1/tenants", json={"name": 5}, headers=OPERATOR),
+        422,
+        "validation_error",
     )
     assert error["details"][0]["field"] == "name"
     await assert_error(
-        await client.post("/v1/tenants", data=b"{nope", headers={**OPERATOR, "Content-Type": "application/json"}),
-        400, "invalid_json",
+        await client.post(
+            "/v1/tenants", data=b"{nope", headers={**OPERATOR, "Content-Type": "application/json"}
+        ),
+        400,
+        "invalid_json",
     )
     await assert_error(
-        await client.post("/v1/tenants", data=b"name=x", headers={**OPERATOR, "Content-Type": "text/plain"}),
-        415, "unsupported_media_type",
+        await client.post(
+            "/v1/tenants", data=b"name=x", headers={**OPERATOR, "Content-Type": "text/plain"}
+        ),
+        415,
+        "unsupported_media_type",
     )
     await assert_error(
         await client.post("/v1/tenants", json=["x"], headers=OPERATOR), 400, "invalid_request"
@@ -71,11 +101,15 @@ async def test_unknown_tenant_is_404(client: Any) -> None:
         await client.get("/v1/tenants/ten_nope/api-keys", headers=OPERATOR), 404, "not_found"
     )
     await assert_error(
-        await client.delete("/v1/tenants/ten_nope/api-keys/key_x", headers=OPERATOR), 404, "not_found"
+        await client.delete("/v1/tenants/ten_nope/api-keys/key_x", headers=OPERATOR),
+        404,
+        "not_found",
     )
 
 
-async def test_revoked_key_fails_at_once_and_others_keep_working(client: Any, tenant: Tenant) -> None:
+async def test_revoked_key_fails_at_once_and_others_keep_working(
+    client: Any, tenant: Tenant
+) -> None:
     # Given a second key
     resp = await client.post(f"/v1/tenants/{tenant.id}/api-keys", headers=OPERATOR)
     assert resp.status == 201
@@ -84,7 +118,9 @@ async def test_revoked_key_fails_at_once_and_others_keep_working(client: Any, te
     second_auth = {"Authorization": f"Bearer {second['api_key']}"}
     assert (await client.get("/v1/sources", headers=second_auth)).status == 200
     # When the first key is revoked
-    resp = await client.delete(f"/v1/tenants/{tenant.id}/api-keys/{tenant.api_key_id}", headers=OPERATOR)
+    resp = await client.delete(
+        f"/v1/tenants/{tenant.id}/api-keys/{tenant.api_key_id}", headers=OPERATOR
+    )
     assert resp.status == 204
     # Then it fails on the very next request, and the second key still works
     await assert_error(await client.get("/v1/sources", headers=tenant.auth), 401, "unauthorized")
@@ -127,6 +163,8 @@ async def test_tenant_list_paginates_newest_first(client: Any) -> None:
 async def test_limit_out_of_range_is_422(client: Any) -> None:
     for limit in ("0", "501", "x", "-1"):
         error = await assert_error(
-            await client.get(f"/v1/tenants?limit={limit}", headers=OPERATOR), 422, "validation_error"
+            await client.get(f"/v1/tenants?limit={limit}", headers=OPERATOR),
+            422,
+            "validation_error",
         )
         assert error["details"][0]["field"] == "limit"
