@@ -12,13 +12,15 @@ import redis.exceptions
 from aiohttp import web
 
 from relay import errors
-from relay.api import health, sources, targets, tenants
+from relay.api import health, ingest, sources, targets, tenants
 from relay.api.routing import Route, add_routes, respond
 from relay.cache import RoutingCache
 from relay.config import Settings
 from relay.crypto import SecretBox, new_id
-from relay.keys import CACHE, POOL, REDIS, SECRETS, SETTINGS
+from relay.enqueue import Enqueuer, make_broker
+from relay.keys import CACHE, ENQUEUER, LIMITER, POOL, REDIS, SECRETS, SETTINGS
 from relay.openapi import OPENAPI, build_openapi
+from relay.ratelimit import RateLimiter
 from relay.store.db import create_pool
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ _HTTP_ERRORS: dict[int, type[errors.RelayError]] = {
 
 def all_routes() -> list[Route]:
     """Every route of the gateway, in one table."""
-    return [*health.ROUTES, *tenants.ROUTES, *sources.ROUTES, *targets.ROUTES]
+    return [*health.ROUTES, *tenants.ROUTES, *sources.ROUTES, *targets.ROUTES, *ingest.ROUTES]
 
 
 def error_response(exc: errors.RelayError) -> web.Response:
@@ -104,6 +106,7 @@ def create_app(settings: Settings) -> web.Application:
     add_routes(app, routes)
     app.cleanup_ctx.append(_postgres)
     app.cleanup_ctx.append(_redis)
+    app.cleanup_ctx.append(_broker)
     return app
 
 
@@ -116,5 +119,13 @@ async def _postgres(app: web.Application) -> AsyncIterator[None]:
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     client = aioredis.from_url(app[SETTINGS].redis_url, socket_timeout=2, socket_connect_timeout=2)
     app[REDIS] = client
+    app[LIMITER] = RateLimiter(client)
     yield
     await client.aclose()
+
+
+async def _broker(app: web.Application) -> AsyncIterator[None]:
+    # No middleware: the gateway only enqueues; the workers carry the actor's options.
+    app[ENQUEUER] = Enqueuer(make_broker(app[SETTINGS].broker_url, middleware=[]))
+    yield
+    await app[ENQUEUER].close()

@@ -22,6 +22,8 @@ CONTEXT_FIELDS = (
     "path",
     "attempt",
     "outcome",
+    "deliveries",
+    "duplicates",
 )
 
 

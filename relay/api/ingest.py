@@ -1,0 +1,154 @@
+"""``POST /in/{source_id}``: the front door for upstream systems.
+
+Checks run cheapest first, and nothing is written until every check passed:
+unknown source 404 → token/basic credential 401 → content type 415 → declared
+length 413 → body read with the cap 413 → hmac/standard-webhooks signature 401
+→ JSON shape 400/422 → rate limit 429. Then one transaction stores the events
+and their deliveries, the answer is 202, and only then are the deliveries put
+on the broker (the sweeper covers an enqueue that fails).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from relay import errors
+from relay.api.routing import Route, is_json_content_type, respond
+from relay.cache import SourceEntry, TargetRoute
+from relay.ingest import parse_body
+from relay.keys import CACHE, ENQUEUER, LIMITER, POOL, SECRETS, SETTINGS
+from relay.source_auth import PRE_BODY_TYPES, check_before_body, check_with_body
+from relay.store import sources as source_store
+from relay.store import targets as target_store
+from relay.store.events import record_events
+
+log = logging.getLogger("relay.ingest")
+
+
+async def load_source(app: web.Application, source_id: str) -> SourceEntry | None:
+    """A source as ingest needs it, secrets decrypted; None if unknown or deleted."""
+    row = await source_store.get_source_for_ingest(app[POOL], source_id)
+    if row is None:
+        return None
+    box = app[SECRETS]
+    previous = None
+    valid_until = None
+    if row["previous_secret_enc"] is not None and row["secret_rotated_at"] is not None:
+        previous = box.open(row["previous_secret_enc"], bound_to=row["id"])
+        valid_until = row["secret_rotated_at"].timestamp() + app[SETTINGS].secret_overlap_s
+    return SourceEntry(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        auth_type=row["auth_type"],
+        auth_config=row["auth_config"],
+        secret=box.open(row["secret_enc"], bound_to=row["id"]),
+        previous_secret=previous,
+        previous_valid_until=valid_until,
+        rate_limit=row["rate_limit"],
+    )
+
+
+async def load_routes(app: web.Application, tenant_id: str) -> list[TargetRoute]:
+    """The tenant's enabled targets with their filters lower-cased."""
+    rows = await target_store.routable_targets(app[POOL], tenant_id)
+    return [
+        TargetRoute(
+            id=r["id"],
+            object_types=frozenset(v.lower() for v in r["filter_object_types"]),
+            actions=frozenset(v.lower() for v in r["filter_actions"]),
+            source_ids=frozenset(r["source_ids"]) if r["source_ids"] is not None else None,
+        )
+        for r in rows
+    ]
+
+
+async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response:
+    app = request.app
+    settings = app[SETTINGS]
+    source_id = request.match_info["source_id"]
+    if not source_id.startswith("src_") or len(source_id) > 64:
+        raise errors.NotFound("no such source")
+    source = await app[CACHE].sources.get(source_id, lambda: load_source(app, source_id))
+    if source is None:
+        raise errors.NotFound("no such source")
+    context["tenant_id"] = source.tenant_id
+    now = time.time()
+    if source.auth_type in PRE_BODY_TYPES and not check_before_body(
+        source, request.headers, request.query, now
+    ):
+        raise errors.Unauthorized("invalid or missing source credentials")
+    if not is_json_content_type(request):
+        raise errors.UnsupportedMediaType()
+    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+        raise errors.PayloadTooLarge(f"the body is larger than {settings.max_body_bytes} bytes")
+    raw = await request.read()  # aiohttp stops at client_max_size while reading: 413
+    if source.auth_type not in PRE_BODY_TYPES and not check_with_body(
+        source, request.headers, raw, now
+    ):
+        raise errors.Unauthorized("invalid or missing signature")
+    events = parse_body(raw)
+    context["events"] = len(events)
+    if source.rate_limit is not None:
+        wait = await app[LIMITER].admit(f"src:{source.id}", source.rate_limit, len(events))
+        if wait > 0:
+            raise errors.RateLimited(
+                int(wait) + 1, f"over this source's limit of {source.rate_limit} events/s"
+            )
+    routes = await app[CACHE].targets.get(
+        source.tenant_id, lambda: load_routes(app, source.tenant_id)
+    )
+    async with app[POOL].acquire() as conn:
+        result = await record_events(
+            conn,
+            source.tenant_id,
+            source.id,
+            events,
+            routes,
+            enqueue_grace_s=settings.requeue_after_s,
+        )
+    app[ENQUEUER].enqueue_soon(result.delivery_ids)
+    context["deliveries"] = len(result.delivery_ids)
+    context["duplicates"] = result.duplicates
+    return respond({"event_ids": result.event_ids}, status=202)
+
+
+async def ingest_events(request: web.Request) -> web.Response:
+    """Accept one event or a batch; 202 once every event is committed."""
+    started = time.perf_counter()
+    context: dict[str, Any] = {"source_id": request.match_info["source_id"]}
+    status = 500
+    try:
+        response = await _ingest(request, context)
+        status = response.status
+        return response
+    except errors.RelayError as exc:
+        status = exc.status
+        raise
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        log.info(
+            "ingest",
+            extra={
+                **context,
+                "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            },
+        )
+
+
+ROUTES = [
+    Route(
+        "POST",
+        "/in/{source_id}",
+        ingest_events,
+        "Ingest one event or a batch",
+        "source",
+        status=202,
+    ),
+]

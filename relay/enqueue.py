@@ -1,0 +1,81 @@
+"""Putting delivery ids on the broker, from the gateway, the sweeper or the worker.
+
+The broker only carries work: Postgres decides what is due. So an enqueue
+that fails is logged and forgotten; the sweeper finds the delivery again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+
+log = logging.getLogger(__name__)
+
+QUEUE = "deliveries"
+DELIVER_ACTOR = "deliver"
+
+
+def make_broker(url: str, *, middleware: list[Any] | None = None) -> dramatiq.Broker:
+    """The Dramatiq broker for a ``redis://`` or ``amqp://`` URL."""
+    if url.startswith(("amqp://", "amqps://")):
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        return RabbitmqBroker(url=url, middleware=middleware)
+    return RedisBroker(url=url, middleware=middleware)  # type: ignore[no-untyped-call]
+
+
+def deliver_message(delivery_id: str) -> dramatiq.Message[Any]:
+    """The message that asks a worker to attempt one delivery."""
+    return dramatiq.Message(
+        queue_name=QUEUE, actor_name=DELIVER_ACTOR, args=(delivery_id,), kwargs={}, options={}
+    )
+
+
+class Enqueuer:
+    """Enqueues from asyncio code; the broker clients are blocking, so a thread does it."""
+
+    def __init__(self, broker: dramatiq.Broker) -> None:
+        self._broker = broker
+        self._pending: set[asyncio.Future[bool]] = set()
+
+    def _enqueue(self, delivery_ids: list[str], delay_ms: int | None) -> None:
+        if QUEUE not in self._broker.get_declared_queues():
+            self._broker.declare_queue(QUEUE)
+        for delivery_id in delivery_ids:
+            self._broker.enqueue(deliver_message(delivery_id), delay=delay_ms)
+
+    async def enqueue(self, delivery_ids: Iterable[str], *, delay_ms: int | None = None) -> bool:
+        """Enqueue and wait; False (logged) if the broker is unreachable."""
+        ids = list(delivery_ids)
+        if not ids:
+            return True
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._enqueue, ids, delay_ms)
+            return True
+        except Exception as exc:
+            log.warning(
+                "enqueue of %d deliveries failed, the sweeper will resend them: %s",
+                len(ids),
+                type(exc).__name__,
+            )
+            return False
+
+    def enqueue_soon(self, delivery_ids: Iterable[str]) -> None:
+        """Enqueue in the background (after the answer is sent)."""
+        ids = list(delivery_ids)
+        if not ids:
+            return
+        task = asyncio.ensure_future(self.enqueue(ids))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def close(self) -> None:
+        """Let in-flight enqueues finish (briefly), then close the broker."""
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=5)
+        await asyncio.get_running_loop().run_in_executor(None, self._broker.close)

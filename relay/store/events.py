@@ -1,0 +1,110 @@
+"""Events and the deliveries fanned out from them at ingest."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from relay.cache import TargetRoute
+from relay.crypto import new_id
+from relay.ingest import ParsedEvent
+from relay.store.db import Conn
+
+_INSERT_EVENTS = """
+INSERT INTO events (id, tenant_id, source_id, upstream_uuid, upstream_date, object_type,
+                    action, object_id, upstream_tenant_id, payload)
+SELECT e.id, $1, $2, e.uuid, e.date, e.object_type, e.action, e.object_id, e.tenant_ref, e.payload
+FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],
+            $10::bytea[])
+     AS e(id, uuid, date, object_type, action, object_id, tenant_ref, payload)
+ON CONFLICT (source_id, upstream_uuid) DO NOTHING
+RETURNING id
+"""
+
+_EXISTING = """
+SELECT upstream_uuid, id FROM events WHERE source_id = $1 AND upstream_uuid = ANY($2::text[])
+"""
+
+# Joined with targets so that a delivery is created only for a target that is
+# enabled and live at this instant, whatever the gateway's cache believed.
+_INSERT_DELIVERIES = """
+INSERT INTO deliveries (id, tenant_id, event_id, target_id, next_attempt_at, enqueued_until)
+SELECT d.id, $1, d.event_id, d.target_id, now(), now() + make_interval(secs => $5)
+FROM unnest($2::text[], $3::text[], $4::text[]) AS d(id, event_id, target_id)
+JOIN targets t ON t.id = d.target_id
+WHERE t.tenant_id = $1 AND t.enabled AND t.deleted_at IS NULL
+RETURNING id
+"""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """Event ids in the order of the body (duplicates map to the original) and new deliveries."""
+
+    event_ids: list[str]
+    delivery_ids: list[str]
+    duplicates: int
+
+
+async def record_events(
+    conn: Conn,
+    tenant_id: str,
+    source_id: str,
+    events: Sequence[ParsedEvent],
+    routes: Sequence[TargetRoute],
+    *,
+    enqueue_grace_s: float,
+) -> IngestResult:
+    """Store ``events`` and one pending delivery per matching target, in one transaction."""
+    # Within the body, a repeated uuid is the first one's duplicate.
+    assigned: list[str] = []
+    fresh: list[tuple[str, ParsedEvent]] = []
+    first_by_uuid: dict[str, str] = {}
+    for event in events:
+        if event.uuid is not None and event.uuid in first_by_uuid:
+            assigned.append(first_by_uuid[event.uuid])
+            continue
+        event_id = new_id("evt")
+        if event.uuid is not None:
+            first_by_uuid[event.uuid] = event_id
+        assigned.append(event_id)
+        fresh.append((event_id, event))
+
+    columns = list(
+        zip(
+            *[
+                (i, e.uuid, e.date, e.object_type, e.action, e.object_id, e.tenant_ref, e.payload)
+                for i, e in fresh
+            ],
+            strict=True,
+        )
+    )
+    async with conn.transaction():
+        inserted = {
+            r["id"] for r in await conn.fetch(_INSERT_EVENTS, tenant_id, source_id, *columns)
+        }
+        replaced: dict[str, str] = {}
+        lost = [e.uuid for i, e in fresh if i not in inserted and e.uuid is not None]
+        if lost:
+            existing = {
+                r["upstream_uuid"]: r["id"] for r in await conn.fetch(_EXISTING, source_id, lost)
+            }
+            for event_id, event in fresh:
+                if event_id not in inserted and event.uuid is not None:
+                    replaced[event_id] = existing[event.uuid]
+        pairs = [
+            (new_id("dlv"), event_id, route.id)
+            for event_id, event in fresh
+            if event_id in inserted
+            for route in routes
+            if route.matches(source_id, event.object_type, event.action)
+        ]
+        delivery_ids: list[str] = []
+        if pairs:
+            ids, event_ids, target_ids = (list(c) for c in zip(*pairs, strict=True))
+            rows = await conn.fetch(
+                _INSERT_DELIVERIES, tenant_id, ids, event_ids, target_ids, enqueue_grace_s
+            )
+            delivery_ids = [r["id"] for r in rows]
+    final = [replaced.get(event_id, event_id) for event_id in assigned]
+    return IngestResult(final, delivery_ids, duplicates=len(events) - len(inserted))
