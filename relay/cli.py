@@ -11,6 +11,7 @@ from collections.abc import Collection, Sequence
 from relay.config import (
     REQUIRED_FOR_MIGRATE,
     REQUIRED_FOR_SERVE,
+    REQUIRED_FOR_WORKER,
     ConfigError,
     Settings,
 )
@@ -64,6 +65,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_argv(processes: int, threads: int) -> list[str]:
+    """The Dramatiq command line of ``relay worker``: actors plus the sweeper as a fork."""
+    return [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        "workers.broker",
+        "workers.deliver",
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+        "--fork-function",
+        "workers.sweeper:main",
+        "--skip-logging",
+        # on SIGTERM, in-flight attempts get this long; then their leases lapse
+        "--worker-shutdown-timeout",
+        "30000",
+    ]
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run delivery workers and the sweeper (Dramatiq handles processes and SIGTERM)."""
+    load_settings(REQUIRED_FOR_WORKER)  # fail with one line here, not in every process
+    argv = worker_argv(args.processes, args.threads)
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover - execv does not return
+
+
 async def _create_tenant(settings: Settings, name: str) -> tuple[str, str]:
     from relay.crypto import hash_api_key, new_api_key, new_id
     from relay.store import tenants
@@ -104,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.set_defaults(func=cmd_serve)
+
+    worker = commands.add_parser("worker", help="run delivery workers and the sweeper")
+    worker.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
+    worker.add_argument(
+        "--threads", type=int, default=16, help="concurrent deliveries per process (default 16)"
+    )
+    worker.set_defaults(func=cmd_worker)
 
     tenants = commands.add_parser("tenants", help="manage tenants")
     tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True)

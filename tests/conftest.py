@@ -173,3 +173,57 @@ async def assert_error(resp: Any, status: int, code: str) -> dict[str, Any]:
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     error: dict[str, Any] = body["error"]
     return error
+
+
+WORKER_ENV = {
+    "RELAY_RETRY_SCHEDULE": "0,0.3,0.3",
+    "RELAY_DELIVERY_TIMEOUT_S": "1",
+    "RELAY_REQUEUE_AFTER_S": "2",
+    "RELAY_ALLOW_PRIVATE_TARGETS": "1",
+}
+
+
+def stack_env(database_url: str, redis_url: str, **overrides: str) -> dict[str, str]:
+    """The environment of a gateway and workers on this test's database and Redis."""
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "RELAY_ADMIN_TOKEN": ADMIN_TOKEN,
+        "RELAY_SECRET_KEY": SECRET_KEY,
+        **WORKER_ENV,
+        **overrides,
+    }
+
+
+@pytest.fixture
+async def receiver() -> Any:
+    """A recording HTTP receiver on 127.0.0.1."""
+    from tests.stack import Receiver
+
+    server = await Receiver().start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+def worker(database_url: str, clean_redis: str, tmp_path: Any) -> Iterator[Any]:
+    """A running `relay worker` (1 process) on this module's database and a clean Redis."""
+    from tests.stack import WorkerProcess
+
+    process = WorkerProcess(stack_env(database_url, clean_redis), tmp_path / "worker.log").start()
+    yield process
+    process.stop()
+    print(process.log()[-20000:])  # shown by pytest when the test failed
+
+
+@pytest.fixture
+def stack_settings(database_url: str, clean_redis: str) -> Settings:
+    """Gateway settings matching the worker's."""
+    return Settings.from_env(stack_env(database_url, clean_redis))
+
+
+@pytest.fixture
+async def gateway(aiohttp_client: Any, stack_settings: Settings) -> TestClient[Any, Any]:
+    """A gateway on the same database, Redis and schedule as the worker."""
+    result: TestClient[Any, Any] = await aiohttp_client(create_app(stack_settings))
+    return result

@@ -76,16 +76,24 @@ async def update_target(conn: Conn, tenant_id: str, target_id: str, changes: dic
 
 
 async def delete_target(conn: Conn, tenant_id: str, target_id: str) -> bool:
-    """Soft-delete: its deliveries keep their history and are no longer sent."""
-    row = await conn.fetchrow(
+    """Soft-delete: its history stays, and what was still to be sent becomes dead."""
+    deleted = await conn.fetchval(
         """
-        UPDATE targets SET deleted_at = now(), updated_at = now(), enabled = false
-        WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING id
+        WITH gone AS (
+            UPDATE targets SET deleted_at = now(), updated_at = now(), enabled = false
+            WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING id
+        ), dropped AS (
+            UPDATE deliveries d
+            SET status = 'dead', next_attempt_at = NULL, enqueued_until = NULL,
+                last_error = 'the target was deleted', updated_at = now()
+            FROM gone WHERE d.target_id = gone.id AND d.status IN ('pending', 'retrying')
+        )
+        SELECT count(*) FROM gone
         """,
         tenant_id,
         target_id,
     )
-    return row is not None
+    return bool(deleted)
 
 
 async def rotate_target_secret(

@@ -1,0 +1,286 @@
+"""Delivery through a real `relay worker` to real receivers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import standardwebhooks
+import svix.webhooks
+
+from tests.conftest import Tenant, make_tenant
+from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
+from tests.stack import Receiver, eventually, fail_then_succeed, fetch, hang, status
+
+
+async def setup(
+    gateway: Any, receiver: Receiver, path: str = "/hook", **target: Any
+) -> tuple[Tenant, dict[str, Any], dict[str, Any]]:
+    tenant = await make_tenant(gateway)
+    source = await make_source(gateway, tenant)
+    created = await make_target(gateway, tenant, url=receiver.url(path), **target)
+    return tenant, source, created
+
+
+async def delivery_of(database_url: str, event_id: str, target_id: str) -> Any:
+    rows = await fetch(
+        database_url,
+        "SELECT * FROM deliveries WHERE event_id = $1 AND target_id = $2",
+        event_id,
+        target_id,
+    )
+    return rows[0] if rows else None
+
+
+async def finished(database_url: str, event_id: str, target_id: str) -> Any:
+    async def check() -> Any:
+        row = await delivery_of(database_url, event_id, target_id)
+        return row if row is not None and row["status"] in ("succeeded", "dead") else None
+
+    return await eventually(check, timeout=10)
+
+
+async def attempts_of(database_url: str, delivery_id: str) -> list[Any]:
+    return await fetch(
+        database_url, "SELECT * FROM attempts WHERE delivery_id = $1 ORDER BY id", delivery_id
+    )
+
+
+async def test_delivery_is_signed_and_carries_the_exact_bytes(
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    tenant, source, target = await setup(gateway, receiver, headers={"X-Env": "prod"})
+    raw = b'{"uuid": "sig-1", "objectType": "Bill",   "action": "paid", "amount": 1.50}'
+    [event_id] = (await (await post_token(gateway, source, raw)).json())["event_ids"]
+    row = await finished(database_url, event_id, target["id"])
+    assert row["status"] == "succeeded" and row["attempt_count"] == 1
+    [got] = receiver.at("/hook")
+    assert got.body == raw
+    assert got.headers["webhook-id"] == event_id
+    assert got.headers["Content-Type"] == "application/json"
+    assert got.headers["X-Env"] == "prod"
+    assert got.headers["User-Agent"].startswith("Relay/")
+    verified = standardwebhooks.Webhook(target["secret"]).verify(got.body, got.headers)
+    assert verified == json.loads(raw)
+    svix.webhooks.Webhook(target["secret"]).verify(got.body, got.headers)
+    assert abs(int(got.headers["webhook-timestamp"]) - time.time()) < 30
+    [attempt] = await attempts_of(database_url, row["id"])
+    assert attempt["status_code"] == 200 and attempt["response_body"] == "ok"
+    assert attempt["tenant_id"] == tenant.id
+
+
+async def test_batch_elements_arrive_as_compact_json(
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    _, source, target = await setup(gateway, receiver)
+    batch = [{"uuid": "b1", "z": 1, "a": 2}, {"uuid": "b2", "n": "é"}]
+    ids = (await (await post_token(gateway, source, batch)).json())["event_ids"]
+    for event_id in ids:
+        await finished(database_url, event_id, target["id"])
+    bodies = {r.headers["webhook-id"]: r.body for r in receiver.at("/hook")}
+    assert bodies == {
+        ids[0]: b'{"uuid":"b1","z":1,"a":2}',
+        ids[1]: '{"uuid":"b2","n":"é"}'.encode(),
+    }
+    for got in receiver.at("/hook"):
+        standardwebhooks.Webhook(target["secret"]).verify(got.body, got.headers)
+
+
+async def test_fails_twice_then_succeeds_with_three_attempts(
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    receiver.on("/flaky", fail_then_succeed(2))
+    _, source, target = await setup(gateway, receiver, "/flaky")
+    [event_id] = (await (await post_token(gateway, source, SOFTLEDGER)).json())["event_ids"]
+    row = await finished(database_url, event_id, target["id"])
+    assert row["status"] == "succeeded" and row["attempt_count"] == 3
+    attempts = await attempts_of(database_url, row["id"])
+    assert [a["status_code"] for a in attempts] == [500, 500, 200]
+    assert [a["response_body"] for a in attempts] == ["failure 1", "failure 2", "finally"]
+    assert {r.headers["webhook-id"] for r in receiver.at("/flaky")} == {event_id}
+    # each retry is re-signed and still verifies
+    for got in receiver.at("/flaky"):
+        standardwebhooks.Webhook(target["secret"]).verify(got.body, got.headers)
+
+
+async def test_always_failing_target_ends_dead_after_the_schedule(
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    receiver.on("/down", status(500, text="x" * 10_000))
+    _, source, target = await setup(gateway, receiver, "/down")
+    [event_id] = (await (await post_token(gateway, source, SOFTLEDGER)).json())["event_ids"]
+    row = await finished(database_url, event_id, target["id"])
+    assert row["status"] == "dead" and row["attempt_count"] == 3  # schedule 0,0.3,0.3
+    assert row["next_attempt_at"] is None and row["last_status_code"] == 500
+    assert "HTTP 500" in row["last_error"]
+    attempts = await attempts_of(database_url, row["id"])
+    assert len(attempts) == 3 and all(len(a["response_body"]) == 4096 for a in attempts)
+    # waits between attempts follow the schedule with jitter (0.3 s ± 20 %, plus overhead)
+    times = [r.at for r in receiver.at("/down")]
+    assert all(0.24 <= b - a < 3 for a, b in zip(times, times[1:], strict=False))
+    await asyncio.sleep(1)
+    assert len(receiver.at("/down")) == 3
+
+
+async def test_retry_after_is_honoured(
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    async def slow_down(request: Any, count: int) -> Any:
+        from aiohttp import web
+
+        if count == 0:
+            return web.Response(status=429, headers={"Retry-After": "2"})
+        return web.Response(status=200)
+
+    receiver.on("/limited", slow_down)
+    _, source, target = await setup(gateway, receiver, "/limited")
+    [event_id] = (await (await post_token(gateway, source, SOFTLEDGER)).json())["event_ids"]
+    row = await finished(database_url, event_id, target["id"])
+    assert row["status"] == "succeeded" and row["attempt_count"] == 2
+    first, second = receiver.at("/limited")
+    assert second.at - first.at >= 1.9  # the schedule alone would have waited 0.3 s
+
+
+async def test_410_disables_the_target(
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    receiver.on("/gone", status(410))
+    tenant, source, target = await setup(gateway, receiver, "/gone")
+    [event_id] = (await (await post_token(gateway, source, SOFTLEDGER)).json())["event_ids"]
+    row = await finished(database_url, event_id, target["id"])
+    assert row["status"] == "dead" and row["attempt_count"] == 1
+    got = await (await gateway.get(f"/v1/targets/{target['id']}", headers=tenant.auth)).json()
+    assert got["enabled"] is False and "410" in got["disabled_reason"]
+    # and nothing more is routed to it
+    [second] = (await (await post_token(gateway, source, {"n": 2})).json())["event_ids"]
+    assert await delivery_of(database_url, second, target["id"]) is None
+
+
+async def test_hanging_receiver_times_out_and_the_error_is_recorded(
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    receiver.on("/hang", hang(5))
+    _, source, target = await setup(gateway, receiver, "/hang")
+    [event_id] = (await (await post_token(gateway, source, SOFTLEDGER)).json())["event_ids"]
+
+    async def first_attempt() -> Any:
+        row = await delivery_of(database_url, event_id, target["id"])
+        return row if row and row["attempt_count"] >= 1 else None
+
+    row = await eventually(first_attempt, timeout=20)
+    assert row["last_error"] == "timeout" and row["last_status_code"] is None
+    [attempt, *_] = await attempts_of(database_url, row["id"])
+    assert attempt["error"] == "timeout" and 900 <= attempt["duration_ms"] < 3000
+
+
+async def test_redirect_is_not_followed(
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    receiver.on("/moved", status(302, headers={"Location": "/elsewhere"}))
+    _, source, target = await setup(gateway, receiver, "/moved")
+    [event_id] = (await (await post_token(gateway, source, SOFTLEDGER)).json())["event_ids"]
+    row = await finished(database_url, event_id, target["id"])
+    assert row["status"] == "dead" and row["last_status_code"] == 302
+    assert receiver.at("/elsewhere") == []
+
+
+async def test_a_message_sent_twice_yields_one_success(
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str, clean_redis: str
+) -> None:
+    receiver.on("/slow", hang(0.5))
+    _, source, target = await setup(gateway, receiver, "/slow")
+    [event_id] = (await (await post_token(gateway, source, SOFTLEDGER)).json())["event_ids"]
+    row = await delivery_of(database_url, event_id, target["id"])
+    # When the same delivery is put on the broker again, several times, at once
+    from relay.enqueue import Enqueuer, make_broker
+
+    enqueuer = Enqueuer(make_broker(clean_redis, middleware=[]))
+    await enqueuer.enqueue([row["id"]] * 5)
+    await enqueuer.close()
+    final = await finished(database_url, event_id, target["id"])
+    await asyncio.sleep(1.5)
+    # Then the receiver got it once, and one success is recorded
+    assert final["status"] == "succeeded" and final["attempt_count"] == 1
+    assert len(receiver.at("/slow")) == 1
+    assert len(await attempts_of(database_url, row["id"])) == 1
+
+
+async def test_per_target_rate_limit_holds(
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    _, source, target = await setup(gateway, receiver, "/limited-target", rate_limit=5)
+    batch = [{"uuid": f"rl-{i}"} for i in range(20)]
+    ids = (await (await post_token(gateway, source, batch)).json())["event_ids"]
+
+    async def all_done() -> bool:
+        rows = await fetch(
+            database_url, "SELECT status FROM deliveries WHERE event_id = ANY($1)", ids
+        )
+        return all(r["status"] == "succeeded" for r in rows)
+
+    await eventually(all_done, timeout=30)
+    per_second: dict[int, int] = {}
+    for got in receiver.at("/limited-target"):
+        # the limiter's windows are wall-clock seconds: count in the same frame
+        second = int(float(got.headers["webhook-timestamp"]))
+        per_second[second] = per_second.get(second, 0) + 1
+    assert sum(per_second.values()) == 20
+    assert max(per_second.values()) <= 5, per_second
+    rows = await fetch(
+        database_url, "SELECT attempt_count FROM deliveries WHERE event_id = ANY($1)", ids
+    )
+    assert {r["attempt_count"] for r in rows} == {1}  # deferrals spend no attempt
+
+
+async def test_deleted_target_receives_nothing(
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    receiver.on("/down2", status(500))
+    tenant, source, target = await setup(gateway, receiver, "/down2")
+    [event_id] = (await (await post_token(gateway, source, SOFTLEDGER)).json())["event_ids"]
+    await eventually(lambda: _attempted(database_url, event_id))
+    assert (await gateway.delete(f"/v1/targets/{target['id']}", headers=tenant.auth)).status == 204
+    count = len(receiver.at("/down2"))
+    await asyncio.sleep(1.5)
+    assert len(receiver.at("/down2")) == count
+    row = await delivery_of(database_url, event_id, target["id"])
+    assert row["status"] == "dead" and row["last_error"] == "the target was deleted"
+
+
+async def _attempted(database_url: str, event_id: str) -> bool:
+    rows = await fetch(
+        database_url, "SELECT attempt_count FROM deliveries WHERE event_id = $1", event_id
+    )
+    return bool(rows) and rows[0]["attempt_count"] >= 1
+
+
+async def test_500_events_to_two_targets_arrive_exactly_once(
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    tenant, source, first = await setup(gateway, receiver, "/one")
+    second = await make_target(gateway, tenant, url=receiver.url("/two"))
+    ids: list[str] = []
+    for chunk in range(5):
+        batch = [{"uuid": f"many-{chunk}-{i}", "objectType": "Bill"} for i in range(100)]
+        ids += (await (await post_token(gateway, source, batch)).json())["event_ids"]
+
+    async def all_succeeded() -> bool:
+        rows = await fetch(
+            database_url,
+            "SELECT count(*) AS n FROM deliveries "
+            "WHERE event_id = ANY($1) AND status = 'succeeded'",
+            ids,
+        )
+        return bool(rows[0]["n"] == 1000)
+
+    await eventually(all_succeeded, timeout=60)
+    await asyncio.sleep(0.5)
+    for path, target in (("/one", first), ("/two", second)):
+        got = [r.headers["webhook-id"] for r in receiver.at(path)]
+        assert sorted(got) == sorted(ids), path
+        assert len(got) == len(set(got)) == 500
+        hook = standardwebhooks.Webhook(target["secret"])
+        for r in receiver.at(path)[:50]:
+            hook.verify(r.body, r.headers)

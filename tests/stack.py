@@ -1,0 +1,193 @@
+"""A real stack for delivery tests: `relay worker` subprocesses and loopback receivers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+
+@dataclass
+class Received:
+    """One request a receiver got."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+Behaviour = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
+
+
+class Receiver:
+    """An HTTP server on 127.0.0.1 that records every request and answers per path."""
+
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self.behaviours: dict[str, Behaviour] = {}
+        self.server: TestServer | None = None
+
+    async def start(self) -> Receiver:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.server = TestServer(app, host="127.0.0.1")
+        await self.server.start_server()
+        return self
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+
+    def url(self, path: str) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.port}{path}"
+
+    def on(self, path: str, behaviour: Behaviour) -> str:
+        """Answer ``path`` with ``behaviour`` (given the request and how many came before)."""
+        self.behaviours[path] = behaviour
+        return self.url(path)
+
+    def at(self, path: str) -> list[Received]:
+        return [r for r in self.received if r.path == path]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        count = len(self.at(request.path))
+        self.received.append(Received(request.path, dict(request.headers), body, time.monotonic()))
+        behaviour = self.behaviours.get(request.path)
+        if behaviour is None:
+            return web.Response(status=200, text="ok")
+        return await behaviour(request, count)
+
+
+def status(code: int, headers: dict[str, str] | None = None, text: str = "") -> Behaviour:
+    """Always answer ``code``."""
+
+    async def answer(request: web.Request, count: int) -> web.StreamResponse:
+        return web.Response(status=code, headers=headers, text=text)
+
+    return answer
+
+
+def fail_then_succeed(failures: int, code: int = 500) -> Behaviour:
+    """Answer ``code`` ``failures`` times, then 200."""
+
+    async def answer(request: web.Request, count: int) -> web.StreamResponse:
+        if count < failures:
+            return web.Response(status=code, text=f"failure {count + 1}")
+        return web.Response(status=200, text="finally")
+
+    return answer
+
+
+def hang(seconds: float) -> Behaviour:
+    """Answer only after ``seconds``."""
+
+    async def answer(request: web.Request, count: int) -> web.StreamResponse:
+        await asyncio.sleep(seconds)
+        return web.Response(status=200)
+
+    return answer
+
+
+@dataclass
+class WorkerProcess:
+    """`relay worker` as a subprocess in its own process group."""
+
+    env: dict[str, str]
+    log_path: Path
+    processes: int = 1
+    threads: int = 8
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def start(self) -> WorkerProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = self._spawn(log)
+        return self
+
+    def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "relay.cli",
+                "worker",
+                "--processes",
+                str(self.processes),
+                "--threads",
+                str(self.threads),
+            ],
+            env={"PATH": os.environ["PATH"], **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while self.group_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 40) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        # Like Kubernetes or Docker: SIGTERM to the master only; it stops its children.
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(timeout=10)
+
+    def group_alive(self) -> bool:
+        """True while any process of the group runs (zombies awaiting a reaper do not count)."""
+        assert self.proc is not None
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            state, pgrp = fields[0], int(fields[2])
+            if pgrp == self.proc.pid and state != "Z":
+                return True
+        return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]], timeout: float = 30, every: float = 0.1
+) -> Any:
+    """Poll ``check`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(every)
+    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
+
+
+async def fetch(database_url: str, query: str, *args: Any) -> list[Any]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()

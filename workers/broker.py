@@ -1,0 +1,106 @@
+"""The worker's wiring, in one place: broker, AsyncIO, and per-process resources.
+
+Dramatiq imports this module in every worker process (``relay worker`` runs
+``dramatiq workers.broker workers.deliver``), so it builds the broker from the
+settings and opens, per process, one asyncpg pool, one guarded HTTP client and
+one Redis client on the AsyncIO middleware's event loop when the worker boots,
+and closes them when it shuts down.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import dramatiq
+import redis.asyncio as aioredis
+from dramatiq.asyncio import get_event_loop_thread
+from dramatiq.middleware import Middleware
+from dramatiq.middleware.asyncio import AsyncIO
+
+from relay.config import REQUIRED_FOR_WORKER, Settings
+from relay.crypto import SecretBox
+from relay.egress import EgressClient
+from relay.enqueue import Enqueuer, make_broker
+from relay.logs import setup_logging
+from relay.openapi import relay_version
+from relay.ratelimit import RateLimiter
+from relay.store.db import Pool, create_pool
+
+
+@dataclass
+class WorkerContext:
+    """What an actor needs, opened once per worker process."""
+
+    settings: Settings
+    pool: Pool
+    egress: EgressClient
+    redis: Any
+    limiter: RateLimiter
+    enqueuer: Enqueuer
+    secrets: SecretBox
+
+
+class WorkerResources(Middleware):
+    """Opens the per-process resources after boot and closes them before shutdown."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.context: WorkerContext | None = None
+
+    async def _open(self, broker: dramatiq.Broker) -> None:
+        settings = self.settings
+        client = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self.context = WorkerContext(
+            settings=settings,
+            pool=await create_pool(settings.database_url, min_size=1, max_size=10),
+            egress=EgressClient(
+                timeout_s=settings.delivery_timeout_s,
+                allow_private=settings.allow_private_targets,
+                user_agent=f"Relay/{relay_version()} (+webhook relay)",
+            ),
+            redis=client,
+            limiter=RateLimiter(client),
+            enqueuer=Enqueuer(broker),
+            secrets=SecretBox(settings.secret_key),
+        )
+
+    async def _close(self) -> None:
+        if self.context is not None:
+            await self.context.egress.close()
+            await self.context.pool.close()
+            await self.context.redis.aclose()
+            self.context = None
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        """Open the resources on the event loop thread (AsyncIO, added before us, started it)."""
+        get_event_loop_thread().run_coroutine(self._open(broker))  # type: ignore[union-attr]
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        """Close them while the loop still runs."""
+        thread = get_event_loop_thread()
+        if thread is not None:
+            thread.run_coroutine(self._close())
+
+
+def build_broker(settings: Settings) -> dramatiq.Broker:
+    """The worker's broker: Dramatiq's default middleware, AsyncIO, and the resources."""
+    broker = make_broker(settings.broker_url)
+    broker.add_middleware(AsyncIO())
+    broker.add_middleware(WorkerResources(settings))
+    return broker
+
+
+def worker_context() -> WorkerContext:
+    """The running process's resources (raises if the worker has not booted)."""
+    for middleware in dramatiq.get_broker().middleware:
+        if isinstance(middleware, WorkerResources) and middleware.context is not None:
+            return middleware.context
+    raise RuntimeError("worker resources are not open")
+
+
+settings = Settings.from_env(os.environ, required=REQUIRED_FOR_WORKER)
+setup_logging(settings.log_level)
+broker = build_broker(settings)
+dramatiq.set_broker(broker)

@@ -1,0 +1,141 @@
+"""The ``deliver`` actor: claim, sign, send, record, and schedule what comes next."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from datetime import UTC, datetime
+
+import aiohttp
+import dramatiq
+
+from relay.delivery import decide, delivery_headers, parse_retry_after
+from relay.egress import EgressRefused, describe_error
+from relay.enqueue import DELIVER_ACTOR, QUEUE
+from relay.store import deliveries as store
+from workers.broker import WorkerContext, settings, worker_context
+
+log = logging.getLogger("relay.deliver")
+
+#: Waits up to this long go back on the broker with a delay; longer ones are
+#: left to the sweeper, which enqueues them when Postgres says they are due.
+SHORT_WAIT_S = 60.0
+#: Added to a broker delay so the message never arrives before it is due.
+DELAY_MARGIN_S = 0.1
+
+
+def _secrets(ctx: WorkerContext, row: dict[str, object]) -> list[str]:
+    box = ctx.secrets
+    secrets = [box.open(row["secret_enc"], bound_to=str(row["target_id"]))]  # type: ignore[arg-type]
+    rotated = row["secret_rotated_at"]
+    if (
+        row["previous_secret_enc"] is not None
+        and isinstance(rotated, datetime)
+        and rotated.timestamp() + ctx.settings.secret_overlap_s > time.time()
+    ):
+        secrets.append(box.open(row["previous_secret_enc"], bound_to=str(row["target_id"])))  # type: ignore[arg-type]
+    return secrets
+
+
+async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
+    """Make one attempt of ``delivery_id`` if it is ours to make; return what happened."""
+    lease_s = ctx.settings.delivery_timeout_s + 10
+    row = await store.claim(ctx.pool, delivery_id, lease_s)
+    if row is None:
+        return "not-claimed"
+    if row["deleted_at"] is not None:
+        await store.kill(ctx.pool, row, "the target was deleted")
+        return "target-deleted"
+    if not row["enabled"]:
+        # Left pending: it resumes when the target is enabled again.
+        await store.release(ctx.pool, delivery_id, row["locked_until"], delay_s=0, enqueued=False)
+        return "target-disabled"
+    if row["rate_limit"] is not None:
+        wait = await ctx.limiter.admit(f"tgt:{row['target_id']}", row["rate_limit"])
+        if wait > 0:
+            # Spread the deferred ones over the next second instead of a herd.
+            delay = wait + random.random()
+            await store.release(
+                ctx.pool, delivery_id, row["locked_until"], delay_s=delay, enqueued=True
+            )
+            await ctx.enqueuer.enqueue([delivery_id], delay_ms=int((delay + DELAY_MARGIN_S) * 1000))
+            return "rate-limited"
+
+    body = bytes(row["payload"])
+    headers = delivery_headers(
+        event_id=row["event_id"],
+        body=body,
+        secrets=_secrets(ctx, dict(row)),
+        timestamp=int(time.time()),
+        target_headers=row["headers"],
+    )
+    started_at = datetime.now(UTC)
+    started = time.perf_counter()
+    status_code: int | None = None
+    error: str | None = None
+    response_body: str | None = None
+    retry_after: float | None = None
+    try:
+        response = await ctx.egress.post(row["url"], body, headers)
+        status_code = response.status
+        response_body = response.body.decode("utf-8", "replace").replace("\x00", "")
+        retry_after = parse_retry_after(response.headers.get("Retry-After"), started_at)
+        if not 200 <= status_code < 300:
+            error = f"HTTP {status_code}"
+    except (EgressRefused, aiohttp.ClientError, TimeoutError, OSError) as exc:
+        error = describe_error(exc)
+    duration_ms = int((time.perf_counter() - started) * 1000)
+
+    outcome = decide(
+        status_code=status_code,
+        attempt_number=row["attempt_count"] + 1,
+        schedule=ctx.settings.retry_schedule,
+        retry_after_s=retry_after,
+    )
+    short = outcome.delay_s is not None and outcome.delay_s <= SHORT_WAIT_S
+    async with ctx.pool.acquire() as conn:
+        recorded = await store.record_attempt(
+            conn,
+            row,
+            started_at=started_at,
+            duration_ms=duration_ms,
+            status_code=status_code,
+            error=error if outcome.reason is None else f"{error}; {outcome.reason}",
+            response_body=response_body,
+            status=outcome.status,
+            delay_s=outcome.delay_s,
+            enqueued_for_s=(outcome.delay_s + 30)
+            if short and outcome.delay_s is not None
+            else None,
+            disable_reason=outcome.disable_target,
+        )
+    if recorded and short and outcome.delay_s is not None:
+        await ctx.enqueuer.enqueue(
+            [delivery_id], delay_ms=int((outcome.delay_s + DELAY_MARGIN_S) * 1000)
+        )
+    log.info(
+        "attempt",
+        extra={
+            "delivery_id": delivery_id,
+            "event_id": row["event_id"],
+            "target_id": row["target_id"],
+            "tenant_id": row["tenant_id"],
+            "status": status_code,
+            "outcome": outcome.status,
+            "attempt": row["attempt_count"] + 1,
+            "duration_ms": duration_ms,
+        },
+    )
+    return outcome.status
+
+
+@dramatiq.actor(
+    actor_name=DELIVER_ACTOR,
+    queue_name=QUEUE,
+    max_retries=0,  # the schedule lives in Postgres, not in the broker
+    time_limit=int((settings.delivery_timeout_s + 60) * 1000),
+)
+async def deliver(delivery_id: str) -> None:
+    """Attempt one delivery."""
+    await attempt_delivery(worker_context(), delivery_id)
