@@ -65,12 +65,14 @@ class Enqueuer:
             )
             return False
 
-    def enqueue_soon(self, delivery_ids: Iterable[str]) -> None:
+    def enqueue_soon(self, delivery_ids: Iterable[str], *, delay_s: float = 0.0) -> None:
         """Enqueue in the background (after the answer is sent)."""
         ids = list(delivery_ids)
         if not ids:
             return
-        task = asyncio.ensure_future(self.enqueue(ids))
+        # a small margin so the message never arrives before the row is due
+        delay_ms = int((delay_s + 0.1) * 1000) if delay_s > 0 else None
+        task = asyncio.ensure_future(self.enqueue(ids, delay_ms=delay_ms))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 

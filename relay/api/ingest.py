@@ -109,8 +109,9 @@ async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response
             events,
             routes,
             enqueue_grace_s=settings.requeue_after_s,
+            first_delay_s=settings.retry_schedule[0],
         )
-    app[ENQUEUER].enqueue_soon(result.delivery_ids)
+    app[ENQUEUER].enqueue_soon(result.delivery_ids, delay_s=settings.retry_schedule[0])
     context["deliveries"] = len(result.delivery_ids)
     context["duplicates"] = result.duplicates
     return respond({"event_ids": result.event_ids}, status=202)

@@ -29,7 +29,8 @@ SELECT upstream_uuid, id FROM events WHERE source_id = $1 AND upstream_uuid = AN
 # enabled and live at this instant, whatever the gateway's cache believed.
 _INSERT_DELIVERIES = """
 INSERT INTO deliveries (id, tenant_id, event_id, target_id, next_attempt_at, enqueued_until)
-SELECT d.id, $1, d.event_id, d.target_id, now(), now() + make_interval(secs => $5)
+SELECT d.id, $1, d.event_id, d.target_id, now() + make_interval(secs => $6::float8),
+       now() + make_interval(secs => $6::float8 + $5::float8)
 FROM unnest($2::text[], $3::text[], $4::text[]) AS d(id, event_id, target_id)
 JOIN targets t ON t.id = d.target_id
 WHERE t.tenant_id = $1 AND t.enabled AND t.deleted_at IS NULL
@@ -54,6 +55,7 @@ async def record_events(
     routes: Sequence[TargetRoute],
     *,
     enqueue_grace_s: float,
+    first_delay_s: float = 0.0,
 ) -> IngestResult:
     """Store ``events`` and one pending delivery per matching target, in one transaction."""
     # Within the body, a repeated uuid is the first one's duplicate.
@@ -103,7 +105,13 @@ async def record_events(
         if pairs:
             ids, event_ids, target_ids = (list(c) for c in zip(*pairs, strict=True))
             rows = await conn.fetch(
-                _INSERT_DELIVERIES, tenant_id, ids, event_ids, target_ids, enqueue_grace_s
+                _INSERT_DELIVERIES,
+                tenant_id,
+                ids,
+                event_ids,
+                target_ids,
+                enqueue_grace_s,
+                first_delay_s,
             )
             delivery_ids = [r["id"] for r in rows]
     final = [replaced.get(event_id, event_id) for event_id in assigned]
