@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import contextlib
+import json
 import os
+import secrets
+import signal
+import subprocess
 import sys
 from collections.abc import Collection, Sequence
+from pathlib import Path
 
 from relay.config import (
     REQUIRED_FOR_MIGRATE,
@@ -94,6 +101,85 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover - execv does not return
 
 
+def _dev_secrets(data_dir: Path) -> dict[str, str]:
+    """The dev admin token and secret key, generated once and kept in ``data_dir``."""
+    path = data_dir / "dev-secrets.json"
+    if path.exists():
+        stored: dict[str, str] = json.loads(path.read_text())
+        return stored
+    generated = {
+        "RELAY_ADMIN_TOKEN": "dev_" + secrets.token_urlsafe(24),
+        "RELAY_SECRET_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+    }
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(generated, indent=2))
+    return generated
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    """Everything in one command: services (embedded if unset), migrations, gateway, worker."""
+    from aiohttp import web
+
+    from relay.app import create_app
+    from relay.logs import setup_logging
+
+    env = dict(os.environ)
+    data_dir = Path(env.get("RELAY_DATA_DIR") or ".relay").resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name, value in _dev_secrets(data_dir).items():
+        env.setdefault(name, value)
+    env.setdefault("RELAY_ALLOW_PRIVATE_TARGETS", "1")  # a laptop's receivers are local
+    env.setdefault("RELAY_PUBLIC_URL", f"http://{args.host}:{args.port}")
+    with contextlib.ExitStack() as stack:
+        if not env.get("DATABASE_URL") or not env.get("REDIS_URL"):
+            from relay.embedded import EmbeddedUnavailable, embedded_services
+
+            try:
+                database_url, redis_url = stack.enter_context(embedded_services(data_dir))
+            except EmbeddedUnavailable as exc:
+                print(f"relay: {exc}", file=sys.stderr)
+                return 2
+            env.setdefault("DATABASE_URL", database_url)
+            env.setdefault("REDIS_URL", redis_url)
+        try:
+            settings = Settings.from_env(env, required=REQUIRED_FOR_SERVE)
+        except ConfigError as exc:
+            print(f"relay: configuration error: {exc}", file=sys.stderr)
+            return 2
+        setup_logging(settings.log_level)
+        applied = asyncio.run(_migrate(settings))
+        worker = subprocess.Popen(worker_argv(1, 8), env=env, start_new_session=True)
+        stack.callback(_stop, worker)
+        base = settings.public_url
+        print(
+            f"""
+Relay is running at {base}  (data in {data_dir}; migrations applied: {len(applied)})
+
+  export RELAY_ADMIN_TOKEN={settings.admin_token}
+  curl -s -X POST {base}/v1/tenants -H "Authorization: Bearer $RELAY_ADMIN_TOKEN" \\
+       -H 'content-type: application/json' -d '{{"name": "Acme"}}'
+
+Ctrl-C stops everything.
+""",
+            file=sys.stderr,
+            flush=True,
+        )
+        web.run_app(
+            create_app(settings), host=args.host, port=args.port, access_log=None, print=None
+        )
+    return 0
+
+
 async def _create_tenant(settings: Settings, name: str) -> tuple[str, str]:
     from relay.crypto import hash_api_key, new_api_key, new_id
     from relay.store import tenants
@@ -141,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=16, help="concurrent deliveries per process (default 16)"
     )
     worker.set_defaults(func=cmd_worker)
+
+    dev = commands.add_parser("dev", help="run everything in one process tree, for trying it")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8080)
+    dev.set_defaults(func=cmd_dev)
 
     tenants = commands.add_parser("tenants", help="manage tenants")
     tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True)

@@ -30,8 +30,10 @@ ADMIN_TOKEN = "test-admin-token-" + secrets.token_hex(8)
 SECRET_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def _with_database(url: str, name: str) -> str:
-    return str(URL(url).with_path("/" + name))
+def with_database(url: str, name: str) -> str:
+    """``url`` pointing at database ``name`` (the query, e.g. a socket ``host=``, kept)."""
+    parsed = URL(url)
+    return str(parsed.with_path("/" + name).with_query(parsed.query))
 
 
 async def _admin(url: str, *statements: str) -> None:
@@ -65,7 +67,7 @@ def template_db(services: dict[str, str]) -> Iterator[str]:
     asyncio.run(_admin(admin, f'CREATE DATABASE "{name}"'))
 
     async def _migrate() -> None:
-        conn = await asyncpg.connect(_with_database(admin, name))
+        conn = await asyncpg.connect(with_database(admin, name))
         try:
             await migrate(conn)
         finally:
@@ -85,7 +87,7 @@ def database_url(services: dict[str, str], template_db: str) -> Iterator[str]:
     admin = services["postgres"]
     asyncio.run(_admin(admin, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
     try:
-        yield _with_database(admin, name)
+        yield with_database(admin, name)
     finally:
         asyncio.run(_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 

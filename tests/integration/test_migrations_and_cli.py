@@ -12,10 +12,9 @@ from typing import Any
 
 import asyncpg
 import pytest
-from yarl import URL
 
 from relay.store.migrations import load_migrations
-from tests.conftest import ADMIN_TOKEN, SECRET_KEY, _admin
+from tests.conftest import ADMIN_TOKEN, SECRET_KEY, _admin, with_database
 
 
 def relay(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -36,7 +35,7 @@ def empty_db(services: dict[str, str]) -> Iterator[str]:
     name = f"relay_e_{uuid.uuid4().hex[:12]}"
     admin = services["postgres"]
     asyncio.run(_admin(admin, f'CREATE DATABASE "{name}"'))
-    yield str(URL(admin).with_path("/" + name))
+    yield with_database(admin, name)
     asyncio.run(_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 

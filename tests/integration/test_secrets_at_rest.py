@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 
 from tests.conftest import Tenant
+
+
+def pg_dump() -> str:
+    """pgserver's pg_dump when installed (newer, dumps older servers too), else the system's."""
+    try:
+        import pgserver
+
+        bundled = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_dump"
+        if bundled.exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which("pg_dump")
+    assert found, "pg_dump is needed for this test"
+    return found
 
 
 async def test_database_dump_holds_no_plaintext_secret(
@@ -33,7 +50,7 @@ async def test_database_dump_holds_no_plaintext_secret(
     secrets.append(rotated["secret"])
 
     dump = subprocess.run(
-        ["pg_dump", "--data-only", "--inserts", database_url],
+        [pg_dump(), "--data-only", "--inserts", database_url],
         capture_output=True,
         check=True,
         timeout=60,
