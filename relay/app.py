@@ -12,7 +12,7 @@ import redis.exceptions
 from aiohttp import web
 
 from relay import errors
-from relay.api import health, ingest, sources, targets, tenants
+from relay.api import admin, deliveries, events, health, ingest, sources, targets, tenants
 from relay.api.routing import Route, add_routes, respond
 from relay.cache import RoutingCache
 from relay.config import Settings
@@ -48,7 +48,16 @@ _HTTP_ERRORS: dict[int, type[errors.RelayError]] = {
 
 def all_routes() -> list[Route]:
     """Every route of the gateway, in one table."""
-    return [*health.ROUTES, *tenants.ROUTES, *sources.ROUTES, *targets.ROUTES, *ingest.ROUTES]
+    return [
+        *health.ROUTES,
+        *tenants.ROUTES,
+        *admin.ROUTES,
+        *sources.ROUTES,
+        *targets.ROUTES,
+        *events.ROUTES,
+        *deliveries.ROUTES,
+        *ingest.ROUTES,
+    ]
 
 
 def error_response(exc: errors.RelayError) -> web.Response:

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 QUEUE = "deliveries"
 DELIVER_ACTOR = "deliver"
+#: Bulk replays run on their own queue so they never wait behind a delivery backlog.
+REPLAY_QUEUE = "replays"
+REPLAY_ACTOR = "replay_dead_letters"
 
 
 def make_broker(url: str, *, middleware: list[Any] | None = None) -> dramatiq.Broker:
@@ -63,6 +66,23 @@ class Enqueuer:
                 len(ids),
                 type(exc).__name__,
             )
+            return False
+
+    def _send(self, message: dramatiq.Message[Any]) -> None:
+        if message.queue_name not in self._broker.get_declared_queues():
+            self._broker.declare_queue(message.queue_name)
+        self._broker.enqueue(message)
+
+    async def enqueue_job(self, queue: str, actor: str, kwargs: dict[str, Any]) -> bool:
+        """Enqueue one job for ``actor``; False (logged) if the broker is unreachable."""
+        message: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name=queue, actor_name=actor, args=(), kwargs=kwargs, options={}
+        )
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._send, message)
+            return True
+        except Exception as exc:
+            log.warning("enqueue of %s failed: %s", actor, type(exc).__name__)
             return False
 
     def enqueue_soon(self, delivery_ids: Iterable[str], *, delay_s: float = 0.0) -> None:

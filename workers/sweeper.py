@@ -27,6 +27,8 @@ SWEEPER_LOCK_KEY = 0x7377656570  # "sweep"
 BATCH = 1000
 #: A sweep pass stops after this many batches to let the next tick come round.
 MAX_BATCHES = 50
+#: Auto-disable and retention run every this many sweeps.
+HOUSEKEEPING_EVERY = 5
 
 
 class Sweeper:
@@ -52,14 +54,35 @@ class Sweeper:
             log.info("swept %d due deliveries", total)
         return total
 
+    async def housekeeping(self, conn: Conn) -> None:
+        """Auto-disable failing targets and purge what is past retention, in small batches."""
+        for target_id in await store.disable_failing_targets(conn, self.settings.disable_after_s):
+            log.warning(
+                "disabled target %s: every attempt failed",
+                target_id,
+                extra={"target_id": target_id},
+            )
+        purged = 0
+        for _ in range(10):
+            batch = await store.purge_old_events(conn, self.settings.retention_days)
+            purged += batch
+            if batch < 1000:
+                break
+        if purged:
+            log.info("purged %d events past retention", purged)
+
     async def _lead(self, conn: Conn) -> None:
         while not self.stopping.is_set():
             if await conn.fetchval("SELECT pg_try_advisory_lock($1)", SWEEPER_LOCK_KEY):
                 break
             await self._pause()
         log.info("sweeper is the leader")
+        ticks = 0
         while not self.stopping.is_set():
+            if ticks % HOUSEKEEPING_EVERY == 0:
+                await self.housekeeping(conn)
             await self.sweep_once(conn)
+            ticks += 1
             await self._pause()
 
     async def _pause(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import pydantic
@@ -18,11 +20,14 @@ from relay.api.routing import (
     read_query,
     respond,
     tenant_id,
+    timestamp,
 )
 from relay.api.sources import HEADER_NAME, RateLimit
 from relay.crypto import new_id, new_webhook_secret
 from relay.egress import host_is_forbidden
-from relay.keys import CACHE, POOL, SECRETS, SETTINGS
+from relay.ingest import compact
+from relay.keys import CACHE, ENQUEUER, POOL, SECRETS, SETTINGS
+from relay.store import events as event_store
 from relay.store import sources as source_store
 from relay.store import targets as store
 
@@ -274,6 +279,36 @@ async def rotate_target_secret(request: web.Request) -> web.Response:
     if row is None:
         raise errors.NotFound("no such target")
     return respond({"secret": secret})
+
+
+async def test_target(request: web.Request) -> web.Response:
+    """Send a synthetic Test/ping event to this target alone."""
+    target = await _get_or_404(request)
+    if not target["enabled"]:
+        raise errors.Conflict("the target is disabled; enable it first")
+    now = datetime.now(UTC)
+    payload = compact(
+        {
+            "uuid": str(uuid.uuid4()),
+            "date": timestamp(now),
+            "objectType": "Test",
+            "action": "ping",
+            "objectId": None,
+            "tenantId": None,
+        }
+    )
+    async with request.app[POOL].acquire() as conn:
+        event_id, delivery_id = await event_store.create_test_event(
+            conn,
+            tenant_id(request),
+            target["id"],
+            payload,
+            enqueue_grace_s=request.app[SETTINGS].requeue_after_s,
+        )
+    if delivery_id is None:  # deleted or disabled between the two statements
+        raise errors.NotFound("no such target")
+    request.app[ENQUEUER].enqueue_soon([delivery_id])
+    return respond({"event_id": event_id, "delivery_id": delivery_id}, status=202)
 
 
 ROUTES = [

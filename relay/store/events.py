@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from relay.cache import TargetRoute
 from relay.crypto import new_id
 from relay.ingest import ParsedEvent
 from relay.store.db import Conn
+from relay.store.rows import keyset_page
 
 _INSERT_EVENTS = """
 INSERT INTO events (id, tenant_id, source_id, upstream_uuid, upstream_date, object_type,
@@ -116,3 +119,92 @@ async def record_events(
             delivery_ids = [r["id"] for r in rows]
     final = [replaced.get(event_id, event_id) for event_id in assigned]
     return IngestResult(final, delivery_ids, duplicates=len(events) - len(inserted))
+
+
+_EVENT_COLUMNS = "id, source_id, received_at, object_type, action, object_id, payload"
+
+
+async def list_events(
+    conn: Conn,
+    tenant_id: str,
+    *,
+    limit: int,
+    cursor: str | None,
+    source_id: str | None = None,
+    object_type: str | None = None,
+    action: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> tuple[list[Any], str | None]:
+    """A tenant's events newest first; type and action match case-insensitively."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {_EVENT_COLUMNS} FROM events
+        WHERE tenant_id = $1
+          AND ($2::text IS NULL OR id < $2)
+          AND ($3::text IS NULL OR source_id = $3)
+          AND ($4::text IS NULL OR lower(object_type) = lower($4))
+          AND ($5::text IS NULL OR lower(action) = lower($5))
+          AND ($6::timestamptz IS NULL OR received_at >= $6)
+          AND ($7::timestamptz IS NULL OR received_at < $7)
+        ORDER BY id DESC LIMIT $8
+        """,
+        tenant_id,
+        cursor,
+        source_id,
+        object_type,
+        action,
+        since,
+        until,
+        limit + 1,
+    )
+    return keyset_page(rows, limit)
+
+
+async def get_event(conn: Conn, tenant_id: str, event_id: str) -> Any:
+    """One event of this tenant, or None."""
+    return await conn.fetchrow(
+        f"SELECT {_EVENT_COLUMNS} FROM events WHERE tenant_id = $1 AND id = $2",
+        tenant_id,
+        event_id,
+    )
+
+
+async def add_deliveries(
+    conn: Conn, tenant_id: str, event_id: str, target_ids: Sequence[str], *, enqueue_grace_s: float
+) -> list[str]:
+    """New pending deliveries of an event to live, enabled targets of this tenant."""
+    if not target_ids:
+        return []
+    ids = [new_id("dlv") for _ in target_ids]
+    rows = await conn.fetch(
+        _INSERT_DELIVERIES,
+        tenant_id,
+        ids,
+        [event_id] * len(ids),
+        list(target_ids),
+        enqueue_grace_s,
+        0.0,
+    )
+    return [r["id"] for r in rows]
+
+
+async def create_test_event(
+    conn: Conn, tenant_id: str, target_id: str, payload: bytes, *, enqueue_grace_s: float
+) -> tuple[str, str | None]:
+    """A synthetic Test/ping event and its one delivery to ``target_id``."""
+    event_id = new_id("evt")
+    async with conn.transaction():
+        await conn.execute(
+            """
+            INSERT INTO events (id, tenant_id, source_id, object_type, action, payload)
+            VALUES ($1, $2, NULL, 'Test', 'ping', $3)
+            """,
+            event_id,
+            tenant_id,
+            payload,
+        )
+        ids = await add_deliveries(
+            conn, tenant_id, event_id, [target_id], enqueue_grace_s=enqueue_grace_s
+        )
+    return event_id, ids[0] if ids else None

@@ -1,0 +1,214 @@
+"""Tenant endpoints for deliveries and dead letters, and the shared replay logic."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import pydantic
+from aiohttp import web
+
+from relay import errors
+from relay.api.routing import ListQuery, Route, page, read_body, read_query, respond, tenant_id
+from relay.enqueue import REPLAY_ACTOR, REPLAY_QUEUE
+from relay.keys import ENQUEUER, POOL, SETTINGS
+from relay.store import deliveries as store
+
+Timestamp = Annotated[pydantic.AwareDatetime, pydantic.Strict(False)]
+Id = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=64)]
+#: Replays by id are done in the request; larger selections by a worker job.
+MAX_REPLAY_IDS = 1000
+REPLAY_BATCH = 2000
+
+
+def render_delivery(row: Any) -> dict[str, Any]:
+    """A delivery as API.md shows it."""
+    return {
+        "id": row["id"],
+        "event_id": row["event_id"],
+        "target_id": row["target_id"],
+        "status": row["status"],
+        "attempt_count": row["attempt_count"],
+        "next_attempt_at": row["next_attempt_at"],
+        "last_status_code": row["last_status_code"],
+        "last_error": row["last_error"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+def render_attempt(row: Any) -> dict[str, Any]:
+    """One attempt: when, how long, what came back."""
+    return {
+        "id": row["id"],
+        "started_at": row["started_at"],
+        "duration_ms": row["duration_ms"],
+        "status_code": row["status_code"],
+        "error": row["error"],
+        "response_body": row["response_body"],
+    }
+
+
+class DeliveriesQuery(ListQuery):
+    """Filters of GET /v1/deliveries."""
+
+    status: Literal["pending", "retrying", "succeeded", "dead"] | None = None
+    target_id: Id | None = None
+    event_id: Id | None = None
+
+
+class DeadLettersQuery(ListQuery):
+    """Filters of GET /v1/dead-letters."""
+
+    target_id: Id | None = None
+
+
+class DeadLetterReplay(pydantic.BaseModel):
+    """Body of POST /v1/dead-letters/replay: what is given narrows the selection."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    target_id: Id | None = None
+    ids: Annotated[list[Id], pydantic.Field(min_length=1, max_length=MAX_REPLAY_IDS)] | None = None
+    since: Timestamp | None = None
+
+
+async def replay_dead_letters(
+    request: web.Request,
+    owner: str | None,
+    *,
+    target_id: str | None,
+    since: datetime | None,
+    ids: list[str] | None,
+) -> int:
+    """Replay a selection of dead letters (``owner`` None: every tenant's); return the count."""
+    app = request.app
+    grace = app[SETTINGS].requeue_after_s
+    async with app[POOL].acquire() as conn:
+        if ids is not None:
+            replayed = await store.replay_dead_letters_batch(
+                conn,
+                owner,
+                target_id=target_id,
+                since=since,
+                ids=ids,
+                up_to_id=None,
+                batch=len(ids),
+                enqueue_grace_s=grace,
+            )
+            app[ENQUEUER].enqueue_soon(replayed)
+            return len(replayed)
+        up_to = await store.newest_dead_letter_id(conn)
+        if up_to is None:
+            return 0
+        count = await store.count_dead_letters(
+            conn, owner, target_id=target_id, since=since, ids=None, up_to_id=up_to
+        )
+    if count:
+        job = {
+            "tenant_id": owner,
+            "target_id": target_id,
+            "since": since.isoformat() if since else None,
+            "up_to_id": up_to,
+        }
+        if not await app[ENQUEUER].enqueue_job(REPLAY_QUEUE, REPLAY_ACTOR, job):
+            raise errors.Unavailable("the broker is unreachable; nothing was replayed")
+    return count
+
+
+async def list_deliveries(request: web.Request) -> web.Response:
+    """The tenant's deliveries, newest first."""
+    query = read_query(request, DeliveriesQuery)
+    rows, cursor = await store.list_deliveries(
+        request.app[POOL],
+        tenant_id(request),
+        limit=query.limit,
+        cursor=query.cursor,
+        status=query.status,
+        target_id=query.target_id,
+        event_id=query.event_id,
+    )
+    return page([render_delivery(r) for r in rows], cursor)
+
+
+async def get_delivery(request: web.Request) -> web.Response:
+    """One delivery with every attempt."""
+    pool = request.app[POOL]
+    row = await store.get_delivery(pool, tenant_id(request), request.match_info["delivery_id"])
+    if row is None:
+        raise errors.NotFound("no such delivery")
+    attempts = await store.attempts_of(pool, row["id"])
+    return respond({**render_delivery(row), "attempts": [render_attempt(a) for a in attempts]})
+
+
+async def retry_delivery(request: web.Request) -> web.Response:
+    """Send one delivery again, with a fresh schedule."""
+    pool = request.app[POOL]
+    delivery_id = request.match_info["delivery_id"]
+    row = await store.retry_delivery(pool, tenant_id(request), delivery_id)
+    if row is None:
+        if await store.get_delivery(pool, tenant_id(request), delivery_id) is None:
+            raise errors.NotFound("no such delivery")
+        raise errors.Conflict("an attempt of this delivery is in flight; retry when it ends")
+    request.app[ENQUEUER].enqueue_soon([row["id"]])
+    return respond(render_delivery(row), status=202)
+
+
+async def list_dead_letters(request: web.Request) -> web.Response:
+    """The tenant's dead deliveries, newest first."""
+    query = read_query(request, DeadLettersQuery)
+    rows, cursor = await store.list_dead_letters(
+        request.app[POOL],
+        tenant_id(request),
+        limit=query.limit,
+        cursor=query.cursor,
+        target_id=query.target_id,
+    )
+    return page([render_delivery(r) for r in rows], cursor)
+
+
+async def replay_tenant_dead_letters(request: web.Request) -> web.Response:
+    """Replay the tenant's dead letters by ids, target or time; 202 with the count."""
+    body = await read_body(request, DeadLetterReplay, empty_ok=True)
+    count = await replay_dead_letters(
+        request, tenant_id(request), target_id=body.target_id, since=body.since, ids=body.ids
+    )
+    return respond({"replayed": count}, status=202)
+
+
+ROUTES = [
+    Route(
+        "GET", "/v1/deliveries", list_deliveries, "List deliveries", "tenant", query=DeliveriesQuery
+    ),
+    Route(
+        "GET",
+        "/v1/deliveries/{delivery_id}",
+        get_delivery,
+        "Get a delivery and its attempts",
+        "tenant",
+    ),
+    Route(
+        "POST",
+        "/v1/deliveries/{delivery_id}/retry",
+        retry_delivery,
+        "Retry a delivery",
+        "tenant",
+        status=202,
+    ),
+    Route(
+        "GET",
+        "/v1/dead-letters",
+        list_dead_letters,
+        "List dead letters",
+        "tenant",
+        query=DeadLettersQuery,
+    ),
+    Route(
+        "POST",
+        "/v1/dead-letters/replay",
+        replay_tenant_dead_letters,
+        "Replay dead letters",
+        "tenant",
+        DeadLetterReplay,
+        status=202,
+    ),
+]

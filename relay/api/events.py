@@ -1,0 +1,133 @@
+"""Tenant endpoints for events: list, inspect, replay."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import pydantic
+from aiohttp import web
+
+from relay import errors
+from relay.api.deliveries import Id, Timestamp, render_delivery
+from relay.api.routing import ListQuery, Route, page, read_body, read_query, respond, tenant_id
+from relay.keys import ENQUEUER, POOL, SETTINGS
+from relay.store import deliveries as delivery_store
+from relay.store import events as store
+from relay.store import targets as target_store
+
+
+class EventsQuery(ListQuery):
+    """Filters of GET /v1/events (``since`` inclusive, ``until`` exclusive)."""
+
+    source_id: Id | None = None
+    object_type: Annotated[str, pydantic.StringConstraints(max_length=255)] | None = None
+    action: Annotated[str, pydantic.StringConstraints(max_length=255)] | None = None
+    since: Timestamp | None = None
+    until: Timestamp | None = None
+
+
+class EventReplay(pydantic.BaseModel):
+    """Body of POST /v1/events/{id}/replay: absent ``target_ids`` means every matching target."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    target_ids: Annotated[list[Id], pydantic.Field(min_length=1, max_length=100)] | None = None
+
+
+def render_event(row: Any) -> dict[str, Any]:
+    """An event with its payload as JSON."""
+    return {
+        "id": row["id"],
+        "source_id": row["source_id"],
+        "received_at": row["received_at"],
+        "object_type": row["object_type"],
+        "action": row["action"],
+        "object_id": row["object_id"],
+        "payload": json.loads(bytes(row["payload"])),
+    }
+
+
+async def list_events(request: web.Request) -> web.Response:
+    """The tenant's events, newest first."""
+    query = read_query(request, EventsQuery)
+    rows, cursor = await store.list_events(
+        request.app[POOL],
+        tenant_id(request),
+        limit=query.limit,
+        cursor=query.cursor,
+        source_id=query.source_id,
+        object_type=query.object_type,
+        action=query.action,
+        since=query.since,
+        until=query.until,
+    )
+    return page([render_event(r) for r in rows], cursor)
+
+
+async def _event_or_404(request: web.Request) -> Any:
+    row = await store.get_event(
+        request.app[POOL], tenant_id(request), request.match_info["event_id"]
+    )
+    if row is None:
+        raise errors.NotFound("no such event")
+    return row
+
+
+async def get_event(request: web.Request) -> web.Response:
+    """One event with its payload and deliveries."""
+    row = await _event_or_404(request)
+    deliveries = await delivery_store.deliveries_of_events(
+        request.app[POOL], tenant_id(request), [row["id"]]
+    )
+    return respond({**render_event(row), "deliveries": [render_delivery(d) for d in deliveries]})
+
+
+async def replay_event(request: web.Request) -> web.Response:
+    """New deliveries of the event, with a fresh schedule."""
+    from relay.api.ingest import load_routes
+
+    body = await read_body(request, EventReplay, empty_ok=True)
+    event = await _event_or_404(request)
+    owner = tenant_id(request)
+    pool = request.app[POOL]
+    if body.target_ids is not None:
+        wanted = list(dict.fromkeys(body.target_ids))
+        live = {r.id for r in await load_routes(request.app, owner)}
+        unknown = [t for t in wanted if t not in live]
+        if unknown:
+            known = [
+                t for t in unknown if await target_store.get_target(pool, owner, t) is not None
+            ]
+            reason = "disabled" if known else "unknown"
+            raise errors.ValidationFailed.field(
+                "target_ids", f"{reason} targets: {', '.join(unknown)}"
+            )
+        targets = wanted
+    else:
+        routes = await load_routes(request.app, owner)
+        targets = [
+            r.id
+            for r in routes
+            if r.matches(event["source_id"] or "", event["object_type"], event["action"])
+        ]
+    async with pool.acquire() as conn:
+        ids = await store.add_deliveries(
+            conn, owner, event["id"], targets, enqueue_grace_s=request.app[SETTINGS].requeue_after_s
+        )
+    request.app[ENQUEUER].enqueue_soon(ids)
+    return respond({"delivery_ids": ids}, status=202)
+
+
+ROUTES = [
+    Route("GET", "/v1/events", list_events, "List events", "tenant", query=EventsQuery),
+    Route("GET", "/v1/events/{event_id}", get_event, "Get an event and its deliveries", "tenant"),
+    Route(
+        "POST",
+        "/v1/events/{event_id}/replay",
+        replay_event,
+        "Replay an event",
+        "tenant",
+        EventReplay,
+        status=202,
+    ),
+]

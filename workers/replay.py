@@ -1,0 +1,72 @@
+"""The bulk replay job: dead letters back to pending, in set-based batches."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+import dramatiq
+
+from relay.enqueue import REPLAY_ACTOR, REPLAY_QUEUE
+from relay.store import deliveries as store
+from workers.broker import WorkerContext, worker_context
+
+log = logging.getLogger("relay.replay")
+
+BATCH = 2000
+
+
+async def replay_selection(
+    ctx: WorkerContext,
+    *,
+    tenant_id: str | None,
+    target_id: str | None,
+    since: datetime | None,
+    up_to_id: str,
+) -> int:
+    """Replay every selected dead letter up to ``up_to_id``, batch by batch; return how many.
+
+    Each batch is one short statement (SKIP LOCKED), so no lock is held long,
+    and each replayed delivery is enqueued as soon as its batch commits.
+    """
+    total = 0
+    after: str | None = None  # each row is visited once, even if it dies again meanwhile
+    while True:
+        async with ctx.pool.acquire() as conn:
+            ids = await store.replay_dead_letters_batch(
+                conn,
+                tenant_id,
+                target_id=target_id,
+                since=since,
+                ids=None,
+                up_to_id=up_to_id,
+                batch=BATCH,
+                enqueue_grace_s=ctx.settings.requeue_after_s,
+                after_id=after,
+            )
+        if ids:
+            after = max(ids)
+            await ctx.enqueuer.enqueue(ids)
+            total += len(ids)
+        if len(ids) < BATCH:
+            break
+    log.info(
+        "replayed %d dead letters", total, extra={"tenant_id": tenant_id, "target_id": target_id}
+    )
+    return total
+
+
+@dramatiq.actor(
+    actor_name=REPLAY_ACTOR, queue_name=REPLAY_QUEUE, max_retries=3, time_limit=3_600_000
+)
+async def replay_dead_letters(
+    tenant_id: str | None, target_id: str | None, since: str | None, up_to_id: str
+) -> None:
+    """Replay a selection of dead letters in the background."""
+    await replay_selection(
+        worker_context(),
+        tenant_id=tenant_id,
+        target_id=target_id,
+        since=datetime.fromisoformat(since) if since else None,
+        up_to_id=up_to_id,
+    )
