@@ -80,6 +80,7 @@ def worker_argv(processes: int, threads: int) -> list[str]:
         "dramatiq",
         "workers.broker",
         "workers.deliver",
+        "workers.replay",
         "--processes",
         str(processes),
         "--threads",
@@ -208,6 +209,14 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dlq(args: argparse.Namespace) -> int:
+    """Operators' dead-letter tools."""
+    from relay import dlq
+
+    settings = load_settings(REQUIRED_FOR_MIGRATE)
+    return asyncio.run(dlq.run(settings, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="relay", description="Multi-tenant webhook relay.")
@@ -238,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     create = tenant_commands.add_parser("create", help="create a tenant, print its API key")
     create.add_argument("name")
     create.set_defaults(func=cmd_tenants_create)
+
+    from relay.dlq import add_arguments
+
+    dead_letters = commands.add_parser("dlq", help="list, show, replay and purge dead letters")
+    add_arguments(dead_letters)
+    dead_letters.set_defaults(func=cmd_dlq)
     return parser
 
 

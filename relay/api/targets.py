@@ -337,4 +337,12 @@ ROUTES = [
         "Rotate a target's signing secret",
         "tenant",
     ),
+    Route(
+        "POST",
+        "/v1/targets/{target_id}/test",
+        test_target,
+        "Send a test event to this target alone",
+        "tenant",
+        status=202,
+    ),
 ]

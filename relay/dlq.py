@@ -1,0 +1,184 @@
+"""`relay dlq`: the operators' dead-letter tools, straight against Postgres.
+
+Replays put dead letters back to pending with no broker message; the
+sweeper of any running `relay worker` enqueues them within a second, so the
+CLI needs only DATABASE_URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from relay.api.deliveries import render_attempt, render_delivery
+from relay.api.routing import dumps
+from relay.config import Settings
+from relay.store import deliveries as store
+from relay.store.db import Conn, connect
+
+REPLAY_BATCH = 2000
+
+
+def parse_since(value: str) -> datetime:
+    """An RFC 3339 time; a naive one is taken as UTC."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {value!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``dlq`` sub-commands and their options."""
+    commands = parser.add_subparsers(dest="dlq_command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--tenant", help="only this tenant's dead letters")
+    common.add_argument("--target", help="only this target's dead letters")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    listing = commands.add_parser("list", parents=[common], help="list dead letters, newest first")
+    listing.add_argument("--since", type=parse_since, help="created at or after this time")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    show = commands.add_parser("show", help="one dead letter with its attempts")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    replay = commands.add_parser("replay", parents=[common], help="send dead letters again")
+    replay.add_argument("--since", type=parse_since, help="created at or after this time")
+    replay.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    purge = commands.add_parser("purge", parents=[common], help="delete old dead letters")
+    purge.add_argument(
+        "--since",
+        type=parse_since,
+        required=True,
+        help="delete dead letters created before this time",
+    )
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def _confirm(question: str, args: argparse.Namespace) -> bool:
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        print(f"relay: {question} Refusing without a terminal; pass --yes.", file=sys.stderr)
+        return False
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+async def _list(conn: Conn, args: argparse.Namespace, console: Console) -> int:
+    rows, _ = await store.list_dead_letters(
+        conn, args.tenant, limit=args.limit, cursor=None, target_id=args.target, since=args.since
+    )
+    data = [{**render_delivery(r), "tenant_id": r["tenant_id"]} for r in rows]
+    if args.json:
+        print(dumps(data))
+        return 0
+    table = Table(title=f"{len(data)} dead letters")
+    for column in ("id", "tenant", "target", "attempts", "last status", "last error", "created"):
+        table.add_column(column, overflow="fold")
+    for d in data:
+        table.add_row(
+            d["id"],
+            d["tenant_id"],
+            d["target_id"],
+            str(d["attempt_count"]),
+            str(d["last_status_code"] or "-"),
+            (d["last_error"] or "")[:60],
+            dumps(d["created_at"]).strip('"'),
+        )
+    console.print(table)
+    return 0
+
+
+async def _show(conn: Conn, args: argparse.Namespace, console: Console) -> int:
+    row = await store.get_delivery_any_tenant(conn, args.id)
+    if row is None:
+        print(f"relay: no delivery {args.id}", file=sys.stderr)
+        return 1
+    attempts = [render_attempt(a) for a in await store.attempts_of(conn, row["id"])]
+    data = {**render_delivery(row), "tenant_id": row["tenant_id"], "attempts": attempts}
+    if args.json:
+        print(dumps(data))
+        return 0
+    console.print(
+        f"[bold]{data['id']}[/bold]  {data['status']}  event {data['event_id']}  "
+        f"target {data['target_id']}  tenant {data['tenant_id']}"
+    )
+    table = Table(title=f"{len(attempts)} attempts")
+    for column in ("started", "ms", "status", "error", "response"):
+        table.add_column(column, overflow="fold")
+    for a in attempts:
+        table.add_row(
+            dumps(a["started_at"]).strip('"'),
+            str(a["duration_ms"]),
+            str(a["status_code"] or "-"),
+            a["error"] or "",
+            (a["response_body"] or "")[:200],
+        )
+    console.print(table)
+    return 0
+
+
+async def _replay(conn: Conn, args: argparse.Namespace, console: Console) -> int:
+    up_to = await store.newest_dead_letter_id(conn)
+    count = (
+        0
+        if up_to is None
+        else await store.count_dead_letters(
+            conn, args.tenant, target_id=args.target, since=args.since, ids=None, up_to_id=up_to
+        )
+    )
+    if count and not _confirm(f"Replay {count} dead letters?", args):
+        return 1
+    replayed = 0
+    after: str | None = None
+    while count:
+        ids = await store.replay_dead_letters_batch(
+            conn,
+            args.tenant,
+            target_id=args.target,
+            since=args.since,
+            ids=None,
+            up_to_id=up_to,
+            batch=REPLAY_BATCH,
+            enqueue_grace_s=0,
+            after_id=after,
+        )
+        replayed += len(ids)
+        if len(ids) < REPLAY_BATCH:
+            break
+        after = max(ids)
+    _report({"replayed": replayed}, f"replayed {replayed} dead letters", args, console)
+    return 0
+
+
+async def _purge(conn: Conn, args: argparse.Namespace, console: Console) -> int:
+    if not _confirm(f"Delete dead letters created before {args.since.isoformat()}?", args):
+        return 1
+    purged = await store.purge_dead_letters(
+        conn, args.tenant, target_id=args.target, older_than=args.since
+    )
+    _report({"purged": purged}, f"purged {purged} dead letters", args, console)
+    return 0
+
+
+def _report(data: dict[str, Any], text: str, args: argparse.Namespace, console: Console) -> None:
+    if args.json:
+        print(json.dumps(data))
+    else:
+        console.print(text)
+
+
+async def run(settings: Settings, args: argparse.Namespace) -> int:
+    """Run one ``dlq`` sub-command."""
+    console = Console()
+    handlers = {"list": _list, "show": _show, "replay": _replay, "purge": _purge}
+    conn = await connect(settings.database_url)
+    try:
+        return await handlers[args.dlq_command](conn, args, console)
+    finally:
+        await conn.close()
