@@ -12,6 +12,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
@@ -94,11 +95,18 @@ def worker_argv(processes: int, threads: int) -> list[str]:
     ]
 
 
+def with_metrics_dir(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with a fresh PROMETHEUS_MULTIPROC_DIR, where worker processes share metrics."""
+    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
+        env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="relay-metrics-")
+    return env
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run delivery workers and the sweeper (Dramatiq handles processes and SIGTERM)."""
     load_settings(REQUIRED_FOR_WORKER)  # fail with one line here, not in every process
     argv = worker_argv(args.processes, args.threads)
-    os.execv(sys.executable, argv)
+    os.execve(sys.executable, argv, with_metrics_dir(dict(os.environ)))
     return 0  # pragma: no cover - execv does not return
 
 
@@ -159,7 +167,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
             return 2
         setup_logging(settings.log_level)
         applied = asyncio.run(_migrate(settings))
-        worker = subprocess.Popen(worker_argv(1, 8), env=env, start_new_session=True)
+        worker = subprocess.Popen(
+            worker_argv(1, 8), env=with_metrics_dir(dict(env)), start_new_session=True
+        )
         stack.callback(_stop, worker)
         base = settings.public_url
         print(

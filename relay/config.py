@@ -50,6 +50,8 @@ class Settings:
     #: How long the gateway trusts its cache of sources and targets.
     cache_ttl_s: float = 1.0
     log_level: str = "INFO"
+    #: Where `relay worker` serves its processes' aggregated metrics (0: off).
+    worker_metrics_port: int = 9191
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, required: Collection[str] = ()) -> Settings:
@@ -101,6 +103,11 @@ class Settings:
             values["requeue_after_s"] = _positive(v, "RELAY_REQUEUE_AFTER_S")
         if (v := get("RELAY_CACHE_TTL_S")) is not None:
             values["cache_ttl_s"] = _positive(v, "RELAY_CACHE_TTL_S", allow_zero=True)
+        if (v := get("RELAY_WORKER_METRICS_PORT")) is not None:
+            port = int(_positive(v, "RELAY_WORKER_METRICS_PORT", integer=True, allow_zero=True))
+            if port > 65535:
+                raise ConfigError("RELAY_WORKER_METRICS_PORT must be a port number")
+            values["worker_metrics_port"] = port
         if (v := get("RELAY_LOG_LEVEL")) is not None:
             if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
                 raise ConfigError("RELAY_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")

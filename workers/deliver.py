@@ -13,6 +13,7 @@ import dramatiq
 from relay.delivery import decide, delivery_headers, parse_retry_after
 from relay.egress import EgressRefused, describe_error
 from relay.enqueue import DELIVER_ACTOR, QUEUE
+from relay.metrics import ATTEMPT_LATENCY, DELIVERIES, status_class
 from relay.store import deliveries as store
 from workers.broker import WorkerContext, settings, worker_context
 
@@ -43,13 +44,16 @@ async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
     lease_s = ctx.settings.delivery_timeout_s + 10
     row = await store.claim(ctx.pool, delivery_id, lease_s)
     if row is None:
+        DELIVERIES.labels("not-claimed").inc()
         return "not-claimed"
     if row["deleted_at"] is not None:
         await store.kill(ctx.pool, row, "the target was deleted")
+        DELIVERIES.labels("target-deleted").inc()
         return "target-deleted"
     if not row["enabled"]:
         # Left pending: it resumes when the target is enabled again.
         await store.release(ctx.pool, delivery_id, row["locked_until"], delay_s=0, enqueued=False)
+        DELIVERIES.labels("target-disabled").inc()
         return "target-disabled"
     if row["rate_limit"] is not None:
         wait = await ctx.limiter.admit(f"tgt:{row['target_id']}", row["rate_limit"])
@@ -60,7 +64,8 @@ async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
                 ctx.pool, delivery_id, row["locked_until"], delay_s=delay, enqueued=True
             )
             await ctx.enqueuer.enqueue([delivery_id], delay_ms=int((delay + DELAY_MARGIN_S) * 1000))
-            return "rate-limited"
+            DELIVERIES.labels("rate-limited").inc()
+        return "rate-limited"
 
     body = bytes(row["payload"])
     headers = delivery_headers(
@@ -86,6 +91,7 @@ async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
     except (EgressRefused, aiohttp.ClientError, TimeoutError, OSError) as exc:
         error = describe_error(exc)
     duration_ms = int((time.perf_counter() - started) * 1000)
+    ATTEMPT_LATENCY.labels(status_class(status_code)).observe(time.perf_counter() - started)
 
     outcome = decide(
         status_code=status_code,
@@ -114,6 +120,7 @@ async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
         await ctx.enqueuer.enqueue(
             [delivery_id], delay_ms=int((outcome.delay_s + DELAY_MARGIN_S) * 1000)
         )
+    DELIVERIES.labels(outcome.status).inc()
     log.info(
         "attempt",
         extra={

@@ -18,6 +18,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from relay.config import REQUIRED_FOR_WORKER, Settings
 from relay.enqueue import Enqueuer, make_broker
 from relay.logs import setup_logging
+from relay.metrics import DEAD_LETTERS, DUE_UNSENT, SWEEPER_RUNS, SWEPT, worker_registry
 from relay.store import deliveries as store
 from relay.store.db import TRANSIENT, Conn, connect
 
@@ -50,6 +51,8 @@ class Sweeper:
                 total += len(ids)
             if len(ids) < BATCH:
                 break
+        SWEEPER_RUNS.inc()
+        SWEPT.inc(total)
         if total:
             log.info("swept %d due deliveries", total)
         return total
@@ -62,6 +65,9 @@ class Sweeper:
                 target_id,
                 extra={"target_id": target_id},
             )
+        due, dead = await store.backlog(conn)
+        DUE_UNSENT.set(due)
+        DEAD_LETTERS.set(dead)
         purged = 0
         for _ in range(10):
             batch = await store.purge_old_events(conn, self.settings.retention_days)
@@ -105,7 +111,21 @@ class Sweeper:
                     await conn.close()
 
 
+def _serve_metrics(port: int) -> None:
+    """Every worker process's metrics, aggregated, on ``port`` (multiprocess mode only)."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or port == 0:
+        return
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port, addr="0.0.0.0", registry=worker_registry())
+        log.info("worker metrics on :%d/metrics", port)
+    except OSError as exc:
+        log.warning("worker metrics port %d unavailable: %s", port, exc)
+
+
 async def _main(settings: Settings) -> None:
+    _serve_metrics(settings.worker_metrics_port)
     broker = make_broker(settings.broker_url, middleware=[])
     sweeper = Sweeper(settings, Enqueuer(broker))
     loop = asyncio.get_running_loop()

@@ -21,6 +21,7 @@ from relay.api.routing import Route, is_json_content_type, respond
 from relay.cache import SourceEntry, TargetRoute
 from relay.ingest import parse_body
 from relay.keys import CACHE, ENQUEUER, LIMITER, POOL, SECRETS, SETTINGS
+from relay.metrics import EVENTS_INGESTED, INGEST_LATENCY
 from relay.source_auth import PRE_BODY_TYPES, check_before_body, check_with_body
 from relay.store import sources as source_store
 from relay.store import targets as target_store
@@ -133,6 +134,12 @@ async def ingest_events(request: web.Request) -> web.Response:
         status = exc.status
         raise
     finally:
+        elapsed = time.perf_counter() - started
+        INGEST_LATENCY.observe(elapsed)
+        outcome = "accepted" if status == 202 else str(status)
+        EVENTS_INGESTED.labels(context["source_id"] if status != 404 else "unknown", outcome).inc(
+            context.get("events", 1) if status == 202 else 1
+        )
         log.info(
             "ingest",
             extra={

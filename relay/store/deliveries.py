@@ -487,3 +487,16 @@ async def purge_old_events(conn: Conn, retention_days: int, batch: int = 1000) -
         batch,
     )
     return deleted
+
+
+async def backlog(conn: Conn) -> tuple[int, int]:
+    """(due but unsent, dead) deliveries, for the metrics."""
+    row = await conn.fetchrow(
+        """
+        SELECT
+          (SELECT count(*) FROM deliveries WHERE status IN ('pending', 'retrying')
+             AND next_attempt_at <= now()) AS due,
+          (SELECT count(*) FROM deliveries WHERE status = 'dead') AS dead
+        """
+    )
+    return int(row["due"]), int(row["dead"])

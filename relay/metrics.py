@@ -1,0 +1,59 @@
+"""Prometheus metrics of the gateway and the workers.
+
+The gateway is one process and serves its registry at ``/metrics``. Worker
+processes (Dramatiq forks) write to ``PROMETHEUS_MULTIPROC_DIR``, which
+``relay worker`` creates fresh; the sweeper process serves the aggregate on
+``RELAY_WORKER_METRICS_PORT`` (default 9191).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+EVENTS_INGESTED = Counter(
+    "relay_events_ingested_total",
+    "Events accepted or refused at ingest, by source and outcome.",
+    ["source_id", "outcome"],
+)
+INGEST_LATENCY = Histogram(
+    "relay_ingest_duration_seconds",
+    "Time to answer an ingest request.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+DELIVERIES = Counter(
+    "relay_deliveries_total",
+    "Delivery attempts by outcome (succeeded, retrying, dead) or why none was made.",
+    ["outcome"],
+)
+ATTEMPT_LATENCY = Histogram(
+    "relay_attempt_duration_seconds",
+    "Duration of one delivery attempt, by answer class (2xx … 5xx, error).",
+    ["status_class"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+SWEEPER_RUNS = Counter("relay_sweeper_runs_total", "Sweeps made by the leading sweeper.")
+SWEPT = Counter("relay_swept_deliveries_total", "Due deliveries the sweeper enqueued.")
+DUE_UNSENT = Gauge(
+    "relay_due_deliveries",
+    "Deliveries due but not yet sent, as the sweeper last counted.",
+    multiprocess_mode="max",
+)
+DEAD_LETTERS = Gauge(
+    "relay_dead_letters",
+    "Dead deliveries, as the sweeper last counted.",
+    multiprocess_mode="max",
+)
+
+
+def status_class(status_code: int | None) -> str:
+    """``2xx`` … ``5xx``, or ``error`` when no answer came."""
+    return f"{status_code // 100}xx" if status_code is not None else "error"
+
+
+def worker_registry() -> CollectorRegistry:
+    """A registry aggregating every worker process's metrics (multiprocess mode)."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
