@@ -16,7 +16,6 @@ from typing import Any
 import dramatiq
 import redis.asyncio as aioredis
 from dramatiq.asyncio import get_event_loop_thread
-from dramatiq.middleware import Middleware
 from dramatiq.middleware.asyncio import AsyncIO
 
 from relay.config import REQUIRED_FOR_WORKER, Settings
@@ -42,10 +41,16 @@ class WorkerContext:
     secrets: SecretBox
 
 
-class WorkerResources(Middleware):
-    """Opens the per-process resources after boot and closes them before shutdown."""
+class WorkerResources(AsyncIO):
+    """Dramatiq's AsyncIO middleware, plus the per-process resources on its event loop.
+
+    One middleware orders both: the loop starts, then the resources open,
+    before the worker consumes; after every in-flight message has finished
+    (``after_worker_shutdown``), the resources close, then the loop stops.
+    """
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self.settings = settings
         self.context: WorkerContext | None = None
 
@@ -74,20 +79,21 @@ class WorkerResources(Middleware):
             self.context = None
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
-        """Open the resources on the event loop thread (AsyncIO, added before us, started it)."""
+        """Start the event loop, then open the resources on it."""
+        super().before_worker_boot(broker, worker)
         get_event_loop_thread().run_coroutine(self._open(broker))  # type: ignore[union-attr]
 
-    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
-        """Close them while the loop still runs."""
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        """Close the resources once no message runs, then stop the loop."""
         thread = get_event_loop_thread()
         if thread is not None:
             thread.run_coroutine(self._close())
+        super().after_worker_shutdown(broker, worker)
 
 
 def build_broker(settings: Settings) -> dramatiq.Broker:
-    """The worker's broker: Dramatiq's default middleware, AsyncIO, and the resources."""
+    """The worker's broker: Dramatiq's default middleware plus AsyncIO with the resources."""
     broker = make_broker(settings.broker_url)
-    broker.add_middleware(AsyncIO())
     broker.add_middleware(WorkerResources(settings))
     return broker
 

@@ -65,7 +65,7 @@ async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
             )
             await ctx.enqueuer.enqueue([delivery_id], delay_ms=int((delay + DELAY_MARGIN_S) * 1000))
             DELIVERIES.labels("rate-limited").inc()
-        return "rate-limited"
+            return "rate-limited"
 
     body = bytes(row["payload"])
     headers = delivery_headers(

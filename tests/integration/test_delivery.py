@@ -40,7 +40,7 @@ async def finished(database_url: str, event_id: str, target_id: str) -> Any:
         row = await delivery_of(database_url, event_id, target_id)
         return row if row is not None and row["status"] in ("succeeded", "dead") else None
 
-    return await eventually(check, timeout=10)
+    return await eventually(check, timeout=30)
 
 
 async def attempts_of(database_url: str, delivery_id: str) -> list[Any]:
