@@ -90,3 +90,29 @@ async def test_sigterm_stops_the_worker_cleanly(
     await asyncio.sleep(0.5)
     assert not worker.group_alive()
     assert "sweeper stopped" in worker.log()
+
+
+async def test_sigterm_lets_an_attempt_in_flight_finish(
+    gateway: Any, receiver: Receiver, database_url: str, clean_redis: str, tmp_path: Any
+) -> None:
+    # Given an attempt in flight to a receiver that answers after 2 s
+    receiver.on("/slow", hang(2))
+    worker = WorkerProcess(
+        stack_env(database_url, clean_redis, RELAY_DELIVERY_TIMEOUT_S="10"), tmp_path / "w.log"
+    ).start()
+    tenant = await make_tenant(gateway)
+    source = await make_source(gateway, tenant)
+    await make_target(gateway, tenant, url=receiver.url("/slow"))
+    [event_id] = (await (await post_token(gateway, source, {"uuid": "inflight"})).json())[
+        "event_ids"
+    ]
+    await eventually(lambda: asyncio.sleep(0, result=receiver.at("/slow")), timeout=20)
+    # When the worker gets SIGTERM mid-attempt
+    code = await asyncio.to_thread(worker.stop, 30)
+    # Then it exits cleanly after recording the attempt's success
+    assert code == 0, worker.log()[-3000:]
+    rows = await fetch(
+        database_url, "SELECT status, attempt_count FROM deliveries WHERE event_id = $1", event_id
+    )
+    assert [(r["status"], r["attempt_count"]) for r in rows] == [("succeeded", 1)]
+    assert "pool is closing" not in worker.log()

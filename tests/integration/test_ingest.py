@@ -515,3 +515,21 @@ async def test_refusals_write_nothing(
     await client.post(path_of(source), json=SOFTLEDGER)
     rows = await db_rows(database_url, "SELECT id FROM events WHERE source_id = $1", source["id"])
     assert rows == []
+
+
+async def test_one_structured_log_line_per_request_without_secrets(
+    client: Any, tenant: Tenant, caplog: Any
+) -> None:
+    source = await make_source(client, tenant)
+    caplog.set_level("INFO", logger="relay.ingest")
+    await post_token(client, source, [{"n": 1}, {"n": 2}])
+    await client.post(f"{path_of(source)}?token=wrong", json={"n": 3})
+    lines = [r for r in caplog.records if r.name == "relay.ingest"]
+    assert [(r.status, getattr(r, "events", None)) for r in lines] == [(202, 2), (401, None)]
+    ok = lines[0]
+    assert ok.source_id == source["id"] and ok.tenant_id == tenant.id and ok.duration_ms >= 0
+    from relay.logs import JSONFormatter
+
+    for record in lines:
+        text = JSONFormatter().format(record)
+        assert source["secret"] not in text and "wrong" not in text and '"n"' not in text
