@@ -80,7 +80,7 @@ class WorkerResources(AsyncIO):
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         """Start the event loop, then open the resources on it."""
-        super().before_worker_boot(broker, worker)
+        super().before_worker_boot(broker, worker)  # type: ignore[no-untyped-call]
         get_event_loop_thread().run_coroutine(self._open(broker))  # type: ignore[union-attr]
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
@@ -88,7 +88,7 @@ class WorkerResources(AsyncIO):
         thread = get_event_loop_thread()
         if thread is not None:
             thread.run_coroutine(self._close())
-        super().after_worker_shutdown(broker, worker)
+        super().after_worker_shutdown(broker, worker)  # type: ignore[no-untyped-call]
 
 
 def build_broker(settings: Settings) -> dramatiq.Broker:
