@@ -128,19 +128,26 @@ async def test_readiness_fails_and_recovers_with_postgres_and_redis(
         )
     )
     client = await aiohttp_client(app)
-    assert (await client.get("/readyz")).status == 200
-    # When both dependencies go away
-    await pg_proxy.cut()
-    await rd_proxy.cut()
-    resp = await client.get("/readyz")
-    assert resp.status == 503
-    body = await resp.json()
-    assert body["error"]["details"]["checks"] == {"postgres": "unreachable", "redis": "unreachable"}
-    # Then, once they are back (same ports), readiness recovers without a restart
-    await pg_proxy.start()
-    await rd_proxy.start()
+    try:
+        assert (await client.get("/readyz")).status == 200
+        # When both dependencies go away
+        await pg_proxy.cut()
+        await rd_proxy.cut()
+        resp = await client.get("/readyz")
+        assert resp.status == 503
+        body = await resp.json()
+        assert body["error"]["details"]["checks"] == {
+            "postgres": "unreachable",
+            "redis": "unreachable",
+        }
+        # Then, once they are back (same ports), readiness recovers without a restart
+        await pg_proxy.start()
+        await rd_proxy.start()
 
-    async def ready() -> bool:
-        return (await client.get("/readyz")).status == 200
+        async def ready() -> bool:
+            return (await client.get("/readyz")).status == 200
 
-    await eventually(ready, timeout=20, every=0.5)
+        await eventually(ready, timeout=20, every=0.5)
+    finally:
+        await pg_proxy.cut()
+        await rd_proxy.cut()
