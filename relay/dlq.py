@@ -22,8 +22,6 @@ from relay.config import Settings
 from relay.store import deliveries as store
 from relay.store.db import Conn, connect
 
-REPLAY_BATCH = 2000
-
 
 def parse_since(value: str) -> datetime:
     """An RFC 3339 time; a naive one is taken as UTC."""
@@ -135,23 +133,17 @@ async def _replay(conn: Conn, args: argparse.Namespace, console: Console) -> int
     if count and not _confirm(f"Replay {count} dead letters?", args):
         return 1
     replayed = 0
-    after: str | None = None
-    while count:
-        ids = await store.replay_dead_letters_batch(
+    if up_to is not None and count:
+        # no message: the sweeper of any running worker sends them within a second
+        async for ids in store.replay_in_batches(
             conn,
             args.tenant,
             target_id=args.target,
             since=args.since,
-            ids=None,
             up_to_id=up_to,
-            batch=REPLAY_BATCH,
             enqueue_grace_s=0,
-            after_id=after,
-        )
-        replayed += len(ids)
-        if len(ids) < REPLAY_BATCH:
-            break
-        after = max(ids)
+        ):
+            replayed += len(ids)
     _report({"replayed": replayed}, f"replayed {replayed} dead letters", args, console)
     return 0
 

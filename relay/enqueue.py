@@ -21,6 +21,8 @@ DELIVER_ACTOR = "deliver"
 #: Bulk replays run on their own queue so they never wait behind a delivery backlog.
 REPLAY_QUEUE = "replays"
 REPLAY_ACTOR = "replay_dead_letters"
+#: Added to every broker delay, so a message never arrives before its row is due.
+DELAY_MARGIN_S = 0.1
 
 
 def make_broker(url: str, *, middleware: list[Any] | None = None) -> dramatiq.Broker:
@@ -46,53 +48,49 @@ class Enqueuer:
         self._broker = broker
         self._pending: set[asyncio.Future[bool]] = set()
 
-    def _enqueue(self, delivery_ids: list[str], delay_ms: int | None) -> None:
-        if QUEUE not in self._broker.get_declared_queues():
-            self._broker.declare_queue(QUEUE)
-        for delivery_id in delivery_ids:
-            self._broker.enqueue(deliver_message(delivery_id), delay=delay_ms)
+    def _send(self, messages: list[dramatiq.Message[Any]], delay_ms: int | None) -> None:
+        declared = self._broker.get_declared_queues()
+        for message in messages:
+            if message.queue_name not in declared:
+                self._broker.declare_queue(message.queue_name)
+                declared = self._broker.get_declared_queues()
+            self._broker.enqueue(message, delay=delay_ms)
 
-    async def enqueue(self, delivery_ids: Iterable[str], *, delay_ms: int | None = None) -> bool:
-        """Enqueue and wait; False (logged) if the broker is unreachable."""
-        ids = list(delivery_ids)
-        if not ids:
-            return True
+    async def _send_async(
+        self, messages: list[dramatiq.Message[Any]], delay_s: float, what: str
+    ) -> bool:
+        # A small margin so a delayed message never arrives before its row is due.
+        delay_ms = int((delay_s + DELAY_MARGIN_S) * 1000) if delay_s > 0 else None
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self._enqueue, ids, delay_ms)
+            await asyncio.get_running_loop().run_in_executor(None, self._send, messages, delay_ms)
             return True
         except Exception as exc:
-            log.warning(
-                "enqueue of %d deliveries failed, the sweeper will resend them: %s",
-                len(ids),
-                type(exc).__name__,
-            )
+            log.warning("enqueue of %s failed: %s", what, type(exc).__name__)
             return False
 
-    def _send(self, message: dramatiq.Message[Any]) -> None:
-        if message.queue_name not in self._broker.get_declared_queues():
-            self._broker.declare_queue(message.queue_name)
-        self._broker.enqueue(message)
+    async def enqueue(self, delivery_ids: Iterable[str], *, delay_s: float = 0.0) -> bool:
+        """Enqueue deliveries and wait; False (logged) if the broker is unreachable.
+
+        What fails is not lost: the sweeper resends due deliveries.
+        """
+        messages = [deliver_message(i) for i in delivery_ids]
+        if not messages:
+            return True
+        return await self._send_async(messages, delay_s, f"{len(messages)} deliveries")
 
     async def enqueue_job(self, queue: str, actor: str, kwargs: dict[str, Any]) -> bool:
         """Enqueue one job for ``actor``; False (logged) if the broker is unreachable."""
         message: dramatiq.Message[Any] = dramatiq.Message(
             queue_name=queue, actor_name=actor, args=(), kwargs=kwargs, options={}
         )
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, self._send, message)
-            return True
-        except Exception as exc:
-            log.warning("enqueue of %s failed: %s", actor, type(exc).__name__)
-            return False
+        return await self._send_async([message], 0.0, actor)
 
     def enqueue_soon(self, delivery_ids: Iterable[str], *, delay_s: float = 0.0) -> None:
         """Enqueue in the background (after the answer is sent)."""
         ids = list(delivery_ids)
         if not ids:
             return
-        # a small margin so the message never arrives before the row is due
-        delay_ms = int((delay_s + 0.1) * 1000) if delay_s > 0 else None
-        task = asyncio.ensure_future(self.enqueue(ids, delay_ms=delay_ms))
+        task = asyncio.ensure_future(self.enqueue(ids, delay_s=delay_s))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 

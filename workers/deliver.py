@@ -22,8 +22,6 @@ log = logging.getLogger("relay.deliver")
 #: Waits up to this long go back on the broker with a delay; longer ones are
 #: left to the sweeper, which enqueues them when Postgres says they are due.
 SHORT_WAIT_S = 60.0
-#: Added to a broker delay so the message never arrives before it is due.
-DELAY_MARGIN_S = 0.1
 
 
 def _secrets(ctx: WorkerContext, row: dict[str, object]) -> list[str]:
@@ -42,6 +40,7 @@ def _secrets(ctx: WorkerContext, row: dict[str, object]) -> list[str]:
 async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
     """Make one attempt of ``delivery_id`` if it is ours to make; return what happened."""
     lease_s = ctx.settings.delivery_timeout_s + 10
+    grace_s = ctx.settings.requeue_after_s
     row = await store.claim(ctx.pool, delivery_id, lease_s)
     if row is None:
         DELIVERIES.labels("not-claimed").inc()
@@ -52,7 +51,7 @@ async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
         return "target-deleted"
     if not row["enabled"]:
         # Left pending: it resumes when the target is enabled again.
-        await store.release(ctx.pool, delivery_id, row["locked_until"], delay_s=0, enqueued=False)
+        await store.release(ctx.pool, delivery_id, row["locked_until"], delay_s=0, grace_s=None)
         DELIVERIES.labels("target-disabled").inc()
         return "target-disabled"
     if row["rate_limit"] is not None:
@@ -61,9 +60,9 @@ async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
             # Spread the deferred ones over the next second instead of a herd.
             delay = wait + random.random()
             await store.release(
-                ctx.pool, delivery_id, row["locked_until"], delay_s=delay, enqueued=True
+                ctx.pool, delivery_id, row["locked_until"], delay_s=delay, grace_s=grace_s
             )
-            await ctx.enqueuer.enqueue([delivery_id], delay_ms=int((delay + DELAY_MARGIN_S) * 1000))
+            await ctx.enqueuer.enqueue([delivery_id], delay_s=delay)
             DELIVERIES.labels("rate-limited").inc()
             return "rate-limited"
 
@@ -99,7 +98,10 @@ async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
         schedule=ctx.settings.retry_schedule,
         retry_after_s=retry_after,
     )
-    short = outcome.delay_s is not None and outcome.delay_s <= SHORT_WAIT_S
+    # A short wait goes back on the broker now; a long one is the sweeper's.
+    requeue_in = (
+        outcome.delay_s if outcome.delay_s is not None and outcome.delay_s <= SHORT_WAIT_S else None
+    )
     async with ctx.pool.acquire() as conn:
         recorded = await store.record_attempt(
             conn,
@@ -111,15 +113,11 @@ async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
             response_body=response_body,
             status=outcome.status,
             delay_s=outcome.delay_s,
-            enqueued_for_s=(outcome.delay_s + 30)
-            if short and outcome.delay_s is not None
-            else None,
+            enqueued_for_s=requeue_in + grace_s if requeue_in is not None else None,
             disable_reason=outcome.disable_target,
         )
-    if recorded and short and outcome.delay_s is not None:
-        await ctx.enqueuer.enqueue(
-            [delivery_id], delay_ms=int((outcome.delay_s + DELAY_MARGIN_S) * 1000)
-        )
+    if recorded and requeue_in is not None:
+        await ctx.enqueuer.enqueue([delivery_id], delay_s=requeue_in)
     DELIVERIES.labels(outcome.status).inc()
     log.info(
         "attempt",

@@ -13,8 +13,6 @@ from workers.broker import WorkerContext, worker_context
 
 log = logging.getLogger("relay.replay")
 
-BATCH = 2000
-
 
 async def replay_selection(
     ctx: WorkerContext,
@@ -30,26 +28,17 @@ async def replay_selection(
     and each replayed delivery is enqueued as soon as its batch commits.
     """
     total = 0
-    after: str | None = None  # each row is visited once, even if it dies again meanwhile
-    while True:
-        async with ctx.pool.acquire() as conn:
-            ids = await store.replay_dead_letters_batch(
-                conn,
-                tenant_id,
-                target_id=target_id,
-                since=since,
-                ids=None,
-                up_to_id=up_to_id,
-                batch=BATCH,
-                enqueue_grace_s=ctx.settings.requeue_after_s,
-                after_id=after,
-            )
-        if ids:
-            after = max(ids)
+    async with ctx.pool.acquire() as conn:
+        async for ids in store.replay_in_batches(
+            conn,
+            tenant_id,
+            target_id=target_id,
+            since=since,
+            up_to_id=up_to_id,
+            enqueue_grace_s=ctx.settings.requeue_after_s,
+        ):
             await ctx.enqueuer.enqueue(ids)
             total += len(ids)
-        if len(ids) < BATCH:
-            break
     log.info(
         "replayed %d dead letters", total, extra={"tenant_id": tenant_id, "target_id": target_id}
     )

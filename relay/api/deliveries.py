@@ -18,7 +18,6 @@ Timestamp = Annotated[pydantic.AwareDatetime, pydantic.Strict(False)]
 Id = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=64)]
 #: Replays by id are done in the request; larger selections by a worker job.
 MAX_REPLAY_IDS = 1000
-REPLAY_BATCH = 2000
 
 
 def render_delivery(row: Any) -> dict[str, Any]:
@@ -144,7 +143,12 @@ async def retry_delivery(request: web.Request) -> web.Response:
     """Send one delivery again, with a fresh schedule."""
     pool = request.app[POOL]
     delivery_id = request.match_info["delivery_id"]
-    row = await store.retry_delivery(pool, tenant_id(request), delivery_id)
+    row = await store.retry_delivery(
+        pool,
+        tenant_id(request),
+        delivery_id,
+        enqueue_grace_s=request.app[SETTINGS].requeue_after_s,
+    )
     if row is None:
         if await store.get_delivery(pool, tenant_id(request), delivery_id) is None:
             raise errors.NotFound("no such delivery")

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from relay import errors
 from relay.api.deliveries import Id, Timestamp, render_delivery
+from relay.api.ingest import load_routes
 from relay.api.routing import ListQuery, Route, page, read_body, read_query, respond, tenant_id
 from relay.keys import ENQUEUER, POOL, SETTINGS
 from relay.store import deliveries as delivery_store
@@ -84,8 +85,6 @@ async def get_event(request: web.Request) -> web.Response:
 
 async def replay_event(request: web.Request) -> web.Response:
     """New deliveries of the event, with a fresh schedule."""
-    from relay.api.ingest import load_routes
-
     body = await read_body(request, EventReplay, empty_ok=True)
     event = await _event_or_404(request)
     owner = tenant_id(request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -38,22 +39,26 @@ async def claim(conn: Conn, delivery_id: str, lease_s: float) -> Any:
 
 
 async def release(
-    conn: Conn, delivery_id: str, lease: datetime, *, delay_s: float, enqueued: bool
+    conn: Conn, delivery_id: str, lease: datetime, *, delay_s: float, grace_s: float | None
 ) -> None:
-    """Give a claim back without spending an attempt (rate limit, disabled target)."""
+    """Give a claim back without spending an attempt (rate limit, disabled target).
+
+    ``grace_s``: a message is enqueued with ``delay_s``; the sweeper leaves the
+    delivery to it until ``grace_s`` after that. None: no message, the sweeper's.
+    """
     await conn.execute(
         """
         UPDATE deliveries
         SET locked_until = NULL,
             next_attempt_at = greatest(next_attempt_at, now() + make_interval(secs => $3)),
-            enqueued_until = CASE WHEN $4 THEN now() + make_interval(secs => $3 + 30) END,
+            enqueued_until = now() + make_interval(secs => $3 + $4::float8),
             updated_at = now()
         WHERE id = $1 AND locked_until = $2
         """,
         delivery_id,
         lease,
         delay_s,
-        enqueued,
+        grace_s,
     )
 
 
@@ -261,19 +266,22 @@ async def attempts_of(conn: Conn, delivery_id: str) -> list[Any]:
 # --- retry and replay ------------------------------------------------------------
 
 
-async def retry_delivery(conn: Conn, tenant_id: str, delivery_id: str) -> Any:
+async def retry_delivery(
+    conn: Conn, tenant_id: str, delivery_id: str, *, enqueue_grace_s: float
+) -> Any:
     """Send a delivery again with a fresh schedule (any status); None if not the tenant's."""
     return await conn.fetchrow(
         f"""
         UPDATE deliveries d
         SET status = 'pending', attempt_count = 0, next_attempt_at = now(),
-            enqueued_until = now() + interval '30 seconds', updated_at = now()
+            enqueued_until = now() + make_interval(secs => $3), updated_at = now()
         WHERE d.tenant_id = $1 AND d.id = $2
           AND (d.locked_until IS NULL OR d.locked_until < now())
         RETURNING {_DELIVERY_COLUMNS}
         """,
         tenant_id,
         delivery_id,
+        enqueue_grace_s,
     )
 
 
@@ -386,6 +394,43 @@ async def replay_dead_letters_batch(
         after_id,
     )
     return [r["id"] for r in rows]
+
+
+#: Rows per replay statement: short enough that no lock is held long.
+REPLAY_BATCH = 2000
+
+
+async def replay_in_batches(
+    conn: Conn,
+    tenant_id: str | None,
+    *,
+    target_id: str | None,
+    since: datetime | None,
+    up_to_id: str,
+    enqueue_grace_s: float,
+) -> AsyncIterator[list[str]]:
+    """Replay a whole selection up to ``up_to_id``, yielding each batch's ids once committed.
+
+    A keyset cursor visits each row once, even if it dies again meanwhile.
+    """
+    after: str | None = None
+    while True:
+        ids = await replay_dead_letters_batch(
+            conn,
+            tenant_id,
+            target_id=target_id,
+            since=since,
+            ids=None,
+            up_to_id=up_to_id,
+            batch=REPLAY_BATCH,
+            enqueue_grace_s=enqueue_grace_s,
+            after_id=after,
+        )
+        if ids:
+            yield ids
+            after = max(ids)
+        if len(ids) < REPLAY_BATCH:
+            return
 
 
 async def purge_dead_letters(
