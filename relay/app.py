@@ -135,6 +135,6 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
 
 async def _broker(app: web.Application) -> AsyncIterator[None]:
     # No middleware: the gateway only enqueues; the workers carry the actor's options.
-    app[ENQUEUER] = Enqueuer(make_broker(app[SETTINGS].broker_url, middleware=[]))
+    app[ENQUEUER] = Enqueuer(make_broker(app[SETTINGS].broker_url, middleware=[], fail_fast=True))
     yield
     await app[ENQUEUER].close()

@@ -180,7 +180,7 @@ def _serve_metrics(port: int) -> None:
 
 async def _main(settings: Settings) -> None:
     _serve_metrics(settings.worker_metrics_port)
-    broker = make_broker(settings.broker_url, middleware=[])
+    broker = make_broker(settings.broker_url, middleware=[], fail_fast=True)
     sweeper = Sweeper(settings, Enqueuer(broker))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
