@@ -13,7 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dramatiq
-from dramatiq.brokers.redis import RedisBroker
+import redis.exceptions
+from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.errors import ConnectionClosed
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from yarl import URL
@@ -37,6 +39,52 @@ ENQUEUE_THREADS = 4
 MAX_PENDING = 1000
 
 
+#: What a lost or stalled Redis raises; Dramatiq's consumer expects ConnectionClosed.
+_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+class _Consumer(_RedisConsumer):
+    """Dramatiq's Redis consumer, raising ConnectionClosed for every Redis outage.
+
+    Dramatiq restarts a consumer on ConnectionClosed, but its Redis consumer lets
+    the outage through as a redis error from ``requeue`` (and a timeout from every
+    call), which ends the consumer thread for good: no delayed message (a short
+    retry) would be moved to its queue again until the worker restarts.
+    """
+
+    def ack(self, message: Any) -> None:
+        try:
+            super().ack(message)  # type: ignore[no-untyped-call]
+        except _REDIS_DOWN as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+    def nack(self, message: Any) -> None:
+        try:
+            super().nack(message)  # type: ignore[no-untyped-call]
+        except _REDIS_DOWN as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+    def requeue(self, messages: Any) -> None:
+        try:
+            super().requeue(messages)  # type: ignore[no-untyped-call]
+        except _REDIS_DOWN as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+    def __next__(self) -> Any:
+        try:
+            return super().__next__()  # type: ignore[no-untyped-call]
+        except _REDIS_DOWN as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+
+class _RelayRedisBroker(RedisBroker):
+    """Dramatiq's Redis broker with a consumer that survives Redis outages."""
+
+    @property
+    def consumer_class(self) -> type[_Consumer]:
+        return _Consumer
+
+
 def make_broker(
     url: str, *, middleware: list[Any] | None = None, fail_fast: bool = False
 ) -> dramatiq.Broker:
@@ -57,7 +105,7 @@ def make_broker(
         url = str(parsed.update_query({**timeouts, **parsed.query}))
         return RabbitmqBroker(url=url, middleware=middleware)
     retry = {"retry": Retry(NoBackoff(), 0)} if fail_fast else {}
-    return RedisBroker(  # type: ignore[no-untyped-call]
+    return _RelayRedisBroker(  # type: ignore[no-untyped-call]
         url=url,
         middleware=middleware,
         socket_timeout=BROKER_SOCKET_TIMEOUT_S,
