@@ -30,9 +30,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Failures of a dependency, not of the request: answered 503.
 DEPENDENCY_ERRORS = (
     asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
+    # the server shutting down or restarting: CannotConnectNow, AdminShutdown, CrashShutdown
+    asyncpg.exceptions.OperatorInterventionError,
     asyncpg.InterfaceError,
-    ConnectionError,
+    # ConnectionError, TimeoutError, and the Unix socket of a stopped Postgres (FileNotFoundError)
+    OSError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
 )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -12,28 +11,10 @@ from aiohttp import web
 
 from relay.app import create_app
 from relay.config import Settings
-from relay.embedded import _free_port, embedded_redis
 from tests.conftest import make_tenant, stack_env
 from tests.integration.test_ingest import make_source, make_target, post_token
+from tests.services import RestartableRedis
 from tests.stack import Receiver, WorkerProcess, eventually
-
-
-class RestartableRedis:
-    """A Redis server of the test's own, on a fixed port, that it can stop and start."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir, self.port = data_dir, _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._running: contextlib.ExitStack | None = None
-
-    def start(self) -> None:
-        self._running = contextlib.ExitStack()
-        self._running.enter_context(embedded_redis(self.data_dir, port=self.port))
-
-    def stop(self) -> None:
-        if self._running is not None:
-            self._running.close()
-            self._running = None
 
 
 async def test_short_retries_are_sent_on_time_after_a_redis_outage(
