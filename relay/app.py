@@ -30,9 +30,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Failures of a dependency, not of the request: answered 503.
 DEPENDENCY_ERRORS = (
     asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
+    # the server shutting down or restarting: CannotConnectNow, AdminShutdown, CrashShutdown
+    asyncpg.exceptions.OperatorInterventionError,
     asyncpg.InterfaceError,
-    ConnectionError,
+    # ConnectionError, TimeoutError, and the Unix socket of a stopped Postgres (FileNotFoundError)
+    OSError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
 )
@@ -135,6 +137,6 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
 
 async def _broker(app: web.Application) -> AsyncIterator[None]:
     # No middleware: the gateway only enqueues; the workers carry the actor's options.
-    app[ENQUEUER] = Enqueuer(make_broker(app[SETTINGS].broker_url, middleware=[]))
+    app[ENQUEUER] = Enqueuer(make_broker(app[SETTINGS].broker_url, middleware=[], fail_fast=True))
     yield
     await app[ENQUEUER].close()

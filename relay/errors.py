@@ -106,3 +106,8 @@ class Unavailable(RelayError):
     """A dependency is unavailable; try again shortly."""
 
     status, code = 503, "unavailable"
+    #: Seconds a client should wait before trying again (the Retry-After header).
+    RETRY_AFTER_S = 2
+
+    def __init__(self, message: str | None = None, *, details: Any = None) -> None:
+        super().__init__(message, details=details, headers={"Retry-After": str(self.RETRY_AFTER_S)})

@@ -43,6 +43,20 @@ DEAD_LETTERS = Gauge(
     "Dead deliveries, as the sweeper last counted.",
     multiprocess_mode="max",
 )
+SWEEPER_LEADER = Gauge(
+    "relay_sweeper_leader",
+    "1 while this worker's sweeper holds the leadership (one leader across all workers).",
+    multiprocess_mode="max",
+)
+SWEEPER_LAST_SWEEP = Gauge(
+    "relay_sweeper_last_success_timestamp_seconds",
+    "Unix time of the leading sweeper's last completed sweep; stale means no sweeping.",
+    multiprocess_mode="max",
+)
+SWEEPER_RESTARTS = Counter(
+    "relay_sweeper_restarts_total",
+    "Times the sweeper lost its connection or failed, and reconnected.",
+)
 
 
 def status_class(status_code: int | None) -> str:

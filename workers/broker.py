@@ -9,13 +9,17 @@ and closes them when it shuts down.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
 import redis.asyncio as aioredis
 from dramatiq.asyncio import get_event_loop_thread
+from dramatiq.common import q_name
+from dramatiq.middleware import Middleware
 from dramatiq.middleware.asyncio import AsyncIO
 
 from relay.config import REQUIRED_FOR_WORKER, Settings
@@ -26,6 +30,8 @@ from relay.logs import setup_logging
 from relay.openapi import relay_version
 from relay.ratelimit import RateLimiter
 from relay.store.db import Pool, create_pool
+
+log = logging.getLogger("relay.worker")
 
 
 @dataclass
@@ -91,10 +97,50 @@ class WorkerResources(AsyncIO):
         super().after_worker_shutdown(broker, worker)  # type: ignore[no-untyped-call]
 
 
+class ConsumerWatchdog(Middleware):
+    """Restarts a consumer thread that died while the worker runs.
+
+    Dramatiq restarts a consumer after a broker error it recognises, but a thread
+    that an unexpected error ends stays dead, and with it the queue it fed (for a
+    delay queue: every short retry waits for the sweeper's grace). If a restart
+    fails, the process exits non-zero so that ``relay worker`` (and Kubernetes)
+    restarts it.
+    """
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        self.every_s = every_s
+        self.stopping = threading.Event()
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        """Start watching ``worker``'s consumer threads."""
+        threading.Thread(
+            target=self._watch, args=(worker,), name="consumer-watchdog", daemon=True
+        ).start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        """Stop watching: consumers stop on purpose now."""
+        self.stopping.set()
+
+    def _watch(self, worker: Any) -> None:
+        while not self.stopping.wait(self.every_s):
+            for name, thread in list(worker.consumers.items()):
+                if thread.is_alive() or not thread.running or self.stopping.is_set():
+                    continue
+                log.error("consumer of %s died; restarting it", name)
+                try:
+                    del worker.consumers[name]
+                    # a delay queue's name is its queue's plus a suffix (".DQ")
+                    worker._add_consumer(name, delay=q_name(name) != name)
+                except Exception:
+                    log.critical("could not restart the consumer of %s; exiting", name)
+                    os._exit(3)
+
+
 def build_broker(settings: Settings) -> dramatiq.Broker:
-    """The worker's broker: Dramatiq's default middleware plus AsyncIO with the resources."""
+    """The worker's broker: Dramatiq's middleware, AsyncIO with the resources, a watchdog."""
     broker = make_broker(settings.broker_url)
     broker.add_middleware(WorkerResources(settings))
+    broker.add_middleware(ConsumerWatchdog())
     return broker
 
 

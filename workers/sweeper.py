@@ -12,15 +12,25 @@ import asyncio
 import logging
 import os
 import signal
+import time
 
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from relay.config import REQUIRED_FOR_WORKER, Settings
 from relay.enqueue import Enqueuer, make_broker
 from relay.logs import setup_logging
-from relay.metrics import DEAD_LETTERS, DUE_UNSENT, SWEEPER_RUNS, SWEPT, worker_registry
+from relay.metrics import (
+    DEAD_LETTERS,
+    DUE_UNSENT,
+    SWEEPER_LAST_SWEEP,
+    SWEEPER_LEADER,
+    SWEEPER_RESTARTS,
+    SWEEPER_RUNS,
+    SWEPT,
+    worker_registry,
+)
 from relay.store import deliveries as store
-from relay.store.db import TRANSIENT, Conn, connect
+from relay.store.db import Conn, connect
 
 log = logging.getLogger("relay.sweeper")
 
@@ -30,6 +40,10 @@ BATCH = 1000
 MAX_BATCHES = 50
 #: Auto-disable and retention run every this many sweeps.
 HOUSEKEEPING_EVERY = 5
+#: The name the sweeper's connection shows in pg_stat_activity.
+APPLICATION_NAME = "relay-sweeper"
+#: A statement that takes longer than this means Postgres is stalled: reconnect.
+COMMAND_TIMEOUT_S = 60.0
 
 
 class Sweeper:
@@ -82,33 +96,73 @@ class Sweeper:
             if await conn.fetchval("SELECT pg_try_advisory_lock($1)", SWEEPER_LOCK_KEY):
                 break
             await self._pause()
+        if self.stopping.is_set():
+            return
         log.info("sweeper is the leader")
+        SWEEPER_LEADER.set(1)
         ticks = 0
         while not self.stopping.is_set():
             if ticks % HOUSEKEEPING_EVERY == 0:
                 await self.housekeeping(conn)
             await self.sweep_once(conn)
+            SWEEPER_LAST_SWEEP.set(time.time())
             ticks += 1
             await self._pause()
 
-    async def _pause(self) -> None:
+    async def _pause(self, seconds: float | None = None) -> None:
+        """Wait ``seconds`` (default: one tick), or less if the sweeper is stopping."""
         try:
-            await asyncio.wait_for(self.stopping.wait(), self.interval_s)
+            await asyncio.wait_for(
+                self.stopping.wait(), self.interval_s if seconds is None else seconds
+            )
         except TimeoutError:
             pass
 
     async def run(self) -> None:
-        """Sweep until stopped; reconnect (and re-contend for leadership) on connection loss."""
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(TRANSIENT),
+        """Sweep until stopped; on any failure, reconnect and re-contend for leadership.
+
+        Not only the faults of connecting: a backend terminated by a Postgres
+        restart or failover (``InterfaceError``), a stalled statement, a broker
+        error or a bug in one pass all end in the same place, a new connection
+        after a backoff, so the one process that resends lost messages and long
+        waits never stops while the worker runs.
+        """
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(Exception),
             wait=wait_exponential(multiplier=0.5, max=5),
-        ):
+            sleep=self._pause,
+            before_sleep=self._lost,
+        )
+        async for attempt in retrying:
             with attempt:
-                conn = await connect(self.settings.database_url)
-                try:
-                    await self._lead(conn)
-                finally:
-                    await conn.close()
+                await self._connect_and_lead()
+
+    async def _connect_and_lead(self) -> None:
+        if self.stopping.is_set():
+            return
+        conn = await connect(
+            self.settings.database_url,
+            command_timeout=COMMAND_TIMEOUT_S,
+            application_name=APPLICATION_NAME,
+        )
+        try:
+            await self._lead(conn)
+        finally:
+            SWEEPER_LEADER.set(0)
+            try:
+                await asyncio.wait_for(conn.close(), timeout=5)
+            except Exception:
+                conn.terminate()
+
+    def _lost(self, state: RetryCallState) -> None:
+        SWEEPER_RESTARTS.inc()
+        exc = state.outcome.exception() if state.outcome is not None else None
+        log.warning(
+            "sweeper failed (%s: %s); reconnecting",
+            type(exc).__name__,
+            str(exc)[:200],
+            extra={"attempt": state.attempt_number},
+        )
 
 
 def _serve_metrics(port: int) -> None:
@@ -126,7 +180,7 @@ def _serve_metrics(port: int) -> None:
 
 async def _main(settings: Settings) -> None:
     _serve_metrics(settings.worker_metrics_port)
-    broker = make_broker(settings.broker_url, middleware=[])
+    broker = make_broker(settings.broker_url, middleware=[], fail_fast=True)
     sweeper = Sweeper(settings, Enqueuer(broker))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

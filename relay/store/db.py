@@ -47,8 +47,15 @@ async def create_pool(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def connect(dsn: str, *, wait_s: float = 30.0) -> Conn:
+async def connect(
+    dsn: str,
+    *,
+    wait_s: float = 30.0,
+    command_timeout: float | None = None,
+    application_name: str | None = None,
+) -> Conn:
     """One connection, with the same retries and codecs as a pool."""
+    server_settings = {"application_name": application_name} if application_name else None
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT),
         wait=wait_exponential(multiplier=0.2, max=2.0),
@@ -56,7 +63,9 @@ async def connect(dsn: str, *, wait_s: float = 30.0) -> Conn:
         reraise=True,
     ):
         with attempt:
-            conn = await asyncpg.connect(dsn)
+            conn = await asyncpg.connect(
+                dsn, command_timeout=command_timeout, server_settings=server_settings
+            )
             await _init_connection(conn)
             return conn
     raise AssertionError("unreachable")  # pragma: no cover

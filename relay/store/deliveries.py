@@ -76,8 +76,22 @@ async def record_attempt(
     enqueued_for_s: float | None,
     disable_reason: str | None,
 ) -> bool:
-    """Record one attempt and the delivery's new state atomically; False if the lease was lost."""
+    """Record one attempt and the delivery's new state atomically; False if the lease was lost.
+
+    Lock order, here as everywhere: a target before its deliveries (``delete_target``
+    and PATCH lock the target first). So the target row is locked first, and only
+    when its failing state changes; a target that keeps failing is not written again.
+    """
+    failed = status != "succeeded"
+    failing = await conn.fetchval(
+        "SELECT failing_since IS NOT NULL FROM targets WHERE id = $1", delivery["target_id"]
+    )
+    touch_target = (failing and not failed) or (failed and (not failing or disable_reason))
     async with conn.transaction():
+        if touch_target:
+            await conn.execute(
+                "SELECT 1 FROM targets WHERE id = $1 FOR NO KEY UPDATE", delivery["target_id"]
+            )
         updated = await conn.fetchval(
             """
             UPDATE deliveries
@@ -86,7 +100,7 @@ async def record_attempt(
                 enqueued_until = now() + make_interval(secs => $5::float8),
                 locked_until = NULL, last_status_code = $6,
                 last_error = $7, updated_at = now()
-            WHERE id = $1 AND locked_until = $2
+            WHERE id = $1 AND locked_until = $2 AND status IN ('pending', 'retrying')
             RETURNING id
             """,
             delivery["id"],
@@ -114,13 +128,11 @@ async def record_attempt(
             error,
             response_body,
         )
-        if status == "succeeded":
+        if touch_target and not failed:
             await conn.execute(
-                "UPDATE targets SET failing_since = NULL "
-                "WHERE id = $1 AND failing_since IS NOT NULL",
-                delivery["target_id"],
+                "UPDATE targets SET failing_since = NULL WHERE id = $1", delivery["target_id"]
             )
-        else:
+        elif touch_target:
             await conn.execute(
                 """
                 UPDATE targets
@@ -517,13 +529,21 @@ async def disable_failing_targets(conn: Conn, failing_for_s: float) -> list[str]
 
 
 async def purge_old_events(conn: Conn, retention_days: int, batch: int = 1000) -> int:
-    """Delete up to ``batch`` events older than the retention (deliveries and attempts cascade)."""
+    """Delete up to ``batch`` events older than the retention (deliveries and attempts cascade).
+
+    An event with a delivery still to be sent (pending or retrying, e.g. behind a
+    target disabled for longer than the retention) is kept until it finishes.
+    """
     deleted: int = await conn.fetchval(
         """
         WITH gone AS (
             DELETE FROM events WHERE id IN (
-                SELECT id FROM events
-                WHERE received_at < now() - make_interval(days => $1)
+                SELECT e.id FROM events e
+                WHERE e.received_at < now() - make_interval(days => $1)
+                  AND NOT EXISTS (
+                      SELECT 1 FROM deliveries d
+                      WHERE d.event_id = e.id AND d.status IN ('pending', 'retrying')
+                  )
                 LIMIT $2
             ) RETURNING 1
         ) SELECT count(*) FROM gone

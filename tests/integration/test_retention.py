@@ -18,14 +18,27 @@ async def test_housekeeping_purges_old_events_with_their_deliveries_and_attempts
 ) -> None:
     source = await make_source(client, tenant)
     await make_target(client, tenant)
-    ids = (await (await post_token(client, source, [{"n": i} for i in range(5)])).json())[
+    ids = (await (await post_token(client, source, [{"n": i} for i in range(6)])).json())[
         "event_ids"
     ]
     conn = await asyncpg.connect(database_url)
     try:
-        old, recent = ids[:3], ids[3:]
+        # Given three old events whose deliveries finished, one old event whose delivery
+        # is still to be sent (its target was disabled for longer than the retention),
+        # and two recent ones
+        old, unfinished, recent = ids[:3], ids[3], ids[4:]
         await conn.execute(
-            "UPDATE events SET received_at = now() - interval '31 days' WHERE id = ANY($1)", old
+            "UPDATE events SET received_at = now() - interval '31 days' WHERE id = ANY($1)",
+            [*old, unfinished],
+        )
+        await conn.execute(
+            "UPDATE deliveries SET status = CASE WHEN event_id = $2 THEN 'dead' ELSE 'succeeded' "
+            "END, next_attempt_at = NULL WHERE event_id = ANY($1)",
+            old,
+            old[0],
+        )
+        await conn.execute(
+            "UPDATE deliveries SET status = 'retrying' WHERE event_id = $1", unfinished
         )
         await conn.execute(
             "INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms) "
@@ -38,15 +51,18 @@ async def test_housekeeping_purges_old_events_with_their_deliveries_and_attempts
             r["id"]
             for r in await conn.fetch("SELECT id FROM events WHERE tenant_id = $1", tenant.id)
         }
-        assert left == set(recent)
+        # Then only the finished old events are gone; the unfinished one stays
+        assert left == {unfinished, *recent}
         assert (
             await conn.fetchval("SELECT count(*) FROM deliveries WHERE event_id = ANY($1)", old)
             == 0
         )
         assert await conn.fetchval("SELECT count(*) FROM attempts WHERE id LIKE 'att_dlv%'") == 0
         assert (
-            await conn.fetchval("SELECT count(*) FROM deliveries WHERE event_id = ANY($1)", recent)
-            == 2
+            await conn.fetchval(
+                "SELECT count(*) FROM deliveries WHERE event_id = ANY($1)", [unfinished, *recent]
+            )
+            == 3
         )
         await sweeper.enqueuer.close()
     finally:

@@ -1,0 +1,305 @@
+"""Nothing acknowledged is lost on the real stack, under every fault production brings.
+
+Two gateway processes and two worker processes run on a Postgres and a Redis of
+the test's own, while events of three tenants arrive at a steady rate and, in
+turn: a worker is killed with SIGKILL and restarted; Redis is flushed; Redis is
+stopped for a while and started; Postgres is restarted; every gateway and every
+worker is restarted with SIGTERM (a rolling restart). Then the test waits for the
+relay to settle and checks, in Postgres and at the receivers, that every event
+answered 202 reached every matching healthy target, that what always fails is a
+dead letter, that no delivery succeeded twice, and that no request got a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import redis
+from aiohttp import web
+
+from relay.store.migrations import migrate
+from tests.conftest import ADMIN_TOKEN, stack_env
+from tests.services import GatewayProcess, RestartablePostgres, RestartableRedis
+from tests.stack import Receiver, WorkerProcess, eventually, hang, status
+
+pytestmark = pytest.mark.slow
+
+#: Ten attempts about a second apart: a flaky target (30 % failures) gets through,
+#: an always-failing one is dead within seconds.
+SCHEDULE = "0,0.5,1,1,1,1,1,1,1,1"
+RATE_PER_S = 30
+
+
+#: Successful answers of the flaky target, by webhook-id (its failures are not duplicates).
+FLAKY_SUCCESSES: Counter[str] = Counter()
+
+
+async def _flaky(request: web.Request, count: int) -> web.StreamResponse:
+    if random.random() < 0.3:
+        return web.Response(status=500)
+    FLAKY_SUCCESSES[request.headers["webhook-id"]] += 1
+    return web.Response(status=200)
+
+
+async def _reset(request: web.Request, count: int) -> web.StreamResponse:
+    assert request.transport is not None
+    request.transport.close()  # the connection is reset before any answer
+    return web.Response(status=200)
+
+
+#: path -> (behaviour, expected final status of its deliveries)
+TARGETS: dict[str, tuple[Any, str]] = {
+    "/healthy": (status(200), "succeeded"),
+    "/flaky": (_flaky, "succeeded"),
+    "/slow": (hang(0.3), "succeeded"),
+    "/bills": (status(200), "succeeded"),
+    "/failing": (status(500), "dead"),
+    "/hanging": (hang(3), "dead"),
+    "/reset": (_reset, "dead"),
+}
+#: tenant -> its targets' paths; "/bills" only wants objectType Bill, "/hanging" only
+#: objectType Hang (one event in ten of t3: each of its attempts holds a worker thread
+#: for the whole timeout, which the delivery engine's issue is about, not this test)
+TENANTS = {
+    "t1": ["/healthy", "/flaky"],
+    "t2": ["/slow", "/failing", "/bills"],
+    "t3": ["/healthy", "/hanging", "/reset"],
+}
+
+
+#: What the filtered targets want.
+WANTS = {"/bills": "Bill", "/hanging": "Hang"}
+
+
+@dataclass
+class Load:
+    """What the load generator sent and what it was answered."""
+
+    accepted: dict[str, tuple[str, str]] = field(default_factory=dict)  # event -> (tenant, type)
+    statuses: Counter[str] = field(default_factory=Counter)
+    unavailable_without_retry_after: int = 0
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def _api(
+    session: aiohttp.ClientSession, gateway: str, path: str, body: Any, key: str
+) -> dict[str, Any]:
+    async with session.post(
+        f"{gateway}{path}", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as resp:
+        assert resp.status == 201, await resp.text()
+        result: dict[str, Any] = await resp.json()
+        return result
+
+
+async def _generate(
+    session: aiohttp.ClientSession,
+    gateways: list[GatewayProcess],
+    sources: dict[str, dict[str, Any]],
+    load: Load,
+) -> None:
+    n = 0
+    while not load.stop.is_set():
+        started = time.monotonic()
+        for tenant, source in sources.items():
+            n += 1
+            object_type = "Bill" if n % 2 else "Invoice"
+            if tenant == "t3" and n % 10 == 0:
+                object_type = "Hang"
+            body = {"uuid": f"u-{n}", "objectType": object_type, "action": "paid", "objectId": n}
+            gateway = gateways[n % len(gateways)]
+            try:
+                async with session.post(
+                    f"{gateway.url}/in/{source['id']}?token={source['secret']}",
+                    json=body,
+                    timeout=aiohttp.ClientTimeout(total=10),
+                ) as resp:
+                    load.statuses[str(resp.status)] += 1
+                    if resp.status == 202:
+                        [event_id] = (await resp.json())["event_ids"]
+                        load.accepted[event_id] = (tenant, object_type)
+                    elif resp.status == 503 and "Retry-After" not in resp.headers:
+                        load.unavailable_without_retry_after += 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                load.statuses[type(exc).__name__] += 1  # a gateway restarting: not accepted
+        pause = len(sources) / RATE_PER_S - (time.monotonic() - started)
+        await asyncio.sleep(max(0.0, pause))
+
+
+async def test_nothing_acknowledged_is_lost_under_faults(tmp_path: Path) -> None:
+    # Given our own Postgres and Redis, two gateways, two workers, and the receivers
+    postgres = RestartablePostgres(tmp_path / "pg").start()
+    redis_server = RestartableRedis(tmp_path / "redis").start()
+    receiver = await Receiver().start()
+    for path, (behaviour, _) in TARGETS.items():
+        receiver.on(path, behaviour)
+    conn = await asyncpg.connect(postgres.url)
+    await migrate(conn)
+    await conn.close()
+    env = stack_env(
+        postgres.url,
+        redis_server.url,
+        RELAY_RETRY_SCHEDULE=SCHEDULE,
+        RELAY_DELIVERY_TIMEOUT_S="1",
+        RELAY_REQUEUE_AFTER_S="2",
+    )
+    gateways = [GatewayProcess(env, tmp_path / f"gw{i}.log").start() for i in range(2)]
+    workers = [WorkerProcess(env, tmp_path / f"w{i}.log", threads=16).start() for i in range(2)]
+    load = Load()
+    session = aiohttp.ClientSession()
+    try:
+        sources, target_paths = await _setup(session, gateways[0].url, receiver)
+        generator = asyncio.create_task(_generate(session, gateways, sources, load))
+        await asyncio.sleep(3)
+
+        # When a worker is killed with SIGKILL, and restarted
+        workers[0].kill9()
+        await asyncio.sleep(2)
+        workers[0].start()
+        await asyncio.sleep(3)
+        # When Redis loses everything
+        client = redis.Redis.from_url(redis_server.url)
+        client.flushall()
+        client.close()
+        await asyncio.sleep(3)
+        # When Redis is down for a while, then back
+        redis_server.stop()
+        await asyncio.sleep(8)
+        redis_server.start()
+        await asyncio.sleep(3)
+        # When Postgres restarts
+        postgres.stop()
+        await asyncio.sleep(5)
+        postgres.start()
+        await asyncio.sleep(5)
+        # When every gateway, then every worker, is restarted in turn (SIGTERM, then start)
+        for process in [*gateways, *workers]:
+            await asyncio.to_thread(process.stop)
+            process.start()
+            await asyncio.sleep(1)
+        await asyncio.sleep(2)
+        load.stop.set()
+        await generator
+
+        # Then the relay settles: nothing is left to send
+        async def settled() -> bool:
+            rows = await _fetch(
+                postgres.url,
+                "SELECT count(*) AS n FROM deliveries WHERE status IN ('pending', 'retrying')",
+            )
+            return bool(rows[0]["n"] == 0)
+
+        await eventually(settled, timeout=120, every=1)
+        await _check(postgres.url, receiver, load, target_paths)
+    finally:
+        load.stop.set()
+        await session.close()
+        for process in [*gateways, *workers]:
+            process.stop()
+        await receiver.close()
+        redis_server.stop()
+        postgres.stop()
+        for process in [*gateways, *workers]:
+            print(process.log_path.name, process.log()[-3000:])
+
+
+async def _setup(
+    session: aiohttp.ClientSession, gateway: str, receiver: Receiver
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Tenants, their sources and targets; returns sources by tenant and paths by target id."""
+    sources: dict[str, dict[str, Any]] = {}
+    target_paths: dict[str, str] = {}
+    for tenant, paths in TENANTS.items():
+        created = await _api(session, gateway, "/v1/tenants", {"name": tenant}, ADMIN_TOKEN)
+        key = created["api_key"]
+        sources[tenant] = await _api(
+            session, gateway, "/v1/sources", {"name": "up", "auth": {"type": "token"}}, key
+        )
+        for path in paths:
+            body: dict[str, Any] = {"url": receiver.url(path)}
+            if path == "/bills":
+                body["filter"] = {"objectType": ["bill"]}
+            if path == "/hanging":
+                body["filter"] = {"objectType": ["hang"]}
+            target = await _api(session, gateway, "/v1/targets", body, key)
+            target_paths[target["id"]] = path
+    return sources, target_paths
+
+
+async def _fetch(url: str, query: str, *args: Any) -> list[Any]:
+    conn = await asyncpg.connect(url)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+async def _check(
+    database_url: str, receiver: Receiver, load: Load, target_paths: dict[str, str]
+) -> None:
+    print("answers:", dict(load.statuses))
+    assert not [s for s in load.statuses if s.startswith("5") and s != "503"], load.statuses
+    assert load.unavailable_without_retry_after == 0
+    assert len(load.accepted) > 500, load.statuses
+
+    # Every 202's event is committed, with one delivery per matching target
+    accepted = list(load.accepted)
+    rows = await _fetch(
+        database_url,
+        "SELECT e.id AS event_id, d.id, d.target_id, d.status FROM events e "
+        "LEFT JOIN deliveries d ON d.event_id = e.id WHERE e.id = ANY($1)",
+        accepted,
+    )
+    assert {r["event_id"] for r in rows} == set(accepted)
+    deliveries: dict[tuple[str, str], Any] = {
+        (r["event_id"], target_paths[r["target_id"]]): r for r in rows if r["id"] is not None
+    }
+    expected = {
+        (event_id, path)
+        for event_id, (tenant, object_type) in load.accepted.items()
+        for path in TENANTS[tenant]
+        if path not in ("/bills", "/hanging") or object_type == WANTS.get(path, object_type)
+    }
+    assert set(deliveries) == expected
+
+    # Each ends as its target promises: healthy ones succeeded and arrived, failing ones dead
+    wrong = [
+        (key, r["status"]) for key, r in deliveries.items() if r["status"] != TARGETS[key[1]][1]
+    ]
+    assert not wrong, wrong[:10]
+    for (event_id, path), _ in deliveries.items():
+        if TARGETS[path][1] == "succeeded":
+            assert any(r.headers.get("webhook-id") == event_id for r in receiver.at(path)), (
+                event_id,
+                path,
+            )
+
+    # No delivery succeeded twice; duplicate receipts are rare
+    twice = await _fetch(
+        database_url,
+        "SELECT delivery_id FROM attempts WHERE status_code BETWEEN 200 AND 299 "
+        "GROUP BY delivery_id HAVING count(*) > 1",
+    )
+    assert not twice
+    succeeded = [key for key in deliveries if TARGETS[key[1]][1] == "succeeded"]
+    receipts = Counter(
+        (r.headers.get("webhook-id"), r.path)
+        for r in receiver.received
+        if r.path in ("/healthy", "/slow", "/bills")
+    )
+    duplicates = sum(n - 1 for n in receipts.values())
+    duplicates += sum(n - 1 for n in FLAKY_SUCCESSES.values())
+    rate = duplicates / len(succeeded)
+    print(f"deliveries {len(succeeded)} succeeded, duplicate receipts {duplicates} ({rate:.3%})")
+    # At least once: an attempt in flight when Postgres goes down or its worker is killed
+    # is made again, since its result could not be recorded. Measured: about 1 %.
+    assert rate < 0.03

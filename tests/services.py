@@ -1,0 +1,94 @@
+"""Services a fault test owns, so it can stop and start them: Postgres, Redis, gateways."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relay.embedded import _free_port, embedded_redis
+from tests.stack import WorkerProcess
+
+
+class RestartableRedis:
+    """A Redis server of the test's own, on a fixed port, keeping its data across restarts."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir, self.port = data_dir, _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._running: contextlib.ExitStack | None = None
+
+    def start(self) -> RestartableRedis:
+        self._running = contextlib.ExitStack()
+        self._running.enter_context(embedded_redis(self.data_dir, port=self.port))
+        return self
+
+    def stop(self) -> None:
+        if self._running is not None:
+            self._running.close()
+            self._running = None
+
+
+class RestartablePostgres:
+    """A Postgres server of the test's own (pgserver's binaries), on a Unix socket."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.url = ""
+        self._server: Any = None
+
+    def start(self) -> RestartablePostgres:
+        import pgserver
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # XDG_RUNTIME_DIR unset in containers
+            self._server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
+        self.url = str(self._server.get_uri())
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+
+@dataclass
+class GatewayProcess(WorkerProcess):
+    """`relay serve` as a subprocess on its own port."""
+
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        self.port = self.port or _free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "relay.cli", "serve", "--port", str(self.port)],
+            env={"PATH": os.environ["PATH"], **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def start(self) -> GatewayProcess:
+        super().start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"gateway did not start:\n{self.log()[-3000:]}")
