@@ -79,6 +79,7 @@ ROUTES = [
         "operator",
         AdminDeadLetterReplay,
         status=202,
+        body_optional=True,
     ),
     Route("GET", "/v1/admin/stats", get_stats, "Delivery statistics", "operator"),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -14,7 +15,19 @@ from relay.enqueue import REPLAY_ACTOR, REPLAY_QUEUE
 from relay.keys import ENQUEUER, POOL, SETTINGS
 from relay.store import deliveries as store
 
-Timestamp = Annotated[pydantic.AwareDatetime, pydantic.Strict(False)]
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ]")
+
+
+def _date_time_text(value: Any) -> Any:
+    """Only RFC 3339 text, as the schema says (lax pydantic would take ``0`` as 1970)."""
+    if not isinstance(value, str) or not _DATE.match(value):
+        raise ValueError("must be an RFC 3339 date-time such as 2026-11-28T12:00:00Z")
+    return value
+
+
+Timestamp = Annotated[
+    pydantic.AwareDatetime, pydantic.Strict(False), pydantic.BeforeValidator(_date_time_text)
+]
 Id = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=64)]
 #: Replays by id are done in the request; larger selections by a worker job.
 MAX_REPLAY_IDS = 1000
@@ -214,5 +227,6 @@ ROUTES = [
         "tenant",
         DeadLetterReplay,
         status=202,
+        body_optional=True,
     ),
 ]

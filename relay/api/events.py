@@ -128,5 +128,6 @@ ROUTES = [
         "tenant",
         EventReplay,
         status=202,
+        body_optional=True,
     ),
 ]

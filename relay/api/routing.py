@@ -38,6 +38,8 @@ class Route:
     query: type[pydantic.BaseModel] | None = None
     status: int = 200
     tags: tuple[str, ...] = field(default_factory=tuple)
+    #: The handler takes an absent body as ``{}`` (``read_body(..., empty_ok=True)``).
+    body_optional: bool = False
 
 
 def add_routes(app: web.Application, routes: list[Route]) -> None:

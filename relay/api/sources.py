@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 from aiohttp import web
+from pydantic.json_schema import SkipJsonSchema
 
 from relay import errors
 from relay.api.routing import (
@@ -44,7 +45,7 @@ class BasicAuth(_Strict):
 
     type: Literal["basic"]
     username: Annotated[
-        str, pydantic.StringConstraints(min_length=1, max_length=200, pattern=r"^[^:\s]+$")
+        str, pydantic.StringConstraints(min_length=1, max_length=200, pattern=r"^[^:\s\x00]+$")
     ]
 
 
@@ -67,7 +68,17 @@ class StandardWebhooksAuth(_Strict):
 SourceAuth = Annotated[
     TokenAuth | BasicAuth | HmacAuth | StandardWebhooksAuth, pydantic.Field(discriminator="type")
 ]
-RateLimit = Annotated[int, pydantic.Field(gt=0, le=1_000_000)]
+
+
+def _integral(value: Any) -> Any:
+    """``39.0`` is the integer 39, as in JSON Schema; ``39.5`` stays refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: Most events (deliveries) per second: a JSON integer, whether written ``39`` or ``39.0``.
+RateLimit = Annotated[int, pydantic.Field(gt=0, le=1_000_000), pydantic.BeforeValidator(_integral)]
 
 
 class SourceCreate(_Strict):
@@ -81,8 +92,9 @@ class SourceCreate(_Strict):
 class SourcePatch(_Strict):
     """Body of PATCH /v1/sources/{id}: what is present changes; ``rate_limit: null`` clears."""
 
-    name: Name | None = None
-    auth: SourceAuth | None = None
+    # null is refused for name and auth (422): the schema says so.
+    name: Name | SkipJsonSchema[None] = None
+    auth: SourceAuth | SkipJsonSchema[None] = None
     rate_limit: RateLimit | None = None
 
 
@@ -158,8 +170,10 @@ async def update_source(request: web.Request) -> web.Response:
             if body.auth is None:
                 raise errors.ValidationFailed.field("auth", "may not be null")
             if body.auth.type != current["auth_type"]:
-                raise errors.ValidationFailed.field(
-                    "auth.type", "cannot change; create a new source for another auth type"
+                # A valid body that conflicts with the source (the schema cannot say so): 409.
+                raise errors.Conflict(
+                    "auth.type cannot change; create a new source for another auth type",
+                    details=[{"field": "auth.type", "message": "cannot change"}],
                 )
             changes["auth_config"] = _auth_config(body.auth)
         elif name == "name":

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import pydantic
 from aiohttp import web
+from pydantic.json_schema import SkipJsonSchema
 from yarl import URL
 
 from relay import errors
@@ -53,6 +55,28 @@ FORBIDDEN_HEADERS = frozenset(
 
 FilterValue = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=200)]
 
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+#: What a target URL looks like: http(s), a host (name, IPv4 or [IPv6]), an optional
+#: port and userinfo, then visible ASCII. Stated in the schema and enforced.
+URL_PATTERN = (
+    r"^[Hh][Tt][Tt][Pp][Ss]?://([^@/?#\s\x00]+@)?"
+    r"([A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])"
+    rf"(:{_PORT})?"
+    r"([/?#][\x21-\x7e]*)?$"
+)
+
+
+def _any_case(word: str) -> str:
+    """A regex matching ``word`` in any case (JSON Schema patterns have no flags)."""
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else re.escape(c) for c in word)
+
+
+#: HEADER_NAME without the names a target may not set, for the schema.
+_ALLOWED_HEADER_NAME = (
+    "^(?!(" + "|".join(_any_case(h) for h in sorted(FORBIDDEN_HEADERS)) + ")$)"
+    "(?!" + _any_case("webhook-") + ")" + HEADER_NAME.pattern.removeprefix("^")
+)
+
 
 def _check_url(value: str) -> str:
     if len(value) > MAX_URL:
@@ -71,7 +95,7 @@ def _check_url(value: str) -> str:
 def _check_headers(value: dict[str, str]) -> dict[str, str]:
     for name, header_value in value.items():
         lower = name.lower()
-        if not HEADER_NAME.match(name):
+        if not HEADER_NAME.fullmatch(name):
             raise ValueError(f"{name!r} is not a valid header name")
         if lower in FORBIDDEN_HEADERS or lower.startswith("webhook-"):
             raise ValueError(f"{name!r} may not be set by a target")
@@ -80,9 +104,26 @@ def _check_headers(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
-TargetUrl = Annotated[str, pydantic.AfterValidator(_check_url)]
+TargetUrl = Annotated[
+    str,
+    pydantic.StringConstraints(max_length=MAX_URL, pattern=URL_PATTERN),
+    pydantic.AfterValidator(_check_url),
+    pydantic.Field(json_schema_extra={"format": "uri"}),
+]
 Headers = Annotated[
-    dict[str, str], pydantic.Field(max_length=20), pydantic.AfterValidator(_check_headers)
+    dict[str, str],
+    pydantic.Field(
+        max_length=20,
+        json_schema_extra={
+            "propertyNames": {"pattern": _ALLOWED_HEADER_NAME},
+            "additionalProperties": {
+                "type": "string",
+                "maxLength": 4096,
+                "pattern": r"^[\t\x20-\x7e]*$",
+            },
+        },
+    ),
+    pydantic.AfterValidator(_check_headers),
 ]
 Description = Annotated[str, pydantic.StringConstraints(max_length=1000)]
 SourceIds = Annotated[
@@ -93,7 +134,7 @@ SourceIds = Annotated[
 class TargetFilter(pydantic.BaseModel):
     """Which events a target wants; an absent or empty list matches everything."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
     object_type: Annotated[list[FilterValue], pydantic.Field(max_length=100)] = pydantic.Field(
         default_factory=list, alias="objectType"
     )
@@ -119,13 +160,14 @@ class TargetPatch(pydantic.BaseModel):
     """Body of PATCH /v1/targets/{id}: present fields change, null clears optional ones."""
 
     model_config = pydantic.ConfigDict(extra="forbid", strict=True)
-    url: TargetUrl | None = None
+    # null is refused for url, filter, headers and enabled (422): the schema says so.
+    url: TargetUrl | SkipJsonSchema[None] = None
     description: Description | None = None
-    filter: TargetFilter | None = None
+    filter: TargetFilter | SkipJsonSchema[None] = None
     source_ids: SourceIds | None = None
-    headers: Headers | None = None
+    headers: Headers | SkipJsonSchema[None] = None
     rate_limit: RateLimit | None = None
-    enabled: bool | None = None
+    enabled: bool | SkipJsonSchema[None] = None
 
 
 def render_target(row: Any) -> dict[str, Any]:

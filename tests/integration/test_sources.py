@@ -98,8 +98,8 @@ async def test_patch_source(client: Any, tenant: Tenant) -> None:
     assert body["rate_limit"] is None and body["name"] == "b"
     await assert_error(
         await client.patch(url, json={"auth": {"type": "token"}}, headers=tenant.auth),
-        422,
-        "validation_error",
+        409,
+        "conflict",
     )
     await assert_error(
         await client.patch(url, json={"name": None}, headers=tenant.auth), 422, "validation_error"

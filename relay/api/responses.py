@@ -1,0 +1,280 @@
+"""What each route answers, for the OpenAPI document.
+
+The models mirror the ``render_*`` functions of the API modules; the
+conformance test (schemathesis against a running gateway) checks every answer
+against them, so they cannot drift from what is served. Answers may gain
+fields (API.md leaves extra fields open), so no model forbids them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import pydantic
+
+Status = Literal["pending", "retrying", "succeeded", "dead"]
+
+
+class Tenant(pydantic.BaseModel):
+    """A tenant (never a key)."""
+
+    id: str
+    name: str
+    created_at: datetime
+
+
+class TenantCreated(Tenant):
+    """A new tenant with its first API key, shown once."""
+
+    api_key: str
+    api_key_id: str
+
+
+class ApiKey(pydantic.BaseModel):
+    """An API key's metadata (never the key)."""
+
+    id: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(pydantic.BaseModel):
+    """A new API key, shown once."""
+
+    id: str
+    api_key: str
+    created_at: datetime
+
+
+class SourceAuthShown(pydantic.BaseModel):
+    """The source's auth settings (never its secret)."""
+
+    type: Literal["token", "basic", "hmac", "standard-webhooks"]
+
+
+class Source(pydantic.BaseModel):
+    """A source (no secret)."""
+
+    id: str
+    name: str
+    auth: SourceAuthShown
+    rate_limit: int | None
+    ingest_url: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class SourceWithSecret(Source):
+    """A source with its secret: at creation and rotation only."""
+
+    secret: str
+
+
+class FilterShown(pydantic.BaseModel):
+    """Which events a target wants."""
+
+    model_config = pydantic.ConfigDict(populate_by_name=True)
+    object_type: list[str] = pydantic.Field(alias="objectType")
+    action: list[str]
+
+
+class Target(pydantic.BaseModel):
+    """A target (no secret)."""
+
+    id: str
+    url: str
+    description: str | None
+    filter: FilterShown
+    source_ids: list[str] | None
+    headers: dict[str, str]
+    rate_limit: int | None
+    enabled: bool
+    disabled_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class TargetWithSecret(Target):
+    """A new target with its signing secret."""
+
+    secret: str
+
+
+class Secret(pydantic.BaseModel):
+    """A signing secret."""
+
+    secret: str
+
+
+class TestSent(pydantic.BaseModel):
+    """The test event and its one delivery."""
+
+    event_id: str
+    delivery_id: str
+
+
+class Delivery(pydantic.BaseModel):
+    """One event sent to one target."""
+
+    id: str
+    event_id: str
+    target_id: str
+    status: Status
+    attempt_count: int
+    next_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class Attempt(pydantic.BaseModel):
+    """One attempt of a delivery."""
+
+    id: str
+    started_at: datetime
+    duration_ms: int | None
+    status_code: int | None
+    error: str | None
+    response_body: str | None
+
+
+class DeliveryWithAttempts(Delivery):
+    """A delivery and every attempt."""
+
+    attempts: list[Attempt]
+
+
+class DeadLetter(Delivery):
+    """A dead delivery with its tenant (operators see every tenant's)."""
+
+    tenant_id: str
+
+
+class Event(pydantic.BaseModel):
+    """An event with its payload as received."""
+
+    id: str
+    source_id: str | None
+    received_at: datetime
+    object_type: str | None
+    action: str | None
+    object_id: str | None
+    payload: Any
+
+
+class EventWithDeliveries(Event):
+    """An event and its deliveries."""
+
+    deliveries: list[Delivery]
+
+
+class Replayed(pydantic.BaseModel):
+    """How many dead letters went back to pending."""
+
+    replayed: int
+
+
+class DeliveryIds(pydantic.BaseModel):
+    """The deliveries a replay created."""
+
+    delivery_ids: list[str]
+
+
+class EventIds(pydantic.BaseModel):
+    """The events an ingest request stored (or found: duplicates)."""
+
+    event_ids: list[str]
+
+
+class DeliveryCounts(pydantic.BaseModel):
+    """Deliveries by status."""
+
+    pending: int
+    retrying: int
+    succeeded: int
+    dead: int
+
+
+class TenantDeadLetters(pydantic.BaseModel):
+    """A tenant's number of dead letters."""
+
+    tenant_id: str
+    count: int
+
+
+class Stats(pydantic.BaseModel):
+    """Delivery statistics across tenants."""
+
+    deliveries: DeliveryCounts
+    oldest_due_age_s: float | None
+    oldest_pending_age_s: float | None
+    dead_letters_by_tenant: list[TenantDeadLetters]
+
+
+class Health(pydantic.BaseModel):
+    """The process is alive."""
+
+    status: Literal["ok"]
+
+
+class Ready(pydantic.BaseModel):
+    """Every dependency answered."""
+
+    status: Literal["ready"]
+    checks: dict[str, Literal["ok"]]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A route's success body (``page``: a list of ``model``) and its other outcomes."""
+
+    model: type[pydantic.BaseModel] | None = None
+    page: bool = False
+    #: Outcomes beyond what the route's auth, path, body and query imply.
+    errors: tuple[int, ...] = ()
+    #: A body that is not JSON: its media type.
+    media_type: str | None = None
+
+
+#: Every route's answer, by method and path (a unit test keeps this in step with the routes).
+ANSWERS: dict[tuple[str, str], Answer] = {
+    ("GET", "/healthz"): Answer(Health),
+    ("GET", "/readyz"): Answer(Ready, errors=(503,)),
+    ("GET", "/openapi.json"): Answer(),
+    ("GET", "/metrics"): Answer(media_type="text/plain"),
+    ("POST", "/v1/tenants"): Answer(TenantCreated),
+    ("GET", "/v1/tenants"): Answer(Tenant, page=True),
+    ("GET", "/v1/tenants/{tenant_id}"): Answer(Tenant),
+    ("GET", "/v1/tenants/{tenant_id}/api-keys"): Answer(ApiKey, page=True),
+    ("POST", "/v1/tenants/{tenant_id}/api-keys"): Answer(ApiKeyCreated),
+    ("DELETE", "/v1/tenants/{tenant_id}/api-keys/{key_id}"): Answer(),
+    ("GET", "/v1/admin/dead-letters"): Answer(DeadLetter, page=True),
+    ("POST", "/v1/admin/dead-letters/replay"): Answer(Replayed),
+    ("GET", "/v1/admin/stats"): Answer(Stats),
+    ("POST", "/v1/sources"): Answer(SourceWithSecret),
+    ("GET", "/v1/sources"): Answer(Source, page=True),
+    ("GET", "/v1/sources/{source_id}"): Answer(Source),
+    ("PATCH", "/v1/sources/{source_id}"): Answer(Source, errors=(409,)),
+    ("DELETE", "/v1/sources/{source_id}"): Answer(),
+    ("POST", "/v1/sources/{source_id}/rotate-secret"): Answer(SourceWithSecret),
+    ("POST", "/v1/targets"): Answer(TargetWithSecret),
+    ("GET", "/v1/targets"): Answer(Target, page=True),
+    ("GET", "/v1/targets/{target_id}"): Answer(Target),
+    ("PATCH", "/v1/targets/{target_id}"): Answer(Target),
+    ("DELETE", "/v1/targets/{target_id}"): Answer(),
+    ("GET", "/v1/targets/{target_id}/secret"): Answer(Secret),
+    ("POST", "/v1/targets/{target_id}/rotate-secret"): Answer(Secret),
+    ("POST", "/v1/targets/{target_id}/test"): Answer(TestSent, errors=(409,)),
+    ("GET", "/v1/events"): Answer(Event, page=True),
+    ("GET", "/v1/events/{event_id}"): Answer(EventWithDeliveries),
+    ("POST", "/v1/events/{event_id}/replay"): Answer(DeliveryIds),
+    ("GET", "/v1/deliveries"): Answer(Delivery, page=True),
+    ("GET", "/v1/deliveries/{delivery_id}"): Answer(DeliveryWithAttempts),
+    ("POST", "/v1/deliveries/{delivery_id}/retry"): Answer(Delivery, errors=(409,)),
+    ("GET", "/v1/dead-letters"): Answer(Delivery, page=True),
+    ("POST", "/v1/dead-letters/replay"): Answer(Replayed),
+    ("POST", "/in/{source_id}"): Answer(EventIds, errors=(400, 413, 415, 422, 429)),
+}
