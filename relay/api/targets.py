@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -51,6 +52,9 @@ FORBIDDEN_HEADERS = frozenset(
     }
 )
 
+#: RFC 9110 field-value without obs-text: visible ASCII, space and tab.
+HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+
 FilterValue = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=200)]
 
 
@@ -71,12 +75,16 @@ def _check_url(value: str) -> str:
 def _check_headers(value: dict[str, str]) -> dict[str, str]:
     for name, header_value in value.items():
         lower = name.lower()
-        if not HEADER_NAME.match(name):
+        if not HEADER_NAME.fullmatch(name):
             raise ValueError(f"{name!r} is not a valid header name")
         if lower in FORBIDDEN_HEADERS or lower.startswith("webhook-"):
             raise ValueError(f"{name!r} may not be set by a target")
-        if any(c in header_value for c in "\r\n\0") or len(header_value) > 4096:
-            raise ValueError(f"the value of {name!r} is not a valid header value")
+        if len(header_value) > 4096:
+            raise ValueError(f"the value of {name!r} is longer than 4096 characters")
+        if not HEADER_VALUE.fullmatch(header_value):
+            raise ValueError(
+                f"the value of {name!r} may hold only visible ASCII characters, spaces and tabs"
+            )
     return value
 
 

@@ -222,3 +222,56 @@ async def test_rotate_secret_and_delete_target(client: Any, tenant: Tenant) -> N
         )
         await assert_error(resp, 404, "not_found")
     assert (await (await client.get("/v1/targets", headers=tenant.auth)).json())["data"] == []
+
+
+BAD_HEADER_VALUES = [
+    "a\u000bb",  # vertical tab: aiohttp refuses to send it
+    "a\u0001b",
+    "a\u007fb",
+    "a\u00a0b",
+    "é",
+    "a\u2028b",
+]
+
+
+@pytest.mark.parametrize("value", BAD_HEADER_VALUES)
+async def test_header_values_must_be_visible_ascii(client: Any, tenant: Tenant, value: str) -> None:
+    payload = {"url": "https://x.example", "headers": {"X-Ok": "fine", "X-Bad": value}}
+    error = await assert_error(
+        await client.post("/v1/targets", json=payload, headers=tenant.auth),
+        422,
+        "validation_error",
+    )
+    assert "X-Bad" in error["message"] and value not in error["message"]
+    assert (await (await client.get("/v1/targets", headers=tenant.auth)).json())["data"] == []
+    created = await (
+        await client.post("/v1/targets", json={"url": "https://x.example"}, headers=tenant.auth)
+    ).json()
+    url = f"/v1/targets/{created['id']}"
+    error = await assert_error(
+        await client.patch(url, json={"headers": {"X-Bad": value}}, headers=tenant.auth),
+        422,
+        "validation_error",
+    )
+    assert "X-Bad" in error["message"]
+    assert (await (await client.get(url, headers=tenant.auth)).json())["headers"] == {}
+    await client.delete(url, headers=tenant.auth)
+
+
+@pytest.mark.parametrize("name", ["X-A\n", "X-A\u000b", "X A", "X:A", "X-\u00e9", ""])
+async def test_header_names_must_be_tokens(client: Any, tenant: Tenant, name: str) -> None:
+    payload = {"url": "https://x.example", "headers": {name: "v"}}
+    error = await assert_error(
+        await client.post("/v1/targets", json=payload, headers=tenant.auth),
+        422,
+        "validation_error",
+    )
+    assert "headers" in [d["field"] for d in error["details"]]
+
+
+async def test_header_values_may_hold_spaces_and_tabs(client: Any, tenant: Tenant) -> None:
+    headers = {"Authorization": "Bearer a.b-c~d", "X-List": "a,\tb; q=1", "X-Empty": ""}
+    resp = await client.post(
+        "/v1/targets", json={"url": "https://x.example", "headers": headers}, headers=tenant.auth
+    )
+    assert resp.status == 201, await resp.text()
