@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import aiohttp
 import dramatiq
 
+from relay.crypto import open_headers
 from relay.delivery import decide, delivery_headers, parse_retry_after
 from relay.egress import EgressRefused, describe_error
 from relay.enqueue import DELIVER_ACTOR, QUEUE
@@ -84,7 +85,7 @@ async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
     target_headers: dict[str, str] = {}
     try:
         body = bytes(row["payload"])
-        target_headers = dict(row["headers"])
+        target_headers = open_headers(ctx.secrets, row["target_id"], row["headers_enc"])
         headers = delivery_headers(
             event_id=row["event_id"],
             body=body,

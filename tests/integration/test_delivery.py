@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import time
@@ -12,7 +13,9 @@ import asyncpg
 import standardwebhooks
 import svix.webhooks
 
-from tests.conftest import Tenant, make_tenant
+from relay.crypto import SecretBox, seal_headers
+from relay.store import targets as target_store
+from tests.conftest import SECRET_KEY, Tenant, make_tenant
 from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
 from tests.stack import Receiver, eventually, fail_then_succeed, fetch, hang, status
 
@@ -288,12 +291,24 @@ async def test_500_events_to_two_targets_arrive_exactly_once(
             hook.verify(r.body, r.headers)
 
 
-async def _set_target_headers(database_url: str, target_id: str, headers: dict[str, str]) -> None:
+BOX = SecretBox(base64.b64decode(SECRET_KEY))
+
+
+async def _set_target_headers(
+    database_url: str, tenant_id: str, target_id: str, headers: dict[str, str]
+) -> None:
     """Store ``headers`` on the target behind the API's back (the API refuses these)."""
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute(
-            "UPDATE targets SET headers = $2::jsonb WHERE id = $1", target_id, json.dumps(headers)
+        await target_store.update_target(
+            conn,
+            tenant_id,
+            target_id,
+            {
+                "headers_enc": seal_headers(
+                    SecretBox(base64.b64decode(SECRET_KEY)), target_id, headers
+                )
+            },
         )
     finally:
         await conn.close()
@@ -304,7 +319,7 @@ async def test_an_attempt_that_raises_is_recorded_and_follows_the_schedule(
 ) -> None:
     # Given a target whose stored header value holds a control character
     tenant, source, target = await setup(gateway, receiver, "/ctl")
-    await _set_target_headers(database_url, target["id"], {"X-A": "a\u000bb-sekrit"})
+    await _set_target_headers(database_url, tenant.id, target["id"], {"X-A": "a\u000bb-sekrit"})
     [event_id] = (await (await post_token(gateway, source, SOFTLEDGER)).json())["event_ids"]
     # Then every attempt is recorded as a failure and the delivery ends dead on schedule
     row = await finished(database_url, event_id, target["id"])

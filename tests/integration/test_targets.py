@@ -40,12 +40,19 @@ async def test_create_target_with_everything(client: Any, tenant: Tenant) -> Non
     assert body["id"].startswith("tgt_")
     assert body["secret"].startswith("whsec_")
     assert len(base64.b64decode(body["secret"].removeprefix("whsec_"))) == 32
-    for key in ("url", "description", "filter", "source_ids", "headers", "rate_limit", "enabled"):
+    for key in ("url", "description", "filter", "source_ids", "rate_limit", "enabled"):
         assert body[key] == payload[key], key
+    assert body["headers"] == {"X-Api-Key": "••••"}  # values are credentials: masked
     assert body["disabled_reason"] is None
     got = await (await client.get(f"/v1/targets/{body['id']}", headers=tenant.auth)).json()
     assert "secret" not in got
     assert got == {k: v for k, v in body.items() if k != "secret"}
+    listed = await (await client.get("/v1/targets", headers=tenant.auth)).json()
+    assert listed["data"] == [got]
+    clear = await (
+        await client.get(f"/v1/targets/{body['id']}/headers", headers=tenant.auth)
+    ).json()
+    assert clear == {"headers": {"X-Api-Key": "abc"}}
     secret = await (
         await client.get(f"/v1/targets/{body['id']}/secret", headers=tenant.auth)
     ).json()
@@ -181,7 +188,12 @@ async def test_patch_target(client: Any, tenant: Tenant) -> None:
     assert body["filter"] == {"objectType": [], "action": ["Created"]}
     assert body["source_ids"] == [source_id]
     assert body["description"] is None and body["rate_limit"] == 3
-    assert body["headers"] == {"X-Env": "prod"}
+    assert body["headers"] == {"X-Env": "••••"}
+    clear = await (await client.get(f"{url}/headers", headers=tenant.auth)).json()
+    assert clear == {"headers": {"X-Env": "prod"}}
+    body = await (await client.patch(url, json={"headers": {}}, headers=tenant.auth)).json()
+    assert body["headers"] == {}
+    assert await (await client.get(f"{url}/headers", headers=tenant.auth)).json() == {"headers": {}}
     body = await (await client.patch(url, json={"enabled": False}, headers=tenant.auth)).json()
     assert body["enabled"] is False and body["disabled_reason"]
     body = await (
@@ -215,6 +227,7 @@ async def test_rotate_secret_and_delete_target(client: Any, tenant: Tenant) -> N
         ("PATCH", url),
         ("DELETE", url),
         ("GET", f"{url}/secret"),
+        ("GET", f"{url}/headers"),
         ("POST", f"{url}/rotate-secret"),
     ):
         resp = await client.request(
