@@ -35,12 +35,14 @@ def load_settings(required: Collection[str]) -> Settings:
 
 
 async def _migrate(settings: Settings) -> list[str]:
+    from relay.crypto import SecretBox
     from relay.store.db import connect
     from relay.store.migrations import migrate
 
+    box = SecretBox(settings.secret_key) if settings.secret_key else None
     conn = await connect(settings.database_url)
     try:
-        applied: list[str] = await migrate(conn)
+        applied: list[str] = await migrate(conn, secrets=box)
         return applied
     finally:
         await conn.close()
@@ -49,7 +51,11 @@ async def _migrate(settings: Settings) -> list[str]:
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Apply pending migrations."""
     settings = load_settings(REQUIRED_FOR_MIGRATE)
-    applied = asyncio.run(_migrate(settings))
+    try:
+        applied = asyncio.run(_migrate(settings))
+    except ConfigError as exc:
+        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        return 2
     print("applied: " + ", ".join(applied) if applied else "schema is up to date")
     return 0
 

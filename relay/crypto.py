@@ -1,7 +1,8 @@
 """Secrets at rest, identifiers and API keys.
 
-Source and target secrets are stored as AES-256-GCM ciphertexts under
-RELAY_SECRET_KEY, each bound to its row id by the associated data, so a
+Source and target secrets, and targets' custom headers, are stored as
+AES-256-GCM ciphertexts under RELAY_SECRET_KEY, each bound to its row id
+by the associated data, so a
 ciphertext copied onto another row does not decrypt. Tenant API keys are
 random 256-bit strings stored only as their SHA-256: they are unguessable,
 so a slow password hash would buy nothing and cost every request.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import os
 import secrets
 
@@ -73,3 +75,24 @@ def constant_time_equals(a: str | bytes, b: str | bytes) -> bool:
     a_bytes = a.encode() if isinstance(a, str) else a
     b_bytes = b.encode() if isinstance(b, str) else b
     return hmac.compare_digest(a_bytes, b_bytes)
+
+
+def _headers_context(target_id: str) -> str:
+    # Bound to the target like its secret, and to the purpose, so neither
+    # ciphertext decrypts in the other's column.
+    return f"{target_id}/headers"
+
+
+def seal_headers(box: SecretBox, target_id: str, headers: dict[str, str]) -> bytes | None:
+    """A target's custom headers as stored: one ciphertext of their JSON, None when none."""
+    if not headers:
+        return None
+    return box.seal(json.dumps(headers), bound_to=_headers_context(target_id))
+
+
+def open_headers(box: SecretBox, target_id: str, sealed: bytes | None) -> dict[str, str]:
+    """What :func:`seal_headers` stored; raise ValueError if key or row do not match."""
+    if sealed is None:
+        return {}
+    headers: dict[str, str] = json.loads(box.open(sealed, bound_to=_headers_context(target_id)))
+    return headers

@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ JITTER = 0.2
 #: A Retry-After is honoured up to a day; a larger value is a bug or an attack.
 MAX_RETRY_AFTER_S = 86_400.0
 SCHEDULED = "scheduled"
+_DELTA_SECONDS = re.compile(r"[0-9]+", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -33,15 +35,19 @@ class Outcome:
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP-date); None if absent or bad."""
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date); None if absent or bad.
+
+    Delta-seconds are ASCII digits only: ``str.isdigit`` also accepts "²" or
+    "٣", which are not HTTP and which ``float`` may refuse.
+    """
     if value is None:
         return None
-    value = value.strip()
-    if value.isdigit():
+    value = value.strip(" \t")
+    if _DELTA_SECONDS.fullmatch(value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)

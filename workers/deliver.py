@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import aiohttp
 import dramatiq
 
+from relay.crypto import open_headers
 from relay.delivery import decide, delivery_headers, parse_retry_after
 from relay.egress import EgressRefused, describe_error
 from relay.enqueue import DELIVER_ACTOR, QUEUE
@@ -35,6 +37,14 @@ def _secrets(ctx: WorkerContext, row: dict[str, object]) -> list[str]:
     ):
         secrets.append(box.open(row["previous_secret_enc"], bound_to=str(row["target_id"])))  # type: ignore[arg-type]
     return secrets
+
+
+def _redact(text: str, values: Iterable[str]) -> str:
+    """``text`` with every non-empty value in ``values`` masked."""
+    for value in values:
+        if value:
+            text = text.replace(value, "••••")
+    return text
 
 
 async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
@@ -66,21 +76,23 @@ async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
             DELIVERIES.labels("rate-limited").inc()
             return "rate-limited"
 
-    body = bytes(row["payload"])
-    headers = delivery_headers(
-        event_id=row["event_id"],
-        body=body,
-        secrets=_secrets(ctx, dict(row)),
-        timestamp=int(time.time()),
-        target_headers=row["headers"],
-    )
     started_at = datetime.now(UTC)
     started = time.perf_counter()
     status_code: int | None = None
     error: str | None = None
     response_body: str | None = None
     retry_after: float | None = None
+    target_headers: dict[str, str] = {}
     try:
+        body = bytes(row["payload"])
+        target_headers = open_headers(ctx.secrets, row["target_id"], row["headers_enc"])
+        headers = delivery_headers(
+            event_id=row["event_id"],
+            body=body,
+            secrets=_secrets(ctx, dict(row)),
+            timestamp=int(time.time()),
+            target_headers=target_headers,
+        )
         response = await ctx.egress.post(row["url"], body, headers)
         status_code = response.status
         response_body = response.body.decode("utf-8", "replace").replace("\x00", "")
@@ -89,6 +101,15 @@ async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
             error = f"HTTP {status_code}"
     except (EgressRefused, aiohttp.ClientError, TimeoutError, OSError) as exc:
         error = describe_error(exc)
+    except Exception as exc:  # whatever happens, the attempt is recorded
+        # Without this the actor dies, no attempt is recorded, and the sweeper
+        # sends the delivery again forever. The text may quote what was sent:
+        # mask the target's header values before storing or logging it.
+        error = "unexpected error: " + _redact(describe_error(exc), target_headers.values())
+        log.error(
+            "attempt raised",
+            extra={"delivery_id": delivery_id, "target_id": row["target_id"], "error": error},
+        )
     duration_ms = int((time.perf_counter() - started) * 1000)
     ATTEMPT_LATENCY.labels(status_class(status_code)).observe(time.perf_counter() - started)
 

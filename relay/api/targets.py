@@ -25,7 +25,7 @@ from relay.api.routing import (
     timestamp,
 )
 from relay.api.sources import HEADER_NAME, RateLimit
-from relay.crypto import new_id, new_webhook_secret
+from relay.crypto import new_id, new_webhook_secret, open_headers, seal_headers
 from relay.egress import host_is_forbidden
 from relay.ingest import compact
 from relay.keys import CACHE, ENQUEUER, POOL, SECRETS, SETTINGS
@@ -52,6 +52,9 @@ FORBIDDEN_HEADERS = frozenset(
         "content-encoding",
     }
 )
+
+#: RFC 9110 field-value without obs-text: visible ASCII, space and tab.
+HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 
 FilterValue = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=200)]
 
@@ -99,8 +102,12 @@ def _check_headers(value: dict[str, str]) -> dict[str, str]:
             raise ValueError(f"{name!r} is not a valid header name")
         if lower in FORBIDDEN_HEADERS or lower.startswith("webhook-"):
             raise ValueError(f"{name!r} may not be set by a target")
-        if any(c in header_value for c in "\r\n\0") or len(header_value) > 4096:
-            raise ValueError(f"the value of {name!r} is not a valid header value")
+        if len(header_value) > 4096:
+            raise ValueError(f"the value of {name!r} is longer than 4096 characters")
+        if not HEADER_VALUE.fullmatch(header_value):
+            raise ValueError(
+                f"the value of {name!r} may hold only visible ASCII characters, spaces and tabs"
+            )
     return value
 
 
@@ -170,15 +177,19 @@ class TargetPatch(pydantic.BaseModel):
     enabled: bool | SkipJsonSchema[None] = None
 
 
-def render_target(row: Any) -> dict[str, Any]:
-    """A target as the API shows it (no secret)."""
+MASK = "••••"
+
+
+def render_target(request: web.Request, row: Any) -> dict[str, Any]:
+    """A target as the API shows it: no secret, header values masked."""
+    headers = open_headers(request.app[SECRETS], row["id"], row["headers_enc"])
     return {
         "id": row["id"],
         "url": row["url"],
         "description": row["description"],
         "filter": {"objectType": row["filter_object_types"], "action": row["filter_actions"]},
         "source_ids": row["source_ids"],
-        "headers": row["headers"],
+        "headers": dict.fromkeys(headers, MASK),
         "rate_limit": row["rate_limit"],
         "enabled": row["enabled"],
         "disabled_reason": row["disabled_reason"],
@@ -225,14 +236,14 @@ async def create_target(request: web.Request) -> web.Response:
         filter_object_types=flt.object_type,
         filter_actions=flt.action,
         source_ids=source_ids,
-        headers=body.headers or {},
+        headers_enc=seal_headers(request.app[SECRETS], target_id, body.headers or {}),
         rate_limit=body.rate_limit,
         enabled=body.enabled,
         disabled_reason=None if body.enabled else "disabled through the API",
         secret_enc=request.app[SECRETS].seal(secret, bound_to=target_id),
     )
     request.app[CACHE].forget_tenant(tenant_id(request))
-    return respond({**render_target(row), "secret": secret}, status=201)
+    return respond({**render_target(request, row), "secret": secret}, status=201)
 
 
 async def list_targets(request: web.Request) -> web.Response:
@@ -241,7 +252,7 @@ async def list_targets(request: web.Request) -> web.Response:
     rows, cursor = await store.list_targets(
         request.app[POOL], tenant_id(request), query.limit, query.cursor
     )
-    return page([render_target(r) for r in rows], cursor)
+    return page([render_target(request, r) for r in rows], cursor)
 
 
 async def _get_or_404(request: web.Request) -> Any:
@@ -255,7 +266,7 @@ async def _get_or_404(request: web.Request) -> Any:
 
 async def get_target(request: web.Request) -> web.Response:
     """One target."""
-    return respond(render_target(await _get_or_404(request)))
+    return respond(render_target(request, await _get_or_404(request)))
 
 
 async def update_target(request: web.Request) -> web.Response:
@@ -278,7 +289,7 @@ async def update_target(request: web.Request) -> web.Response:
     if "source_ids" in fields:
         changes["source_ids"] = await _check_sources(request, body.source_ids)
     if body.headers is not None:
-        changes["headers"] = body.headers
+        changes["headers_enc"] = seal_headers(request.app[SECRETS], current["id"], body.headers)
     if "rate_limit" in fields:
         changes["rate_limit"] = body.rate_limit
     if body.enabled is not None and body.enabled != current["enabled"]:
@@ -289,7 +300,7 @@ async def update_target(request: web.Request) -> web.Response:
     if row is None:
         raise errors.NotFound("no such target")
     request.app[CACHE].forget_tenant(tenant_id(request))
-    return respond(render_target(row))
+    return respond(render_target(request, row))
 
 
 async def delete_target(request: web.Request) -> web.Response:
@@ -306,6 +317,12 @@ async def get_target_secret(request: web.Request) -> web.Response:
     """The target's current signing secret."""
     row = await _get_or_404(request)
     return respond({"secret": request.app[SECRETS].open(row["secret_enc"], bound_to=row["id"])})
+
+
+async def get_target_headers(request: web.Request) -> web.Response:
+    """The target's custom headers with their values in clear."""
+    row = await _get_or_404(request)
+    return respond({"headers": open_headers(request.app[SECRETS], row["id"], row["headers_enc"])})
 
 
 async def rotate_target_secret(request: web.Request) -> web.Response:
@@ -370,6 +387,13 @@ ROUTES = [
         "/v1/targets/{target_id}/secret",
         get_target_secret,
         "Get a target's signing secret",
+        "tenant",
+    ),
+    Route(
+        "GET",
+        "/v1/targets/{target_id}/headers",
+        get_target_headers,
+        "Get a target's custom headers in clear",
         "tenant",
     ),
     Route(

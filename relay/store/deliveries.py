@@ -25,7 +25,7 @@ WITH claimed AS (
 )
 SELECT c.id, c.tenant_id, c.event_id, c.target_id, c.attempt_count, c.locked_until,
        e.payload,
-       t.url, t.headers, t.rate_limit, t.enabled, t.deleted_at, t.secret_enc,
+       t.url, t.headers_enc, t.rate_limit, t.enabled, t.deleted_at, t.secret_enc,
        t.previous_secret_enc, t.secret_rotated_at
 FROM claimed c
 JOIN events e ON e.id = c.event_id

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay.config import ConfigError
+from relay.crypto import SecretBox, seal_headers
 from relay.store.db import Conn
 
 log = logging.getLogger(__name__)
@@ -48,8 +52,41 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-async def migrate(conn: Conn, directory: Path | None = None) -> list[str]:
-    """Apply what is pending; return the names applied (empty when up to date)."""
+async def _encrypt_target_headers(conn: Conn, box: SecretBox | None) -> None:
+    """0003: encrypt the plaintext headers of existing targets, then drop the plaintext column."""
+    rows = await conn.fetch(
+        "SELECT id, headers::text AS headers FROM targets WHERE headers <> '{}'::jsonb FOR UPDATE"
+    )
+    if rows and box is None:
+        raise ConfigError(
+            "RELAY_SECRET_KEY is needed: migration 0003 encrypts the custom headers "
+            f"of {len(rows)} existing target(s)"
+        )
+    for row in rows:
+        assert box is not None
+        await conn.execute(
+            "UPDATE targets SET headers_enc = $2 WHERE id = $1",
+            row["id"],
+            seal_headers(box, row["id"], json.loads(row["headers"])),
+        )
+    await conn.execute("ALTER TABLE targets DROP COLUMN headers")
+
+
+#: What SQL cannot do (it has no key): run right after the named file's SQL,
+#: in its transaction, so the migration is applied whole or not at all.
+PYTHON_STEPS: dict[str, Callable[[Conn, SecretBox | None], Awaitable[None]]] = {
+    "0003_target_headers_encrypted.sql": _encrypt_target_headers,
+}
+
+
+async def migrate(
+    conn: Conn, directory: Path | None = None, *, secrets: SecretBox | None = None
+) -> list[str]:
+    """Apply what is pending; return the names applied (empty when up to date).
+
+    ``secrets``: the key, for the steps that encrypt existing rows; without it
+    such a step fails with ConfigError if it has rows to encrypt.
+    """
     pending_files = load_migrations(directory)
     applied: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
@@ -69,6 +106,9 @@ async def migrate(conn: Conn, directory: Path | None = None) -> list[str]:
                 continue
             async with conn.transaction():
                 await conn.execute(migration.sql)
+                step = PYTHON_STEPS.get(migration.name)
+                if step is not None:
+                    await step(conn, secrets)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                     migration.version,

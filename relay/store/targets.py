@@ -14,7 +14,7 @@ _UPDATABLE = frozenset(
         "filter_object_types",
         "filter_actions",
         "source_ids",
-        "headers",
+        "headers_enc",
         "rate_limit",
         "enabled",
         "disabled_reason",

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import time
 from typing import Any
 
+import asyncpg
 import standardwebhooks
 import svix.webhooks
 
-from tests.conftest import Tenant, make_tenant
+from relay.crypto import SecretBox, seal_headers
+from relay.store import targets as target_store
+from tests.conftest import SECRET_KEY, Tenant, make_tenant
 from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
 from tests.stack import Receiver, eventually, fail_then_succeed, fetch, hang, status
 
@@ -285,3 +289,68 @@ async def test_500_events_to_two_targets_arrive_exactly_once(
         hook = standardwebhooks.Webhook(target["secret"])
         for r in receiver.at(path)[:50]:
             hook.verify(r.body, r.headers)
+
+
+BOX = SecretBox(base64.b64decode(SECRET_KEY))
+
+
+async def _set_target_headers(
+    database_url: str, tenant_id: str, target_id: str, headers: dict[str, str]
+) -> None:
+    """Store ``headers`` on the target behind the API's back (the API refuses these)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await target_store.update_target(
+            conn,
+            tenant_id,
+            target_id,
+            {
+                "headers_enc": seal_headers(
+                    SecretBox(base64.b64decode(SECRET_KEY)), target_id, headers
+                )
+            },
+        )
+    finally:
+        await conn.close()
+
+
+async def test_an_attempt_that_raises_is_recorded_and_follows_the_schedule(
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    # Given a target whose stored header value holds a control character
+    tenant, source, target = await setup(gateway, receiver, "/ctl")
+    await _set_target_headers(database_url, tenant.id, target["id"], {"X-A": "a\u000bb-sekrit"})
+    [event_id] = (await (await post_token(gateway, source, SOFTLEDGER)).json())["event_ids"]
+    # Then every attempt is recorded as a failure and the delivery ends dead on schedule
+    row = await finished(database_url, event_id, target["id"])
+    assert row["status"] == "dead" and row["attempt_count"] == 3  # schedule 0,0.3,0.3
+    attempts = await attempts_of(database_url, row["id"])
+    assert len(attempts) == 3
+    for attempt in attempts:
+        assert attempt["status_code"] is None and attempt["error"]
+        assert "sekrit" not in attempt["error"] and "Traceback" not in attempt["error"]
+    assert receiver.at("/ctl") == []
+    # and the tenant sees why through the API
+    got = await (await gateway.get(f"/v1/deliveries/{row['id']}", headers=tenant.auth)).json()
+    assert got["status"] == "dead" and got["last_error"]
+    assert "sekrit" not in json.dumps(got)
+    assert "sekrit" not in worker.log()
+
+
+async def test_retry_after_that_is_not_a_number_is_ignored(
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    async def odd(request: Any, count: int) -> Any:
+        from aiohttp import web
+
+        if count == 0:
+            return web.Response(status=503, headers={"Retry-After": "²"})
+        return web.Response(status=200)
+
+    receiver.on("/odd", odd)
+    _, source, target = await setup(gateway, receiver, "/odd")
+    [event_id] = (await (await post_token(gateway, source, SOFTLEDGER)).json())["event_ids"]
+    row = await finished(database_url, event_id, target["id"])
+    assert row["status"] == "succeeded" and row["attempt_count"] == 2
+    attempts = await attempts_of(database_url, row["id"])
+    assert [a["status_code"] for a in attempts] == [503, 200]

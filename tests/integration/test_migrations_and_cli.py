@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from relay.store.migrations import load_migrations
+from relay.crypto import SecretBox, open_headers
+from relay.store.migrations import PYTHON_STEPS, load_migrations, migrate
 from tests.conftest import ADMIN_TOKEN, SECRET_KEY, _admin, with_database
 
 
@@ -148,3 +152,72 @@ def test_secret_key_is_read_from_env_not_leaked(database_url: str) -> None:
     # The key never appears in what the CLI prints, even on error
     result = relay("serve", env={"DATABASE_URL": "nope://", "RELAY_SECRET_KEY": SECRET_KEY})
     assert result.returncode == 2 and SECRET_KEY not in result.stderr + result.stdout
+
+
+async def _older_database_with_plaintext_headers(url: str, old: Path) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn, old)
+        await conn.execute("INSERT INTO tenants (id, name) VALUES ('ten_1', 'Old')")
+        await conn.execute(
+            """
+            INSERT INTO targets (id, tenant_id, url, headers, secret_enc) VALUES
+              ('tgt_1', 'ten_1', 'https://a.example/', $1::jsonb, '\\x00'),
+              ('tgt_2', 'ten_1', 'https://b.example/', '{}'::jsonb, '\\x00')
+            """,
+            json.dumps({"Authorization": "Bearer old-sekrit", "X-Env": "prod"}),
+        )
+    finally:
+        await conn.close()
+
+
+async def _versions(url: str) -> list[Any]:
+    conn = await asyncpg.connect(url)
+    try:
+        return [tuple(r) for r in await conn.fetch("SELECT version, name FROM schema_migrations")]
+    finally:
+        await conn.close()
+
+
+async def _targets(url: str) -> dict[str, Any]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT id, row_to_json(t)::text AS text, t.* FROM targets t")
+        return {r["id"]: r for r in rows}
+    finally:
+        await conn.close()
+
+
+def test_migrate_encrypts_the_plaintext_headers_of_existing_targets(
+    empty_db: str, tmp_path: Path
+) -> None:
+    # Given a database of the previous release holding a target with plaintext headers
+    old = tmp_path / "old"
+    old.mkdir()
+    for migration in load_migrations():
+        if migration.version <= 2:
+            (old / migration.name).write_text(migration.sql)
+    asyncio.run(_older_database_with_plaintext_headers(empty_db, old))
+    # Without RELAY_SECRET_KEY, `relay migrate` refuses (naming it) and changes nothing
+    refused = relay("migrate", env={"DATABASE_URL": empty_db})
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "RELAY_SECRET_KEY" in refused.stderr and "Traceback" not in refused.stderr
+    assert [v for v, _ in asyncio.run(_versions(empty_db))] == [1, 2]
+    assert "old-sekrit" in asyncio.run(_targets(empty_db))["tgt_1"]["text"]
+    # With it, the headers are encrypted, bound to their target, and no plaintext is left
+    done = relay("migrate", env={"DATABASE_URL": empty_db, "RELAY_SECRET_KEY": SECRET_KEY})
+    assert done.returncode == 0, done.stderr
+    rows = asyncio.run(_targets(empty_db))
+    assert all("sekrit" not in row["text"] and "prod" not in row["text"] for row in rows.values())
+    box = SecretBox(base64.b64decode(SECRET_KEY))
+    assert open_headers(box, "tgt_1", rows["tgt_1"]["headers_enc"]) == {
+        "Authorization": "Bearer old-sekrit",
+        "X-Env": "prod",
+    }
+    assert open_headers(box, "tgt_2", rows["tgt_2"]["headers_enc"]) == {}
+    again = relay("migrate", env={"DATABASE_URL": empty_db, "RELAY_SECRET_KEY": SECRET_KEY})
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+
+def test_every_python_migration_step_names_a_migration_file() -> None:
+    assert set(PYTHON_STEPS) <= {m.name for m in load_migrations()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets as secrets_module
 import shutil
 import subprocess
 from pathlib import Path
@@ -40,10 +41,23 @@ async def test_database_dump_holds_no_plaintext_secret(
             await client.post(f"/v1/sources/{body['id']}/rotate-secret", headers=tenant.auth)
         ).json()
         secrets.append(rotated["secret"])
+    bearer = "Bearer " + secrets_module.token_urlsafe(24)
     target = await (
-        await client.post("/v1/targets", json={"url": "https://a.example/"}, headers=tenant.auth)
+        await client.post(
+            "/v1/targets",
+            json={"url": "https://a.example/", "headers": {"Authorization": bearer}},
+            headers=tenant.auth,
+        )
     ).json()
-    secrets.append(target["secret"])
+    secrets += [target["secret"], bearer.removeprefix("Bearer ")]
+    patched = "k-" + secrets_module.token_urlsafe(24)
+    resp = await client.patch(
+        f"/v1/targets/{target['id']}",
+        json={"headers": {"Authorization": bearer, "X-Api-Key": patched}},
+        headers=tenant.auth,
+    )
+    assert resp.status == 200
+    secrets.append(patched)
     rotated = await (
         await client.post(f"/v1/targets/{target['id']}/rotate-secret", headers=tenant.auth)
     ).json()

@@ -40,12 +40,19 @@ async def test_create_target_with_everything(client: Any, tenant: Tenant) -> Non
     assert body["id"].startswith("tgt_")
     assert body["secret"].startswith("whsec_")
     assert len(base64.b64decode(body["secret"].removeprefix("whsec_"))) == 32
-    for key in ("url", "description", "filter", "source_ids", "headers", "rate_limit", "enabled"):
+    for key in ("url", "description", "filter", "source_ids", "rate_limit", "enabled"):
         assert body[key] == payload[key], key
+    assert body["headers"] == {"X-Api-Key": "••••"}  # values are credentials: masked
     assert body["disabled_reason"] is None
     got = await (await client.get(f"/v1/targets/{body['id']}", headers=tenant.auth)).json()
     assert "secret" not in got
     assert got == {k: v for k, v in body.items() if k != "secret"}
+    listed = await (await client.get("/v1/targets", headers=tenant.auth)).json()
+    assert listed["data"] == [got]
+    clear = await (
+        await client.get(f"/v1/targets/{body['id']}/headers", headers=tenant.auth)
+    ).json()
+    assert clear == {"headers": {"X-Api-Key": "abc"}}
     secret = await (
         await client.get(f"/v1/targets/{body['id']}/secret", headers=tenant.auth)
     ).json()
@@ -181,7 +188,12 @@ async def test_patch_target(client: Any, tenant: Tenant) -> None:
     assert body["filter"] == {"objectType": [], "action": ["Created"]}
     assert body["source_ids"] == [source_id]
     assert body["description"] is None and body["rate_limit"] == 3
-    assert body["headers"] == {"X-Env": "prod"}
+    assert body["headers"] == {"X-Env": "••••"}
+    clear = await (await client.get(f"{url}/headers", headers=tenant.auth)).json()
+    assert clear == {"headers": {"X-Env": "prod"}}
+    body = await (await client.patch(url, json={"headers": {}}, headers=tenant.auth)).json()
+    assert body["headers"] == {}
+    assert await (await client.get(f"{url}/headers", headers=tenant.auth)).json() == {"headers": {}}
     body = await (await client.patch(url, json={"enabled": False}, headers=tenant.auth)).json()
     assert body["enabled"] is False and body["disabled_reason"]
     body = await (
@@ -215,6 +227,7 @@ async def test_rotate_secret_and_delete_target(client: Any, tenant: Tenant) -> N
         ("PATCH", url),
         ("DELETE", url),
         ("GET", f"{url}/secret"),
+        ("GET", f"{url}/headers"),
         ("POST", f"{url}/rotate-secret"),
     ):
         resp = await client.request(
@@ -222,3 +235,56 @@ async def test_rotate_secret_and_delete_target(client: Any, tenant: Tenant) -> N
         )
         await assert_error(resp, 404, "not_found")
     assert (await (await client.get("/v1/targets", headers=tenant.auth)).json())["data"] == []
+
+
+BAD_HEADER_VALUES = [
+    "a\u000bb",  # vertical tab: aiohttp refuses to send it
+    "a\u0001b",
+    "a\u007fb",
+    "a\u00a0b",
+    "é",
+    "a\u2028b",
+]
+
+
+@pytest.mark.parametrize("value", BAD_HEADER_VALUES)
+async def test_header_values_must_be_visible_ascii(client: Any, tenant: Tenant, value: str) -> None:
+    payload = {"url": "https://x.example", "headers": {"X-Ok": "fine", "X-Bad": value}}
+    error = await assert_error(
+        await client.post("/v1/targets", json=payload, headers=tenant.auth),
+        422,
+        "validation_error",
+    )
+    assert "X-Bad" in error["message"] and value not in error["message"]
+    assert (await (await client.get("/v1/targets", headers=tenant.auth)).json())["data"] == []
+    created = await (
+        await client.post("/v1/targets", json={"url": "https://x.example"}, headers=tenant.auth)
+    ).json()
+    url = f"/v1/targets/{created['id']}"
+    error = await assert_error(
+        await client.patch(url, json={"headers": {"X-Bad": value}}, headers=tenant.auth),
+        422,
+        "validation_error",
+    )
+    assert "X-Bad" in error["message"]
+    assert (await (await client.get(url, headers=tenant.auth)).json())["headers"] == {}
+    await client.delete(url, headers=tenant.auth)
+
+
+@pytest.mark.parametrize("name", ["X-A\n", "X-A\u000b", "X A", "X:A", "X-\u00e9", ""])
+async def test_header_names_must_be_tokens(client: Any, tenant: Tenant, name: str) -> None:
+    payload = {"url": "https://x.example", "headers": {name: "v"}}
+    error = await assert_error(
+        await client.post("/v1/targets", json=payload, headers=tenant.auth),
+        422,
+        "validation_error",
+    )
+    assert "headers" in [d["field"] for d in error["details"]]
+
+
+async def test_header_values_may_hold_spaces_and_tabs(client: Any, tenant: Tenant) -> None:
+    headers = {"Authorization": "Bearer a.b-c~d", "X-List": "a,\tb; q=1", "X-Empty": ""}
+    resp = await client.post(
+        "/v1/targets", json={"url": "https://x.example", "headers": headers}, headers=tenant.auth
+    )
+    assert resp.status == 201, await resp.text()

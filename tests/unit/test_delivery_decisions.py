@@ -67,6 +67,37 @@ def test_retry_after_forms() -> None:
         assert parse_retry_after(bad, now) is None
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "²",  # str.isdigit() is true, float() refuses it
+        "¹²",
+        "٣",  # Arabic-Indic three: float() would accept it, HTTP does not
+        "\uff11\uff12",  # fullwidth digits
+        "12\u00a0",
+        "+5",
+        "5 5",
+        "0x10",
+        "1_000",
+        "Wed, 21 Oct 99999 07:28:00 GMT",
+        "Wed, 32 Oct 2015 07:28:00 GMT",
+    ],
+)
+def test_retry_after_only_ascii_digits_or_an_http_date(value: str) -> None:
+    now = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after(value, now) is None
+
+
+@given(st.text())
+def test_retry_after_never_raises(value: str) -> None:
+    now = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
+    result = parse_retry_after(value, now)
+    assert result is None or result >= 0
+    bare = value.strip(" \t")
+    if bare.isascii() and bare.isdigit():
+        assert result == int(bare)
+
+
 def test_headers_carry_target_headers_and_signature_last() -> None:
     headers = delivery_headers(
         event_id="evt_1",
