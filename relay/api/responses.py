@@ -214,6 +214,12 @@ class Stats(pydantic.BaseModel):
     dead_letters_by_tenant: list[TenantDeadLetters]
 
 
+class TargetHeaders(pydantic.BaseModel):
+    """A target's custom headers, values in clear."""
+
+    headers: dict[str, str]
+
+
 class Health(pydantic.BaseModel):
     """The process is alive."""
 
@@ -266,6 +272,7 @@ ANSWERS: dict[tuple[str, str], Answer] = {
     ("PATCH", "/v1/targets/{target_id}"): Answer(Target),
     ("DELETE", "/v1/targets/{target_id}"): Answer(),
     ("GET", "/v1/targets/{target_id}/secret"): Answer(Secret),
+    ("GET", "/v1/targets/{target_id}/headers"): Answer(TargetHeaders),
     ("POST", "/v1/targets/{target_id}/rotate-secret"): Answer(Secret),
     ("POST", "/v1/targets/{target_id}/test"): Answer(TestSent, errors=(409,)),
     ("GET", "/v1/events"): Answer(Event, page=True),
