@@ -11,9 +11,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from relay import errors
+from relay import errors, strict_json
 
 MAX_BATCH = 1000
+#: Nesting an event may have (deeper is refused with 400, never a RecursionError).
+MAX_DEPTH = 128
 #: Upstream ids longer than this are not ids: refused rather than indexed.
 MAX_UUID = 255
 #: Extracted columns are for filtering and display; the payload keeps everything.
@@ -69,11 +71,14 @@ def compact(obj: Any) -> bytes:
 def parse_body(raw: bytes) -> list[ParsedEvent]:
     """The events of an ingest body; InvalidJSON/InvalidRequest/ValidationFailed if bad."""
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise errors.InvalidJSON(f"the body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise errors.InvalidJSON("the body is nested too deeply") from None
+        data = strict_json.loads(raw, max_depth=MAX_DEPTH)
+    except strict_json.BadString as exc:
+        raise errors.InvalidJSON(
+            f"{exc.message} (at {exc.path or 'the top'})",
+            details=[{"field": exc.path or "body", "message": exc.message}],
+        ) from None
+    except strict_json.NotStandardJSON as exc:
+        raise errors.InvalidJSON(str(exc)) from None
     if isinstance(data, dict):
         return [_event(data, raw, "")]
     if not isinstance(data, list):

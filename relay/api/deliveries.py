@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -25,8 +25,19 @@ def _date_time_text(value: Any) -> Any:
     return value
 
 
+def _in_range(value: datetime) -> datetime:
+    """A date Postgres and Python can hold once in UTC (``0001-01-01T00:00:00+14:00`` is not)."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range once converted to UTC") from None
+
+
 Timestamp = Annotated[
-    pydantic.AwareDatetime, pydantic.Strict(False), pydantic.BeforeValidator(_date_time_text)
+    pydantic.AwareDatetime,
+    pydantic.Strict(False),
+    pydantic.BeforeValidator(_date_time_text),
+    pydantic.AfterValidator(_in_range),
 ]
 Id = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=64)]
 #: Replays by id are done in the request; larger selections by a worker job.

@@ -7,6 +7,7 @@ document, so the two cannot drift apart.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,12 +16,15 @@ from typing import Any, Literal, TypeVar
 import pydantic
 from aiohttp import web
 
-from relay import errors
+from relay import errors, strict_json
 from relay.crypto import constant_time_equals, hash_api_key
 from relay.keys import POOL, SETTINGS, TENANT_ID
 from relay.store import tenants as tenant_store
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: Every id the relay makes: a type prefix and a ULID (relay.crypto.new_id).
+ID_PATTERN = r"^[a-z]{3}_[0-9A-HJKMNP-TV-Z]{26}$"
+_ID = re.compile(ID_PATTERN)
 Auth = Literal["operator", "tenant", "none", "source"]
 M = TypeVar("M", bound=pydantic.BaseModel)
 
@@ -45,7 +49,19 @@ class Route:
 def add_routes(app: web.Application, routes: list[Route]) -> None:
     """Register ``routes`` with their authentication wrapped around the handler."""
     for route in routes:
-        app.router.add_route(route.method, route.path, _with_auth(route))
+        app.router.add_route(route.method, route.path, _with_ids_checked(_with_auth(route)))
+
+
+def _with_ids_checked(handler: Handler) -> Handler:
+    """A path id that is not an id is a missing thing (404), found without a query."""
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        for name, value in request.match_info.items():
+            if name.endswith("_id") and not _ID.match(value):
+                raise errors.NotFound()
+        return await handler(request)
+
+    return checked
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -116,14 +132,16 @@ def is_json_content_type(request: web.Request) -> bool:
 
 
 async def read_json(request: web.Request) -> Any:
-    """The request's JSON body: 415 if not JSON, 400 if malformed."""
+    """The request's JSON body: 415 if not JSON, 400 if not standard JSON, 422 for bad text."""
     if not is_json_content_type(request):
         raise errors.UnsupportedMediaType()
     raw = await request.read()
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise errors.InvalidJSON(f"the body is not valid JSON: {exc}") from None
+        return strict_json.loads(raw)
+    except strict_json.BadString as exc:
+        raise errors.ValidationFailed.field(exc.path or "body", exc.message) from None
+    except strict_json.NotStandardJSON as exc:
+        raise errors.InvalidJSON(str(exc)) from None
 
 
 async def read_body(request: web.Request, model: type[M], *, empty_ok: bool = False) -> M:
@@ -142,6 +160,11 @@ async def read_body(request: web.Request, model: type[M], *, empty_ok: bool = Fa
 
 def read_query(request: web.Request, model: type[M]) -> M:
     """Validate the query string into ``model`` (422 naming each bad parameter)."""
+    for name, value in request.query.items():
+        if (
+            problem := strict_json.string_problem(name) or strict_json.string_problem(value)
+        ) is not None:
+            raise errors.ValidationFailed.field(name.encode("utf-8", "replace").decode(), problem)
     try:
         return model.model_validate(dict(request.query))
     except pydantic.ValidationError as exc:
@@ -154,7 +177,8 @@ class ListQuery(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
     limit: int = pydantic.Field(50, ge=1, le=500)
-    cursor: str | None = pydantic.Field(None, min_length=1, max_length=64)
+    #: A cursor is the id of the last row of the previous page.
+    cursor: str | None = pydantic.Field(None, pattern=ID_PATTERN)
 
 
 # --- answers ----------------------------------------------------------------
