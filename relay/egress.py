@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -37,10 +38,38 @@ class EgressRefused(Exception):
     """The target's address is not one the relay may call."""
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+#: Local-use NAT64 (RFC 8215): where the IPv4 sits depends on the operator's prefix.
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries: mapped, 6to4, Teredo."""
+    found: list[ipaddress.IPv4Address] = []
+    if address.ipv4_mapped is not None:
+        found.append(address.ipv4_mapped)
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if address.teredo is not None:
+        found.extend(address.teredo)  # (server, client)
+    return found
+
+
 def is_forbidden_address(address: IPAddress) -> bool:
-    """Loopback, private, link-local, multicast, reserved, unspecified or metadata."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Loopback, private, link-local, multicast, reserved, unspecified or metadata.
+
+    An IPv6 address that embeds an IPv4 one (mapped, 6to4, Teredo, NAT64) is
+    forbidden when the IPv4 address is.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _NAT64_LOCAL:
+            return True
+        if address in _NAT64:  # reserved as IPv6; what matters is the IPv4 it reaches
+            return is_forbidden_address(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        if any(is_forbidden_address(inner) for inner in _embedded_ipv4(address)):
+            return True
     return (
         address.is_loopback
         or address.is_private
@@ -53,33 +82,61 @@ def is_forbidden_address(address: IPAddress) -> bool:
     )
 
 
-def literal_address(host: str) -> IPAddress | None:
-    """The address if ``host`` is an IP literal (brackets allowed), else None."""
+def parse_host(host: str) -> IPAddress | str:
+    """The address a URL's host names, or its normalised name; EgressRefused if it is neither.
+
+    One reading of a host for the check at creation and the one at connect time:
+    brackets and trailing dots go, every numeric IPv4 form (``2130706433``,
+    ``0177.0.0.1``, ``127.1``, ``0x7f.1``) is read as the address it is, and a
+    name must be valid for DNS (labels of 1 to 63 characters, IDNA).
+    """
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if not name:
+        raise EgressRefused("the URL has no host")
     try:
-        return ipaddress.ip_address(host.strip("[]"))
+        return ipaddress.ip_address(name)
     except ValueError:
-        return None
+        pass
+    labels = name.split(".")
+    if _NUMERIC_LABEL.match(labels[-1]):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(name))
+        except OSError:
+            raise EgressRefused(f"{host!r} is not a valid address") from None
+    try:
+        ascii_name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise EgressRefused(f"{host!r} is not a valid host name") from None
+    if len(ascii_name) > 253 or not all(_LABEL.match(label) for label in ascii_name.split(".")):
+        raise EgressRefused(f"{host!r} is not a valid host name")
+    return ascii_name
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """The address if ``host`` is an IP address in any form, else None (or EgressRefused)."""
+    parsed = parse_host(host)
+    return parsed if not isinstance(parsed, str) else None
 
 
 async def host_is_forbidden(host: str, *, resolve_timeout_s: float = 2.0) -> bool:
-    """True when ``host`` is, or resolves to, a forbidden address.
+    """True when ``host`` is, or resolves to, a forbidden address (EgressRefused if invalid).
 
     A name that does not resolve now is allowed: it is checked again at connect time.
     """
-    if host.lower().rstrip(".") in ("localhost", "localhost.localdomain") or host.lower().endswith(
-        ".localhost"
-    ):
+    parsed = parse_host(host)
+    if not isinstance(parsed, str):
+        return is_forbidden_address(parsed)
+    if parsed in ("localhost", "localhost.localdomain") or parsed.endswith(".localhost"):
         return True
-    literal = literal_address(host)
-    if literal is not None:
-        return is_forbidden_address(literal)
     loop = asyncio.get_running_loop()
     try:
         infos = await asyncio.wait_for(
-            loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), resolve_timeout_s
+            loop.getaddrinfo(parsed, None, type=socket.SOCK_STREAM), resolve_timeout_s
         )
     except (OSError, TimeoutError):
         return False
+    except (UnicodeError, ValueError):
+        raise EgressRefused(f"{host!r} is not a valid host name") from None
     return any(is_forbidden_address(ipaddress.ip_address(info[4][0])) for info in infos)
 
 
@@ -93,7 +150,10 @@ class GuardedResolver(AbstractResolver):
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         """Resolve ``host``; raise EgressRefused if any answer is forbidden."""
-        results = await self._inner.resolve(host, port, family)
+        try:
+            results = await self._inner.resolve(host, port, family)
+        except (UnicodeError, ValueError) as exc:
+            raise EgressRefused(f"{host!r} is not a valid host name") from exc
         for result in results:
             if is_forbidden_address(ipaddress.ip_address(result["host"])):
                 raise EgressRefused(f"{host} resolves to a forbidden address")
@@ -146,8 +206,9 @@ class EgressClient:
         parsed = URL(url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise EgressRefused("only absolute http(s) URLs are allowed")
+        # aiohttp does not consult the resolver for IP literals: check them here,
+        # with the same reading of the host as at creation.
         literal = literal_address(parsed.host)
-        # aiohttp does not consult the resolver for IP literals: check them here.
         if not self._allow_private and literal is not None and is_forbidden_address(literal):
             raise EgressRefused(f"{parsed.host} is a forbidden address")
         started = time.perf_counter()

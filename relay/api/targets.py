@@ -26,7 +26,7 @@ from relay.api.routing import (
 )
 from relay.api.sources import HEADER_NAME, RateLimit
 from relay.crypto import new_id, new_webhook_secret, open_headers, seal_headers
-from relay.egress import host_is_forbidden
+from relay.egress import EgressRefused, host_is_forbidden, parse_host
 from relay.ingest import compact
 from relay.keys import CACHE, ENQUEUER, POOL, SECRETS, SETTINGS
 from relay.store import events as event_store
@@ -92,6 +92,10 @@ def _check_url(value: str) -> str:
         raise ValueError("must be an absolute http:// or https:// URL")
     if not url.host:
         raise ValueError("must have a host")
+    try:
+        parse_host(url.host)
+    except EgressRefused as exc:
+        raise ValueError(str(exc)) from None
     return value
 
 
@@ -202,7 +206,11 @@ async def _check_destination(request: web.Request, url: str) -> None:
     if request.app[SETTINGS].allow_private_targets:
         return
     host = URL(url).host or ""
-    if await host_is_forbidden(host):
+    try:
+        forbidden = await host_is_forbidden(host)
+    except EgressRefused as exc:
+        raise errors.ValidationFailed.field("url", str(exc)) from None
+    if forbidden:
         raise errors.ValidationFailed.field(
             "url", "resolves to a loopback, private, link-local or metadata address"
         )

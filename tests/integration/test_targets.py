@@ -132,6 +132,16 @@ async def test_source_ids_must_be_the_tenants_own(
         "http://[fe80::1]/",
         "http://0.0.0.0/",
         "http://[::ffff:127.0.0.1]/",
+        "http://127.0.0.1.:8080/",
+        "http://2130706433/",
+        "http://0177.0.0.1/",
+        "http://127.1/",
+        "http://0x7f.1/",
+        "http://[2002:7f00:1::]/",
+        "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/",
+        "http://[64:ff9b::7f00:1]/",
+        "http://" + "a" * 64 + ".example/",
+        "http://a..b/",
     ],
 )
 async def test_private_targets_refused_unless_allowed(
