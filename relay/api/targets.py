@@ -63,7 +63,8 @@ _PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|
 #: port and userinfo, then visible ASCII. Stated in the schema and enforced.
 URL_PATTERN = (
     r"^[Hh][Tt][Tt][Pp][Ss]?://([^@/?#\s\x00]+@)?"
-    r"([A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])"
+    # a DNS name (labels of 1 to 63 characters, an optional trailing dot) or an IPv6 literal
+    r"((?:[A-Za-z0-9_~-]{1,63}\.)*[A-Za-z0-9_~-]{1,63}\.?|\[[0-9A-Fa-f:.]+\])"
     rf"(:{_PORT})?"
     r"([/?#][\x21-\x7e]*)?$"
 )

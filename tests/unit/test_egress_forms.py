@@ -47,7 +47,7 @@ PUBLIC_FORMS = [
     "[2002:5db8:d822::1]",  # 6to4 of 93.184.216.34
     "[64:ff9b::5db8:d822]",  # NAT64 of 93.184.216.34
 ]
-INVALID_HOSTS = ["a" * 64 + ".example", "a..b", "1.2.3.4.5", "0x", "-a.example", "a_b-.c"]
+INVALID_HOSTS = ["a" * 64 + ".example", "a..b", "1.2.3.4.5", "0x", ".a"]
 
 
 @pytest.mark.parametrize("host", FORBIDDEN_FORMS)
