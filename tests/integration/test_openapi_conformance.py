@@ -32,6 +32,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from relay.api.routing import ID_PATTERN
 from tests.conftest import OPERATOR, Tenant, assert_error, stack_env
 from tests.stack import Receiver
 
@@ -172,7 +173,7 @@ async def test_list_parameters_state_their_type_and_bounds(client: Any) -> None:
     doc = await (await client.get("/openapi.json")).json()
     params = {p["name"]: p["schema"] for p in doc["paths"]["/v1/events"]["get"]["parameters"]}
     assert params["limit"] == {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}
-    assert params["cursor"]["type"] == "string" and params["cursor"]["minLength"] == 1
+    assert params["cursor"] == {"type": "string", "pattern": ID_PATTERN}
     assert params["since"] == {"type": "string", "format": "date-time"}
     url = doc["components"]["schemas"]["TargetCreate"]["properties"]["url"]
     assert url["format"] == "uri" and url["maxLength"] == 2048
