@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
@@ -21,7 +20,7 @@ from relay.enqueue import Enqueuer, make_broker
 from relay.keys import CACHE, ENQUEUER, LIMITER, POOL, REDIS, SECRETS, SETTINGS
 from relay.openapi import OPENAPI, build_openapi
 from relay.ratelimit import RateLimiter
-from relay.store.db import create_pool
+from relay.store.db import POSTGRES_DOWN, create_pool
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +28,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: Failures of a dependency, not of the request: answered 503.
 DEPENDENCY_ERRORS = (
-    asyncpg.PostgresConnectionError,
-    # the server shutting down or restarting: CannotConnectNow, AdminShutdown, CrashShutdown
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.InterfaceError,
-    # ConnectionError, TimeoutError, and the Unix socket of a stopped Postgres (FileNotFoundError)
-    OSError,
+    *POSTGRES_DOWN,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
 )

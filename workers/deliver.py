@@ -7,9 +7,11 @@ import random
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 import dramatiq
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from relay.crypto import open_headers
 from relay.delivery import decide, delivery_headers, parse_retry_after
@@ -17,6 +19,7 @@ from relay.egress import EgressRefused, describe_error
 from relay.enqueue import DELIVER_ACTOR, QUEUE
 from relay.metrics import ATTEMPT_LATENCY, DELIVERIES, status_class
 from relay.store import deliveries as store
+from relay.store.db import POSTGRES_DOWN
 from workers.broker import WorkerContext, settings, worker_context
 
 log = logging.getLogger("relay.deliver")
@@ -123,20 +126,19 @@ async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
     requeue_in = (
         outcome.delay_s if outcome.delay_s is not None and outcome.delay_s <= SHORT_WAIT_S else None
     )
-    async with ctx.pool.acquire() as conn:
-        recorded = await store.record_attempt(
-            conn,
-            row,
-            started_at=started_at,
-            duration_ms=duration_ms,
-            status_code=status_code,
-            error=error if outcome.reason is None else f"{error}; {outcome.reason}",
-            response_body=response_body,
-            status=outcome.status,
-            delay_s=outcome.delay_s,
-            enqueued_for_s=requeue_in + grace_s if requeue_in is not None else None,
-            disable_reason=outcome.disable_target,
-        )
+    recorded = await _record_while_leased(
+        ctx,
+        row,
+        started_at=started_at,
+        duration_ms=duration_ms,
+        status_code=status_code,
+        error=error if outcome.reason is None else f"{error}; {outcome.reason}",
+        response_body=response_body,
+        status=outcome.status,
+        delay_s=outcome.delay_s,
+        enqueued_for_s=requeue_in + grace_s if requeue_in is not None else None,
+        disable_reason=outcome.disable_target,
+    )
     if recorded and requeue_in is not None:
         await ctx.enqueuer.enqueue([delivery_id], delay_s=requeue_in)
     DELIVERIES.labels(outcome.status).inc()
@@ -154,6 +156,28 @@ async def attempt_delivery(ctx: WorkerContext, delivery_id: str) -> str:
         },
     )
     return outcome.status
+
+
+async def _record_while_leased(ctx: WorkerContext, row: Any, **attempt: Any) -> bool:
+    """Record the attempt, retrying while Postgres is away and the lease still holds.
+
+    An attempt whose result cannot be recorded is made again once its lease
+    lapses: a duplicate for the receiver. So a Postgres restart or failover is
+    waited out for as long as the lease lasts; past that another worker may
+    have claimed the delivery, and the record (conditional on this lease) says so.
+    """
+    remaining_s = max(1.0, (row["locked_until"] - datetime.now(UTC)).total_seconds())
+    async for retry in AsyncRetrying(
+        retry=retry_if_exception_type(POSTGRES_DOWN),
+        wait=wait_exponential(multiplier=0.2, max=2),
+        stop=stop_after_delay(remaining_s),
+        reraise=True,
+    ):
+        with retry:
+            async with ctx.pool.acquire(timeout=5) as conn:
+                recorded: bool = await store.record_attempt(conn, row, **attempt)
+                return recorded
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 @dramatiq.actor(

@@ -22,6 +22,16 @@ Conn = Any  # asyncpg.Connection or a pool-acquired proxy
 
 #: Faults worth waiting out at start (Postgres still booting, a restart).
 TRANSIENT = (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
+#: Postgres unreachable or going away, as opposed to a fault of the statement: a
+#: connection refused or reset, a Unix socket gone (OSError, TimeoutError), a
+#: backend terminated or a server shutting down.
+POSTGRES_DOWN = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.TooManyConnectionsError,
+)
 
 
 async def _init_connection(conn: Conn) -> None:

@@ -298,8 +298,11 @@ async def _check(
     )
     duplicates = sum(n - 1 for n in receipts.values())
     duplicates += sum(n - 1 for n in FLAKY_SUCCESSES.values())
+    by_path = Counter(path for (_, path), n in receipts.items() for _ in range(n - 1))
+    by_path["/flaky"] += sum(n - 1 for n in FLAKY_SUCCESSES.values())
+    print("duplicate receipts by target:", dict(by_path))
     rate = duplicates / len(succeeded)
     print(f"deliveries {len(succeeded)} succeeded, duplicate receipts {duplicates} ({rate:.3%})")
     # At least once: an attempt in flight when Postgres goes down or its worker is killed
-    # is made again, since its result could not be recorded. Measured: about 1 %.
-    assert rate < 0.03
+    # is made again, since its result could not be recorded. Measured: 0.5 %.
+    assert rate < 0.02
