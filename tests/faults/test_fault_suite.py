@@ -63,11 +63,11 @@ TARGETS: dict[str, tuple[Any, str]] = {
     "/slow": (hang(0.3), "succeeded"),
     "/bills": (status(200), "succeeded"),
     "/failing": (status(500), "dead"),
-    "/hanging": (hang(3), "dead"),
+    "/hanging": (hang(10), "dead"),
     "/reset": (_reset, "dead"),
 }
 #: tenant -> its targets' paths; "/bills" only wants objectType Bill, "/hanging" only
-#: objectType Hang (one event in ten of t3: each of its attempts holds a worker thread
+#: objectType Hang (one event in twenty of t3: each of its attempts holds a worker thread
 #: for the whole timeout, which the delivery engine's issue is about, not this test)
 TENANTS = {
     "t1": ["/healthy", "/flaky"],
@@ -86,6 +86,9 @@ class Load:
 
     accepted: dict[str, tuple[str, str]] = field(default_factory=dict)  # event -> (tenant, type)
     statuses: Counter[str] = field(default_factory=Counter)
+    #: The fault under way; answers are counted by (phase, status).
+    phase: str = "steady"
+    by_phase: Counter[tuple[str, str]] = field(default_factory=Counter)
     unavailable_without_retry_after: int = 0
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -113,7 +116,7 @@ async def _generate(
         for tenant, source in sources.items():
             n += 1
             object_type = "Bill" if n % 2 else "Invoice"
-            if tenant == "t3" and n % 10 == 0:
+            if tenant == "t3" and n % 20 == 0:
                 object_type = "Hang"
             body = {"uuid": f"u-{n}", "objectType": object_type, "action": "paid", "objectId": n}
             gateway = gateways[n % len(gateways)]
@@ -124,6 +127,7 @@ async def _generate(
                     timeout=aiohttp.ClientTimeout(total=10),
                 ) as resp:
                     load.statuses[str(resp.status)] += 1
+                    load.by_phase[(load.phase, str(resp.status))] += 1
                     if resp.status == 202:
                         [event_id] = (await resp.json())["event_ids"]
                         load.accepted[event_id] = (tenant, object_type)
@@ -149,7 +153,8 @@ async def test_nothing_acknowledged_is_lost_under_faults(tmp_path: Path) -> None
         postgres.url,
         redis_server.url,
         RELAY_RETRY_SCHEDULE=SCHEDULE,
-        RELAY_DELIVERY_TIMEOUT_S="1",
+        # long enough that a loaded 2-core machine does not time out a healthy answer
+        RELAY_DELIVERY_TIMEOUT_S="3",
         RELAY_REQUEUE_AFTER_S="2",
     )
     gateways = [GatewayProcess(env, tmp_path / f"gw{i}.log").start() for i in range(2)]
@@ -177,10 +182,12 @@ async def test_nothing_acknowledged_is_lost_under_faults(tmp_path: Path) -> None
         redis_server.start()
         await asyncio.sleep(3)
         # When Postgres restarts
+        load.phase = "postgres down"
         postgres.stop()
         await asyncio.sleep(5)
         postgres.start()
         await asyncio.sleep(5)
+        load.phase = "steady"
         # When every gateway, then every worker, is restarted in turn (SIGTERM, then start)
         for process in [*gateways, *workers]:
             await asyncio.to_thread(process.stop)
@@ -247,7 +254,10 @@ async def _check(
     database_url: str, receiver: Receiver, load: Load, target_paths: dict[str, str]
 ) -> None:
     print("answers:", dict(load.statuses))
-    assert not [s for s in load.statuses if s.startswith("5") and s != "503"], load.statuses
+    print("answers by phase:", dict(load.by_phase))
+    # 503 (with Retry-After) only while Postgres is away; never a 500, never another 5xx
+    server_errors = {k: n for k, n in load.by_phase.items() if k[1].startswith("5")}
+    assert set(server_errors) <= {("postgres down", "503")}, server_errors
     assert load.unavailable_without_retry_after == 0
     assert len(load.accepted) > 500, load.statuses
 
