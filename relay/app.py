@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
 import redis.exceptions
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from relay import errors
 from relay.api import admin, deliveries, events, health, ingest, sources, targets, tenants
@@ -20,6 +20,7 @@ from relay.enqueue import Enqueuer, make_broker
 from relay.keys import CACHE, ENQUEUER, LIMITER, POOL, REDIS, SECRETS, SETTINGS
 from relay.openapi import OPENAPI, build_openapi
 from relay.ratelimit import RateLimiter
+from relay.server import BodyTimeout, RequestTimeout
 from relay.store.db import POSTGRES_DOWN, create_pool
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,31 @@ def error_response(exc: errors.RelayError) -> web.Response:
     return respond(exc.body(), status=exc.status, headers=exc.headers)
 
 
+def closing(response: web.Response) -> web.Response:
+    """``response``, after which the connection is closed (its body stream is broken)."""
+    response.force_close()
+    return response
+
+
+def _expire(body: StreamReader) -> None:
+    if not body.is_eof():
+        body.set_exception(BodyTimeout())  # the handler's next (or pending) read raises it
+
+
+@web.middleware
+async def body_deadline_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The body must arrive within RELAY_BODY_TIMEOUT_S of the head, else reading it fails."""
+    body = request.content
+    if body.is_eof():
+        return await handler(request)
+    deadline = request.app[SETTINGS].body_timeout_s
+    timer = asyncio.get_running_loop().call_later(deadline, _expire, body)
+    try:
+        return await handler(request)
+    finally:
+        timer.cancel()
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every failure into API.md's error shape; never a traceback to the caller."""
@@ -68,6 +94,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except errors.RelayError as exc:
         return error_response(exc)
+    except web.RequestPayloadError:
+        # aiohttp could not decode the body (e.g. Content-Encoding: gzip that is not gzip)
+        message = "the body could not be read: it is truncated or not in its Content-Encoding"
+        return closing(error_response(errors.InvalidRequest(message)))
+    except BodyTimeout:
+        seconds = request.app[SETTINGS].body_timeout_s
+        return closing(error_response(RequestTimeout(f"the body took longer than {seconds:g} s")))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -100,7 +133,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def create_app(settings: Settings) -> web.Application:
     """The gateway for ``settings``; Postgres and Redis are opened on startup."""
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[error_middleware, body_deadline_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -62,20 +62,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the gateway."""
-    from aiohttp import web
-
     from relay.app import create_app
     from relay.logs import setup_logging
+    from relay.server import run
 
     settings = load_settings(REQUIRED_FOR_SERVE)
     setup_logging(settings.log_level)
-    web.run_app(
-        create_app(settings),
-        host=args.host,
-        port=args.port,
-        access_log=None,
-        print=lambda text: print(text, file=sys.stderr),
-    )
+    run(create_app(settings), args.host, args.port, lambda text: print(text, file=sys.stderr))
     return 0
 
 
@@ -143,10 +136,9 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     """Everything in one command: services (embedded if unset), migrations, gateway, worker."""
-    from aiohttp import web
-
     from relay.app import create_app
     from relay.logs import setup_logging
+    from relay.server import run
 
     env = dict(os.environ)
     data_dir = Path(env.get("RELAY_DATA_DIR") or ".relay").resolve()
@@ -191,9 +183,7 @@ Ctrl-C stops everything.
             file=sys.stderr,
             flush=True,
         )
-        web.run_app(
-            create_app(settings), host=args.host, port=args.port, access_log=None, print=None
-        )
+        run(create_app(settings), args.host, args.port)
     return 0
 
 

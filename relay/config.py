@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
@@ -50,8 +51,16 @@ class Settings:
     #: How long the gateway trusts its cache of sources and targets.
     cache_ttl_s: float = 1.0
     log_level: str = "INFO"
-    #: Where `relay worker` serves its processes' aggregated metrics (0: off).
+    #: Where `relay worker` serves its processes' aggregated metrics (port 0: off).
     worker_metrics_port: int = 9191
+    worker_metrics_host: str = "127.0.0.1"
+    #: A connection must deliver a complete request head this soon after it opens
+    #: (or after its previous answer), else it is closed.
+    header_timeout_s: float = 10.0
+    #: A request body must have arrived this soon after its head, else 408.
+    body_timeout_s: float = 30.0
+    #: Open connections one gateway process accepts; more are answered 503 and closed.
+    max_connections: int = 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, required: Collection[str] = ()) -> Settings:
@@ -108,6 +117,14 @@ class Settings:
             if port > 65535:
                 raise ConfigError("RELAY_WORKER_METRICS_PORT must be a port number")
             values["worker_metrics_port"] = port
+        if (v := get("RELAY_WORKER_METRICS_HOST")) is not None:
+            values["worker_metrics_host"] = _host(v, "RELAY_WORKER_METRICS_HOST")
+        if (v := get("RELAY_HEADER_TIMEOUT_S")) is not None:
+            values["header_timeout_s"] = _positive(v, "RELAY_HEADER_TIMEOUT_S")
+        if (v := get("RELAY_BODY_TIMEOUT_S")) is not None:
+            values["body_timeout_s"] = _positive(v, "RELAY_BODY_TIMEOUT_S")
+        if (v := get("RELAY_MAX_CONNECTIONS")) is not None:
+            values["max_connections"] = int(_positive(v, "RELAY_MAX_CONNECTIONS", integer=True))
         if (v := get("RELAY_LOG_LEVEL")) is not None:
             if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
                 raise ConfigError("RELAY_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
@@ -151,6 +168,14 @@ def _dsn(value: str, name: str, schemes: tuple[str, ...]) -> str:
             f"{name} must be a URL starting with {' or '.join(s + '://' for s in schemes)}"
         )
     return value
+
+
+def _host(value: str, name: str) -> str:
+    """An IP address to listen on (``0.0.0.0`` or ``::`` for every interface)."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ConfigError(f"{name} must be an IP address, e.g. 127.0.0.1 or 0.0.0.0") from None
 
 
 def _positive(value: str, name: str, *, integer: bool = False, allow_zero: bool = False) -> float:

@@ -3,7 +3,11 @@
 The gateway is one process and serves its registry at ``/metrics``. Worker
 processes (Dramatiq forks) write to ``PROMETHEUS_MULTIPROC_DIR``, which
 ``relay worker`` creates fresh; the sweeper process serves the aggregate on
-``RELAY_WORKER_METRICS_PORT`` (default 9191).
+``RELAY_WORKER_METRICS_HOST``:``RELAY_WORKER_METRICS_PORT`` (default
+127.0.0.1:9191).
+
+The gateway's ``/metrics`` is public (API.md): no label names a tenant's
+resources, so no tenant, source or target id is ever a label value.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 EVENTS_INGESTED = Counter(
     "relay_events_ingested_total",
-    "Events accepted or refused at ingest, by source and outcome.",
-    ["source_id", "outcome"],
+    "Events accepted (outcome=accepted) or requests refused at ingest (outcome=status code).",
+    ["outcome"],
 )
 INGEST_LATENCY = Histogram(
     "relay_ingest_duration_seconds",
@@ -30,6 +34,10 @@ ATTEMPT_LATENCY = Histogram(
     "Duration of one delivery attempt, by answer class (2xx … 5xx, error).",
     ["status_class"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+CONNECTIONS_REFUSED = Counter(
+    "relay_connections_refused_total",
+    "Connections the gateway refused because RELAY_MAX_CONNECTIONS were open.",
 )
 SWEEPER_RUNS = Counter("relay_sweeper_runs_total", "Sweeps made by the leading sweeper.")
 SWEPT = Counter("relay_swept_deliveries_total", "Due deliveries the sweeper enqueued.")

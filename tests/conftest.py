@@ -19,11 +19,12 @@ from typing import Any
 import asyncpg
 import pytest
 import redis
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from relay.app import create_app
 from relay.config import Settings
+from relay.server import GatewayRunner
 from relay.store.migrations import migrate
 
 ADMIN_TOKEN = "test-admin-token-" + secrets.token_hex(8)
@@ -121,10 +122,17 @@ def settings(database_url: str, clean_redis: str) -> Settings:
     )
 
 
+class GatewayTestServer(TestServer):
+    """A test server running the app the way `relay serve` does."""
+
+    async def _make_runner(self, **kwargs: Any) -> GatewayRunner:
+        return GatewayRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 async def client(aiohttp_client: Any, settings: Settings) -> TestClient[Any, Any]:
     """A client of a real gateway on a real database."""
-    result: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
+    result: TestClient[Any, Any] = await aiohttp_client(GatewayTestServer(create_app(settings)))
     return result
 
 
@@ -227,5 +235,7 @@ def stack_settings(database_url: str, clean_redis: str) -> Settings:
 @pytest.fixture
 async def gateway(aiohttp_client: Any, stack_settings: Settings) -> TestClient[Any, Any]:
     """A gateway on the same database, Redis and schedule as the worker."""
-    result: TestClient[Any, Any] = await aiohttp_client(create_app(stack_settings))
+    result: TestClient[Any, Any] = await aiohttp_client(
+        GatewayTestServer(create_app(stack_settings))
+    )
     return result

@@ -165,21 +165,21 @@ class Sweeper:
         )
 
 
-def _serve_metrics(port: int) -> None:
-    """Every worker process's metrics, aggregated, on ``port`` (multiprocess mode only)."""
+def _serve_metrics(host: str, port: int) -> None:
+    """Every worker process's metrics, aggregated, on ``host:port`` (multiprocess mode only)."""
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or port == 0:
         return
     from prometheus_client import start_http_server
 
     try:
-        start_http_server(port, addr="0.0.0.0", registry=worker_registry())
-        log.info("worker metrics on :%d/metrics", port)
+        start_http_server(port, addr=host, registry=worker_registry())
+        log.info("worker metrics on %s:%d/metrics", host, port)
     except OSError as exc:
-        log.warning("worker metrics port %d unavailable: %s", port, exc)
+        log.warning("worker metrics on %s:%d unavailable: %s", host, port, exc)
 
 
 async def _main(settings: Settings) -> None:
-    _serve_metrics(settings.worker_metrics_port)
+    _serve_metrics(settings.worker_metrics_host, settings.worker_metrics_port)
     broker = make_broker(settings.broker_url, middleware=[], fail_fast=True)
     sweeper = Sweeper(settings, Enqueuer(broker))
     loop = asyncio.get_running_loop()

@@ -137,9 +137,7 @@ async def ingest_events(request: web.Request) -> web.Response:
         elapsed = time.perf_counter() - started
         INGEST_LATENCY.observe(elapsed)
         outcome = "accepted" if status == 202 else str(status)
-        EVENTS_INGESTED.labels(context["source_id"] if status != 404 else "unknown", outcome).inc(
-            context.get("events", 1) if status == 202 else 1
-        )
+        EVENTS_INGESTED.labels(outcome).inc(context.get("events", 1) if status == 202 else 1)
         log.info(
             "ingest",
             extra={

@@ -1,0 +1,253 @@
+"""The gateway's HTTP server: aiohttp's, with limits, and its own errors in API.md's shape.
+
+aiohttp answers requests it cannot parse itself, before any route runs: in plain
+text that echoes up to 100 bytes of the request (a ``?token=`` included), with
+an ERROR traceback holding the same bytes. :class:`GatewayRequestHandler` answers
+them in API.md's error shape with a fixed message, logs only the error's type,
+and adds what aiohttp lacks: a deadline on request heads and a cap on open
+connections. `relay serve`, `relay dev` and the tests' gateway all run
+:class:`GatewayRunner`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    BadHttpMethod,
+    ContentEncodingError,
+    HttpProcessingError,
+    InvalidURLError,
+    LineTooLong,
+    PayloadEncodingError,
+)
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from relay import errors
+from relay.config import Settings
+from relay.keys import SETTINGS
+from relay.metrics import CONNECTIONS_REFUSED
+
+log = logging.getLogger(__name__)
+
+#: aiohttp's keep-alive for idle connections (what ``web.run_app`` uses).
+KEEPALIVE_TIMEOUT_S = 75.0
+#: How long a refused connection may take to read its 503 before it is closed.
+REFUSAL_LINGER_S = 1.0
+
+
+class HeadersTooLarge(errors.RelayError):
+    """The request line or the headers are too large."""
+
+    status, code = 431, "invalid_request"
+
+
+class RequestTimeout(errors.RelayError):
+    """The request body did not arrive in time."""
+
+    status, code = 408, "request_timeout"
+
+
+class BodyTimeout(Exception):
+    """Set on a request's body stream when its deadline passes."""
+
+
+#: Exceptions that mean the client sent something broken or too slowly: not our failure.
+CLIENT_FAULTS: tuple[type[BaseException], ...] = (
+    HttpProcessingError,
+    web.RequestPayloadError,
+    BodyTimeout,
+)
+
+
+def low_level_error(exc: BaseException | None) -> errors.RelayError:
+    """API.md's error for a request aiohttp could not parse; never quotes the request."""
+    if isinstance(exc, LineTooLong):
+        limit = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], int) else None
+        bound = f" ({limit} bytes)" if limit is not None else ""
+        return HeadersTooLarge(f"the request line or a header is longer than allowed{bound}")
+    if isinstance(exc, BadHttpMessage) and exc.message == "Too many headers received":
+        return HeadersTooLarge("too many headers")
+    if isinstance(exc, ContentEncodingError):
+        return errors.InvalidRequest(
+            "unsupported Content-Encoding (send gzip, deflate or none) or a body that does not"
+            " decode"
+        )
+    if isinstance(exc, PayloadEncodingError):
+        return errors.InvalidRequest("the body does not match its Content-Length or chunking")
+    if isinstance(exc, BadHttpMethod):
+        return errors.InvalidRequest("not an HTTP/1.1 request")
+    if isinstance(exc, InvalidURLError):
+        return errors.InvalidRequest("invalid request target")
+    return errors.InvalidRequest("malformed HTTP request (request line or headers)")
+
+
+def _raw_response(error: errors.RelayError) -> bytes:
+    """A whole HTTP/1.1 answer for ``error`` that closes the connection."""
+    body = json.dumps(error.body()).encode()
+    head = f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in error.headers.items())
+    head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return (head + "Connection: close\r\n\r\n").encode() + body
+
+
+_REFUSAL = _raw_response(errors.Unavailable("too many open connections; try again shortly"))
+
+
+class GatewayRequestHandler(RequestHandler):
+    """One connection: aiohttp's protocol with a head deadline, a cap and quiet errors."""
+
+    def __init__(self, manager: GatewayServer, *, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._gateway = manager
+        self._header_timeout_s = settings.header_timeout_s
+        self._max_connections = settings.max_connections
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Refuse over the cap; else serve, with a deadline for the first head."""
+        if len(self._gateway.connections) >= self._max_connections:
+            self._refuse(transport)
+            return
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def _refuse(self, transport: asyncio.BaseTransport) -> None:
+        # Not registered with the server: it does not count, and nothing reads from it.
+        self._refused = True
+        CONNECTIONS_REFUSED.inc()
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(_REFUSAL)
+        if transport.can_write_eof():
+            transport.write_eof()  # FIN after the answer; close once the client has read it
+        self._loop.call_later(REFUSAL_LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        """Parse ``data``; a head that starts arriving gets a deadline."""
+        if self._refused:
+            return
+        super().data_received(data)
+        if self._head_timer is None and self._waiting_for_head():
+            self._arm_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Drop the deadline with the connection."""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def _waiting_for_head(self) -> bool:
+        # aiohttp's loop waits on this future between requests, while a head is parsed.
+        waiter = self._waiter
+        return waiter is not None and not waiter.done()
+
+    def _arm_head_timer(self) -> None:
+        heads = self._request_count
+        self._head_timer = self._loop.call_later(self._header_timeout_s, self._head_deadline, heads)
+
+    def _head_deadline(self, heads: int) -> None:
+        self._head_timer = None
+        if self._request_count == heads and not self._request_in_progress:
+            log.debug("closed a connection whose request head did not arrive in time")
+            self.force_close()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """API.md's error shape for what aiohttp itself refuses or fails at."""
+        if isinstance(exc, CLIENT_FAULTS):
+            # The exception's text quotes the request: log its type only.
+            log.debug("refused a malformed request: %s", type(exc).__name__)
+            error = low_level_error(exc)
+        elif status == 504:
+            error = errors.Unavailable("the request took too long")
+            error.status = 504
+        else:
+            self.logger.error("error handling a request", exc_info=exc)
+            error = errors.RelayError()
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was already sent; closing the connection")
+        response = web.json_response(error.body(), status=error.status, headers=error.headers)
+        response.force_close()
+        return response
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """A client's broken or slow body is not a server error, and its text is not logged."""
+        exc = kw.get("exc_info")
+        if isinstance(exc, CLIENT_FAULTS):
+            log.debug("dropped a connection: %s", type(exc).__name__)
+            return
+        super().log_exception(*args, **kw)
+
+
+class GatewayServer(web.Server):
+    """aiohttp's low-level server, making :class:`GatewayRequestHandler` connections."""
+
+    def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings = settings
+
+    def __call__(self) -> RequestHandler:
+        """A new connection's protocol."""
+        return GatewayRequestHandler(self, settings=self.settings, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """``web.AppRunner`` for the gateway app: its server is a :class:`GatewayServer`."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        kwargs.setdefault("access_log", None)  # the ingest log line is the access log
+        kwargs.setdefault("keepalive_timeout", KEEPALIVE_TIMEOUT_S)
+        super().__init__(app, **kwargs)
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()  # the app's startup runs here
+        return GatewayServer(
+            server.request_handler,
+            settings=self.app[SETTINGS],
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=asyncio.get_running_loop(),
+            **server._kwargs,
+        )
+
+
+async def serve(
+    app: web.Application, host: str, port: int, announce: Callable[[str], None] | None = None
+) -> None:
+    """Serve ``app`` on ``host:port`` until SIGINT or SIGTERM, then stop gracefully."""
+    runner = GatewayRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        if announce is not None:
+            announce(f"======== Running on http://{host}:{port} ========\n(Press CTRL+C to quit)")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run(
+    app: web.Application, host: str, port: int, announce: Callable[[str], None] | None = None
+) -> None:
+    """``web.run_app`` for the gateway: the same, with :class:`GatewayRunner`."""
+    asyncio.run(serve(app, host, port, announce))
