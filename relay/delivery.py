@@ -34,6 +34,10 @@ class Outcome:
     reason: str | None = None
 
 
+#: The longest Retry-After honoured (seconds).
+MAX_RETRY_AFTER_S = 86_400
+
+
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or HTTP-date); None if absent or bad.
 
@@ -44,14 +48,17 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
         return None
     value = value.strip(" \t")
     if _DELTA_SECONDS.fullmatch(value):
-        return float(value)
+        # a longer wait than a day is not honoured (and 400 digits would be infinity)
+        return float(
+            min(int(value[:12]) if len(value) <= 12 else MAX_RETRY_AFTER_S, MAX_RETRY_AFTER_S)
+        )
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - now).total_seconds())
+    return min(max(0.0, (when - now).total_seconds()), MAX_RETRY_AFTER_S)
 
 
 def jittered(seconds: float, rand: Callable[[], float] = random.random) -> float:

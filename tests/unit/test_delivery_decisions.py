@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.delivery import decide, delivery_headers, jittered, parse_retry_after
+from relay.delivery import (
+    MAX_RETRY_AFTER_S,
+    decide,
+    delivery_headers,
+    jittered,
+    parse_retry_after,
+)
 
 SCHEDULE = (0, 5, 300, 1800)
 MID = lambda: 0.5  # noqa: E731 - no jitter: uniform draw at the middle
@@ -92,10 +98,10 @@ def test_retry_after_only_ascii_digits_or_an_http_date(value: str) -> None:
 def test_retry_after_never_raises(value: str) -> None:
     now = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
     result = parse_retry_after(value, now)
-    assert result is None or result >= 0
+    assert result is None or 0 <= result <= MAX_RETRY_AFTER_S
     bare = value.strip(" \t")
     if bare.isascii() and bare.isdigit():
-        assert result == int(bare)
+        assert result == min(int(bare), MAX_RETRY_AFTER_S)
 
 
 def test_headers_carry_target_headers_and_signature_last() -> None:
@@ -110,3 +116,10 @@ def test_headers_carry_target_headers_and_signature_last() -> None:
     assert headers["webhook-id"] == "evt_1" and headers["webhook-timestamp"] == "1700000000"
     assert headers["webhook-signature"].startswith("v1,")
     assert headers["content-type"] == "application/json"
+
+
+def test_a_retry_after_too_large_to_be_a_number_is_capped() -> None:
+    now = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("9" * 400, now) == MAX_RETRY_AFTER_S
+    assert parse_retry_after("90", now) == 90
+    assert parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now) == MAX_RETRY_AFTER_S
