@@ -118,6 +118,7 @@ def settings(database_url: str, clean_redis: str) -> Settings:
             "RELAY_ADMIN_TOKEN": ADMIN_TOKEN,
             "RELAY_SECRET_KEY": SECRET_KEY,
             "RELAY_ALLOW_PRIVATE_TARGETS": "1",
+            **_broker(),
         }
     )
 
@@ -193,6 +194,12 @@ WORKER_ENV = {
 }
 
 
+def _broker() -> dict[str, str]:
+    """BROKER_URL when the run names one (CI runs the delivery tests on RabbitMQ too)."""
+    url = os.environ.get("BROKER_URL")
+    return {"BROKER_URL": url} if url else {}
+
+
 def stack_env(database_url: str, redis_url: str, **overrides: str) -> dict[str, str]:
     """The environment of a gateway and workers on this test's database and Redis."""
     return {
@@ -200,6 +207,7 @@ def stack_env(database_url: str, redis_url: str, **overrides: str) -> dict[str, 
         "REDIS_URL": redis_url,
         "RELAY_ADMIN_TOKEN": ADMIN_TOKEN,
         "RELAY_SECRET_KEY": SECRET_KEY,
+        **_broker(),
         **WORKER_ENV,
         **overrides,
     }
