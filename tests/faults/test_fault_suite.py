@@ -31,7 +31,7 @@ from tests.conftest import ADMIN_TOKEN, stack_env
 from tests.services import GatewayProcess, RestartablePostgres, RestartableRedis
 from tests.stack import Receiver, WorkerProcess, eventually, hang, status
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
 #: Ten attempts about a second apart: a flaky target (30 % failures) gets through,
 #: an always-failing one is dead within seconds.
