@@ -56,14 +56,21 @@ class Sweeper:
         self.stopping = asyncio.Event()
 
     async def sweep_once(self, conn: Conn) -> int:
-        """Enqueue what is due; return how many."""
+        """Enqueue what is due; return how many.
+
+        A pass ends before half the resend grace has gone by: rows it marked in
+        its first batches become due again after the grace, and a longer pass
+        would put them on the broker a second time.
+        """
         total = 0
+        grace_s = self.settings.requeue_after_s
+        started = time.monotonic()
         for _ in range(MAX_BATCHES):
-            ids = await store.sweep_due(conn, batch=BATCH, grace_s=self.settings.requeue_after_s)
+            ids = await store.sweep_due(conn, batch=BATCH, grace_s=grace_s)
             if ids:
                 await self.enqueuer.enqueue(ids)
                 total += len(ids)
-            if len(ids) < BATCH:
+            if len(ids) < BATCH or time.monotonic() - started > grace_s / 2:
                 break
         SWEEPER_RUNS.inc()
         SWEPT.inc(total)
