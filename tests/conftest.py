@@ -130,6 +130,28 @@ class GatewayTestServer(TestServer):
         return GatewayRunner(self.app, **kwargs)
 
 
+class ClosingTestClient(TestClient[Any, Any]):
+    """A TestClient that closes its session when its app fails to start.
+
+    pytest-aiohttp's ``aiohttp_client`` forgets a client whose ``start_server``
+    raised, leaking its session into the next test (an error there, under
+    ``filterwarnings = error``).
+    """
+
+    async def start_server(self) -> None:
+        try:
+            await super().start_server()
+        except BaseException:
+            await self.close()
+            raise
+
+
+@pytest.fixture
+def aiohttp_client_cls() -> type[TestClient[Any, Any]]:
+    """Used by pytest-aiohttp's ``aiohttp_client``."""
+    return ClosingTestClient
+
+
 @pytest.fixture
 async def client(aiohttp_client: Any, settings: Settings) -> TestClient[Any, Any]:
     """A client of a real gateway on a real database."""

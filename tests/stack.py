@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from yarl import URL
 
 
 @dataclass
@@ -196,8 +197,9 @@ async def fetch(database_url: str, query: str, *args: Any) -> list[Any]:
 class TcpProxy:
     """A loopback TCP proxy that a test can cut (closing every connection) and restore."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, unix_path: str = "") -> None:
         self.target = (target_host, target_port)
+        self.unix_path = unix_path  # forward to this Unix socket instead (embedded Postgres)
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -226,10 +228,34 @@ class TcpProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            if self.unix_path:
+                up_reader, up_writer = await asyncio.open_unix_connection(self.unix_path)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.close()
             return
         self._writers |= {writer, up_writer}
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
         self._writers -= {writer, up_writer}
+
+    @classmethod
+    async def in_front_of(cls, url: str, default_port: int) -> tuple[TcpProxy, str]:
+        """A started proxy to the server of ``url`` and ``url`` rewritten to go through it.
+
+        A Postgres DSN naming a socket directory (``postgresql://u@/db?host=/dir``, as the
+        embedded Postgres gives) is forwarded to that Unix socket.
+        """
+        parsed = URL(url)
+        socket_dir = parsed.query.get("host", "")
+        if not parsed.host and socket_dir.startswith("/"):
+            port = parsed.port or default_port
+            proxy = cls("", port, unix_path=f"{socket_dir}/.s.PGSQL.{port}")
+        elif parsed.host:
+            proxy = cls(parsed.host, parsed.port or default_port)
+        else:
+            raise ValueError(f"no server to proxy in {url!r}")
+        await proxy.start()
+        query = {k: v for k, v in parsed.query.items() if k != "host"}
+        via = parsed.with_host("127.0.0.1").with_port(proxy.port).with_query(query)
+        return proxy, str(via)

@@ -227,10 +227,10 @@ class Health(pydantic.BaseModel):
 
 
 class Ready(pydantic.BaseModel):
-    """Every dependency answered."""
+    """Postgres answered; the state of every dependency."""
 
     status: Literal["ready"]
-    checks: dict[str, Literal["ok"]]
+    checks: dict[str, Literal["ok", "unreachable"]]
 
 
 @dataclass(frozen=True)
