@@ -11,6 +11,7 @@ on the broker (the sweeper covers an enqueue that fails).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -94,10 +95,17 @@ async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response
     events = parse_body(raw)
     context["events"] = len(events)
     if source.rate_limit is not None:
-        wait = await app[LIMITER].admit(f"src:{source.id}", source.rate_limit, len(events))
+        limit, count = source.rate_limit, len(events)
+        wait = await app[LIMITER].admit(f"src:{source.id}", limit, count)
+        if math.isinf(wait):
+            raise errors.RateLimited(
+                math.ceil(count / limit),
+                f"a batch of {count} events exceeds this source's limit of {limit} events/s; "
+                f"send batches of at most {limit}",
+            )
         if wait > 0:
             raise errors.RateLimited(
-                int(wait) + 1, f"over this source's limit of {source.rate_limit} events/s"
+                math.ceil(wait), f"over this source's limit of {limit} events/s"
             )
     routes = await app[CACHE].targets.get(
         source.tenant_id, lambda: load_routes(app, source.tenant_id)

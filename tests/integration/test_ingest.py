@@ -318,6 +318,31 @@ async def test_rate_limit(client: Any, tenant: Tenant) -> None:
     assert (await post_token(client, source, {"n": 7})).status == 202
 
 
+async def test_rate_limit_counts_the_events_of_a_batch(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    source = await make_source(client, tenant, rate_limit=5)
+    # Given an idle source limited to 5 events/s: a batch larger than the limit never fits
+    resp = await post_token(client, source, [{"n": i} for i in range(1000)])
+    error = await assert_error(resp, 429, "rate_limited")
+    assert "at most 5" in error["message"] and int(resp.headers["Retry-After"]) >= 1
+    # A batch of 5 fits an idle source; right after it, even one more event does not
+    assert (await post_token(client, source, [{"n": i} for i in range(5)])).status == 202
+    resp = await post_token(client, source, [{"n": 5}, {"n": 6}])
+    await assert_error(resp, 429, "rate_limited")
+    # Nothing refused was written: 5 events in all
+    rows = await db_rows(
+        database_url, "SELECT count(*) AS n FROM events WHERE source_id = $1", source["id"]
+    )
+    assert rows[0]["n"] == 5
+    # And sending for 2 s as fast as possible admits the burst plus 5 a second, no more
+    started, admitted = time.monotonic(), 0
+    await asyncio.sleep(1)  # the bucket refills
+    while time.monotonic() - started < 3:
+        admitted += (await post_token(client, source, [{"n": 0}, {"n": 1}])).status == 202
+    assert 5 <= 2 * admitted <= 5 + 5 * 2 + 2
+
+
 # --- storage, duplicates, routing ----------------------------------------------
 
 
