@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from relay.cache import SourceEntry
 from relay.crypto import constant_time_equals
-from relay.signing import SignatureError, verify
+from relay.signing import TOLERANCE_S, SignatureError, verify
 
 #: Types whose credential can be checked before the body is read.
 PRE_BODY_TYPES = frozenset({"token", "basic"})
@@ -87,9 +87,17 @@ def check_with_body(
         if value is None or not value.startswith(prefix):
             return False
         given = value[len(prefix) :].strip()
+        signed = body
+        if timestamp_header := source.auth_config.get("timestamp_header"):
+            stamp = headers.get(timestamp_header, "").strip()
+            if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
+                return False
+            if abs(now - int(stamp)) > TOLERANCE_S:
+                return False
+            signed = stamp.encode() + b"." + body
         matched = False
         for secret in secrets:
-            hex_digest, b64_digest = hmac_digests(secret, body)
+            hex_digest, b64_digest = hmac_digests(secret, signed)
             matched |= constant_time_equals(given.lower(), hex_digest)
             matched |= constant_time_equals(given, b64_digest)
         return matched

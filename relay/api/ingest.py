@@ -17,11 +17,11 @@ from typing import Any
 
 from aiohttp import web
 
-from relay import errors
+from relay import errors, webhook_ids
 from relay.api.routing import Route, is_json_content_type, respond
 from relay.cache import SourceEntry, TargetRoute
 from relay.ingest import parse_body
-from relay.keys import CACHE, ENQUEUER, LIMITER, POOL, SECRETS, SETTINGS
+from relay.keys import CACHE, ENQUEUER, LIMITER, POOL, REDIS, SECRETS, SETTINGS
 from relay.metrics import EVENTS_INGESTED, INGEST_LATENCY
 from relay.source_auth import PRE_BODY_TYPES, check_before_body, check_with_body
 from relay.store import sources as source_store
@@ -92,6 +92,27 @@ async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response
         source, request.headers, raw, now
     ):
         raise errors.Unauthorized("invalid or missing signature")
+    remembered = None
+    if source.auth_type == "standard-webhooks":
+        remembered = await webhook_ids.first_sighting(
+            app[REDIS], source.id, request.headers["webhook-id"]
+        )
+        if remembered is None:
+            raise errors.Unauthorized("this webhook-id was already received")
+    try:
+        return await _accept(request, source, raw, context)
+    except Exception:
+        if remembered:
+            await webhook_ids.forget(app[REDIS], remembered)
+        raise
+
+
+async def _accept(
+    request: web.Request, source: SourceEntry, raw: bytes, context: dict[str, Any]
+) -> web.Response:
+    """Parse, rate-limit, commit and enqueue an authenticated request's events."""
+    app = request.app
+    settings = app[SETTINGS]
     events = parse_body(raw)
     context["events"] = len(events)
     if source.rate_limit is not None:

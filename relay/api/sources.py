@@ -57,6 +57,12 @@ class HmacAuth(_Strict):
     prefix: Annotated[str, pydantic.StringConstraints(max_length=32, pattern=r"^[\x21-\x7e]*$")] = (
         ""
     )
+    #: When set, the signature covers ``timestamp + "." + body`` and the timestamp
+    #: (Unix seconds, in this header) must be within 5 minutes: a captured request
+    #: cannot be replayed later.
+    timestamp_header: (
+        Annotated[str, pydantic.StringConstraints(pattern=HEADER_NAME.pattern)] | None
+    ) = None
 
 
 class StandardWebhooksAuth(_Strict):
@@ -99,7 +105,7 @@ class SourcePatch(_Strict):
 
 
 def _auth_config(auth: pydantic.BaseModel) -> dict[str, Any]:
-    return auth.model_dump(exclude={"type"})
+    return auth.model_dump(exclude={"type"}, exclude_none=True)
 
 
 def _new_secret(auth_type: str) -> str:

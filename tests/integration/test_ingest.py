@@ -168,7 +168,10 @@ async def test_standard_webhooks(client: Any, tenant: Tenant) -> None:
     # several signatures: one valid among them is enough
     other = "whsec_" + base64.b64encode(b"o" * 32).decode()
     several = sw_headers(
-        source["secret"], data, extra=sign_payload(other, "msg_1", int(time.time()), data)
+        source["secret"],
+        data,
+        msg_id="msg_2",
+        extra=sign_payload(other, "msg_2", int(time.time()), data),
     )
     assert (await client.post(path_of(source), data=data, headers=several)).status == 202
     stale = sw_headers(source["secret"], data, ts=int(time.time()) - 301)
@@ -179,6 +182,69 @@ async def test_standard_webhooks(client: Any, tenant: Tenant) -> None:
         await assert_error(
             await client.post(path_of(source), data=data, headers=headers), 401, "unauthorized"
         )
+
+
+async def test_a_replayed_standard_webhooks_request_is_refused(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    source = await make_source(client, tenant, auth={"type": "standard-webhooks"})
+    data = json.dumps({"uuid": None, "objectType": "Bill"}).encode()  # no uuid to de-duplicate
+    captured = sw_headers(source["secret"], data, msg_id="msg_replay")
+    assert (await client.post(path_of(source), data=data, headers=captured)).status == 202
+    # When the captured request is sent again within the tolerance
+    resp = await client.post(path_of(source), data=data, headers=captured)
+    # Then it is refused, and nothing more is stored; a new webhook-id is accepted
+    error = await assert_error(resp, 401, "unauthorized")
+    assert "already received" in error["message"]
+    fresh = sw_headers(source["secret"], data, msg_id="msg_other")
+    assert (await client.post(path_of(source), data=data, headers=fresh)).status == 202
+    rows = await db_rows(
+        database_url, "SELECT count(*) AS n FROM events WHERE source_id = $1", source["id"]
+    )
+    assert rows[0]["n"] == 2
+
+
+async def test_a_refused_request_does_not_burn_its_webhook_id(client: Any, tenant: Tenant) -> None:
+    source = await make_source(client, tenant, auth={"type": "standard-webhooks"})
+    bad = b"[1, 2]"  # signed, but not objects: 400
+    headers = sw_headers(source["secret"], bad, msg_id="msg_retry")
+    await assert_error(
+        await client.post(path_of(source), data=bad, headers=headers), 400, "invalid_request"
+    )
+    # the sender fixes its body and retries with the same id (a new signature)
+    good = json.dumps({"n": 1}).encode()
+    headers = sw_headers(source["secret"], good, msg_id="msg_retry")
+    assert (await client.post(path_of(source), data=good, headers=headers)).status == 202
+
+
+async def test_hmac_with_a_timestamp_header_refuses_stale_and_replayed_signatures(
+    client: Any, tenant: Tenant
+) -> None:
+    source = await make_source(
+        client, tenant, auth={"type": "hmac", "timestamp_header": "X-Timestamp"}
+    )
+    assert source["auth"]["timestamp_header"] == "X-Timestamp"
+    data = json.dumps({"n": 1}).encode()
+
+    def signed(ts: int, body: bytes = data) -> dict[str, str]:
+        mac = hmac.new(source["secret"].encode(), f"{ts}.".encode() + body, hashlib.sha256)
+        return {**JSON, "X-Signature": mac.hexdigest(), "X-Timestamp": str(ts)}
+
+    now = int(time.time())
+    assert (await client.post(path_of(source), data=data, headers=signed(now))).status == 202
+    # a request captured more than 5 minutes ago, a timestamp not covered by the
+    # signature, a missing timestamp, and a signature of the body alone are refused
+    old = signed(now - 301)
+    moved = {**signed(now - 301), "X-Timestamp": str(now)}
+    missing = {k: v for k, v in signed(now).items() if k != "X-Timestamp"}
+    body_only = {
+        **JSON,
+        "X-Signature": hmac.new(source["secret"].encode(), data, hashlib.sha256).hexdigest(),
+        "X-Timestamp": str(now),
+    }
+    for headers in (old, moved, missing, body_only):
+        resp = await client.post(path_of(source), data=data, headers=headers)
+        await assert_error(resp, 401, "unauthorized")
 
 
 async def test_previous_secret_works_during_the_overlap_only(

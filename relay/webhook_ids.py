@@ -1,0 +1,48 @@
+"""The ``webhook-id`` values a standard-webhooks source has sent lately, kept in Redis.
+
+A signed request is valid for the signature's tolerance (5 minutes either way),
+so a captured one could be replayed that long; its ``webhook-id`` is remembered
+for twice the tolerance and a repeat is refused. An id is released again when
+its request does not end in a 202 (the sender retries with the same id). Redis
+being unreachable lets the request through, like the rate limits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import redis.exceptions
+
+from relay.signing import TOLERANCE_S
+
+log = logging.getLogger(__name__)
+
+_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def _key(source_id: str, webhook_id: str) -> str:
+    digest = hashlib.sha256(webhook_id.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"relay:whid:{source_id}:{digest}"
+
+
+async def first_sighting(client: Any, source_id: str, webhook_id: str) -> str | None:
+    """Remember ``webhook_id``: its key if it is new (or Redis is down: ""), None if seen."""
+    key = _key(source_id, webhook_id)
+    try:
+        fresh = await client.set(key, b"1", nx=True, ex=2 * TOLERANCE_S)
+    except _REDIS_DOWN as exc:
+        log.warning("webhook-id memory unavailable, admitting: %s", type(exc).__name__)
+        return ""
+    return key if fresh else None
+
+
+async def forget(client: Any, key: str) -> None:
+    """Release an id whose request was not accepted, so the sender's retry is."""
+    if not key:
+        return
+    try:
+        await client.delete(key)
+    except _REDIS_DOWN as exc:
+        log.warning("webhook-id memory unavailable, not released: %s", type(exc).__name__)
