@@ -52,6 +52,11 @@ class Settings:
     log_level: str = "INFO"
     #: Where `relay worker` serves its processes' aggregated metrics (0: off).
     worker_metrics_port: int = 9191
+    #: Quotas: live targets and sources a tenant may have, and deliveries one
+    #: ingest request may create (events of the body times the targets each matches).
+    max_targets_per_tenant: int = 100
+    max_sources_per_tenant: int = 100
+    max_deliveries_per_request: int = 10_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, required: Collection[str] = ()) -> Settings:
@@ -108,6 +113,13 @@ class Settings:
             if port > 65535:
                 raise ConfigError("RELAY_WORKER_METRICS_PORT must be a port number")
             values["worker_metrics_port"] = port
+        for name, key in (
+            ("RELAY_MAX_TARGETS_PER_TENANT", "max_targets_per_tenant"),
+            ("RELAY_MAX_SOURCES_PER_TENANT", "max_sources_per_tenant"),
+            ("RELAY_MAX_DELIVERIES_PER_REQUEST", "max_deliveries_per_request"),
+        ):
+            if (v := get(name)) is not None:
+                values[key] = int(_positive(v, name, integer=True))
         if (v := get("RELAY_LOG_LEVEL")) is not None:
             if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
                 raise ConfigError("RELAY_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")

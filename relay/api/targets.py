@@ -22,7 +22,7 @@ from relay.api.routing import (
     tenant_id,
     timestamp,
 )
-from relay.api.sources import HEADER_NAME, RateLimit
+from relay.api.sources import HEADER_NAME, RateLimit, over_quota
 from relay.crypto import new_id, new_webhook_secret
 from relay.egress import host_is_forbidden
 from relay.ingest import compact
@@ -178,6 +178,7 @@ async def create_target(request: web.Request) -> web.Response:
         request.app[POOL],
         tenant_id(request),
         target_id=target_id,
+        max_live=request.app[SETTINGS].max_targets_per_tenant,
         url=body.url,
         description=body.description,
         filter_object_types=flt.object_type,
@@ -189,6 +190,8 @@ async def create_target(request: web.Request) -> web.Response:
         disabled_reason=None if body.enabled else "disabled through the API",
         secret_enc=request.app[SECRETS].seal(secret, bound_to=target_id),
     )
+    if row is None:
+        raise over_quota("targets", request.app[SETTINGS].max_targets_per_tenant)
     request.app[CACHE].forget_tenant(tenant_id(request))
     return respond({**render_target(row), "secret": secret}, status=201)
 
