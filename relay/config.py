@@ -61,6 +61,11 @@ class Settings:
     body_timeout_s: float = 30.0
     #: Open connections one gateway process accepts; more are answered 503 and closed.
     max_connections: int = 1000
+    #: Quotas: live targets and sources a tenant may have, and deliveries one
+    #: ingest request may create (events of the body times the targets each matches).
+    max_targets_per_tenant: int = 100
+    max_sources_per_tenant: int = 100
+    max_deliveries_per_request: int = 10_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, required: Collection[str] = ()) -> Settings:
@@ -125,6 +130,13 @@ class Settings:
             values["body_timeout_s"] = _positive(v, "RELAY_BODY_TIMEOUT_S")
         if (v := get("RELAY_MAX_CONNECTIONS")) is not None:
             values["max_connections"] = int(_positive(v, "RELAY_MAX_CONNECTIONS", integer=True))
+        for name, key in (
+            ("RELAY_MAX_TARGETS_PER_TENANT", "max_targets_per_tenant"),
+            ("RELAY_MAX_SOURCES_PER_TENANT", "max_sources_per_tenant"),
+            ("RELAY_MAX_DELIVERIES_PER_REQUEST", "max_deliveries_per_request"),
+        ):
+            if (v := get(name)) is not None:
+                values[key] = int(_positive(v, name, integer=True))
         if (v := get("RELAY_LOG_LEVEL")) is not None:
             if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
                 raise ConfigError("RELAY_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")

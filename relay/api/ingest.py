@@ -3,9 +3,9 @@
 Checks run cheapest first, and nothing is written until every check passed:
 unknown source 404 → token/basic credential 401 → content type 415 → declared
 length 413 → body read with the cap 413 → hmac/standard-webhooks signature 401
-→ JSON shape 400/422 → rate limit 429. Then one transaction stores the events
-and their deliveries, the answer is 202, and only then are the deliveries put
-on the broker (the sweeper covers an enqueue that fails).
+→ JSON shape 400/422 → deliveries per request 422 → rate limit 429. Then one
+transaction stores the events and their deliveries, the answer is 202, and only
+then are the deliveries put on the broker (the sweeper covers an enqueue that fails).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from aiohttp import web
 from relay import errors, webhook_ids
 from relay.api.routing import Route, is_json_content_type, respond
 from relay.cache import SourceEntry, TargetRoute
-from relay.ingest import parse_body
+from relay.ingest import count_deliveries, parse_body
 from relay.keys import CACHE, ENQUEUER, LIMITER, POOL, REDIS, SECRETS, SETTINGS
 from relay.metrics import EVENTS_INGESTED, INGEST_LATENCY
 from relay.source_auth import PRE_BODY_TYPES, check_before_body, check_with_body
@@ -115,6 +115,16 @@ async def _accept(
     settings = app[SETTINGS]
     events = parse_body(raw)
     context["events"] = len(events)
+    routes = await app[CACHE].targets.get(
+        source.tenant_id, lambda: load_routes(app, source.tenant_id)
+    )
+    planned = count_deliveries(source.id, events, routes)
+    if planned > settings.max_deliveries_per_request:
+        raise errors.ValidationFailed(
+            f"this request would create {planned} deliveries, more than the "
+            f"{settings.max_deliveries_per_request} allowed per request; send smaller batches",
+            details=[{"field": "body", "message": "too many deliveries for one request"}],
+        )
     if source.rate_limit is not None:
         limit, count = source.rate_limit, len(events)
         wait = await app[LIMITER].admit(f"src:{source.id}", limit, count)
@@ -128,9 +138,6 @@ async def _accept(
             raise errors.RateLimited(
                 math.ceil(wait), f"over this source's limit of {limit} events/s"
             )
-    routes = await app[CACHE].targets.get(
-        source.tenant_id, lambda: load_routes(app, source.tenant_id)
-    )
     async with app[POOL].acquire() as conn:
         result = await record_events(
             conn,

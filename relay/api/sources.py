@@ -104,6 +104,14 @@ class SourcePatch(_Strict):
     rate_limit: RateLimit | None = None
 
 
+def over_quota(kind: str, quota: int) -> errors.ValidationFailed:
+    """The 422 for a create past the tenant's quota of ``kind`` (sources, targets)."""
+    return errors.ValidationFailed(
+        f"this tenant already has {quota} {kind}, the most allowed; delete one first",
+        details=[{"field": "body", "message": f"at most {quota} {kind} per tenant"}],
+    )
+
+
 def _auth_config(auth: pydantic.BaseModel) -> dict[str, Any]:
     return auth.model_dump(exclude={"type"}, exclude_none=True)
 
@@ -139,7 +147,10 @@ async def create_source(request: web.Request) -> web.Response:
         auth_config=_auth_config(body.auth),
         secret_enc=request.app[SECRETS].seal(secret, bound_to=source_id),
         rate_limit=body.rate_limit,
+        max_live=request.app[SETTINGS].max_sources_per_tenant,
     )
+    if row is None:
+        raise over_quota("sources", request.app[SETTINGS].max_sources_per_tenant)
     return respond({**render_source(request, row), "secret": secret}, status=201)
 
 

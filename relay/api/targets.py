@@ -24,7 +24,7 @@ from relay.api.routing import (
     tenant_id,
     timestamp,
 )
-from relay.api.sources import HEADER_NAME, RateLimit
+from relay.api.sources import HEADER_NAME, RateLimit, over_quota
 from relay.crypto import new_id, new_webhook_secret, open_headers, seal_headers
 from relay.egress import EgressRefused, host_is_forbidden, parse_host
 from relay.ingest import compact
@@ -240,6 +240,7 @@ async def create_target(request: web.Request) -> web.Response:
         request.app[POOL],
         tenant_id(request),
         target_id=target_id,
+        max_live=request.app[SETTINGS].max_targets_per_tenant,
         url=body.url,
         description=body.description,
         filter_object_types=flt.object_type,
@@ -251,6 +252,8 @@ async def create_target(request: web.Request) -> web.Response:
         disabled_reason=None if body.enabled else "disabled through the API",
         secret_enc=request.app[SECRETS].seal(secret, bound_to=target_id),
     )
+    if row is None:
+        raise over_quota("targets", request.app[SETTINGS].max_targets_per_tenant)
     request.app[CACHE].forget_tenant(tenant_id(request))
     return respond({**render_target(request, row), "secret": secret}, status=201)
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.store.db import Conn
+from relay.store.db import Conn, Pool
 from relay.store.rows import keyset_page, set_clause
+from relay.store.tenants import lock_and_count_live
 
 _UPDATABLE = frozenset({"name", "auth_config", "rate_limit"})
 
 
 async def create_source(
-    conn: Conn,
+    pool: Pool,
     tenant_id: str,
     *,
     source_id: str,
@@ -20,21 +21,29 @@ async def create_source(
     auth_config: dict[str, Any],
     secret_enc: bytes,
     rate_limit: int | None,
+    max_live: int,
 ) -> Any:
-    """Insert a source."""
-    return await conn.fetchrow(
-        """
-        INSERT INTO sources (id, tenant_id, name, auth_type, auth_config, secret_enc, rate_limit)
-        VALUES ($2, $1, $3, $4, $5, $6, $7) RETURNING *
-        """,
-        tenant_id,
-        source_id,
-        name,
-        auth_type,
-        auth_config,
-        secret_enc,
-        rate_limit,
-    )
+    """Insert a source; None if the tenant already has ``max_live`` live sources.
+
+    The quota is counted and the row inserted in one transaction of a connection of ``pool``.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        if await lock_and_count_live(conn, tenant_id, "sources") >= max_live:
+            return None
+        return await conn.fetchrow(
+            """
+            INSERT INTO sources
+                (id, tenant_id, name, auth_type, auth_config, secret_enc, rate_limit)
+            VALUES ($2, $1, $3, $4, $5, $6, $7) RETURNING *
+            """,
+            tenant_id,
+            source_id,
+            name,
+            auth_type,
+            auth_config,
+            secret_enc,
+            rate_limit,
+        )
 
 
 async def get_source(conn: Conn, tenant_id: str, source_id: str) -> Any:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.store.db import Conn
+from relay.store.db import Conn, Pool
 from relay.store.rows import keyset_page, set_clause
+from relay.store.tenants import lock_and_count_live
 
 _UPDATABLE = frozenset(
     {
@@ -23,16 +24,25 @@ _UPDATABLE = frozenset(
 )
 
 
-async def create_target(conn: Conn, tenant_id: str, *, target_id: str, **fields: Any) -> Any:
-    """Insert a target; ``fields`` are column values (url, secret_enc, filters…)."""
+async def create_target(
+    pool: Pool, tenant_id: str, *, target_id: str, max_live: int, **fields: Any
+) -> Any:
+    """Insert a target; None if the tenant already has ``max_live`` live targets.
+
+    ``fields`` are column values (url, secret_enc, filters…). The quota is counted
+    and the row inserted in one transaction of a connection of ``pool``.
+    """
     columns = ["id", "tenant_id", *fields]
     placeholders = ", ".join(f"${i + 1}" for i in range(len(columns)))
-    return await conn.fetchrow(
-        f"INSERT INTO targets ({', '.join(columns)}) VALUES ({placeholders}) RETURNING *",
-        target_id,
-        tenant_id,
-        *fields.values(),
-    )
+    async with pool.acquire() as conn, conn.transaction():
+        if await lock_and_count_live(conn, tenant_id, "targets") >= max_live:
+            return None
+        return await conn.fetchrow(
+            f"INSERT INTO targets ({', '.join(columns)}) VALUES ({placeholders}) RETURNING *",
+            target_id,
+            tenant_id,
+            *fields.values(),
+        )
 
 
 async def get_target(conn: Conn, tenant_id: str, target_id: str) -> Any:

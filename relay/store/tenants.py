@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from relay.store.db import Conn
 from relay.store.rows import keyset_page
@@ -90,3 +90,18 @@ async def tenant_for_key(conn: Conn, key_hash: bytes) -> str | None:
         "SELECT tenant_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", key_hash
     )
     return tenant_id
+
+
+async def lock_and_count_live(
+    conn: Conn, tenant_id: str, table: Literal["sources", "targets"]
+) -> int:
+    """Lock the tenant's row until the transaction ends, then count its live ``table`` rows.
+
+    Creates that check a quota call this first in their transaction, so two of
+    them for one tenant run one after the other and cannot both take the last slot.
+    """
+    await conn.execute("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE", tenant_id)
+    count: int = await conn.fetchval(
+        f"SELECT count(*) FROM {table} WHERE tenant_id = $1 AND deleted_at IS NULL", tenant_id
+    )
+    return count
