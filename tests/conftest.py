@@ -20,12 +20,18 @@ import asyncpg
 import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import settings as hypothesis_settings
 from yarl import URL
 
 from relay.app import create_app
 from relay.config import Settings
 from relay.server import GatewayRunner
 from relay.store.migrations import migrate
+
+# No per-example deadline: CI shares 2 cores with real servers, and a slow
+# example is not a failing one.
+hypothesis_settings.register_profile("relay", deadline=None)
+hypothesis_settings.load_profile("relay")
 
 ADMIN_TOKEN = "test-admin-token-" + secrets.token_hex(8)
 SECRET_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
