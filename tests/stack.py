@@ -259,3 +259,30 @@ class TcpProxy:
         query = {k: v for k, v in parsed.query.items() if k != "host"}
         via = parsed.with_host("127.0.0.1").with_port(proxy.port).with_query(query)
         return proxy, str(via)
+
+
+def broker_drained(redis_url: str) -> bool:
+    """True when no Dramatiq message is queued, delayed or in a worker's hands.
+
+    Dramatiq keeps each message in ``<queue>.msgs`` from enqueue to ack (a worker
+    holding a delayed message included; dead-lettered ``.XQ`` ones are never run),
+    and a worker enqueues a retry before it acks the attempt that scheduled it. So
+    once drained, every send the relay had decided on has happened: a "nothing more
+    arrived" check made then cannot pass just by looking too early.
+    """
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return not any(
+            client.hlen(key)
+            for key in client.scan_iter("dramatiq:*.msgs")
+            if not key.endswith(b".XQ.msgs")
+        )
+    finally:
+        client.close()
+
+
+async def drained(redis_url: str, timeout: float = 30) -> None:
+    """Wait (with a deadline) until the broker has no message left to run."""
+    await eventually(lambda: asyncio.to_thread(broker_drained, redis_url), timeout=timeout)

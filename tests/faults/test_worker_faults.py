@@ -59,12 +59,17 @@ async def test_flushed_redis_after_ingest_still_delivers_everything(
     ids = (
         await (await post_token(gateway, source, [{"uuid": f"f-{i}"} for i in range(50)])).json()
     )["event_ids"]
-    await asyncio.sleep(0.3)  # the gateway's background enqueue has landed
-    # When Redis loses every message
+    # and the gateway's background enqueue has landed (one message per delivery)
     client = redis.Redis.from_url(clean_redis)
-    assert client.llen("dramatiq:deliveries") == 50
-    client.flushdb()
-    client.close()
+    try:
+        await eventually(
+            lambda: asyncio.to_thread(lambda: client.llen("dramatiq:deliveries") == 50),
+            timeout=10,
+        )
+        # When Redis loses every message
+        client.flushdb()
+    finally:
+        client.close()
     # Then a worker still delivers each event, once
     worker = WorkerProcess(stack_env(database_url, clean_redis), tmp_path / "w.log").start()
     try:
@@ -87,8 +92,7 @@ async def test_sigterm_stops_the_worker_cleanly(
     await eventually(lambda: asyncio.sleep(0, result="sweeper is the leader" in worker.log()))
     code = await asyncio.to_thread(worker.stop, 30)
     assert code == 0, worker.log()[-3000:]
-    await asyncio.sleep(0.5)
-    assert not worker.group_alive()
+    await eventually(lambda: asyncio.sleep(0, result=not worker.group_alive()), timeout=10)
     assert "sweeper stopped" in worker.log()
 
 

@@ -18,6 +18,7 @@ from relay.app import create_app
 from relay.config import Settings
 from relay.signing import sign_payload
 from tests.conftest import Tenant, assert_error, make_tenant
+from tests.stack import eventually
 
 SOFTLEDGER = {
     "uuid": "6b1f4c1e-9d7a-4f7e-8a57-3c3f9e2b1a10",
@@ -580,7 +581,7 @@ async def test_stale_cache_never_routes_to_a_deleted_target(
 
 
 async def test_broker_unreachable_still_accepts_and_keeps_deliveries_pending(
-    aiohttp_client: Any, settings: Settings, database_url: str
+    aiohttp_client: Any, settings: Settings, database_url: str, caplog: Any
 ) -> None:
     client = await aiohttp_client(
         create_app(settings.with_overrides(broker_url="redis://127.0.0.1:1/0"))
@@ -591,10 +592,15 @@ async def test_broker_unreachable_still_accepts_and_keeps_deliveries_pending(
     resp = await post_token(client, source, SOFTLEDGER)
     assert resp.status == 202
     [event_id] = (await resp.json())["event_ids"]
-    await asyncio.sleep(0.5)  # let the background enqueue fail
+    # the background enqueue was tried, and failed
+    await eventually(
+        lambda: asyncio.sleep(0, result="enqueue of 1 deliveries failed" in caplog.text),
+        timeout=10,
+    )
     rows = await db_rows(
         database_url, "SELECT status, next_attempt_at FROM deliveries WHERE event_id = $1", event_id
     )
+    # and the delivery is left, due, for the sweeper
     assert [r["status"] for r in rows] == ["pending"] and rows[0]["next_attempt_at"] is not None
 
 

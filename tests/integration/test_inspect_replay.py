@@ -15,7 +15,7 @@ from aiohttp import web
 
 from tests.conftest import OPERATOR, Tenant, make_tenant, stack_env
 from tests.integration.test_ingest import make_source, make_target, post_token
-from tests.stack import Receiver, WorkerProcess, eventually, fetch
+from tests.stack import Receiver, WorkerProcess, drained, eventually, fetch
 
 
 class Switch:
@@ -106,7 +106,7 @@ async def test_dead_letters_are_visible_with_their_story(
 
 
 async def test_replay_by_id_by_target_and_by_time_each_send_what_they_select_once(
-    worker: Any, gateway: Any, receiver: Receiver, database_url: str
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str, clean_redis: str
 ) -> None:
     s = await dead_setup(gateway, receiver, database_url)
     tenant: Tenant = s["tenant"]
@@ -136,7 +136,7 @@ async def test_replay_by_id_by_target_and_by_time_each_send_what_they_select_onc
     # replaying again selects nothing, sends nothing
     resp = await gateway.post("/v1/dead-letters/replay", json={}, headers=tenant.auth)
     assert await resp.json() == {"replayed": 0}
-    await asyncio.sleep(1)
+    await drained(clean_redis)
     assert sorted(successes(receiver, "/a")) == sorted([e1, e2, e3])
     assert sorted(successes(receiver, "/b")) == sorted([e1, e2, e3])
     # replayed deliveries start a fresh schedule
@@ -147,9 +147,11 @@ async def test_replay_by_id_by_target_and_by_time_each_send_what_they_select_onc
 
 
 async def test_a_tenant_cannot_replay_another_tenants_dead_letters(
-    worker: Any, gateway: Any, receiver: Receiver, database_url: str
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str, clean_redis: str
 ) -> None:
     s = await dead_setup(gateway, receiver, database_url)
+    await drained(clean_redis)
+    sent = len(receiver.received)
     other = await make_tenant(gateway, "Intruder")
     ids = list(s["by"].values())
     for body in ({"ids": ids}, {"target_id": s["a"]["id"]}, {}):
@@ -158,7 +160,9 @@ async def test_a_tenant_cannot_replay_another_tenants_dead_letters(
     for delivery_id in ids[:2]:
         resp = await gateway.post(f"/v1/deliveries/{delivery_id}/retry", headers=other.auth)
         assert resp.status == 404
-    await asyncio.sleep(1)
+    # nothing was sent, nothing left dead
+    await drained(clean_redis)
+    assert len(receiver.received) == sent
     assert set((await statuses(database_url, ids)).values()) == {"dead"}
     # the operator can, for one tenant
     resp = await gateway.post(
@@ -260,7 +264,8 @@ async def test_auto_disable_and_re_enable(
         [row] = await fetch(database_url, "SELECT * FROM deliveries WHERE event_id = $1", event_id)
         assert row["status"] == "retrying"
         count = len(receiver.at("/flaky"))
-        await asyncio.sleep(1.5)
+        # every retry already scheduled has been run, without sending
+        await drained(clean_redis)
         assert len(receiver.at("/flaky")) <= count + 1  # at most the attempt in flight
         # re-enabling resumes delivery
         switch.up = True
