@@ -1,12 +1,13 @@
-"""Rate limits shared by every process, kept in Redis: GCRA, one second of burst.
+"""Rate limits shared by every process, kept in Redis: a sliding one-second window.
 
-A limit of ``r`` per second admits ``r`` units at once and then one every
-``1/r`` seconds (the generic cell rate algorithm, one Lua script, Redis's own
-clock). A request of ``n`` units is admitted only if all ``n`` fit: a batch
-counts as its number of events and is never let into an empty window whole.
-A request larger than the limit itself can never fit, and says so. Redis being
-unreachable admits the request: losing an event costs more than exceeding a
-limit for a moment.
+No one-second window, wherever it starts, holds more than the limit: counts
+are kept in 100 ms slots, and a request is checked against the last 11 slots
+(a little over a second, so the check never undercounts). A request of ``n``
+units is admitted only if all ``n`` fit: a batch counts as its number of events
+and is never let into an empty window whole. A request larger than the limit
+itself can never fit, and says so. One Lua script on Redis's own clock, so every
+gateway and worker shares it. Redis being unreachable admits the request:
+losing an event costs more than exceeding a limit for a moment.
 """
 
 from __future__ import annotations
@@ -19,30 +20,43 @@ import redis.exceptions
 
 log = logging.getLogger(__name__)
 
-# KEYS[1]: the key's theoretical arrival time (ms); ARGV: units, limit per second.
-# Returns 0 when admitted (and spends the units), else the milliseconds to wait.
+# KEYS[1]: a hash of slot (100 ms) -> units; ARGV: units, limit per second.
+# Returns 0 when admitted (and counts the units), else the milliseconds to wait.
 _SCRIPT = """
 local n = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local interval = 1000 / limit
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local new_tat = tat + n * interval
-local allow_at = new_tat - 1000
-if allow_at > now then
-  return math.ceil(allow_at - now)
+local slot = math.floor(now / 100)
+local fields = {}
+for i = 0, 10 do fields[i + 1] = tostring(slot - 10 + i) end
+local counts = redis.call('HMGET', KEYS[1], unpack(fields))
+local sum = 0
+for i = 1, 11 do sum = sum + (tonumber(counts[i]) or 0) end
+if sum + n <= limit then
+  redis.call('HINCRBY', KEYS[1], tostring(slot), n)
+  local old = {}
+  for i = 11, 30 do old[i - 10] = tostring(slot - i) end
+  redis.call('HDEL', KEYS[1], unpack(old))
+  redis.call('PEXPIRE', KEYS[1], 2000)
+  return 0
 end
-redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
-return 0
+local excess = sum + n - limit
+local freed = 0
+for i = 1, 11 do
+  freed = freed + (tonumber(counts[i]) or 0)
+  if freed >= excess then
+    return (slot - 10 + i - 1 + 11) * 100 - now
+  end
+end
+return 1000
 """
 
 
 class RateLimiter:
     """Admits or refuses units of work against per-key limits per second."""
 
-    def __init__(self, client: Any, namespace: str = "relay:gcra") -> None:
+    def __init__(self, client: Any, namespace: str = "relay:rate") -> None:
         self._client = client
         self._namespace = namespace
         self._script = client.register_script(_SCRIPT)
