@@ -29,7 +29,7 @@ from aiohttp import web
 from relay.store.migrations import migrate
 from tests.conftest import ADMIN_TOKEN, stack_env
 from tests.services import GatewayProcess, RestartablePostgres, RestartableRedis
-from tests.stack import Receiver, WorkerProcess, eventually, hang, status
+from tests.stack import Receiver, WorkerProcess, eventually, fetch, hang, status
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
@@ -199,7 +199,7 @@ async def test_nothing_acknowledged_is_lost_under_faults(tmp_path: Path) -> None
 
         # Then the relay settles: nothing is left to send
         async def settled() -> bool:
-            rows = await _fetch(
+            rows = await fetch(
                 postgres.url,
                 "SELECT count(*) AS n FROM deliveries WHERE status IN ('pending', 'retrying')",
             )
@@ -242,14 +242,6 @@ async def _setup(
     return sources, target_paths
 
 
-async def _fetch(url: str, query: str, *args: Any) -> list[Any]:
-    conn = await asyncpg.connect(url)
-    try:
-        return list(await conn.fetch(query, *args))
-    finally:
-        await conn.close()
-
-
 async def _check(
     database_url: str, receiver: Receiver, load: Load, target_paths: dict[str, str]
 ) -> None:
@@ -263,7 +255,7 @@ async def _check(
 
     # Every 202's event is committed, with one delivery per matching target
     accepted = list(load.accepted)
-    rows = await _fetch(
+    rows = await fetch(
         database_url,
         "SELECT e.id AS event_id, d.id, d.target_id, d.status FROM events e "
         "LEFT JOIN deliveries d ON d.event_id = e.id WHERE e.id = ANY($1)",
@@ -294,7 +286,7 @@ async def _check(
             )
 
     # No delivery succeeded twice; duplicate receipts are rare
-    twice = await _fetch(
+    twice = await fetch(
         database_url,
         "SELECT delivery_id FROM attempts WHERE status_code BETWEEN 200 AND 299 "
         "GROUP BY delivery_id HAVING count(*) > 1",
