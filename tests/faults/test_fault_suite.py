@@ -13,6 +13,7 @@ dead letter, that no delivery succeeded twice, and that no request got a 500.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections import Counter
@@ -207,6 +208,10 @@ async def test_nothing_acknowledged_is_lost_under_faults(tmp_path: Path) -> None
 
         await eventually(settled, timeout=120, every=1)
         await _check(postgres.url, receiver, load, target_paths)
+        # And through all of it the workers logged JSON lines only (no bare tracebacks)
+        for worker in workers:
+            for line in worker.log().splitlines():
+                assert not line.strip() or json.loads(line), line
     finally:
         load.stop.set()
         await session.close()
