@@ -212,7 +212,13 @@ class EgressClient:
         async with self._session.post(
             parsed, data=body, headers=headers, allow_redirects=False
         ) as response:
-            content = await response.content.read(RESPONSE_CAP_BYTES)
+            # one read may return less than asked: read up to the cap or the end
+            content = b""
+            while len(content) < RESPONSE_CAP_BYTES:
+                chunk = await response.content.read(RESPONSE_CAP_BYTES - len(content))
+                if not chunk:
+                    break
+                content += chunk
             return Response(
                 status=response.status,
                 headers=dict(response.headers),
