@@ -128,10 +128,8 @@ async def test_always_failing_target_ends_dead_after_the_schedule(
     assert row["next_attempt_at"] is None and row["last_status_code"] == 500
     assert "HTTP 500" in row["last_error"]
     attempts = await attempts_of(database_url, row["id"])
-    # the stored answer is the start of the body, capped at 4 KiB (one read may return less)
-    assert len(attempts) == 3
-    assert all(0 < len(a["response_body"]) <= 4096 for a in attempts)
-    assert all(a["response_body"] == "x" * len(a["response_body"]) for a in attempts)
+    # the stored answer is the start of the body, cut at 4 KiB (read until the cap)
+    assert [a["response_body"] for a in attempts] == ["x" * 4096] * 3
     # waits between attempts follow the schedule with jitter (0.3 s ± 20 %, plus overhead)
     times = [r.at for r in receiver.at("/down")]
     assert all(0.24 <= b - a < 3 for a, b in itertools.pairwise(times))
