@@ -66,6 +66,12 @@ SWEEPER_RESTARTS = Counter(
     "Times the sweeper lost its connection or failed, and reconnected.",
 )
 
+DEPENDENCY_UP = Gauge(
+    "relay_dependency_up",
+    "Whether the gateway reached a dependency at its last readiness probe.",
+    ["dependency"],
+)
+
 
 def status_class(status_code: int | None) -> str:
     """``2xx`` … ``5xx``, or ``error`` when no answer came."""

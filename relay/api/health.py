@@ -8,22 +8,16 @@ from collections.abc import Awaitable
 
 import redis.asyncio as aioredis
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
 from relay import errors
 from relay.api.routing import Route, respond
 from relay.keys import POOL, REDIS, SETTINGS
+from relay.metrics import DEPENDENCY_UP
 from relay.openapi import OPENAPI
 
 log = logging.getLogger(__name__)
-
-# Set on each readiness probe. (Belongs with the others in relay.metrics.)
-DEPENDENCY_UP = Gauge(
-    "relay_dependency_up",
-    "Whether the gateway reached a dependency at its last readiness probe.",
-    ["dependency"],
-)
 
 
 async def healthz(request: web.Request) -> web.Response:
