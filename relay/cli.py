@@ -239,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run delivery workers and the sweeper")
     worker.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
     worker.add_argument(
-        "--threads", type=int, default=16, help="concurrent deliveries per process (default 16)"
+        "--threads",
+        type=int,
+        default=4,
+        help="Dramatiq threads per process, for wake-ups and replays (default 4); attempts in flight are RELAY_WORKER_CONCURRENCY",
     )
     worker.set_defaults(func=cmd_worker)
 

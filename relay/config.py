@@ -66,6 +66,14 @@ class Settings:
     max_targets_per_tenant: int = 100
     max_sources_per_tenant: int = 100
     max_deliveries_per_request: int = 10_000
+    #: Attempts one worker process keeps in flight at once, shared fairly by tenants.
+    worker_concurrency: int = 256
+    #: A target's circuit breaker opens after this many timeouts, connection
+    #: errors or 5xx in a row, for breaker_open_s (doubling at each reopening,
+    #: up to breaker_max_open_s), then lets one probe through.
+    breaker_threshold: int = 5
+    breaker_open_s: float = 30.0
+    breaker_max_open_s: float = 600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, required: Collection[str] = ()) -> Settings:
@@ -137,6 +145,16 @@ class Settings:
         ):
             if (v := get(name)) is not None:
                 values[key] = int(_positive(v, name, integer=True))
+        if (v := get("RELAY_WORKER_CONCURRENCY")) is not None:
+            values["worker_concurrency"] = int(
+                _positive(v, "RELAY_WORKER_CONCURRENCY", integer=True)
+            )
+        if (v := get("RELAY_BREAKER_THRESHOLD")) is not None:
+            values["breaker_threshold"] = int(_positive(v, "RELAY_BREAKER_THRESHOLD", integer=True))
+        if (v := get("RELAY_BREAKER_OPEN_S")) is not None:
+            values["breaker_open_s"] = _positive(v, "RELAY_BREAKER_OPEN_S")
+        if (v := get("RELAY_BREAKER_MAX_OPEN_S")) is not None:
+            values["breaker_max_open_s"] = _positive(v, "RELAY_BREAKER_MAX_OPEN_S")
         if (v := get("RELAY_LOG_LEVEL")) is not None:
             if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
                 raise ConfigError("RELAY_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal, NamedTuple
 
 from relay.signing import signature_header
 
@@ -22,6 +23,78 @@ JITTER = 0.2
 MAX_RETRY_AFTER_S = 86_400.0
 SCHEDULED = "scheduled"
 _DELTA_SECONDS = re.compile(r"[0-9]+", re.ASCII)
+
+
+BreakerState = Literal["closed", "open", "half-open"]
+
+
+class Breaker(NamedTuple):
+    """A target's circuit breaker."""
+
+    state: BreakerState
+    consecutive_failures: int
+    opened_count: int
+    reason: str | None
+    #: set when the breaker (re)opens now: how long it stays open
+    open_for_s: float | None = None
+
+
+CLOSED = Breaker("closed", 0, 0, None)
+
+
+def trips_breaker(status_code: int | None, error: str | None) -> bool | None:
+    """What an attempt says of its target's health.
+
+    False: the target answered below 500 (healthy, whatever it thought of the
+    event). True: a timeout, a connection error or a 5xx (the kind that ties up
+    workers). None: neither (refused by the egress policy before any traffic).
+    """
+    if status_code is not None:
+        return status_code >= 500
+    if error is not None and error.startswith("refused by egress policy"):
+        return None
+    return True
+
+
+def next_breaker(
+    breaker: Breaker,
+    failures: Sequence[tuple[bool | None, str]],
+    *,
+    threshold: int,
+    open_s: float,
+    max_open_s: float,
+) -> Breaker:
+    """The breaker after some attempts, in the order they ended: (trips, what happened).
+
+    Closed, it opens after ``threshold`` failures in a row. Open, it stays so
+    for ``open_s``, doubled at each reopening up to ``max_open_s``; then one
+    probe goes through (half-open): a success closes it, a failure reopens it.
+    Failures of attempts sent before it opened only count.
+    """
+    state, failed, opened, reason = (
+        breaker.state,
+        breaker.consecutive_failures,
+        breaker.opened_count,
+        breaker.reason,
+    )
+    open_for: float | None = None
+    for trips, what in failures:
+        if trips is None:
+            continue
+        if not trips:
+            state, failed, opened, reason, open_for = "closed", 0, 0, None, None
+            continue
+        failed += 1
+        if state == "half-open" or (state == "closed" and failed >= threshold):
+            opened += 1
+            open_for = min(open_s * 2 ** min(opened - 1, 30), max_open_s)
+            reason = (
+                f"the probe failed ({what})"
+                if state == "half-open"
+                else f"{failed} failures in a row (last: {what})"
+            )
+            state = "open"
+    return Breaker(state, failed, opened, reason, open_for)
 
 
 @dataclass(frozen=True)

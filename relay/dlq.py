@@ -19,7 +19,8 @@ from rich.table import Table
 from relay.api.deliveries import render_attempt, render_delivery
 from relay.api.routing import dumps
 from relay.config import Settings
-from relay.store import deliveries as store
+from relay.store import dead_letters as store
+from relay.store import deliveries
 from relay.store.db import Conn, connect
 
 
@@ -93,11 +94,11 @@ async def _list(conn: Conn, args: argparse.Namespace, console: Console) -> int:
 
 
 async def _show(conn: Conn, args: argparse.Namespace, console: Console) -> int:
-    row = await store.get_delivery_any_tenant(conn, args.id)
+    row = await deliveries.get_delivery_any_tenant(conn, args.id)
     if row is None:
         print(f"relay: no delivery {args.id}", file=sys.stderr)
         return 1
-    attempts = [render_attempt(a) for a in await store.attempts_of(conn, row["id"])]
+    attempts = [render_attempt(a) for a in await deliveries.attempts_of(conn, row["id"])]
     data = {**render_delivery(row), "tenant_id": row["tenant_id"], "attempts": attempts}
     if args.json:
         print(dumps(data))
@@ -135,7 +136,7 @@ async def _replay(conn: Conn, args: argparse.Namespace, console: Console) -> int
     replayed = 0
     if up_to is not None and count:
         # no message: the sweeper of any running worker sends them within a second
-        async for ids in store.replay_in_batches(
+        async for batch in store.replay_in_batches(
             conn,
             args.tenant,
             target_id=args.target,
@@ -143,7 +144,7 @@ async def _replay(conn: Conn, args: argparse.Namespace, console: Console) -> int
             up_to_id=up_to,
             enqueue_grace_s=0,
         ):
-            replayed += len(ids)
+            replayed += len(batch)
     _report({"replayed": replayed}, f"replayed {replayed} dead letters", args, console)
     return 0
 

@@ -180,13 +180,14 @@ class EgressClient:
         timeout_s: float,
         allow_private: bool,
         user_agent: str,
-        limit_per_host: int = 32,
+        limit: int = 256,
     ) -> None:
         self._allow_private = allow_private
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         connector = aiohttp.TCPConnector(
-            limit=0,  # concurrency is bounded by the worker's threads
-            limit_per_host=limit_per_host,
+            # the engine bounds attempts per process, and per target (max_in_flight)
+            limit=limit,
+            limit_per_host=0,
             resolver=None if allow_private else GuardedResolver(),
             ttl_dns_cache=60,
         )

@@ -23,6 +23,9 @@ from yarl import URL
 log = logging.getLogger(__name__)
 
 QUEUE = "deliveries"
+#: One message means "this target has due work": the worker drains it from Postgres.
+WAKE_ACTOR = "wake_target"
+#: One message per delivery: what workers before the engine enqueued (still honoured).
 DELIVER_ACTOR = "deliver"
 #: Bulk replays run on their own queue so they never wait behind a delivery backlog.
 REPLAY_QUEUE = "replays"
@@ -121,6 +124,17 @@ def deliver_message(delivery_id: str) -> dramatiq.Message[Any]:
     )
 
 
+def wake_message(target_id: str, tenant_id: str) -> dramatiq.Message[Any]:
+    """The message that tells a worker a target has due work."""
+    return dramatiq.Message(
+        queue_name=QUEUE,
+        actor_name=WAKE_ACTOR,
+        args=(target_id, tenant_id),
+        kwargs={},
+        options={},
+    )
+
+
 class Enqueuer:
     """Enqueues from asyncio code; the broker clients are blocking, so its own threads do it."""
 
@@ -165,6 +179,25 @@ class Enqueuer:
         if not messages:
             return True
         return await self._send_async(messages, delay_s, f"{len(messages)} deliveries")
+
+    async def wake(self, targets: Iterable[tuple[str, str]], *, delay_s: float = 0.0) -> bool:
+        """Tell workers that these (target, tenant) have due work; False if the broker is away."""
+        messages = [wake_message(t, tenant) for t, tenant in dict.fromkeys(targets)]
+        if not messages:
+            return True
+        return await self._send_async(messages, delay_s, f"{len(messages)} wake-ups")
+
+    def wake_soon(self, targets: Iterable[tuple[str, str]], *, delay_s: float = 0.0) -> None:
+        """``wake`` in the background (after the answer is sent)."""
+        unique = list(dict.fromkeys(targets))
+        if not unique:
+            return
+        if len(self._pending) >= self._max_pending:
+            log.warning("broker backlog: %d wake-ups left to the sweeper", len(unique))
+            return
+        task = asyncio.ensure_future(self.wake(unique, delay_s=delay_s))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def enqueue_job(self, queue: str, actor: str, kwargs: dict[str, Any]) -> bool:
         """Enqueue one job for ``actor``; False (logged) if the broker is unreachable."""

@@ -39,8 +39,25 @@ CONNECTIONS_REFUSED = Counter(
     "relay_connections_refused_total",
     "Connections the gateway refused because RELAY_MAX_CONNECTIONS were open.",
 )
+ENGINE_IN_FLIGHT = Gauge(
+    "relay_attempts_in_flight",
+    "Delivery attempts in flight across the worker processes.",
+    multiprocess_mode="livesum",
+)
+BREAKER_OPENED = Counter(
+    "relay_breaker_opened_total",
+    "Times a target's circuit breaker opened (after failures in a row, or a failed probe).",
+)
+BREAKERS_OPEN = Gauge(
+    "relay_breakers_open",
+    "Targets whose circuit breaker is open or half-open, as the sweeper last counted.",
+    multiprocess_mode="max",
+)
 SWEEPER_RUNS = Counter("relay_sweeper_runs_total", "Sweeps made by the leading sweeper.")
-SWEPT = Counter("relay_swept_deliveries_total", "Due deliveries the sweeper enqueued.")
+SWEPT = Counter(
+    "relay_swept_targets_total",
+    "Targets the sweeper woke because they had due deliveries that nobody carried.",
+)
 DUE_UNSENT = Gauge(
     "relay_due_deliveries",
     "Deliveries due but not yet sent, as the sweeper last counted.",

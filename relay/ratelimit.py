@@ -53,6 +53,40 @@ return 1000
 """
 
 
+# The same window; ARGV: units wanted, limit. Takes as many as fit, up to the
+# units wanted: returns {taken, milliseconds until one more fits (0 if taken)}.
+_TAKE = """
+local want = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local slot = math.floor(now / 100)
+local fields = {}
+for i = 0, 10 do fields[i + 1] = tostring(slot - 10 + i) end
+local counts = redis.call('HMGET', KEYS[1], unpack(fields))
+local sum = 0
+for i = 1, 11 do sum = sum + (tonumber(counts[i]) or 0) end
+local n = math.min(want, limit - sum)
+if n > 0 then
+  redis.call('HINCRBY', KEYS[1], tostring(slot), n)
+  local old = {}
+  for i = 11, 30 do old[i - 10] = tostring(slot - i) end
+  redis.call('HDEL', KEYS[1], unpack(old))
+  redis.call('PEXPIRE', KEYS[1], 2000)
+  return {n, 0}
+end
+local excess = sum + 1 - limit
+local freed = 0
+for i = 1, 11 do
+  freed = freed + (tonumber(counts[i]) or 0)
+  if freed >= excess then
+    return {0, (slot - 10 + i - 1 + 11) * 100 - now}
+  end
+end
+return {0, 1000}
+"""
+
+
 class RateLimiter:
     """Admits or refuses units of work against per-key limits per second."""
 
@@ -60,6 +94,7 @@ class RateLimiter:
         self._client = client
         self._namespace = namespace
         self._script = client.register_script(_SCRIPT)
+        self._take = client.register_script(_TAKE)
 
     async def admit(self, key: str, limit: int, units: int = 1) -> float:
         """0 if admitted, else the seconds to wait (``inf``: ``units`` exceeds ``limit``)."""
@@ -71,3 +106,12 @@ class RateLimiter:
             log.warning("rate limiter unavailable, admitting: %s", type(exc).__name__)
             return 0.0
         return int(wait_ms) / 1000
+
+    async def take(self, key: str, limit: int, want: int) -> tuple[int, float]:
+        """Take as many of ``want`` units as fit now: (taken, seconds until one more fits)."""
+        try:
+            taken, wait_ms = await self._take(keys=[f"{self._namespace}:{key}"], args=[want, limit])
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            log.warning("rate limiter unavailable, admitting: %s", type(exc).__name__)
+            return want, 0.0
+        return int(taken), int(wait_ms) / 1000

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
@@ -29,22 +28,10 @@ from relay.enqueue import Enqueuer, make_broker
 from relay.logs import setup_logging
 from relay.openapi import relay_version
 from relay.ratelimit import RateLimiter
-from relay.store.db import Pool, create_pool
+from relay.store.db import create_pool
+from workers.engine import POOL_SIZE, Engine, WorkerContext
 
 log = logging.getLogger("relay.worker")
-
-
-@dataclass
-class WorkerContext:
-    """What an actor needs, opened once per worker process."""
-
-    settings: Settings
-    pool: Pool
-    egress: EgressClient
-    redis: Any
-    limiter: RateLimiter
-    enqueuer: Enqueuer
-    secrets: SecretBox
 
 
 class WorkerResources(AsyncIO):
@@ -59,25 +46,32 @@ class WorkerResources(AsyncIO):
         super().__init__()
         self.settings = settings
         self.context: WorkerContext | None = None
+        self.engine: Engine | None = None
 
     async def _open(self, broker: dramatiq.Broker) -> None:
         settings = self.settings
         client = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
         self.context = WorkerContext(
             settings=settings,
-            pool=await create_pool(settings.database_url, min_size=1, max_size=10),
+            pool=await create_pool(settings.database_url, min_size=1, max_size=POOL_SIZE),
             egress=EgressClient(
                 timeout_s=settings.delivery_timeout_s,
                 allow_private=settings.allow_private_targets,
                 user_agent=f"Relay/{relay_version()} (+webhook relay)",
+                limit=settings.worker_concurrency,
             ),
             redis=client,
             limiter=RateLimiter(client),
             enqueuer=Enqueuer(broker),
             secrets=SecretBox(settings.secret_key),
         )
+        self.engine = Engine(self.context)
 
     async def _close(self) -> None:
+        if self.engine is not None:
+            # attempts in flight end (at most one delivery timeout) and are recorded
+            await self.engine.close(timeout_s=self.settings.delivery_timeout_s + 5)
+            self.engine = None
         if self.context is not None:
             await self.context.egress.close()
             await self.context.pool.close()
@@ -144,12 +138,26 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
     return broker
 
 
-def worker_context() -> WorkerContext:
-    """The running process's resources (raises if the worker has not booted)."""
+def _resources() -> WorkerResources:
     for middleware in dramatiq.get_broker().middleware:
         if isinstance(middleware, WorkerResources) and middleware.context is not None:
-            return middleware.context
+            return middleware
     raise RuntimeError("worker resources are not open")
+
+
+def worker_context() -> WorkerContext:
+    """The running process's resources (raises if the worker has not booted)."""
+    context = _resources().context
+    assert context is not None
+    return context
+
+
+def worker_engine() -> Engine:
+    """The running process's delivery engine (raises if the worker has not booted)."""
+    engine = _resources().engine
+    if engine is None:
+        raise RuntimeError("the delivery engine is not running")
+    return engine
 
 
 settings = Settings.from_env(os.environ, required=REQUIRED_FOR_WORKER)

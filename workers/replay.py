@@ -8,8 +8,9 @@ from datetime import datetime
 import dramatiq
 
 from relay.enqueue import REPLAY_ACTOR, REPLAY_QUEUE
-from relay.store import deliveries as store
-from workers.broker import WorkerContext, worker_context
+from relay.store import dead_letters as store
+from workers.broker import worker_context
+from workers.engine import WorkerContext
 
 log = logging.getLogger("relay.replay")
 
@@ -25,11 +26,11 @@ async def replay_selection(
     """Replay every selected dead letter up to ``up_to_id``, batch by batch; return how many.
 
     Each batch is one short statement (SKIP LOCKED), so no lock is held long,
-    and each replayed delivery is enqueued as soon as its batch commits.
+    and the targets of each batch are woken as soon as it commits.
     """
     total = 0
     async with ctx.pool.acquire() as conn:
-        async for ids in store.replay_in_batches(
+        async for batch in store.replay_in_batches(
             conn,
             tenant_id,
             target_id=target_id,
@@ -37,8 +38,9 @@ async def replay_selection(
             up_to_id=up_to_id,
             enqueue_grace_s=ctx.settings.requeue_after_s,
         ):
-            await ctx.enqueuer.enqueue(ids)
-            total += len(ids)
+            # one message per target of the batch: any worker process may drain it
+            await ctx.enqueuer.wake(r.wake for r in batch)
+            total += len(batch)
     log.info(
         "replayed %d dead letters", total, extra={"tenant_id": tenant_id, "target_id": target_id}
     )

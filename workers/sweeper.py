@@ -1,9 +1,12 @@
 """The sweeper: Postgres decides, the broker only carries work.
 
 Every second the leader (one at a time across all workers, by a Postgres
-advisory lock) enqueues every due delivery that no lease holds and no live
-message carries, so a delivery whose message was lost (Redis flushed, an
-enqueue that failed after commit, a worker killed mid-attempt) is always sent.
+advisory lock) wakes every target that has a due delivery nobody carries (no
+lease, no broker message, no worker's timer: past its ``enqueued_until``), so a
+delivery whose wake-up was lost (Redis flushed, an enqueue that failed after
+commit, a worker killed mid-attempt) is always sent. It wakes targets, not
+deliveries: one message per target, at most once per ``RELAY_REQUEUE_AFTER_S``,
+however deep the target's backlog; the worker drains it from Postgres.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from relay.config import REQUIRED_FOR_WORKER, Settings
 from relay.enqueue import Enqueuer, make_broker
 from relay.logs import setup_logging
 from relay.metrics import (
+    BREAKERS_OPEN,
     DEAD_LETTERS,
     DUE_UNSENT,
     SWEEPER_LAST_SWEEP,
@@ -30,14 +34,15 @@ from relay.metrics import (
     worker_registry,
 )
 from relay.store import deliveries as store
+from relay.store import housekeeping
 from relay.store.db import Conn, connect
 
 log = logging.getLogger("relay.sweeper")
 
 SWEEPER_LOCK_KEY = 0x7377656570  # "sweep"
-BATCH = 1000
-#: A sweep pass stops after this many batches to let the next tick come round.
-MAX_BATCHES = 50
+#: Targets woken per statement; a pass makes as many statements as it needs.
+BATCH = 500
+MAX_BATCHES = 20
 #: Auto-disable and retention run every this many sweeps.
 HOUSEKEEPING_EVERY = 5
 #: The name the sweeper's connection shows in pg_stat_activity.
@@ -56,42 +61,39 @@ class Sweeper:
         self.stopping = asyncio.Event()
 
     async def sweep_once(self, conn: Conn) -> int:
-        """Enqueue what is due; return how many.
-
-        A pass ends before half the resend grace has gone by: rows it marked in
-        its first batches become due again after the grace, and a longer pass
-        would put them on the broker a second time.
-        """
+        """Wake the targets with due work that nobody carries; return how many."""
         total = 0
         grace_s = self.settings.requeue_after_s
-        started = time.monotonic()
         for _ in range(MAX_BATCHES):
-            ids = await store.sweep_due(conn, batch=BATCH, grace_s=grace_s)
-            if ids:
-                await self.enqueuer.enqueue(ids)
-                total += len(ids)
-            if len(ids) < BATCH or time.monotonic() - started > grace_s / 2:
+            wakes = await store.targets_to_wake(conn, grace_s=grace_s, limit=BATCH)
+            if wakes:
+                await self.enqueuer.wake(wakes)
+                total += len(wakes)
+            if len(wakes) < BATCH:
                 break
         SWEEPER_RUNS.inc()
         SWEPT.inc(total)
         if total:
-            log.info("swept %d due deliveries", total)
+            log.info("woke %d targets with due deliveries nobody carried", total)
         return total
 
     async def housekeeping(self, conn: Conn) -> None:
         """Auto-disable failing targets and purge what is past retention, in small batches."""
-        for target_id in await store.disable_failing_targets(conn, self.settings.disable_after_s):
+        for target_id in await housekeeping.disable_failing_targets(
+            conn, self.settings.disable_after_s
+        ):
             log.warning(
                 "disabled target %s: every attempt failed",
                 target_id,
                 extra={"target_id": target_id},
             )
-        due, dead = await store.backlog(conn)
+        due, dead, open_breakers = await housekeeping.backlog(conn)
         DUE_UNSENT.set(due)
         DEAD_LETTERS.set(dead)
+        BREAKERS_OPEN.set(open_breakers)
         purged = 0
         for _ in range(10):
-            batch = await store.purge_old_events(conn, self.settings.retention_days)
+            batch = await housekeeping.purge_old_events(conn, self.settings.retention_days)
             purged += batch
             if batch < 1000:
                 break

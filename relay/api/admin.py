@@ -10,7 +10,7 @@ from aiohttp import web
 from relay.api.deliveries import MAX_REPLAY_IDS, Id, Timestamp, render_delivery, replay_dead_letters
 from relay.api.routing import ListQuery, Route, page, read_body, read_query, respond
 from relay.keys import POOL
-from relay.store import deliveries as store
+from relay.store import dead_letters, housekeeping
 
 
 class AdminDeadLettersQuery(ListQuery):
@@ -38,7 +38,7 @@ def render_dead_letter(row: Any) -> dict[str, Any]:
 async def list_all_dead_letters(request: web.Request) -> web.Response:
     """Dead deliveries of every tenant, newest first."""
     query = read_query(request, AdminDeadLettersQuery)
-    rows, cursor = await store.list_dead_letters(
+    rows, cursor = await dead_letters.list_dead_letters(
         request.app[POOL],
         query.tenant_id,
         limit=query.limit,
@@ -59,7 +59,7 @@ async def replay_all_dead_letters(request: web.Request) -> web.Response:
 
 async def get_stats(request: web.Request) -> web.Response:
     """Deliveries by status, the oldest due delivery's age, dead letters per tenant."""
-    return respond(await store.stats(request.app[POOL]))
+    return respond(await housekeeping.stats(request.app[POOL]))
 
 
 ROUTES = [

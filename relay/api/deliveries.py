@@ -13,6 +13,7 @@ from relay import errors
 from relay.api.routing import ListQuery, Route, page, read_body, read_query, respond, tenant_id
 from relay.enqueue import REPLAY_ACTOR, REPLAY_QUEUE
 from relay.keys import ENQUEUER, POOL, SETTINGS
+from relay.store import dead_letters
 from relay.store import deliveries as store
 
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ]")
@@ -108,7 +109,7 @@ async def replay_dead_letters(
     grace = app[SETTINGS].requeue_after_s
     async with app[POOL].acquire() as conn:
         if ids is not None:
-            replayed = await store.replay_dead_letters_batch(
+            replayed = await dead_letters.replay_dead_letters_batch(
                 conn,
                 owner,
                 target_id=target_id,
@@ -118,12 +119,12 @@ async def replay_dead_letters(
                 batch=len(ids),
                 enqueue_grace_s=grace,
             )
-            app[ENQUEUER].enqueue_soon(replayed)
+            app[ENQUEUER].wake_soon(r.wake for r in replayed)
             return len(replayed)
-        up_to = await store.newest_dead_letter_id(conn)
+        up_to = await dead_letters.newest_dead_letter_id(conn)
         if up_to is None:
             return 0
-        count = await store.count_dead_letters(
+        count = await dead_letters.count_dead_letters(
             conn, owner, target_id=target_id, since=since, ids=None, up_to_id=up_to
         )
     if count:
@@ -177,14 +178,14 @@ async def retry_delivery(request: web.Request) -> web.Response:
         if await store.get_delivery(pool, tenant_id(request), delivery_id) is None:
             raise errors.NotFound("no such delivery")
         raise errors.Conflict("an attempt of this delivery is in flight; retry when it ends")
-    request.app[ENQUEUER].enqueue_soon([row["id"]])
+    request.app[ENQUEUER].wake_soon([(row["target_id"], row["tenant_id"])])
     return respond(render_delivery(row), status=202)
 
 
 async def list_dead_letters(request: web.Request) -> web.Response:
     """The tenant's dead deliveries, newest first."""
     query = read_query(request, DeadLettersQuery)
-    rows, cursor = await store.list_dead_letters(
+    rows, cursor = await dead_letters.list_dead_letters(
         request.app[POOL],
         tenant_id(request),
         limit=query.limit,

@@ -113,7 +113,8 @@ async def replay_event(request: web.Request) -> web.Response:
         ids = await store.add_deliveries(
             conn, owner, event["id"], targets, enqueue_grace_s=request.app[SETTINGS].requeue_after_s
         )
-    request.app[ENQUEUER].enqueue_soon(ids)
+    if ids:
+        request.app[ENQUEUER].wake_soon((t, owner) for t in targets)
     return respond({"delivery_ids": ids}, status=202)
 
 

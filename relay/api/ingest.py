@@ -5,7 +5,7 @@ unknown source 404 → token/basic credential 401 → content type 415 → decla
 length 413 → body read with the cap 413 → hmac/standard-webhooks signature 401
 → JSON shape 400/422 → deliveries per request 422 → rate limit 429. Then one
 transaction stores the events and their deliveries, the answer is 202, and only
-then are the deliveries put on the broker (the sweeper covers an enqueue that fails).
+then are their targets woken on the broker (the sweeper covers an enqueue that fails).
 """
 
 from __future__ import annotations
@@ -148,7 +148,9 @@ async def _accept(
             enqueue_grace_s=settings.requeue_after_s,
             first_delay_s=settings.retry_schedule[0],
         )
-    app[ENQUEUER].enqueue_soon(result.delivery_ids, delay_s=settings.retry_schedule[0])
+    app[ENQUEUER].wake_soon(
+        ((t, source.tenant_id) for t in result.target_ids), delay_s=settings.retry_schedule[0]
+    )
     context["deliveries"] = len(result.delivery_ids)
     context["duplicates"] = result.duplicates
     return respond({"event_ids": result.event_ids}, status=202)

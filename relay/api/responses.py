@@ -80,6 +80,21 @@ class FilterShown(pydantic.BaseModel):
     action: list[str]
 
 
+class BreakerShown(pydantic.BaseModel):
+    """The target's circuit breaker.
+
+    ``closed``: attempts flow. ``open``: after failures in a row (timeouts,
+    connection errors, 5xx) its due deliveries wait, spending no attempt, until
+    ``open_until``; then one probe goes through (``half-open``), and its success
+    closes the breaker while its failure opens it again for twice as long.
+    """
+
+    state: Literal["closed", "open", "half-open"]
+    reason: str | None
+    open_until: datetime | None
+    consecutive_failures: int
+
+
 class Target(pydantic.BaseModel):
     """A target (no secret)."""
 
@@ -90,8 +105,12 @@ class Target(pydantic.BaseModel):
     source_ids: list[str] | None
     headers: dict[str, str]
     rate_limit: int | None
+    max_in_flight: int = pydantic.Field(
+        description="At most this many attempts to the target are in flight at once."
+    )
     enabled: bool
     disabled_reason: str | None
+    breaker: BreakerShown
     created_at: datetime
     updated_at: datetime
 

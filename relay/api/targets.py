@@ -56,6 +56,9 @@ FORBIDDEN_HEADERS = frozenset(
 #: RFC 9110 field-value without obs-text: visible ASCII, space and tab.
 HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 
+#: How many attempts to one target may be in flight at once, across every worker.
+MaxInFlight = Annotated[int, pydantic.Field(ge=1, le=100)]
+
 FilterValue = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=200)]
 
 _PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
@@ -165,6 +168,7 @@ class TargetCreate(pydantic.BaseModel):
     source_ids: SourceIds | None = None
     headers: Headers | None = None
     rate_limit: RateLimit | None = None
+    max_in_flight: MaxInFlight = 10
     enabled: bool = True
 
 
@@ -179,6 +183,7 @@ class TargetPatch(pydantic.BaseModel):
     source_ids: SourceIds | None = None
     headers: Headers | SkipJsonSchema[None] = None
     rate_limit: RateLimit | None = None
+    max_in_flight: MaxInFlight | SkipJsonSchema[None] = None
     enabled: bool | SkipJsonSchema[None] = None
 
 
@@ -196,8 +201,15 @@ def render_target(request: web.Request, row: Any) -> dict[str, Any]:
         "source_ids": row["source_ids"],
         "headers": dict.fromkeys(headers, MASK),
         "rate_limit": row["rate_limit"],
+        "max_in_flight": row["max_in_flight"],
         "enabled": row["enabled"],
         "disabled_reason": row["disabled_reason"],
+        "breaker": {
+            "state": row["breaker"],
+            "reason": row["breaker_reason"],
+            "open_until": row["breaker_open_until"],
+            "consecutive_failures": row["consecutive_failures"],
+        },
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
     }
@@ -248,6 +260,7 @@ async def create_target(request: web.Request) -> web.Response:
         source_ids=source_ids,
         headers_enc=seal_headers(request.app[SECRETS], target_id, body.headers or {}),
         rate_limit=body.rate_limit,
+        max_in_flight=body.max_in_flight,
         enabled=body.enabled,
         disabled_reason=None if body.enabled else "disabled through the API",
         secret_enc=request.app[SECRETS].seal(secret, bound_to=target_id),
@@ -287,7 +300,7 @@ async def update_target(request: web.Request) -> web.Response:
     current = await _get_or_404(request)
     changes: dict[str, Any] = {}
     fields = body.model_fields_set
-    for required in ("url", "filter", "headers", "enabled"):
+    for required in ("url", "filter", "headers", "enabled", "max_in_flight"):
         if required in fields and getattr(body, required) is None:
             raise errors.ValidationFailed.field(required, "may not be null")
     if body.url is not None:
@@ -304,11 +317,14 @@ async def update_target(request: web.Request) -> web.Response:
         changes["headers_enc"] = seal_headers(request.app[SECRETS], current["id"], body.headers)
     if "rate_limit" in fields:
         changes["rate_limit"] = body.rate_limit
+    if body.max_in_flight is not None:
+        changes["max_in_flight"] = body.max_in_flight
     if body.enabled is not None and body.enabled != current["enabled"]:
         changes["enabled"] = body.enabled
         changes["disabled_reason"] = None if body.enabled else "disabled through the API"
         changes["failing_since"] = None
-    row = await store.update_target(request.app[POOL], tenant_id(request), current["id"], changes)
+    async with request.app[POOL].acquire() as conn:
+        row = await store.update_target(conn, tenant_id(request), current["id"], changes)
     if row is None:
         raise errors.NotFound("no such target")
     request.app[CACHE].forget_tenant(tenant_id(request))
@@ -378,7 +394,7 @@ async def test_target(request: web.Request) -> web.Response:
         )
     if delivery_id is None:  # deleted or disabled between the two statements
         raise errors.NotFound("no such target")
-    request.app[ENQUEUER].enqueue_soon([delivery_id])
+    request.app[ENQUEUER].wake_soon([(target["id"], tenant_id(request))])
     return respond({"event_id": event_id, "delivery_id": delivery_id}, status=202)
 
 

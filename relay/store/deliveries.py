@@ -1,137 +1,315 @@
-"""Deliveries: claiming, recording attempts, and what the sweeper finds due."""
+"""The delivery lifecycle: claiming a target's due deliveries, recording attempts, waking targets.
+
+Postgres decides. A delivery is claimed with a lease (``locked_until``): while
+it holds, no other worker may attempt it. ``enqueued_until`` says until when
+somebody carries a waiting delivery (a broker message, a worker's timer or a
+lease); past it, the sweeper wakes the delivery's target. Everything the
+engine reads comes back as a typed row.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, NamedTuple, cast
 
 from relay.crypto import new_id
+from relay.delivery import CLOSED, Breaker, BreakerState
 from relay.store.db import Conn
 from relay.store.rows import keyset_page
 
-# One statement claims the delivery (a lease) and reads what sending needs. A
-# duplicated broker message finds the lease held, or the delivery finished,
-# and claims nothing.
+DeliveryStatus = Literal["pending", "retrying", "succeeded", "dead"]
+
+#: First key of the advisory lock that serialises the claims of one target.
+_CLAIM_LOCK = 0x636C61  # "cla"
+
+
+@dataclass(frozen=True)
+class SendTarget:
+    """A target as the engine sends to it, with its breaker."""
+
+    id: str
+    tenant_id: str
+    url: str
+    headers_enc: bytes | None
+    secret_enc: bytes
+    previous_secret_enc: bytes | None
+    secret_rotated_at: datetime | None
+    rate_limit: int | None
+    max_in_flight: int
+    live: bool  # enabled and not deleted
+    breaker: BreakerState
+    consecutive_failures: int
+    #: the breaker is open and its open period has not ended
+    cooling: bool
+    open_until: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> SendTarget:
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+
+
+class Claimed(NamedTuple):
+    """One claimed delivery: ours to attempt until ``locked_until``."""
+
+    id: str
+    event_id: str
+    attempt_count: int
+    locked_until: datetime
+    payload: bytes
+
+    @classmethod
+    def from_row(cls, row: Any) -> Claimed:
+        return cls(
+            row["id"], row["event_id"], row["attempt_count"], row["locked_until"], row["payload"]
+        )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt's result and the delivery's next state, to record."""
+
+    delivery: Claimed
+    started_at: datetime
+    duration_ms: int
+    status_code: int | None
+    error: str | None
+    response_body: str | None
+    status: DeliveryStatus
+    #: until the next attempt (None: no next attempt)
+    delay_s: float | None
+    #: somebody (a timer of this worker) carries the delivery until this long from now;
+    #: None: nobody but the sweeper, from when it is due
+    carried_for_s: float | None
+    disable_reason: str | None
+
+
+_TARGET = """
+SELECT t.id, t.tenant_id, t.url, t.headers_enc, t.secret_enc, t.previous_secret_enc,
+       t.secret_rotated_at, t.rate_limit, t.max_in_flight,
+       t.enabled AND t.deleted_at IS NULL AS live,
+       coalesce(h.breaker, 'closed') AS breaker,
+       coalesce(h.consecutive_failures, 0) AS consecutive_failures,
+       coalesce(h.open_until > now(), false) AS cooling, h.open_until
+FROM targets t LEFT JOIN target_health h ON h.target_id = t.id
+WHERE t.id = $1
+"""
+
+# Up to $2 due deliveries of target $1, never more than $3 leased at once in all.
+# Leased rows come first in the index (they are due): SKIP LOCKED and the lease
+# filter pass over at most the cap of them.
 _CLAIM = """
-WITH claimed AS (
-    UPDATE deliveries
-    SET locked_until = now() + make_interval(secs => $2), updated_at = now()
-    WHERE id = $1
-      AND status IN ('pending', 'retrying')
-      AND next_attempt_at <= now()
+WITH picked AS (
+    SELECT id FROM deliveries
+    WHERE target_id = $1 AND status IN ('pending', 'retrying') AND next_attempt_at <= now()
       AND (locked_until IS NULL OR locked_until < now())
-    RETURNING id, tenant_id, event_id, target_id, attempt_count, locked_until
+    ORDER BY next_attempt_at
+    LIMIT greatest(0, least($2::int, $3::int - (
+        SELECT count(*) FROM deliveries WHERE target_id = $1 AND locked_until > now()
+    )::int))
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE deliveries d
+    SET locked_until = now() + make_interval(secs => $4::float8),
+        enqueued_until = now() + make_interval(secs => $4::float8), updated_at = now()
+    FROM picked WHERE d.id = picked.id
+    RETURNING d.id, d.event_id, d.attempt_count, d.locked_until
 )
-SELECT c.id, c.tenant_id, c.event_id, c.target_id, c.attempt_count, c.locked_until,
-       e.payload,
-       t.url, t.headers_enc, t.rate_limit, t.enabled, t.deleted_at, t.secret_enc,
-       t.previous_secret_enc, t.secret_rotated_at
-FROM claimed c
-JOIN events e ON e.id = c.event_id
-JOIN targets t ON t.id = c.target_id
+SELECT c.id, c.event_id, c.attempt_count, c.locked_until, e.payload
+FROM claimed c JOIN events e ON e.id = c.event_id
+ORDER BY c.id
 """
 
 
-async def claim(conn: Conn, delivery_id: str, lease_s: float) -> Any:
-    """Claim a due delivery for ``lease_s`` seconds; None if it is not ours to send."""
-    return await conn.fetchrow(_CLAIM, delivery_id, lease_s)
+async def read_target(conn: Conn, target_id: str) -> SendTarget | None:
+    """A target as the engine sees it (None if it does not exist)."""
+    row = await conn.fetchrow(_TARGET, target_id)
+    return None if row is None else SendTarget.from_row(row)
 
 
-async def release(
-    conn: Conn, delivery_id: str, lease: datetime, *, delay_s: float, grace_s: float | None
+async def claim_batch(
+    conn: Conn, target_id: str, *, want: int, lease_s: float
+) -> tuple[SendTarget | None, list[Claimed]]:
+    """Claim up to ``want`` due deliveries of a target, within its cap and its breaker.
+
+    The claims of one target are serialised (an advisory lock for the length of
+    one short transaction), so the count of leases and the new ones agree across
+    every worker process: the target never has more than ``max_in_flight``
+    attempts in flight. An open breaker claims nothing until its open period
+    ends; then one probe is claimed and the breaker is half-open until it is
+    recorded (or its lease lapses).
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _CLAIM_LOCK, target_id)
+        row = await conn.fetchrow(_TARGET, target_id)
+        if row is None:
+            return None, []
+        target = SendTarget.from_row(row)
+        if not target.live or target.cooling or want <= 0:
+            return target, []
+        probing = target.breaker != "closed"
+        cap = 1 if probing else target.max_in_flight
+        rows = await conn.fetch(_CLAIM, target_id, min(want, cap), cap, lease_s)
+        if rows and target.breaker == "open":
+            await conn.execute(
+                "UPDATE target_health SET breaker = 'half-open', changed_at = now() "
+                "WHERE target_id = $1",
+                target_id,
+            )
+    return target, [Claimed.from_row(r) for r in rows]
+
+
+async def release_batch(
+    conn: Conn, claimed: Sequence[Claimed], *, delay_s: float, carried_for_s: float | None
 ) -> None:
-    """Give a claim back without spending an attempt (rate limit, disabled target).
+    """Give claims back without spending an attempt.
 
-    ``grace_s``: a message is enqueued with ``delay_s``; the sweeper leaves the
-    delivery to it until ``grace_s`` after that. None: no message, the sweeper's.
+    They become due in ``delay_s``; ``carried_for_s``: a timer of this worker
+    wakes the target then (None: the sweeper does, once they are due).
     """
     await conn.execute(
         """
-        UPDATE deliveries
+        UPDATE deliveries d
         SET locked_until = NULL,
-            next_attempt_at = greatest(next_attempt_at, now() + make_interval(secs => $3)),
-            enqueued_until = now() + make_interval(secs => $3 + $4::float8),
+            next_attempt_at = greatest(d.next_attempt_at, now() + make_interval(secs => $3)),
+            enqueued_until = now() + make_interval(secs => $3 + coalesce($4::float8, 0)),
             updated_at = now()
-        WHERE id = $1 AND locked_until = $2
+        FROM unnest($1::text[], $2::timestamptz[]) AS r(id, lease)
+        WHERE d.id = r.id AND d.locked_until = r.lease
         """,
-        delivery_id,
-        lease,
+        [c.id for c in claimed],
+        [c.locked_until for c in claimed],
         delay_s,
-        grace_s,
+        carried_for_s,
     )
 
 
-async def record_attempt(
+async def breaker_of(conn: Conn, target_id: str) -> Breaker:
+    """A target's breaker, locked until the transaction ends (closed if it has no row)."""
+    row = await conn.fetchrow(
+        """
+        SELECT breaker, consecutive_failures, opened_count, reason FROM target_health
+        WHERE target_id = $1 FOR UPDATE
+        """,
+        target_id,
+    )
+    if row is None:
+        return CLOSED
+    return Breaker(
+        cast(BreakerState, row["breaker"]),
+        row["consecutive_failures"],
+        row["opened_count"],
+        row["reason"],
+    )
+
+
+async def save_breaker(conn: Conn, target_id: str, breaker: Breaker) -> None:
+    """Store a target's breaker (an open period starts now, when ``open_for_s`` is set)."""
+    await conn.execute(
+        """
+        INSERT INTO target_health AS h (target_id, breaker, consecutive_failures, opened_count,
+                                        reason, open_until, changed_at)
+        VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::float8), now())
+        ON CONFLICT (target_id) DO UPDATE
+        SET breaker = excluded.breaker,
+            consecutive_failures = excluded.consecutive_failures,
+            opened_count = excluded.opened_count,
+            reason = excluded.reason,
+            open_until = CASE WHEN $6::float8 IS NOT NULL THEN excluded.open_until
+                              WHEN excluded.breaker = 'closed' THEN NULL
+                              ELSE h.open_until END,
+            changed_at = CASE WHEN h.breaker = excluded.breaker AND $6::float8 IS NULL
+                              THEN h.changed_at ELSE now() END
+        """,
+        target_id,
+        breaker.state,
+        breaker.consecutive_failures,
+        breaker.opened_count,
+        breaker.reason,
+        breaker.open_for_s,
+    )
+
+
+async def record_batch(
     conn: Conn,
-    delivery: Any,
+    target_id: str,
+    attempts: Sequence[Attempt],
     *,
-    started_at: datetime,
-    duration_ms: int,
-    status_code: int | None,
-    error: str | None,
-    response_body: str | None,
-    status: str,
-    delay_s: float | None,
-    enqueued_for_s: float | None,
-    disable_reason: str | None,
-) -> bool:
-    """Record one attempt and the delivery's new state atomically; False if the lease was lost.
+    breaker: Callable[[Breaker], Breaker] | None,
+) -> list[str]:
+    """Record attempts of one target and their deliveries' new states in one transaction.
 
-    Lock order, here as everywhere: a target before its deliveries (``delete_target``
-    and PATCH lock the target first). So the target row is locked first, and only
-    when its failing state changes; a target that keeps failing is not written again.
+    Returns the ids recorded; an attempt whose lease was lost is not (another
+    worker may hold the delivery now). ``breaker``: the new breaker as a function
+    of the current one (read under lock), or None to leave it alone.
+
+    Lock order, here as everywhere: the target row, then its health, then its
+    deliveries (``delete_target`` and PATCH lock the target first). The target
+    row is locked and written only when its failing state changes.
     """
-    failed = status != "succeeded"
+    if not attempts:
+        return []
+    succeeded = any(a.status == "succeeded" for a in attempts)
+    disable = next((a.disable_reason for a in attempts if a.disable_reason), None)
     failing = await conn.fetchval(
-        "SELECT failing_since IS NOT NULL FROM targets WHERE id = $1", delivery["target_id"]
+        "SELECT failing_since IS NOT NULL FROM targets WHERE id = $1", target_id
     )
-    touch_target = (failing and not failed) or (failed and (not failing or disable_reason))
+    touch_target = (failing and succeeded) or (not succeeded and (not failing or disable))
     async with conn.transaction():
         if touch_target:
-            await conn.execute(
-                "SELECT 1 FROM targets WHERE id = $1 FOR NO KEY UPDATE", delivery["target_id"]
-            )
-        updated = await conn.fetchval(
+            await conn.execute("SELECT 1 FROM targets WHERE id = $1 FOR NO KEY UPDATE", target_id)
+        if breaker is not None:
+            before = await breaker_of(conn, target_id)
+            after = breaker(before)
+            if after != before:
+                await save_breaker(conn, target_id, after)
+        rows = await conn.fetch(
             """
-            UPDATE deliveries
-            SET status = $3, attempt_count = attempt_count + 1,
-                next_attempt_at = now() + make_interval(secs => $4::float8),
-                enqueued_until = now() + make_interval(secs => $5::float8),
-                locked_until = NULL, last_status_code = $6,
-                last_error = $7, updated_at = now()
-            WHERE id = $1 AND locked_until = $2 AND status IN ('pending', 'retrying')
-            RETURNING id
+            UPDATE deliveries d
+            SET status = r.status, attempt_count = d.attempt_count + 1,
+                next_attempt_at = now() + make_interval(secs => r.delay),
+                enqueued_until = now() + make_interval(secs => coalesce(r.carried, r.delay)),
+                locked_until = NULL, last_status_code = r.code, last_error = r.error,
+                updated_at = now()
+            FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::float8[], $5::float8[],
+                        $6::int[], $7::text[]) AS r(id, lease, status, delay, carried, code, error)
+            WHERE d.id = r.id AND d.locked_until = r.lease AND d.status IN ('pending', 'retrying')
+            RETURNING d.id
             """,
-            delivery["id"],
-            delivery["locked_until"],
-            status,
-            delay_s,
-            enqueued_for_s,
-            status_code,
-            error,
+            [a.delivery.id for a in attempts],
+            [a.delivery.locked_until for a in attempts],
+            [a.status for a in attempts],
+            [a.delay_s for a in attempts],
+            [a.carried_for_s for a in attempts],
+            [a.status_code for a in attempts],
+            [a.error for a in attempts],
         )
-        if updated is None:
-            return False
-        await conn.execute(
-            """
-            INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms,
-                                  status_code, error, response_body)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-            """,
-            new_id("att"),
-            delivery["tenant_id"],
-            delivery["id"],
-            started_at,
-            duration_ms,
-            status_code,
-            error,
-            response_body,
-        )
-        if touch_target and not failed:
+        recorded = {r["id"] for r in rows}
+        kept = [a for a in attempts if a.delivery.id in recorded]
+        if kept:
             await conn.execute(
-                "UPDATE targets SET failing_since = NULL WHERE id = $1", delivery["target_id"]
+                """
+                INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms,
+                                      status_code, error, response_body)
+                SELECT a.id, t.tenant_id, a.delivery_id, a.started_at, a.duration_ms, a.code,
+                       a.error, a.body
+                FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::int[], $6::int[],
+                            $7::text[], $8::text[])
+                     AS a(id, delivery_id, started_at, duration_ms, code, error, body)
+                JOIN targets t ON t.id = $1
+                """,
+                target_id,
+                [new_id("att") for _ in kept],
+                [a.delivery.id for a in kept],
+                [a.started_at for a in kept],
+                [a.duration_ms for a in kept],
+                [a.status_code for a in kept],
+                [a.error for a in kept],
+                [a.response_body for a in kept],
             )
+        if touch_target and succeeded:
+            await conn.execute("UPDATE targets SET failing_since = NULL WHERE id = $1", target_id)
         elif touch_target:
             await conn.execute(
                 """
@@ -142,60 +320,89 @@ async def record_attempt(
                     updated_at = CASE WHEN $3::text IS NULL THEN updated_at ELSE now() END
                 WHERE id = $1
                 """,
-                delivery["target_id"],
-                started_at,
-                disable_reason,
+                target_id,
+                min(a.started_at for a in attempts),
+                disable,
             )
-    return True
+    return [a.delivery.id for a in kept]
 
 
-async def kill(conn: Conn, delivery: Any, error: str) -> None:
-    """Finish a claimed delivery as dead without an attempt (its target is gone)."""
-    await conn.execute(
+async def next_due_in(conn: Conn, target_id: str) -> float | None:
+    """Seconds until the target's next waiting delivery falls due (None: it has none)."""
+    value = await conn.fetchval(
         """
-        UPDATE deliveries
-        SET status = 'dead', next_attempt_at = NULL, locked_until = NULL, enqueued_until = NULL,
-            last_error = $3, updated_at = now()
-        WHERE id = $1 AND locked_until = $2
+        SELECT extract(epoch FROM next_attempt_at - now()) FROM deliveries
+        WHERE target_id = $1 AND status IN ('pending', 'retrying') AND next_attempt_at > now()
+        ORDER BY next_attempt_at LIMIT 1
         """,
-        delivery["id"],
-        delivery["locked_until"],
-        error,
+        target_id,
     )
+    return None if value is None else float(value)
 
 
-async def sweep_due(conn: Conn, *, batch: int, grace_s: float) -> list[str]:
-    """Due deliveries that no lease holds and no live message carries, marked as enqueued.
+class Wake(NamedTuple):
+    """A target to wake: it has due work that nobody carries."""
 
-    Deliveries of disabled targets wait (they resume when it is re-enabled).
+    target_id: str
+    tenant_id: str
+
+
+async def targets_to_wake(conn: Conn, *, grace_s: float, limit: int) -> list[Wake]:
+    """Targets with a due delivery nobody carries, marked as woken for ``grace_s``.
+
+    One index probe per live, enabled target whose breaker lets work through:
+    the cost follows the number of targets, not of waiting deliveries.
     """
     rows = await conn.fetch(
         """
         WITH due AS (
-            SELECT d.id FROM deliveries d
-            JOIN targets t ON t.id = d.target_id
-            WHERE d.status IN ('pending', 'retrying')
-              AND d.next_attempt_at <= now()
-              AND (d.locked_until IS NULL OR d.locked_until < now())
-              AND (d.enqueued_until IS NULL OR d.enqueued_until < now())
-              AND t.enabled
-            ORDER BY d.next_attempt_at
+            SELECT t.id, t.tenant_id FROM targets t
+            LEFT JOIN target_health h ON h.target_id = t.id
+            WHERE t.enabled AND t.deleted_at IS NULL
+              AND (h.swept_until IS NULL OR h.swept_until < now())
+              AND (h.open_until IS NULL OR h.open_until <= now())
+              AND EXISTS (
+                  SELECT 1 FROM deliveries d
+                  WHERE d.target_id = t.id AND d.status IN ('pending', 'retrying')
+                    AND d.enqueued_until < now()
+              )
             LIMIT $1
-            FOR UPDATE OF d SKIP LOCKED
+        ), marked AS (
+            INSERT INTO target_health AS h (target_id, swept_until)
+            SELECT id, now() + make_interval(secs => $2) FROM due
+            ON CONFLICT (target_id) DO UPDATE SET swept_until = excluded.swept_until
         )
-        UPDATE deliveries d SET enqueued_until = now() + make_interval(secs => $2)
-        FROM due WHERE d.id = due.id
-        RETURNING d.id
+        SELECT id, tenant_id FROM due
         """,
-        batch,
+        limit,
         grace_s,
     )
-    return [r["id"] for r in rows]
+    return [Wake(r["id"], r["tenant_id"]) for r in rows]
+
+
+class Replayed(NamedTuple):
+    """A delivery put back to pending, and the target to wake for it."""
+
+    id: str
+    target_id: str
+    tenant_id: str
+
+    @property
+    def wake(self) -> Wake:
+        return Wake(self.target_id, self.tenant_id)
+
+
+async def target_of_delivery(conn: Conn, delivery_id: str) -> Wake | None:
+    """The target (and tenant) a delivery goes to."""
+    row = await conn.fetchrow(
+        "SELECT target_id, tenant_id FROM deliveries WHERE id = $1", delivery_id
+    )
+    return None if row is None else Wake(row["target_id"], row["tenant_id"])
 
 
 # --- reading -------------------------------------------------------------------
 
-_DELIVERY_COLUMNS = """
+DELIVERY_COLUMNS = """
     d.id, d.tenant_id, d.event_id, d.target_id, d.status, d.attempt_count, d.next_attempt_at,
     d.last_status_code, d.last_error, d.created_at, d.updated_at
 """
@@ -214,7 +421,7 @@ async def list_deliveries(
     """Deliveries newest first; ``tenant_id`` None only for operators."""
     rows = await conn.fetch(
         f"""
-        SELECT {_DELIVERY_COLUMNS} FROM deliveries d
+        SELECT {DELIVERY_COLUMNS} FROM deliveries d
         WHERE ($1::text IS NULL OR d.tenant_id = $1)
           AND ($2::text IS NULL OR d.id < $2)
           AND ($3::text IS NULL OR d.status = $3)
@@ -235,7 +442,7 @@ async def list_deliveries(
 async def get_delivery(conn: Conn, tenant_id: str, delivery_id: str) -> Any:
     """One delivery of this tenant, or None."""
     return await conn.fetchrow(
-        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d WHERE d.tenant_id = $1 AND d.id = $2",
+        f"SELECT {DELIVERY_COLUMNS} FROM deliveries d WHERE d.tenant_id = $1 AND d.id = $2",
         tenant_id,
         delivery_id,
     )
@@ -244,7 +451,7 @@ async def get_delivery(conn: Conn, tenant_id: str, delivery_id: str) -> Any:
 async def get_delivery_any_tenant(conn: Conn, delivery_id: str) -> Any:
     """One delivery whoever owns it (operators' CLI)."""
     return await conn.fetchrow(
-        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d WHERE d.id = $1", delivery_id
+        f"SELECT {DELIVERY_COLUMNS} FROM deliveries d WHERE d.id = $1", delivery_id
     )
 
 
@@ -253,7 +460,7 @@ async def deliveries_of_events(conn: Conn, tenant_id: str, event_ids: list[str])
     return list(
         await conn.fetch(
             f"""
-            SELECT {_DELIVERY_COLUMNS} FROM deliveries d
+            SELECT {DELIVERY_COLUMNS} FROM deliveries d
             WHERE d.tenant_id = $1 AND d.event_id = ANY($2::text[]) ORDER BY d.id
             """,
             tenant_id,
@@ -275,9 +482,6 @@ async def attempts_of(conn: Conn, delivery_id: str) -> list[Any]:
     )
 
 
-# --- retry and replay ------------------------------------------------------------
-
-
 async def retry_delivery(
     conn: Conn, tenant_id: str, delivery_id: str, *, enqueue_grace_s: float
 ) -> Any:
@@ -289,279 +493,9 @@ async def retry_delivery(
             enqueued_until = now() + make_interval(secs => $3), updated_at = now()
         WHERE d.tenant_id = $1 AND d.id = $2
           AND (d.locked_until IS NULL OR d.locked_until < now())
-        RETURNING {_DELIVERY_COLUMNS}
+        RETURNING {DELIVERY_COLUMNS}
         """,
         tenant_id,
         delivery_id,
         enqueue_grace_s,
     )
-
-
-def _dead_filter(first: int) -> str:
-    """WHERE clause of a dead-letter selection; parameters ``$first`` … ``$first+4``."""
-    p = [f"${first + i}" for i in range(5)]
-    return f"""
-        status = 'dead'
-        AND ({p[0]}::text IS NULL OR tenant_id = {p[0]})
-        AND ({p[1]}::text IS NULL OR target_id = {p[1]})
-        AND ({p[2]}::timestamptz IS NULL OR created_at >= {p[2]})
-        AND ({p[3]}::text[] IS NULL OR id = ANY({p[3]}))
-        AND ({p[4]}::text IS NULL OR id <= {p[4]})
-    """
-
-
-async def list_dead_letters(
-    conn: Conn,
-    tenant_id: str | None,
-    *,
-    limit: int,
-    cursor: str | None,
-    target_id: str | None = None,
-    since: datetime | None = None,
-) -> tuple[list[Any], str | None]:
-    """Dead deliveries newest first; ``tenant_id`` None only for operators."""
-    rows = await conn.fetch(
-        f"""
-        SELECT {_DELIVERY_COLUMNS} FROM deliveries d
-        WHERE {_dead_filter(1)} AND ($6::text IS NULL OR d.id < $6)
-        ORDER BY d.id DESC LIMIT $7
-        """,
-        tenant_id,
-        target_id,
-        since,
-        None,
-        None,
-        cursor,
-        limit + 1,
-    )
-    return keyset_page(rows, limit)
-
-
-async def count_dead_letters(
-    conn: Conn,
-    tenant_id: str | None,
-    *,
-    target_id: str | None,
-    since: datetime | None,
-    ids: list[str] | None,
-    up_to_id: str | None,
-) -> int:
-    """How many dead letters a selection holds."""
-    count: int = await conn.fetchval(
-        f"SELECT count(*) FROM deliveries WHERE {_dead_filter(1)}",
-        tenant_id,
-        target_id,
-        since,
-        ids,
-        up_to_id,
-    )
-    return count
-
-
-async def newest_dead_letter_id(conn: Conn) -> str | None:
-    """The highest dead-letter id now: a bulk replay stops there."""
-    value: str | None = await conn.fetchval("SELECT max(id) FROM deliveries WHERE status = 'dead'")
-    return value
-
-
-async def replay_dead_letters_batch(
-    conn: Conn,
-    tenant_id: str | None,
-    *,
-    target_id: str | None,
-    since: datetime | None,
-    ids: list[str] | None,
-    up_to_id: str | None,
-    batch: int,
-    enqueue_grace_s: float,
-    after_id: str | None = None,
-) -> list[str]:
-    """Put up to ``batch`` selected dead letters back to pending; return their ids.
-
-    One set-based statement with SKIP LOCKED, so concurrent replays never touch
-    the same row and none holds a lock for long. What is already pending is
-    not selected, so replaying twice does not send twice.
-    """
-    rows = await conn.fetch(
-        f"""
-        WITH picked AS (
-            SELECT id FROM deliveries
-            WHERE {_dead_filter(1)} AND ($8::text IS NULL OR id > $8)
-            ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED
-        )
-        UPDATE deliveries d
-        SET status = 'pending', attempt_count = 0, next_attempt_at = now(),
-            enqueued_until = now() + make_interval(secs => $7), locked_until = NULL,
-            updated_at = now()
-        FROM picked WHERE d.id = picked.id
-        RETURNING d.id
-        """,
-        tenant_id,
-        target_id,
-        since,
-        ids,
-        up_to_id,
-        batch,
-        enqueue_grace_s,
-        after_id,
-    )
-    return [r["id"] for r in rows]
-
-
-#: Rows per replay statement: short enough that no lock is held long.
-REPLAY_BATCH = 2000
-
-
-async def replay_in_batches(
-    conn: Conn,
-    tenant_id: str | None,
-    *,
-    target_id: str | None,
-    since: datetime | None,
-    up_to_id: str,
-    enqueue_grace_s: float,
-) -> AsyncIterator[list[str]]:
-    """Replay a whole selection up to ``up_to_id``, yielding each batch's ids once committed.
-
-    A keyset cursor visits each row once, even if it dies again meanwhile.
-    """
-    after: str | None = None
-    while True:
-        ids = await replay_dead_letters_batch(
-            conn,
-            tenant_id,
-            target_id=target_id,
-            since=since,
-            ids=None,
-            up_to_id=up_to_id,
-            batch=REPLAY_BATCH,
-            enqueue_grace_s=enqueue_grace_s,
-            after_id=after,
-        )
-        if ids:
-            yield ids
-            after = max(ids)
-        if len(ids) < REPLAY_BATCH:
-            return
-
-
-async def purge_dead_letters(
-    conn: Conn,
-    tenant_id: str | None,
-    *,
-    target_id: str | None,
-    older_than: datetime,
-    batch: int = 5000,
-) -> int:
-    """Delete dead letters created before ``older_than``, in batches; return how many."""
-    total = 0
-    while True:
-        deleted: int = await conn.fetchval(
-            """
-            WITH gone AS (
-                DELETE FROM deliveries WHERE id IN (
-                    SELECT id FROM deliveries
-                    WHERE status = 'dead' AND created_at < $3
-                      AND ($1::text IS NULL OR tenant_id = $1)
-                      AND ($2::text IS NULL OR target_id = $2)
-                    LIMIT $4
-                ) RETURNING 1
-            ) SELECT count(*) FROM gone
-            """,
-            tenant_id,
-            target_id,
-            older_than,
-            batch,
-        )
-        total += deleted
-        if deleted < batch:
-            return total
-
-
-async def stats(conn: Conn) -> dict[str, Any]:
-    """Deliveries by status, the oldest due delivery's age, dead letters per tenant."""
-    by_status = {
-        r["status"]: r["n"]
-        for r in await conn.fetch("SELECT status, count(*) AS n FROM deliveries GROUP BY status")
-    }
-    oldest_due = await conn.fetchval(
-        """
-        SELECT extract(epoch FROM now() - min(next_attempt_at)) FROM deliveries
-        WHERE status IN ('pending', 'retrying') AND next_attempt_at <= now()
-        """
-    )
-    oldest_pending = await conn.fetchval(
-        "SELECT extract(epoch FROM now() - min(created_at)) FROM deliveries "
-        "WHERE status IN ('pending', 'retrying')"
-    )
-    dead = await conn.fetch(
-        "SELECT tenant_id, count(*) AS n FROM deliveries WHERE status = 'dead' "
-        "GROUP BY tenant_id ORDER BY n DESC LIMIT 100"
-    )
-    return {
-        "deliveries": {
-            s: by_status.get(s, 0) for s in ("pending", "retrying", "succeeded", "dead")
-        },
-        "oldest_due_age_s": float(oldest_due) if oldest_due is not None else None,
-        "oldest_pending_age_s": float(oldest_pending) if oldest_pending is not None else None,
-        "dead_letters_by_tenant": [{"tenant_id": r["tenant_id"], "count": r["n"]} for r in dead],
-    }
-
-
-# --- the sweeper's housekeeping ----------------------------------------------------
-
-
-async def disable_failing_targets(conn: Conn, failing_for_s: float) -> list[str]:
-    """Disable targets whose every attempt has failed for ``failing_for_s``; return their ids."""
-    rows = await conn.fetch(
-        """
-        UPDATE targets
-        SET enabled = false, updated_at = now(),
-            disabled_reason = 'every attempt failed since ' ||
-                to_char(failing_since AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
-        WHERE enabled AND deleted_at IS NULL AND failing_since IS NOT NULL
-          AND failing_since < now() - make_interval(secs => $1)
-        RETURNING id
-        """,
-        failing_for_s,
-    )
-    return [r["id"] for r in rows]
-
-
-async def purge_old_events(conn: Conn, retention_days: int, batch: int = 1000) -> int:
-    """Delete up to ``batch`` events older than the retention (deliveries and attempts cascade).
-
-    An event with a delivery still to be sent (pending or retrying, e.g. behind a
-    target disabled for longer than the retention) is kept until it finishes.
-    """
-    deleted: int = await conn.fetchval(
-        """
-        WITH gone AS (
-            DELETE FROM events WHERE id IN (
-                SELECT e.id FROM events e
-                WHERE e.received_at < now() - make_interval(days => $1)
-                  AND NOT EXISTS (
-                      SELECT 1 FROM deliveries d
-                      WHERE d.event_id = e.id AND d.status IN ('pending', 'retrying')
-                  )
-                LIMIT $2
-            ) RETURNING 1
-        ) SELECT count(*) FROM gone
-        """,
-        retention_days,
-        batch,
-    )
-    return deleted
-
-
-async def backlog(conn: Conn) -> tuple[int, int]:
-    """(due but unsent, dead) deliveries, for the metrics."""
-    row = await conn.fetchrow(
-        """
-        SELECT
-          (SELECT count(*) FROM deliveries WHERE status IN ('pending', 'retrying')
-             AND next_attempt_at <= now()) AS due,
-          (SELECT count(*) FROM deliveries WHERE status = 'dead') AS dead
-        """
-    )
-    return int(row["due"]), int(row["dead"])

@@ -37,7 +37,7 @@ SELECT d.id, $1, d.event_id, d.target_id, now() + make_interval(secs => $6::floa
 FROM unnest($2::text[], $3::text[], $4::text[]) AS d(id, event_id, target_id)
 JOIN targets t ON t.id = d.target_id
 WHERE t.tenant_id = $1 AND t.enabled AND t.deleted_at IS NULL
-RETURNING id
+RETURNING id, target_id
 """
 
 
@@ -48,6 +48,8 @@ class IngestResult:
     event_ids: list[str]
     delivery_ids: list[str]
     duplicates: int
+    #: the targets that got new deliveries, once each
+    target_ids: list[str]
 
 
 async def record_events(
@@ -105,6 +107,7 @@ async def record_events(
             if route.matches(source_id, event.object_type, event.action)
         ]
         delivery_ids: list[str] = []
+        woken: dict[str, None] = {}
         if pairs:
             ids, event_ids, target_ids = (list(c) for c in zip(*pairs, strict=True))
             rows = await conn.fetch(
@@ -117,8 +120,11 @@ async def record_events(
                 first_delay_s,
             )
             delivery_ids = [r["id"] for r in rows]
+            woken = dict.fromkeys(r["target_id"] for r in rows)
     final = [replaced.get(event_id, event_id) for event_id in assigned]
-    return IngestResult(final, delivery_ids, duplicates=len(events) - len(inserted))
+    return IngestResult(
+        final, delivery_ids, duplicates=len(events) - len(inserted), target_ids=list(woken)
+    )
 
 
 _EVENT_COLUMNS = "id, source_id, received_at, object_type, action, object_id, payload"

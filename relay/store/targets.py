@@ -8,6 +8,13 @@ from relay.store.db import Conn, Pool
 from relay.store.rows import keyset_page, set_clause
 from relay.store.tenants import lock_and_count_live
 
+#: The target's columns and its breaker (a target without a health row is healthy).
+_WITH_HEALTH = """
+    t.*, coalesce(h.breaker, 'closed') AS breaker, h.reason AS breaker_reason,
+    CASE WHEN h.breaker = 'closed' THEN NULL ELSE h.open_until END AS breaker_open_until,
+    coalesce(h.consecutive_failures, 0) AS consecutive_failures
+"""
+
 _UPDATABLE = frozenset(
     {
         "url",
@@ -17,6 +24,7 @@ _UPDATABLE = frozenset(
         "source_ids",
         "headers_enc",
         "rate_limit",
+        "max_in_flight",
         "enabled",
         "disabled_reason",
         "failing_since",
@@ -38,7 +46,12 @@ async def create_target(
         if await lock_and_count_live(conn, tenant_id, "targets") >= max_live:
             return None
         return await conn.fetchrow(
-            f"INSERT INTO targets ({', '.join(columns)}) VALUES ({placeholders}) RETURNING *",
+            f"""
+            WITH t AS (
+                INSERT INTO targets ({", ".join(columns)}) VALUES ({placeholders}) RETURNING *
+            )
+            SELECT {_WITH_HEALTH} FROM t LEFT JOIN target_health h ON h.target_id = t.id
+            """,
             target_id,
             tenant_id,
             *fields.values(),
@@ -48,7 +61,10 @@ async def create_target(
 async def get_target(conn: Conn, tenant_id: str, target_id: str) -> Any:
     """A live target of this tenant, or None."""
     return await conn.fetchrow(
-        "SELECT * FROM targets WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL",
+        f"""
+        SELECT {_WITH_HEALTH} FROM targets t LEFT JOIN target_health h ON h.target_id = t.id
+        WHERE t.tenant_id = $1 AND t.id = $2 AND t.deleted_at IS NULL
+        """,
         tenant_id,
         target_id,
     )
@@ -59,10 +75,10 @@ async def list_targets(
 ) -> tuple[list[Any], str | None]:
     """A tenant's live targets, newest first."""
     rows = await conn.fetch(
-        """
-        SELECT * FROM targets
-        WHERE tenant_id = $1 AND deleted_at IS NULL AND ($2::text IS NULL OR id < $2)
-        ORDER BY id DESC LIMIT $3
+        f"""
+        SELECT {_WITH_HEALTH} FROM targets t LEFT JOIN target_health h ON h.target_id = t.id
+        WHERE t.tenant_id = $1 AND t.deleted_at IS NULL AND ($2::text IS NULL OR t.id < $2)
+        ORDER BY t.id DESC LIMIT $3
         """,
         tenant_id,
         cursor,
@@ -76,13 +92,27 @@ async def update_target(conn: Conn, tenant_id: str, target_id: str, changes: dic
     if not changes:
         return await get_target(conn, tenant_id, target_id)
     clause, values = set_clause(changes, _UPDATABLE, first_param=3)
-    return await conn.fetchrow(
-        f"UPDATE targets SET {clause} "
-        "WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING *",
-        tenant_id,
-        target_id,
-        *values,
-    )
+    # A new URL, or enabling the target again, starts its breaker afresh.
+    reset = "url" in changes or changes.get("enabled") is True
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            f"UPDATE targets SET {clause} "
+            "WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING id",
+            tenant_id,
+            target_id,
+            *values,
+        )
+        if row is not None and reset:
+            await conn.execute(
+                """
+                UPDATE target_health
+                SET breaker = 'closed', consecutive_failures = 0, opened_count = 0,
+                    open_until = NULL, reason = NULL, changed_at = now()
+                WHERE target_id = $1
+                """,
+                target_id,
+            )
+    return None if row is None else await get_target(conn, tenant_id, target_id)
 
 
 async def delete_target(conn: Conn, tenant_id: str, target_id: str) -> bool:

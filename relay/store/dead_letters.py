@@ -1,0 +1,192 @@
+"""Dead letters: what never succeeded, listed, counted, replayed and purged."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+from relay.store.db import Conn
+from relay.store.deliveries import DELIVERY_COLUMNS, Replayed
+from relay.store.rows import keyset_page
+
+
+def _dead_filter(first: int) -> str:
+    """WHERE clause of a dead-letter selection; parameters ``$first`` … ``$first+4``."""
+    p = [f"${first + i}" for i in range(5)]
+    return f"""
+        status = 'dead'
+        AND ({p[0]}::text IS NULL OR tenant_id = {p[0]})
+        AND ({p[1]}::text IS NULL OR target_id = {p[1]})
+        AND ({p[2]}::timestamptz IS NULL OR created_at >= {p[2]})
+        AND ({p[3]}::text[] IS NULL OR id = ANY({p[3]}))
+        AND ({p[4]}::text IS NULL OR id <= {p[4]})
+    """
+
+
+async def list_dead_letters(
+    conn: Conn,
+    tenant_id: str | None,
+    *,
+    limit: int,
+    cursor: str | None,
+    target_id: str | None = None,
+    since: datetime | None = None,
+) -> tuple[list[Any], str | None]:
+    """Dead deliveries newest first; ``tenant_id`` None only for operators."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {DELIVERY_COLUMNS} FROM deliveries d
+        WHERE {_dead_filter(1)} AND ($6::text IS NULL OR d.id < $6)
+        ORDER BY d.id DESC LIMIT $7
+        """,
+        tenant_id,
+        target_id,
+        since,
+        None,
+        None,
+        cursor,
+        limit + 1,
+    )
+    return keyset_page(rows, limit)
+
+
+async def count_dead_letters(
+    conn: Conn,
+    tenant_id: str | None,
+    *,
+    target_id: str | None,
+    since: datetime | None,
+    ids: list[str] | None,
+    up_to_id: str | None,
+) -> int:
+    """How many dead letters a selection holds."""
+    count: int = await conn.fetchval(
+        f"SELECT count(*) FROM deliveries WHERE {_dead_filter(1)}",
+        tenant_id,
+        target_id,
+        since,
+        ids,
+        up_to_id,
+    )
+    return count
+
+
+async def newest_dead_letter_id(conn: Conn) -> str | None:
+    """The highest dead-letter id now: a bulk replay stops there."""
+    value: str | None = await conn.fetchval("SELECT max(id) FROM deliveries WHERE status = 'dead'")
+    return value
+
+
+async def replay_dead_letters_batch(
+    conn: Conn,
+    tenant_id: str | None,
+    *,
+    target_id: str | None,
+    since: datetime | None,
+    ids: list[str] | None,
+    up_to_id: str | None,
+    batch: int,
+    enqueue_grace_s: float,
+    after_id: str | None = None,
+) -> list[Replayed]:
+    """Put up to ``batch`` selected dead letters back to pending; return them.
+
+    One set-based statement with SKIP LOCKED, so concurrent replays never touch
+    the same row and none holds a lock for long. What is already pending is
+    not selected, so replaying twice does not send twice.
+    """
+    rows = await conn.fetch(
+        f"""
+        WITH picked AS (
+            SELECT id FROM deliveries
+            WHERE {_dead_filter(1)} AND ($8::text IS NULL OR id > $8)
+            ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED
+        )
+        UPDATE deliveries d
+        SET status = 'pending', attempt_count = 0, next_attempt_at = now(),
+            enqueued_until = now() + make_interval(secs => $7), locked_until = NULL,
+            updated_at = now()
+        FROM picked WHERE d.id = picked.id
+        RETURNING d.id, d.target_id, d.tenant_id
+        """,
+        tenant_id,
+        target_id,
+        since,
+        ids,
+        up_to_id,
+        batch,
+        enqueue_grace_s,
+        after_id,
+    )
+    return [Replayed(r["id"], r["target_id"], r["tenant_id"]) for r in rows]
+
+
+#: Rows per replay statement: short enough that no lock is held long.
+REPLAY_BATCH = 2000
+
+
+async def replay_in_batches(
+    conn: Conn,
+    tenant_id: str | None,
+    *,
+    target_id: str | None,
+    since: datetime | None,
+    up_to_id: str,
+    enqueue_grace_s: float,
+) -> AsyncIterator[list[Replayed]]:
+    """Replay a whole selection up to ``up_to_id``, yielding each batch once committed.
+
+    A keyset cursor visits each row once, even if it dies again meanwhile.
+    """
+    after: str | None = None
+    while True:
+        replayed = await replay_dead_letters_batch(
+            conn,
+            tenant_id,
+            target_id=target_id,
+            since=since,
+            ids=None,
+            up_to_id=up_to_id,
+            batch=REPLAY_BATCH,
+            enqueue_grace_s=enqueue_grace_s,
+            after_id=after,
+        )
+        if replayed:
+            yield replayed
+            after = max(r.id for r in replayed)
+        if len(replayed) < REPLAY_BATCH:
+            return
+
+
+async def purge_dead_letters(
+    conn: Conn,
+    tenant_id: str | None,
+    *,
+    target_id: str | None,
+    older_than: datetime,
+    batch: int = 5000,
+) -> int:
+    """Delete dead letters created before ``older_than``, in batches; return how many."""
+    total = 0
+    while True:
+        deleted: int = await conn.fetchval(
+            """
+            WITH gone AS (
+                DELETE FROM deliveries WHERE id IN (
+                    SELECT id FROM deliveries
+                    WHERE status = 'dead' AND created_at < $3
+                      AND ($1::text IS NULL OR tenant_id = $1)
+                      AND ($2::text IS NULL OR target_id = $2)
+                    LIMIT $4
+                ) RETURNING 1
+            ) SELECT count(*) FROM gone
+            """,
+            tenant_id,
+            target_id,
+            older_than,
+            batch,
+        )
+        total += deleted
+        if deleted < batch:
+            return total

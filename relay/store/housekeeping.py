@@ -1,0 +1,94 @@
+"""Housekeeping of the sweeper and the operators: auto-disable, retention, backlog figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relay.store.db import Conn
+
+
+async def stats(conn: Conn) -> dict[str, Any]:
+    """Deliveries by status, the oldest due delivery's age, dead letters per tenant."""
+    by_status = {
+        r["status"]: r["n"]
+        for r in await conn.fetch("SELECT status, count(*) AS n FROM deliveries GROUP BY status")
+    }
+    oldest_due = await conn.fetchval(
+        """
+        SELECT extract(epoch FROM now() - min(next_attempt_at)) FROM deliveries
+        WHERE status IN ('pending', 'retrying') AND next_attempt_at <= now()
+        """
+    )
+    oldest_pending = await conn.fetchval(
+        "SELECT extract(epoch FROM now() - min(created_at)) FROM deliveries "
+        "WHERE status IN ('pending', 'retrying')"
+    )
+    dead = await conn.fetch(
+        "SELECT tenant_id, count(*) AS n FROM deliveries WHERE status = 'dead' "
+        "GROUP BY tenant_id ORDER BY n DESC LIMIT 100"
+    )
+    return {
+        "deliveries": {
+            s: by_status.get(s, 0) for s in ("pending", "retrying", "succeeded", "dead")
+        },
+        "oldest_due_age_s": float(oldest_due) if oldest_due is not None else None,
+        "oldest_pending_age_s": float(oldest_pending) if oldest_pending is not None else None,
+        "dead_letters_by_tenant": [{"tenant_id": r["tenant_id"], "count": r["n"]} for r in dead],
+    }
+
+
+async def disable_failing_targets(conn: Conn, failing_for_s: float) -> list[str]:
+    """Disable targets whose every attempt has failed for ``failing_for_s``; return their ids."""
+    rows = await conn.fetch(
+        """
+        UPDATE targets
+        SET enabled = false, updated_at = now(),
+            disabled_reason = 'every attempt failed since ' ||
+                to_char(failing_since AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+        WHERE enabled AND deleted_at IS NULL AND failing_since IS NOT NULL
+          AND failing_since < now() - make_interval(secs => $1)
+        RETURNING id
+        """,
+        failing_for_s,
+    )
+    return [r["id"] for r in rows]
+
+
+async def purge_old_events(conn: Conn, retention_days: int, batch: int = 1000) -> int:
+    """Delete up to ``batch`` events older than the retention (deliveries and attempts cascade).
+
+    An event with a delivery still to be sent (pending or retrying, e.g. behind a
+    target disabled for longer than the retention) is kept until it finishes.
+    """
+    deleted: int = await conn.fetchval(
+        """
+        WITH gone AS (
+            DELETE FROM events WHERE id IN (
+                SELECT e.id FROM events e
+                WHERE e.received_at < now() - make_interval(days => $1)
+                  AND NOT EXISTS (
+                      SELECT 1 FROM deliveries d
+                      WHERE d.event_id = e.id AND d.status IN ('pending', 'retrying')
+                  )
+                LIMIT $2
+            ) RETURNING 1
+        ) SELECT count(*) FROM gone
+        """,
+        retention_days,
+        batch,
+    )
+    return deleted
+
+
+async def backlog(conn: Conn) -> tuple[int, int, int]:
+    """(due but unsent, dead) deliveries and targets whose breaker is not closed."""
+    row = await conn.fetchrow(
+        """
+        SELECT
+          (SELECT count(*) FROM deliveries WHERE status IN ('pending', 'retrying')
+             AND next_attempt_at <= now()) AS due,
+          (SELECT count(*) FROM deliveries WHERE status = 'dead') AS dead,
+          (SELECT count(*) FROM target_health WHERE breaker <> 'closed') AS open_breakers
+        """
+    )
+    return int(row["due"]), int(row["dead"]), int(row["open_breakers"])

@@ -1,0 +1,538 @@
+"""The delivery engine: many attempts in flight per process, fair across tenants.
+
+A broker message only says "target T has due work" (``wake``). Each worker
+process keeps one *drainer* coroutine per target it was woken for: the drainer
+claims up to the target's free share of its ``max_in_flight`` in one statement,
+sends them concurrently on the event loop, records what ended in one
+transaction, and claims again until nothing is due; then it ends, leaving a
+timer for the target's next retry. So a hanging target costs coroutines and
+sockets, never a thread, and broker traffic follows targets, not deliveries.
+
+Attempt slots (``RELAY_WORKER_CONCURRENCY`` per process) are shared by tenants
+in round robin (:class:`FairSlots`), and no tenant holds more than three
+quarters of them, so one tenant's backlog delays another's fresh event by at
+most the time one of its attempts takes to end. A target's circuit breaker
+(Postgres, shared by every process) stops its claims while open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import aiohttp
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from relay.config import Settings
+from relay.crypto import SecretBox, open_headers
+from relay.delivery import (
+    Breaker,
+    decide,
+    delivery_headers,
+    next_breaker,
+    parse_retry_after,
+    trips_breaker,
+)
+from relay.egress import EgressClient, EgressRefused, describe_error
+from relay.enqueue import Enqueuer
+from relay.metrics import (
+    ATTEMPT_LATENCY,
+    BREAKER_OPENED,
+    DELIVERIES,
+    ENGINE_IN_FLIGHT,
+    status_class,
+)
+from relay.ratelimit import RateLimiter
+from relay.store import deliveries as store
+from relay.store.db import POSTGRES_DOWN, Pool
+from relay.store.deliveries import Attempt, Claimed, SendTarget
+
+log = logging.getLogger("relay.deliver")
+
+#: A wait up to this long is carried by a timer of the worker that recorded it;
+#: a longer one is the sweeper's, once due.
+SHORT_WAIT_S = 60.0
+#: Leases last the delivery timeout plus this; an attempt is not started unless
+#: the lease outlasts the whole timeout by ``LEASE_GUARD_S``.
+LEASE_MARGIN_S = 10.0
+LEASE_GUARD_S = 3.0
+#: How long the end of one attempt waits for others of its batch, to record together.
+GATHER_S = 0.005
+#: Postgres connections of one worker process.
+POOL_SIZE = 10
+#: The longest a worker waits for a pooled connection before it gives up the round.
+ACQUIRE_TIMEOUT_S = 5.0
+
+
+@dataclass
+class WorkerContext:
+    """What the engine and the actors need, opened once per worker process."""
+
+    settings: Settings
+    pool: Pool
+    egress: EgressClient
+    redis: Any
+    limiter: RateLimiter
+    enqueuer: Enqueuer
+    secrets: SecretBox
+
+
+class FairSlots:
+    """Attempt slots shared by tenants: round robin among the waiting, a cap per tenant."""
+
+    def __init__(self, capacity: int, tenant_share: float = 0.75) -> None:
+        self.capacity = capacity
+        self.free = capacity
+        self.per_tenant = max(1, int(capacity * tenant_share))
+        self.held: Counter[str] = Counter()
+        self._waiting: dict[str, deque[tuple[int, asyncio.Future[int]]]] = {}
+
+    def _grant(self, tenant: str, want: int) -> int:
+        n = max(0, min(want, self.free, self.per_tenant - self.held[tenant]))
+        self.free -= n
+        self.held[tenant] += n
+        return n
+
+    def try_acquire(self, tenant: str, want: int) -> int:
+        """Up to ``want`` slots now, or 0 (waiting tenants go first)."""
+        if self._waiting:
+            return 0
+        return self._grant(tenant, want)
+
+    async def acquire(self, tenant: str, want: int) -> int:
+        """Between 1 and ``want`` slots, waiting for the tenant's turn (0: shutting down)."""
+        granted = self.try_acquire(tenant, want)
+        if granted:
+            return granted
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(tenant, deque()).append((want, future))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(tenant, future.result())
+            raise
+
+    def release(self, tenant: str, n: int) -> None:
+        """Give ``n`` slots back; the next waiting tenants get them in turn."""
+        if n <= 0:
+            return
+        self.free += n
+        self.held[tenant] -= n
+        if self.held[tenant] <= 0:
+            del self.held[tenant]
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        progressed = True
+        while self.free > 0 and self._waiting and progressed:
+            progressed = False
+            for tenant in list(self._waiting):
+                queue = self._waiting.pop(tenant)
+                want, future = queue[0]
+                granted = 0 if future.done() else self._grant(tenant, want)
+                if future.done() or granted:
+                    queue.popleft()
+                    progressed = True
+                    if not future.done():
+                        future.set_result(granted)
+                if queue:  # back of the ring: the next tenant is served first
+                    self._waiting[tenant] = queue
+                if self.free == 0:
+                    break
+
+    def close(self) -> None:
+        """Answer every waiting drainer with 0 slots."""
+        for queue in self._waiting.values():
+            for _, future in queue:
+                if not future.done():
+                    future.set_result(0)
+        self._waiting.clear()
+
+
+@dataclass(frozen=True)
+class _Sent:
+    attempt: Attempt
+    trips: bool | None  # what it says of the target's health (relay.delivery.trips_breaker)
+
+
+#: Deliveries a drainer claims first, before it knows the target's own cap.
+FIRST_CLAIM = 10
+
+
+class Engine:
+    """One worker process's deliveries: a drainer per woken target, slots shared fairly."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.slots = FairSlots(ctx.settings.worker_concurrency)
+        self.lease_s = ctx.settings.delivery_timeout_s + LEASE_MARGIN_S
+        self._drainers: dict[str, asyncio.Task[None]] = {}
+        self._rewake: set[str] = set()
+        self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
+        self._closing = False
+
+    # --- waking ---------------------------------------------------------------
+
+    def wake(self, target_id: str, tenant_id: str) -> None:
+        """Drain ``target_id`` (again, if a drainer is at it: it claims once more)."""
+        if self._closing:
+            return
+        if target_id in self._drainers:
+            self._rewake.add(target_id)
+            return
+        task = asyncio.get_running_loop().create_task(self._drain(target_id, tenant_id))
+        self._drainers[target_id] = task
+        task.add_done_callback(partial(self._drainer_done, target_id))
+
+    def _drainer_done(self, target_id: str, task: asyncio.Task[None]) -> None:
+        if self._drainers.get(target_id) is task:
+            del self._drainers[target_id]
+        if not task.cancelled() and task.exception() is not None:
+            # the deliveries stay in Postgres: the sweeper wakes the target again
+            log.error("drainer of %s failed: %r", target_id, task.exception())
+
+    def wake_later(self, target_id: str, tenant_id: str, delay_s: float) -> None:
+        """Wake the target in ``delay_s`` (one timer per target: the earliest wins)."""
+        if self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(0.0, delay_s)
+        current = self._timers.get(target_id)
+        if current is not None and current[0] <= when:
+            return
+        if current is not None:
+            current[1].cancel()
+        handle = loop.call_at(when, self._timer_fired, target_id, tenant_id)
+        self._timers[target_id] = (when, handle)
+
+    def _timer_fired(self, target_id: str, tenant_id: str) -> None:
+        self._timers.pop(target_id, None)
+        self.wake(target_id, tenant_id)
+
+    @property
+    def draining(self) -> int:
+        """Targets being drained now."""
+        return len(self._drainers)
+
+    async def close(self, timeout_s: float) -> None:
+        """Claim nothing more; let attempts in flight end and be recorded (up to ``timeout_s``)."""
+        self._closing = True
+        for _, handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        self.slots.close()
+        drainers = list(self._drainers.values())
+        if drainers:
+            _, late = await asyncio.wait(drainers, timeout=timeout_s)
+            for task in late:
+                task.cancel()  # their leases lapse; the sweeper resends them
+
+    # --- one target -------------------------------------------------------------
+
+    async def _drain(self, target_id: str, tenant_id: str) -> None:
+        in_flight: set[asyncio.Task[_Sent | Claimed]] = set()
+        target: SendTarget | None = None
+        more = True
+        try:
+            while True:
+                self._rewake.discard(target_id)
+                if more and not self._closing:
+                    try:
+                        target, more = await self._claim_more(
+                            target_id, tenant_id, target, in_flight
+                        )
+                    except (*POSTGRES_DOWN, TimeoutError) as exc:
+                        log.warning("claim of %s failed: %s", target_id, type(exc).__name__)
+                        self.wake_later(target_id, tenant_id, 1.0)
+                        more = False
+                if not in_flight:
+                    if target_id in self._rewake and not self._closing:
+                        more = True
+                        continue
+                    break
+                await self._record_some(target_id, tenant_id, target, in_flight)
+                more = True
+        finally:
+            if in_flight:  # only when recording failed for longer than the leases
+                for task in in_flight:
+                    task.cancel()
+                self.slots.release(tenant_id, len(in_flight))
+                ENGINE_IN_FLIGHT.dec(len(in_flight))
+        if target is not None and target.live and not self._closing:
+            await self._time_next(target_id, tenant_id)
+
+    async def _claim_more(
+        self,
+        target_id: str,
+        tenant_id: str,
+        target: SendTarget | None,
+        in_flight: set[asyncio.Task[_Sent | Claimed]],
+    ) -> tuple[SendTarget | None, bool]:
+        """Claim and start what the target's cap, the slots and its rate limit allow.
+
+        Returns the target as read and whether a further claim may find more.
+        """
+        room = (target.max_in_flight if target is not None else FIRST_CLAIM) - len(in_flight)
+        if room <= 0:
+            return target, False
+        slots = (
+            self.slots.try_acquire(tenant_id, room)
+            if in_flight
+            else await self.slots.acquire(tenant_id, room)
+        )
+        if slots == 0:
+            return target, False
+        want = slots
+        limited = target is not None and target.rate_limit is not None
+        if limited:
+            assert target is not None and target.rate_limit is not None
+            want, wait_s = await self.ctx.limiter.take(f"tgt:{target_id}", target.rate_limit, want)
+            if want == 0:
+                self.slots.release(tenant_id, slots)
+                if not in_flight:
+                    await asyncio.sleep(min(wait_s, 1.0))
+                    self._rewake.add(target_id)
+                DELIVERIES.labels("rate-limited").inc()
+                return target, False
+        claimed_at = time.monotonic()
+        try:
+            async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                fresh, rows = await store.claim_batch(
+                    conn, target_id, want=want, lease_s=self.lease_s
+                )
+        except BaseException:
+            self.slots.release(tenant_id, slots)
+            raise
+        if fresh is None:
+            self.slots.release(tenant_id, slots)
+            return None, False
+        if fresh.rate_limit is not None and not limited and rows:
+            # the first claim learnt of the limit: give back what it does not admit
+            taken, wait_s = await self.ctx.limiter.take(
+                f"tgt:{target_id}", fresh.rate_limit, len(rows)
+            )
+            if taken < len(rows):
+                await self._release(rows[taken:], delay_s=max(wait_s, 0.1))
+                rows = rows[:taken]
+                DELIVERIES.labels("rate-limited").inc()
+        self.slots.release(tenant_id, slots - len(rows))
+        if rows:
+            box = self._sealed(fresh)
+            deadline = claimed_at + self.lease_s - LEASE_GUARD_S
+            for row in rows:
+                task = asyncio.get_running_loop().create_task(
+                    self._attempt(fresh, box, row, deadline)
+                )
+                in_flight.add(task)
+            ENGINE_IN_FLIGHT.inc(len(rows))
+        return fresh, len(rows) == want
+
+    def _sealed(self, target: SendTarget) -> tuple[list[str], dict[str, str]]:
+        """The target's signing secrets (both during a rotation's overlap) and its headers."""
+        box = self.ctx.secrets
+        secrets = [box.open(target.secret_enc, bound_to=target.id)]
+        rotated = target.secret_rotated_at
+        if (
+            target.previous_secret_enc is not None
+            and rotated is not None
+            and rotated.timestamp() + self.settings.secret_overlap_s > time.time()
+        ):
+            secrets.append(box.open(target.previous_secret_enc, bound_to=target.id))
+        return secrets, open_headers(box, target.id, target.headers_enc)
+
+    async def _attempt(
+        self,
+        target: SendTarget,
+        sealed: tuple[list[str], dict[str, str]],
+        row: Claimed,
+        deadline: float,
+    ) -> _Sent | Claimed:
+        """One attempt; the claim itself if its lease no longer outlasts the timeout."""
+        if time.monotonic() + self.settings.delivery_timeout_s > deadline:
+            return row
+        secrets, target_headers = sealed
+        started_at = datetime.now(UTC)
+        started = time.perf_counter()
+        status_code: int | None = None
+        error: str | None = None
+        response_body: str | None = None
+        retry_after: float | None = None
+        try:
+            headers = delivery_headers(
+                event_id=row.event_id,
+                body=row.payload,
+                secrets=secrets,
+                timestamp=int(time.time()),
+                target_headers=target_headers,
+            )
+            response = await self.ctx.egress.post(target.url, row.payload, headers)
+            status_code = response.status
+            response_body = response.body.decode("utf-8", "replace").replace("\x00", "")
+            retry_after = parse_retry_after(response.headers.get("Retry-After"), started_at)
+            if not 200 <= status_code < 300:
+                error = f"HTTP {status_code}"
+        except (EgressRefused, aiohttp.ClientError, TimeoutError, OSError) as exc:
+            error = describe_error(exc)
+        except Exception as exc:  # whatever happens, the attempt is recorded
+            # The text may quote what was sent: mask the target's header values.
+            error = "unexpected error: " + _redact(describe_error(exc), target_headers.values())
+            log.error(
+                "attempt raised",
+                extra={"delivery_id": row.id, "target_id": target.id, "error": error},
+            )
+        elapsed = time.perf_counter() - started
+        ATTEMPT_LATENCY.labels(status_class(status_code)).observe(elapsed)
+        outcome = decide(
+            status_code=status_code,
+            attempt_number=row.attempt_count + 1,
+            schedule=self.settings.retry_schedule,
+            retry_after_s=retry_after,
+        )
+        carried = (
+            outcome.delay_s + self.settings.requeue_after_s
+            if outcome.delay_s is not None and outcome.delay_s <= SHORT_WAIT_S
+            else None
+        )
+        attempt = Attempt(
+            delivery=row,
+            started_at=started_at,
+            duration_ms=int(elapsed * 1000),
+            status_code=status_code,
+            error=error if outcome.reason is None else f"{error}; {outcome.reason}",
+            response_body=response_body,
+            status=outcome.status,  # type: ignore[arg-type]
+            delay_s=outcome.delay_s,
+            carried_for_s=carried,
+            disable_reason=outcome.disable_target,
+        )
+        return _Sent(attempt, trips_breaker(status_code, error))
+
+    async def _record_some(
+        self,
+        target_id: str,
+        tenant_id: str,
+        target: SendTarget | None,
+        in_flight: set[asyncio.Task[_Sent | Claimed]],
+    ) -> None:
+        """Wait for attempts to end, then record those that did, together."""
+        done, pending = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+        if pending:
+            more, _ = await asyncio.wait(pending, timeout=GATHER_S)
+            done |= more
+        in_flight -= done
+        self.slots.release(tenant_id, len(done))
+        ENGINE_IN_FLIGHT.dec(len(done))
+        ended = [t.result() for t in done]
+        sent = [s for s in ended if isinstance(s, _Sent)]
+        skipped = [c for c in ended if isinstance(c, Claimed)]
+        if skipped:
+            # started too late to end within the lease (a stalled loop or Postgres)
+            log.warning("%d claims of %s given back unsent", len(skipped), target_id)
+            await self._release(skipped, delay_s=0.0)
+            self._rewake.add(target_id)
+        if not sent:
+            return
+        clean = (
+            target is not None and target.breaker == "closed" and not target.consecutive_failures
+        )
+        healthy = all(s.trips is False for s in sent)
+        breaker = None if clean and healthy else self._breaker_update(sent)
+        recorded = await self._record_while_leased(target_id, [s.attempt for s in sent], breaker)
+        for s in sent:
+            a = s.attempt
+            if a.delivery.id not in recorded:
+                DELIVERIES.labels("lease-lost").inc()
+                continue
+            DELIVERIES.labels(a.status).inc()
+            if a.delay_s is not None and a.carried_for_s is not None:
+                self.wake_later(target_id, tenant_id, a.delay_s)
+            log.info(
+                "attempt",
+                extra={
+                    "delivery_id": a.delivery.id,
+                    "event_id": a.delivery.event_id,
+                    "target_id": target_id,
+                    "tenant_id": tenant_id,
+                    "status": a.status_code,
+                    "outcome": a.status,
+                    "attempt": a.delivery.attempt_count + 1,
+                    "duration_ms": a.duration_ms,
+                },
+            )
+
+    def _breaker_update(self, sent: Iterable[_Sent]) -> Any:
+        ends = [(s.trips, s.attempt.error or f"HTTP {s.attempt.status_code}") for s in sent]
+        settings = self.settings
+
+        def update(before: Breaker) -> Breaker:
+            after = next_breaker(
+                before,
+                ends,
+                threshold=settings.breaker_threshold,
+                open_s=settings.breaker_open_s,
+                max_open_s=settings.breaker_max_open_s,
+            )
+            if after.open_for_s is not None:
+                BREAKER_OPENED.inc()
+            return after
+
+        return update
+
+    async def _record_while_leased(
+        self, target_id: str, attempts: list[Attempt], breaker: Any
+    ) -> set[str]:
+        """Record, retrying while Postgres is away and the leases still hold.
+
+        An attempt whose result cannot be recorded is made again once its lease
+        lapses (a duplicate for the receiver), so a Postgres restart is waited
+        out for as long as the leases last; past that the record (conditional on
+        each lease) keeps only what is still ours.
+        """
+        lease_end = min(a.delivery.locked_until for a in attempts)
+        remaining_s = max(1.0, (lease_end - datetime.now(UTC)).total_seconds())
+        async for retry in AsyncRetrying(
+            retry=retry_if_exception_type((*POSTGRES_DOWN, TimeoutError)),
+            wait=wait_exponential(multiplier=0.2, max=2),
+            stop=stop_after_delay(remaining_s),
+            reraise=True,
+        ):
+            with retry:
+                async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                    return set(await store.record_batch(conn, target_id, attempts, breaker=breaker))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _release(self, rows: list[Claimed], *, delay_s: float) -> None:
+        async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+            await store.release_batch(
+                conn, rows, delay_s=delay_s, carried_for_s=self.settings.requeue_after_s
+            )
+
+    async def _time_next(self, target_id: str, tenant_id: str) -> None:
+        """Leave a timer for the target's next waiting delivery, if it falls due soon."""
+        try:
+            async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                target = await store.read_target(conn, target_id)
+                due_in = await store.next_due_in(conn, target_id)
+        except (*POSTGRES_DOWN, TimeoutError):
+            return  # the sweeper wakes it
+        if target is not None and target.cooling and target.open_until is not None:
+            due_in = max(due_in or 0.0, (target.open_until - datetime.now(UTC)).total_seconds())
+        if due_in is not None and due_in <= SHORT_WAIT_S:
+            self.wake_later(target_id, tenant_id, due_in + 0.05)
+
+
+def _redact(text: str, values: Iterable[str]) -> str:
+    """``text`` with every non-empty value in ``values`` masked."""
+    for value in values:
+        if value:
+            text = text.replace(value, "••••")
+    return text
