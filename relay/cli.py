@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=4,
-        help="Dramatiq threads per process, for wake-ups and replays (default 4); attempts in flight are RELAY_WORKER_CONCURRENCY",
+        help="Dramatiq threads per process, for wake-ups and replays (default 4); "
+        "attempts in flight per process are RELAY_WORKER_CONCURRENCY",
     )
     worker.set_defaults(func=cmd_worker)
 
