@@ -180,13 +180,14 @@ class EgressClient:
         timeout_s: float,
         allow_private: bool,
         user_agent: str,
-        limit: int = 256,
     ) -> None:
         self._allow_private = allow_private
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         connector = aiohttp.TCPConnector(
-            # the engine bounds attempts per process, and per target (max_in_flight)
-            limit=limit,
+            # no pool limit: the engine bounds attempts per process and per target
+            # (max_in_flight), and a shared pool limit would let one target's
+            # hanging connections hold up every other target's attempts
+            limit=0,
             limit_per_host=0,
             resolver=None if allow_private else GuardedResolver(),
             ttl_dns_cache=60,

@@ -58,7 +58,6 @@ class WorkerResources(AsyncIO):
                 timeout_s=settings.delivery_timeout_s,
                 allow_private=settings.allow_private_targets,
                 user_agent=f"Relay/{relay_version()} (+webhook relay)",
-                limit=settings.worker_concurrency,
             ),
             redis=client,
             limiter=RateLimiter(client),

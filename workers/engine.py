@@ -101,9 +101,8 @@ class FairSlots:
         return n
 
     def try_acquire(self, tenant: str, want: int) -> int:
-        """Up to ``want`` slots now, or 0 (waiting tenants go first)."""
-        if self._waiting:
-            return 0
+        """Up to ``want`` slots now, or 0: waiting tenants that can be served go first."""
+        self._dispatch()
         return self._grant(tenant, want)
 
     async def acquire(self, tenant: str, want: int) -> int:
@@ -113,6 +112,7 @@ class FairSlots:
             return granted
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(tenant, deque()).append((want, future))
+        self._dispatch()
         try:
             return await future
         except asyncio.CancelledError:
