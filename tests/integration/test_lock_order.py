@@ -8,8 +8,10 @@ from typing import Any
 
 import asyncpg
 
+from relay.delivery import next_breaker
 from relay.store import deliveries as delivery_store
 from relay.store import targets as target_store
+from relay.store.deliveries import Attempt
 from tests.conftest import Tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
 from tests.stack import eventually
@@ -35,8 +37,8 @@ async def test_delete_target_while_an_attempt_is_recorded_does_not_deadlock(
         delivery_id = await watcher.fetchval(
             "SELECT id FROM deliveries WHERE event_id = $1", event_id
         )
-        claimed = await delivery_store.claim(watcher, delivery_id, 60)
-        assert claimed is not None
+        _, [claimed] = await delivery_store.claim_batch(watcher, target["id"], want=1, lease_s=60)
+        assert claimed.id == delivery_id
         # And the target row briefly held (e.g. by a PATCH), so both sides queue up on it
         blocker_tx = blocker.transaction()
         await blocker_tx.start()
@@ -45,19 +47,26 @@ async def test_delete_target_while_an_attempt_is_recorded_does_not_deadlock(
         # When the tenant deletes the target and the worker records the failed attempt
         delete = asyncio.create_task(target_store.delete_target(deleter, tenant.id, target["id"]))
         await eventually(lambda: _waiting_on_lock(watcher, deleter), timeout=10)
+        failed = Attempt(
+            delivery=claimed,
+            started_at=datetime.now(UTC),
+            duration_ms=5,
+            status_code=500,
+            error="HTTP 500",
+            response_body="",
+            status="retrying",
+            delay_s=5.0,
+            carried_for_s=None,
+            disable_reason=None,
+        )
         record = asyncio.create_task(
-            delivery_store.record_attempt(
+            delivery_store.record_batch(
                 recorder,
-                claimed,
-                started_at=datetime.now(UTC),
-                duration_ms=5,
-                status_code=500,
-                error=None,
-                response_body="",
-                status="retrying",
-                delay_s=5.0,
-                enqueued_for_s=None,
-                disable_reason=None,
+                target["id"],
+                [failed],
+                breaker=lambda before: next_breaker(
+                    before, [(True, "HTTP 500")], threshold=5, open_s=30, max_open_s=600
+                ),
             )
         )
         await eventually(lambda: _waiting_on_lock(watcher, recorder), timeout=10)
@@ -66,7 +75,7 @@ async def test_delete_target_while_an_attempt_is_recorded_does_not_deadlock(
         # Then both finish (no deadlock error), and the deletion wins: the delivery is dead
         deleted, recorded = await asyncio.wait_for(asyncio.gather(delete, record), timeout=20)
         assert deleted is True
-        assert recorded is False  # the delivery was no longer to be sent
+        assert recorded == []  # the delivery was no longer to be sent
         row = await watcher.fetchrow(
             "SELECT status, last_error FROM deliveries WHERE id = $1", delivery_id
         )
