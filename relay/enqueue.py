@@ -80,12 +80,21 @@ class _Consumer(_RedisConsumer):
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
 
+#: An idle Redis consumer polls at least this often (Dramatiq backs off up to the
+#: worker timeout, a second, which would be the latency of a wake-up after a lull).
+IDLE_POLL_MS = 50
+
+
 class _RelayRedisBroker(RedisBroker):
     """Dramatiq's Redis broker with a consumer that survives Redis outages."""
 
     @property
     def consumer_class(self) -> type[_Consumer]:
         return _Consumer
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
+        """A consumer whose idle back-off stays under IDLE_POLL_MS."""
+        return super().consume(queue_name, prefetch, min(timeout, IDLE_POLL_MS))
 
 
 def make_broker(
