@@ -446,7 +446,12 @@ class Engine:
         )
         healthy = all(s.trips is False for s in sent)
         breaker = None if clean and healthy else self._breaker_update(sent)
-        recorded = await self._record_while_leased(target_id, [s.attempt for s in sent], breaker)
+        recorded = await self._record_while_leased(
+            target_id,
+            [s.attempt for s in sent],
+            breaker,
+            failing=None if target is None else target.failing,
+        )
         for s in sent:
             a = s.attempt
             if a.delivery.id not in recorded:
@@ -488,7 +493,7 @@ class Engine:
         return update
 
     async def _record_while_leased(
-        self, target_id: str, attempts: list[Attempt], breaker: Any
+        self, target_id: str, attempts: list[Attempt], breaker: Any, *, failing: bool | None
     ) -> set[str]:
         """Record, retrying while Postgres is away and the leases still hold.
 

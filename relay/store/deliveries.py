@@ -39,6 +39,8 @@ class SendTarget:
     rate_limit: int | None
     max_in_flight: int
     live: bool  # enabled and not deleted
+    #: every attempt has failed since ``failing_since`` (auto-disable)
+    failing: bool
     breaker: BreakerState
     consecutive_failures: int
     #: the breaker is open and its open period has not ended
@@ -88,7 +90,7 @@ class Attempt:
 _TARGET = """
 SELECT t.id, t.tenant_id, t.url, t.headers_enc, t.secret_enc, t.previous_secret_enc,
        t.secret_rotated_at, t.rate_limit, t.max_in_flight,
-       t.enabled AND t.deleted_at IS NULL AS live,
+       t.enabled AND t.deleted_at IS NULL AS live, t.failing_since IS NOT NULL AS failing,
        coalesce(h.breaker, 'closed') AS breaker,
        coalesce(h.consecutive_failures, 0) AS consecutive_failures,
        coalesce(h.open_until > now(), false) AS cooling, h.open_until
@@ -237,12 +239,14 @@ async def record_batch(
     attempts: Sequence[Attempt],
     *,
     breaker: Callable[[Breaker], Breaker] | None,
+    failing: bool | None = None,
 ) -> list[str]:
     """Record attempts of one target and their deliveries' new states in one transaction.
 
     Returns the ids recorded; an attempt whose lease was lost is not (another
     worker may hold the delivery now). ``breaker``: the new breaker as a function
-    of the current one (read under lock), or None to leave it alone.
+    of the current one (read under lock), or None to leave it alone. ``failing``:
+    whether the target was failing when claimed (read here if None).
 
     Lock order, here as everywhere: the target row, then its health, then its
     deliveries (``delete_target`` and PATCH lock the target first). The target
@@ -252,9 +256,10 @@ async def record_batch(
         return []
     succeeded = any(a.status == "succeeded" for a in attempts)
     disable = next((a.disable_reason for a in attempts if a.disable_reason), None)
-    failing = await conn.fetchval(
-        "SELECT failing_since IS NOT NULL FROM targets WHERE id = $1", target_id
-    )
+    if failing is None:
+        failing = await conn.fetchval(
+            "SELECT failing_since IS NOT NULL FROM targets WHERE id = $1", target_id
+        )
     touch_target = (failing and succeeded) or (not succeeded and (not failing or disable))
     async with conn.transaction():
         if touch_target:
