@@ -4,7 +4,7 @@
 -- At most this many attempts to the target are in flight at once, across
 -- every worker process (counted from the leases in Postgres).
 ALTER TABLE targets ADD COLUMN max_in_flight integer NOT NULL DEFAULT 10
-    CHECK (max_in_flight BETWEEN 1 AND 100);
+    CHECK (max_in_flight BETWEEN 1 AND 1000);
 
 -- What the engine knows of a target's health, apart from the target row so
 -- that attempts never write (or lock) the row the API edits. A target with
@@ -12,7 +12,7 @@ ALTER TABLE targets ADD COLUMN max_in_flight integer NOT NULL DEFAULT 10
 CREATE TABLE target_health (
     target_id             text PRIMARY KEY REFERENCES targets (id) ON DELETE CASCADE,
     breaker               text NOT NULL DEFAULT 'closed'
-                          CHECK (breaker IN ('closed', 'open', 'half-open')),
+                          CHECK (breaker IN ('closed', 'open', 'half_open')),
     -- timeouts, connection errors and 5xx in a row (a success resets it)
     consecutive_failures  integer NOT NULL DEFAULT 0 CHECK (consecutive_failures >= 0),
     -- how many times in a row the breaker opened: the open period doubles

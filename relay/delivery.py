@@ -25,7 +25,7 @@ SCHEDULED = "scheduled"
 _DELTA_SECONDS = re.compile(r"[0-9]+", re.ASCII)
 
 
-BreakerState = Literal["closed", "open", "half-open"]
+BreakerState = Literal["closed", "open", "half_open"]
 
 
 class Breaker(NamedTuple):
@@ -68,7 +68,7 @@ def next_breaker(
 
     Closed, it opens after ``threshold`` failures in a row. Open, it stays so
     for ``open_s``, doubled at each reopening up to ``max_open_s``; then one
-    probe goes through (half-open): a success closes it, a failure reopens it.
+    probe goes through (half_open): a success closes it, a failure reopens it.
     Failures of attempts sent before it opened only count.
     """
     state, failed, opened, reason = (
@@ -85,12 +85,12 @@ def next_breaker(
             state, failed, opened, reason, open_for = "closed", 0, 0, None, None
             continue
         failed += 1
-        if state == "half-open" or (state == "closed" and failed >= threshold):
+        if state == "half_open" or (state == "closed" and failed >= threshold):
             opened += 1
             open_for = min(open_s * 2 ** min(opened - 1, 30), max_open_s)
             reason = (
                 f"the probe failed ({what})"
-                if state == "half-open"
+                if state == "half_open"
                 else f"{failed} failures in a row (last: {what})"
             )
             state = "open"

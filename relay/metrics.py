@@ -50,7 +50,7 @@ BREAKER_OPENED = Counter(
 )
 BREAKERS_OPEN = Gauge(
     "relay_breakers_open",
-    "Targets whose circuit breaker is open or half-open, as the sweeper last counted.",
+    "Targets whose circuit breaker is open or half_open, as the sweeper last counted.",
     multiprocess_mode="max",
 )
 SWEEPER_RUNS = Counter("relay_sweeper_runs_total", "Sweeps made by the leading sweeper.")

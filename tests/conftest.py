@@ -218,6 +218,9 @@ WORKER_ENV = {
     "RELAY_RETRY_SCHEDULE": "0,0.3,0.3",
     "RELAY_DELIVERY_TIMEOUT_S": "1",
     "RELAY_REQUEUE_AFTER_S": "2",
+    # the breaker's open periods on the scale of the schedule's waits
+    "RELAY_BREAKER_OPEN_S": "0.3",
+    "RELAY_BREAKER_MAX_OPEN_S": "1",
     "RELAY_ALLOW_PRIVATE_TARGETS": "1",
 }
 

@@ -80,19 +80,20 @@ class FilterShown(pydantic.BaseModel):
     action: list[str]
 
 
-class BreakerShown(pydantic.BaseModel):
+class CircuitShown(pydantic.BaseModel):
     """The target's circuit breaker.
 
     ``closed``: attempts flow. ``open``: after failures in a row (timeouts,
     connection errors, 5xx) its due deliveries wait, spending no attempt, until
-    ``open_until``; then one probe goes through (``half-open``), and its success
+    ``until``; then one probe goes through (``half_open``), and its success
     closes the breaker while its failure opens it again for twice as long.
     """
 
-    state: Literal["closed", "open", "half-open"]
-    reason: str | None
-    open_until: datetime | None
-    consecutive_failures: int
+    state: Literal["closed", "open", "half_open"]
+    reason: str | None = pydantic.Field(description="Why it opened (null when closed).")
+    until: datetime | None = pydantic.Field(
+        description="When the open period ends and a probe may go (null when closed)."
+    )
 
 
 class Target(pydantic.BaseModel):
@@ -110,7 +111,7 @@ class Target(pydantic.BaseModel):
     )
     enabled: bool
     disabled_reason: str | None
-    breaker: BreakerShown
+    circuit: CircuitShown
     created_at: datetime
     updated_at: datetime
 

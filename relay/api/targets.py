@@ -57,7 +57,7 @@ FORBIDDEN_HEADERS = frozenset(
 HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 
 #: How many attempts to one target may be in flight at once, across every worker.
-MaxInFlight = Annotated[int, pydantic.Field(ge=1, le=100)]
+MaxInFlight = Annotated[int, pydantic.Field(ge=1, le=1000)]
 
 FilterValue = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=200)]
 
@@ -204,11 +204,10 @@ def render_target(request: web.Request, row: Any) -> dict[str, Any]:
         "max_in_flight": row["max_in_flight"],
         "enabled": row["enabled"],
         "disabled_reason": row["disabled_reason"],
-        "breaker": {
+        "circuit": {
             "state": row["breaker"],
             "reason": row["breaker_reason"],
-            "open_until": row["breaker_open_until"],
-            "consecutive_failures": row["consecutive_failures"],
+            "until": row["breaker_open_until"],
         },
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],

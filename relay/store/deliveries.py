@@ -139,7 +139,7 @@ async def claim_batch(
     one short transaction), so the count of leases and the new ones agree across
     every worker process: the target never has more than ``max_in_flight``
     attempts in flight. An open breaker claims nothing until its open period
-    ends; then one probe is claimed and the breaker is half-open until it is
+    ends; then one probe is claimed and the breaker is half_open until it is
     recorded (or its lease lapses).
     """
     async with conn.transaction():
@@ -155,7 +155,7 @@ async def claim_batch(
         rows = await conn.fetch(_CLAIM, target_id, min(want, cap), cap, lease_s)
         if rows and target.breaker == "open":
             await conn.execute(
-                "UPDATE target_health SET breaker = 'half-open', changed_at = now() "
+                "UPDATE target_health SET breaker = 'half_open', changed_at = now() "
                 "WHERE target_id = $1",
                 target_id,
             )

@@ -47,17 +47,17 @@ def test_failures_while_open_count_but_do_not_extend_it() -> None:
 
 
 def test_a_failed_probe_reopens_for_twice_as_long_up_to_the_maximum() -> None:
-    probing = Breaker("half-open", 3, 1, "3 failures in a row", None)
+    probing = Breaker("half_open", 3, 1, "3 failures in a row", None)
     again = next_breaker(probing, [(True, "HTTP 502")], **RULE)
     assert again.state == "open"
     assert again.open_for_s == 20.0
     assert again.reason == "the probe failed (HTTP 502)"
-    third = next_breaker(again._replace(state="half-open", open_for_s=None), [FAIL], **RULE)
+    third = next_breaker(again._replace(state="half_open", open_for_s=None), [FAIL], **RULE)
     assert third.open_for_s == 35.0  # 40, capped
 
 
 def test_a_successful_probe_closes() -> None:
-    probing = Breaker("half-open", 7, 3, "the probe failed", None)
+    probing = Breaker("half_open", 7, 3, "the probe failed", None)
     assert next_breaker(probing, [OK], **RULE) == CLOSED
 
 
@@ -69,7 +69,7 @@ def test_attempts_that_say_nothing_change_nothing() -> None:
 outcomes = st.lists(st.sampled_from([FAIL, OK, (None, "refused")]), max_size=40)
 states = st.builds(
     Breaker,
-    st.sampled_from(["closed", "open", "half-open"]),
+    st.sampled_from(["closed", "open", "half_open"]),
     st.integers(0, 10),
     st.integers(0, 40),
     st.none() | st.text(max_size=5),
