@@ -598,7 +598,7 @@ async def test_broker_unreachable_still_accepts_and_keeps_deliveries_pending(
     [event_id] = (await resp.json())["event_ids"]
     # the background enqueue was tried, and failed
     await eventually(
-        lambda: asyncio.sleep(0, result="enqueue of 1 deliveries failed" in caplog.text),
+        lambda: asyncio.sleep(0, result="enqueue of 1 wake-ups failed" in caplog.text),
         timeout=10,
     )
     rows = await db_rows(
