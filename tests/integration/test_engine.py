@@ -251,7 +251,8 @@ async def test_two_worker_processes_attempt_each_delivery_once(
     # Then every delivery was attempted once and received once
     rows = await fetch(
         database_url,
-        "SELECT count(*) AS n, count(DISTINCT delivery_id) AS d FROM attempts",
+        "SELECT count(*) AS n, count(DISTINCT delivery_id) AS d FROM attempts WHERE tenant_id = $1",
+        tenant.id,
     )
     assert rows[0]["n"] == rows[0]["d"] == 1000
     for n in range(4):
