@@ -76,7 +76,7 @@ SourceAuth = Annotated[
 ]
 
 
-def _integral(value: Any) -> Any:
+def integral(value: Any) -> Any:
     """``39.0`` is the integer 39, as in JSON Schema; ``39.5`` stays refused."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
@@ -84,7 +84,7 @@ def _integral(value: Any) -> Any:
 
 
 #: Most events (deliveries) per second: a JSON integer, whether written ``39`` or ``39.0``.
-RateLimit = Annotated[int, pydantic.Field(gt=0, le=1_000_000), pydantic.BeforeValidator(_integral)]
+RateLimit = Annotated[int, pydantic.Field(gt=0, le=1_000_000), pydantic.BeforeValidator(integral)]
 
 
 class SourceCreate(_Strict):

@@ -24,7 +24,7 @@ from relay.api.routing import (
     tenant_id,
     timestamp,
 )
-from relay.api.sources import HEADER_NAME, RateLimit, over_quota
+from relay.api.sources import HEADER_NAME, RateLimit, integral, over_quota
 from relay.crypto import new_id, new_webhook_secret, open_headers, seal_headers
 from relay.egress import EgressRefused, host_is_forbidden, parse_host
 from relay.ingest import compact
@@ -57,7 +57,7 @@ FORBIDDEN_HEADERS = frozenset(
 HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 
 #: How many attempts to one target may be in flight at once, across every worker.
-MaxInFlight = Annotated[int, pydantic.Field(ge=1, le=1000)]
+MaxInFlight = Annotated[int, pydantic.Field(ge=1, le=1000), pydantic.BeforeValidator(integral)]
 
 FilterValue = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=200)]
 

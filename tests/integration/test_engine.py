@@ -104,7 +104,7 @@ async def test_max_in_flight_is_bounded_and_can_be_changed(gateway: Any, tenant:
     target = await make_target(gateway, tenant)
     assert target["max_in_flight"] == 10
     assert target["circuit"] == {"state": "closed", "reason": None, "until": None}
-    for bad in (0, 1001, "5", None):
+    for bad in (0, 1001, "5", None, 2.5):
         resp = await gateway.patch(
             f"/v1/targets/{target['id']}", json={"max_in_flight": bad}, headers=tenant.auth
         )
