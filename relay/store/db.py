@@ -34,6 +34,20 @@ POSTGRES_DOWN = (
 )
 
 
+class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A pooled connection that is not reset when it goes back to its pool.
+
+    asyncpg's default reset (``RESET ALL``, ``UNLISTEN *``, advisory unlocks…)
+    costs a round trip at every release, and the relay keeps no session state
+    on pooled connections: no LISTEN, no session settings, no session-level
+    advisory locks (the sweeper's lock lives on a connection of its own). An
+    open transaction is still rolled back by asyncpg.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 async def _init_connection(conn: Conn) -> None:
     for kind in ("json", "jsonb"):
         await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
@@ -52,7 +66,11 @@ async def create_pool(
     ):
         with attempt:
             return await asyncpg.create_pool(
-                dsn, min_size=min_size, max_size=max_size, init=_init_connection
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                init=_init_connection,
+                connection_class=PooledConnection,
             )
     raise AssertionError("unreachable")  # pragma: no cover
 

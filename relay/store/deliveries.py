@@ -233,6 +233,33 @@ async def save_breaker(conn: Conn, target_id: str, breaker: Breaker) -> None:
     )
 
 
+# The deliveries' new states and their attempts, in one statement (so atomic):
+# an attempt is inserted only for a delivery whose lease still held.
+_RECORD = """
+WITH done AS (
+    UPDATE deliveries d
+    SET status = r.status, attempt_count = d.attempt_count + 1,
+        next_attempt_at = now() + make_interval(secs => r.delay),
+        enqueued_until = now() + make_interval(secs => coalesce(r.carried, r.delay)),
+        locked_until = NULL, last_status_code = r.code, last_error = r.error,
+        updated_at = now()
+    FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::float8[], $5::float8[],
+                $6::int[], $7::text[]) AS r(id, lease, status, delay, carried, code, error)
+    WHERE d.id = r.id AND d.locked_until = r.lease AND d.status IN ('pending', 'retrying')
+    RETURNING d.id, d.tenant_id
+), kept AS (
+    INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms, status_code,
+                          error, response_body)
+    SELECT a.id, done.tenant_id, a.delivery_id, a.started_at, a.duration_ms, a.code, a.error,
+           a.body
+    FROM unnest($8::text[], $1::text[], $9::timestamptz[], $10::int[], $6::int[], $7::text[],
+                $11::text[]) AS a(id, delivery_id, started_at, duration_ms, code, error, body)
+    JOIN done ON done.id = a.delivery_id
+)
+SELECT id FROM done
+"""
+
+
 async def record_batch(
     conn: Conn,
     target_id: str,
@@ -241,7 +268,7 @@ async def record_batch(
     breaker: Callable[[Breaker], Breaker] | None,
     failing: bool | None = None,
 ) -> list[str]:
-    """Record attempts of one target and their deliveries' new states in one transaction.
+    """Record attempts of one target and their deliveries' new states atomically.
 
     Returns the ids recorded; an attempt whose lease was lost is not (another
     worker may hold the delivery now). ``breaker``: the new breaker as a function
@@ -250,7 +277,8 @@ async def record_batch(
 
     Lock order, here as everywhere: the target row, then its health, then its
     deliveries (``delete_target`` and PATCH lock the target first). The target
-    row is locked and written only when its failing state changes.
+    row is locked and written only when its failing state changes. When neither
+    it nor the breaker changes (a healthy target), the record is one statement.
     """
     if not attempts:
         return []
@@ -261,6 +289,21 @@ async def record_batch(
             "SELECT failing_since IS NOT NULL FROM targets WHERE id = $1", target_id
         )
     touch_target = (failing and succeeded) or (not succeeded and (not failing or disable))
+    args = (
+        [a.delivery.id for a in attempts],
+        [a.delivery.locked_until for a in attempts],
+        [a.status for a in attempts],
+        [a.delay_s for a in attempts],
+        [a.carried_for_s for a in attempts],
+        [a.status_code for a in attempts],
+        [a.error for a in attempts],
+        [new_id("att") for _ in attempts],
+        [a.started_at for a in attempts],
+        [a.duration_ms for a in attempts],
+        [a.response_body for a in attempts],
+    )
+    if not touch_target and breaker is None:
+        return [r["id"] for r in await conn.fetch(_RECORD, *args)]
     async with conn.transaction():
         if touch_target:
             await conn.execute("SELECT 1 FROM targets WHERE id = $1 FOR NO KEY UPDATE", target_id)
@@ -269,53 +312,10 @@ async def record_batch(
             after = breaker(before)
             if after != before:
                 await save_breaker(conn, target_id, after)
-        rows = await conn.fetch(
-            """
-            UPDATE deliveries d
-            SET status = r.status, attempt_count = d.attempt_count + 1,
-                next_attempt_at = now() + make_interval(secs => r.delay),
-                enqueued_until = now() + make_interval(secs => coalesce(r.carried, r.delay)),
-                locked_until = NULL, last_status_code = r.code, last_error = r.error,
-                updated_at = now()
-            FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::float8[], $5::float8[],
-                        $6::int[], $7::text[]) AS r(id, lease, status, delay, carried, code, error)
-            WHERE d.id = r.id AND d.locked_until = r.lease AND d.status IN ('pending', 'retrying')
-            RETURNING d.id
-            """,
-            [a.delivery.id for a in attempts],
-            [a.delivery.locked_until for a in attempts],
-            [a.status for a in attempts],
-            [a.delay_s for a in attempts],
-            [a.carried_for_s for a in attempts],
-            [a.status_code for a in attempts],
-            [a.error for a in attempts],
-        )
-        recorded = {r["id"] for r in rows}
-        kept = [a for a in attempts if a.delivery.id in recorded]
-        if kept:
-            await conn.execute(
-                """
-                INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms,
-                                      status_code, error, response_body)
-                SELECT a.id, t.tenant_id, a.delivery_id, a.started_at, a.duration_ms, a.code,
-                       a.error, a.body
-                FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::int[], $6::int[],
-                            $7::text[], $8::text[])
-                     AS a(id, delivery_id, started_at, duration_ms, code, error, body)
-                JOIN targets t ON t.id = $1
-                """,
-                target_id,
-                [new_id("att") for _ in kept],
-                [a.delivery.id for a in kept],
-                [a.started_at for a in kept],
-                [a.duration_ms for a in kept],
-                [a.status_code for a in kept],
-                [a.error for a in kept],
-                [a.response_body for a in kept],
-            )
-        if touch_target and succeeded:
+        recorded = [r["id"] for r in await conn.fetch(_RECORD, *args)]
+        if recorded and touch_target and succeeded:
             await conn.execute("UPDATE targets SET failing_since = NULL WHERE id = $1", target_id)
-        elif touch_target:
+        elif recorded and touch_target:
             await conn.execute(
                 """
                 UPDATE targets
@@ -329,7 +329,7 @@ async def record_batch(
                 min(a.started_at for a in attempts),
                 disable,
             )
-    return [a.delivery.id for a in kept]
+    return recorded
 
 
 async def next_due_in(conn: Conn, target_id: str) -> float | None:
