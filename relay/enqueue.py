@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -199,12 +199,16 @@ class Enqueuer:
     def wake_soon(self, targets: Iterable[tuple[str, str]], *, delay_s: float = 0.0) -> None:
         """``wake`` in the background (after the answer is sent)."""
         unique = list(dict.fromkeys(targets))
-        if not unique:
-            return
+        if unique:
+            self._in_background(self.wake(unique, delay_s=delay_s), f"{len(unique)} wake-ups")
+
+    def _in_background(self, send: Coroutine[Any, Any, bool], what: str) -> None:
+        """Run ``send`` as a task, unless MAX_PENDING are pending: then the sweeper's."""
         if len(self._pending) >= self._max_pending:
-            log.warning("broker backlog: %d wake-ups left to the sweeper", len(unique))
+            send.close()
+            log.warning("broker backlog: %s left to the sweeper", what)
             return
-        task = asyncio.ensure_future(self.wake(unique, delay_s=delay_s))
+        task = asyncio.ensure_future(send)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
@@ -218,14 +222,8 @@ class Enqueuer:
     def enqueue_soon(self, delivery_ids: Iterable[str], *, delay_s: float = 0.0) -> None:
         """Enqueue in the background (after the answer is sent)."""
         ids = list(delivery_ids)
-        if not ids:
-            return
-        if len(self._pending) >= self._max_pending:
-            log.warning("broker backlog: %d deliveries left to the sweeper", len(ids))
-            return
-        task = asyncio.ensure_future(self.enqueue(ids, delay_s=delay_s))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        if ids:
+            self._in_background(self.enqueue(ids, delay_s=delay_s), f"{len(ids)} deliveries")
 
     async def close(self) -> None:
         """Let in-flight enqueues finish (briefly), then close the broker."""

@@ -20,10 +20,9 @@ import redis.exceptions
 
 log = logging.getLogger(__name__)
 
-# KEYS[1]: a hash of slot (100 ms) -> units; ARGV: units, limit per second.
-# Returns 0 when admitted (and counts the units), else the milliseconds to wait.
-_SCRIPT = """
-local n = tonumber(ARGV[1])
+# The window: KEYS[1] is a hash of slot (100 ms) -> units; ARGV[2] the limit per
+# second. Sets `now`, `slot`, `counts` (the last 11 slots) and their `sum`.
+_WINDOW = """
 local limit = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -33,58 +32,53 @@ for i = 0, 10 do fields[i + 1] = tostring(slot - 10 + i) end
 local counts = redis.call('HMGET', KEYS[1], unpack(fields))
 local sum = 0
 for i = 1, 11 do sum = sum + (tonumber(counts[i]) or 0) end
-if sum + n <= limit then
+local function count(n)
   redis.call('HINCRBY', KEYS[1], tostring(slot), n)
   local old = {}
   for i = 11, 30 do old[i - 10] = tostring(slot - i) end
   redis.call('HDEL', KEYS[1], unpack(old))
   redis.call('PEXPIRE', KEYS[1], 2000)
+end
+local function wait_for(n)
+  local excess = sum + n - limit
+  local freed = 0
+  for i = 1, 11 do
+    freed = freed + (tonumber(counts[i]) or 0)
+    if freed >= excess then
+      return (slot - 10 + i - 1 + 11) * 100 - now
+    end
+  end
+  return 1000
+end
+"""
+
+# ARGV[1]: units. Returns 0 when all are admitted (and counted), else the
+# milliseconds until they would fit.
+_SCRIPT = (
+    _WINDOW
+    + """
+local n = tonumber(ARGV[1])
+if sum + n <= limit then
+  count(n)
   return 0
 end
-local excess = sum + n - limit
-local freed = 0
-for i = 1, 11 do
-  freed = freed + (tonumber(counts[i]) or 0)
-  if freed >= excess then
-    return (slot - 10 + i - 1 + 11) * 100 - now
-  end
-end
-return 1000
+return wait_for(n)
 """
+)
 
-
-# The same window; ARGV: units wanted, limit. Takes as many as fit, up to the
-# units wanted: returns {taken, milliseconds until one more fits (0 if taken)}.
-_TAKE = """
-local want = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local slot = math.floor(now / 100)
-local fields = {}
-for i = 0, 10 do fields[i + 1] = tostring(slot - 10 + i) end
-local counts = redis.call('HMGET', KEYS[1], unpack(fields))
-local sum = 0
-for i = 1, 11 do sum = sum + (tonumber(counts[i]) or 0) end
-local n = math.min(want, limit - sum)
+# ARGV[1]: units wanted. Takes as many as fit, up to those wanted: returns
+# {taken, milliseconds until one more fits (0 if any were taken)}.
+_TAKE = (
+    _WINDOW
+    + """
+local n = math.min(tonumber(ARGV[1]), limit - sum)
 if n > 0 then
-  redis.call('HINCRBY', KEYS[1], tostring(slot), n)
-  local old = {}
-  for i = 11, 30 do old[i - 10] = tostring(slot - i) end
-  redis.call('HDEL', KEYS[1], unpack(old))
-  redis.call('PEXPIRE', KEYS[1], 2000)
+  count(n)
   return {n, 0}
 end
-local excess = sum + 1 - limit
-local freed = 0
-for i = 1, 11 do
-  freed = freed + (tonumber(counts[i]) or 0)
-  if freed >= excess then
-    return {0, (slot - 10 + i - 1 + 11) * 100 - now}
-  end
-end
-return {0, 1000}
+return {0, wait_for(1)}
 """
+)
 
 
 class RateLimiter:
