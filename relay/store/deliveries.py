@@ -98,6 +98,12 @@ FROM targets t LEFT JOIN target_health h ON h.target_id = t.id
 WHERE t.id = $1
 """
 
+_LOCKED_TARGET = (
+    "SELECT t.* FROM (SELECT pg_advisory_xact_lock($2, hashtext($1))) AS lock, ("
+    + _TARGET
+    + ") AS t"
+)
+
 # Up to $2 due deliveries of target $1, never more than $3 leased at once in all.
 # Leased rows come first in the index (they are due): SKIP LOCKED and the lease
 # filter pass over at most the cap of them.
@@ -143,8 +149,8 @@ async def claim_batch(
     recorded (or its lease lapses).
     """
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _CLAIM_LOCK, target_id)
-        row = await conn.fetchrow(_TARGET, target_id)
+        # the lock first, in this statement; the claim's own snapshot comes after it
+        row = await conn.fetchrow(_LOCKED_TARGET, target_id, _CLAIM_LOCK)
         if row is None:
             return None, []
         target = SendTarget.from_row(row)
