@@ -107,10 +107,6 @@ class Outcome:
     reason: str | None = None
 
 
-#: The longest Retry-After honoured (seconds).
-MAX_RETRY_AFTER_S = 86_400
-
-
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or HTTP-date); None if absent or bad.
 

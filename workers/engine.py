@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -292,10 +292,9 @@ class Engine:
         if slots == 0:
             return target, False
         want = slots
-        limited = target is not None and target.rate_limit is not None
-        if limited:
-            assert target is not None and target.rate_limit is not None
-            want, wait_s = await self.ctx.limiter.take(f"tgt:{target_id}", target.rate_limit, want)
+        limit = target.rate_limit if target is not None else None
+        if limit is not None:
+            want, wait_s = await self.ctx.limiter.take(f"tgt:{target_id}", limit, want)
             if want == 0:
                 self.slots.release(tenant_id, slots)
                 if not in_flight:
@@ -315,7 +314,7 @@ class Engine:
         if fresh is None:
             self.slots.release(tenant_id, slots)
             return None, False
-        if fresh.rate_limit is not None and not limited and rows:
+        if fresh.rate_limit is not None and limit is None and rows:
             # the first claim learnt of the limit: give back what it does not admit
             taken, wait_s = await self.ctx.limiter.take(
                 f"tgt:{target_id}", fresh.rate_limit, len(rows)
@@ -474,7 +473,7 @@ class Engine:
                 },
             )
 
-    def _breaker_update(self, sent: Iterable[_Sent]) -> Any:
+    def _breaker_update(self, sent: Iterable[_Sent]) -> Callable[[Breaker], Breaker]:
         ends = [(s.trips, s.attempt.error or f"HTTP {s.attempt.status_code}") for s in sent]
         settings = self.settings
 
@@ -493,7 +492,12 @@ class Engine:
         return update
 
     async def _record_while_leased(
-        self, target_id: str, attempts: list[Attempt], breaker: Any, *, failing: bool | None
+        self,
+        target_id: str,
+        attempts: list[Attempt],
+        breaker: Callable[[Breaker], Breaker] | None,
+        *,
+        failing: bool | None,
     ) -> set[str]:
         """Record, retrying while Postgres is away and the leases still hold.
 
@@ -512,7 +516,10 @@ class Engine:
         ):
             with retry:
                 async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                    return set(await store.record_batch(conn, target_id, attempts, breaker=breaker))
+                    recorded = await store.record_batch(
+                        conn, target_id, attempts, breaker=breaker, failing=failing
+                    )
+                    return set(recorded)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _release(self, rows: list[Claimed], *, delay_s: float) -> None:
