@@ -218,11 +218,6 @@ class Engine:
         self._timers.pop(target_id, None)
         self.wake(target_id, tenant_id)
 
-    @property
-    def draining(self) -> int:
-        """Targets being drained now."""
-        return len(self._drainers)
-
     async def close(self, timeout_s: float) -> None:
         """Claim nothing more; let attempts in flight end and be recorded (up to ``timeout_s``)."""
         self._closing = True
