@@ -72,7 +72,7 @@ async def _list(conn: Conn, args: argparse.Namespace, console: Console) -> int:
     rows, _ = await store.list_dead_letters(
         conn, args.tenant, limit=args.limit, cursor=None, target_id=args.target, since=args.since
     )
-    data = [{**render_delivery(r), "tenant_id": r["tenant_id"]} for r in rows]
+    data = [{**render_delivery(r), "tenant_id": r.tenant_id} for r in rows]
     if args.json:
         print(dumps(data))
         return 0
@@ -98,8 +98,8 @@ async def _show(conn: Conn, args: argparse.Namespace, console: Console) -> int:
     if row is None:
         print(f"relay: no delivery {args.id}", file=sys.stderr)
         return 1
-    attempts = [render_attempt(a) for a in await deliveries.attempts_of(conn, row["id"])]
-    data = {**render_delivery(row), "tenant_id": row["tenant_id"], "attempts": attempts}
+    attempts = [render_attempt(a) for a in await deliveries.attempts_of(conn, row.id)]
+    data = {**render_delivery(row), "tenant_id": row.tenant_id, "attempts": attempts}
     if args.json:
         print(dumps(data))
         return 0

@@ -11,6 +11,7 @@ from relay.api.deliveries import MAX_REPLAY_IDS, Id, Timestamp, render_delivery,
 from relay.api.routing import ListQuery, Route, page, read_body, read_query, respond
 from relay.keys import POOL
 from relay.store import dead_letters, housekeeping
+from relay.store.deliveries import Delivery
 
 
 class AdminDeadLettersQuery(ListQuery):
@@ -30,9 +31,9 @@ class AdminDeadLetterReplay(pydantic.BaseModel):
     since: Timestamp | None = None
 
 
-def render_dead_letter(row: Any) -> dict[str, Any]:
+def render_dead_letter(row: Delivery) -> dict[str, Any]:
     """A dead delivery with its tenant (operators see every tenant's)."""
-    return {**render_delivery(row), "tenant_id": row["tenant_id"]}
+    return {**render_delivery(row), "tenant_id": row.tenant_id}
 
 
 async def list_all_dead_letters(request: web.Request) -> web.Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -15,6 +16,7 @@ from relay.enqueue import REPLAY_ACTOR, REPLAY_QUEUE
 from relay.keys import ENQUEUER, POOL, SETTINGS
 from relay.store import dead_letters
 from relay.store import deliveries as store
+from relay.store.deliveries import AttemptRecord, Delivery
 
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ]")
 
@@ -45,32 +47,25 @@ Id = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=64)]
 MAX_REPLAY_IDS = 1000
 
 
-def render_delivery(row: Any) -> dict[str, Any]:
+def render_delivery(row: Delivery) -> dict[str, Any]:
     """A delivery as API.md shows it."""
     return {
-        "id": row["id"],
-        "event_id": row["event_id"],
-        "target_id": row["target_id"],
-        "status": row["status"],
-        "attempt_count": row["attempt_count"],
-        "next_attempt_at": row["next_attempt_at"],
-        "last_status_code": row["last_status_code"],
-        "last_error": row["last_error"],
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
+        "id": row.id,
+        "event_id": row.event_id,
+        "target_id": row.target_id,
+        "status": row.status,
+        "attempt_count": row.attempt_count,
+        "next_attempt_at": row.next_attempt_at,
+        "last_status_code": row.last_status_code,
+        "last_error": row.last_error,
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
     }
 
 
-def render_attempt(row: Any) -> dict[str, Any]:
+def render_attempt(row: AttemptRecord) -> dict[str, Any]:
     """One attempt: when, how long, what came back."""
-    return {
-        "id": row["id"],
-        "started_at": row["started_at"],
-        "duration_ms": row["duration_ms"],
-        "status_code": row["status_code"],
-        "error": row["error"],
-        "response_body": row["response_body"],
-    }
+    return dataclasses.asdict(row)
 
 
 class DeliveriesQuery(ListQuery):
@@ -160,7 +155,7 @@ async def get_delivery(request: web.Request) -> web.Response:
     row = await store.get_delivery(pool, tenant_id(request), request.match_info["delivery_id"])
     if row is None:
         raise errors.NotFound("no such delivery")
-    attempts = await store.attempts_of(pool, row["id"])
+    attempts = await store.attempts_of(pool, row.id)
     return respond({**render_delivery(row), "attempts": [render_attempt(a) for a in attempts]})
 
 
@@ -178,7 +173,7 @@ async def retry_delivery(request: web.Request) -> web.Response:
         if await store.get_delivery(pool, tenant_id(request), delivery_id) is None:
             raise errors.NotFound("no such delivery")
         raise errors.Conflict("an attempt of this delivery is in flight; retry when it ends")
-    request.app[ENQUEUER].wake_soon([(row["target_id"], row["tenant_id"])])
+    request.app[ENQUEUER].wake_soon([(row.target_id, row.tenant_id)])
     return respond(render_delivery(row), status=202)
 
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
 
 from relay.store.db import Conn
-from relay.store.deliveries import DELIVERY_COLUMNS, Replayed
-from relay.store.rows import keyset_page
+from relay.store.deliveries import DELIVERY_COLUMNS, Delivery, Replayed, delivery_page
 
 
 def _dead_filter(first: int) -> str:
@@ -32,7 +30,7 @@ async def list_dead_letters(
     cursor: str | None,
     target_id: str | None = None,
     since: datetime | None = None,
-) -> tuple[list[Any], str | None]:
+) -> tuple[list[Delivery], str | None]:
     """Dead deliveries newest first; ``tenant_id`` None only for operators."""
     rows = await conn.fetch(
         f"""
@@ -48,7 +46,7 @@ async def list_dead_letters(
         cursor,
         limit + 1,
     )
-    return keyset_page(rows, limit)
+    return delivery_page(rows, limit)
 
 
 async def count_dead_letters(

@@ -9,7 +9,7 @@ engine reads comes back as a typed row.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, NamedTuple, cast
@@ -419,16 +419,65 @@ DELIVERY_COLUMNS = """
 """
 
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A delivery as the API and the CLI show it (the columns of ``DELIVERY_COLUMNS``)."""
+
+    id: str
+    tenant_id: str
+    event_id: str
+    target_id: str
+    status: DeliveryStatus
+    attempt_count: int
+    next_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Delivery:
+        return cls(**row)
+
+    @classmethod
+    def maybe(cls, row: Mapping[str, Any] | None) -> Delivery | None:
+        return None if row is None else cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One recorded attempt: when, how long, what came back."""
+
+    id: str
+    started_at: datetime
+    duration_ms: int
+    status_code: int | None
+    error: str | None
+    response_body: str | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> AttemptRecord:
+        return cls(**row)
+
+
+def delivery_page(
+    rows: Sequence[Mapping[str, Any]], limit: int
+) -> tuple[list[Delivery], str | None]:
+    """Rows fetched with ``LIMIT limit + 1`` -> (typed page, next cursor)."""
+    page, cursor = keyset_page(rows, limit)
+    return [Delivery.from_row(r) for r in page], cursor
+
+
 async def list_deliveries(
     conn: Conn,
     tenant_id: str | None,
     *,
     limit: int,
     cursor: str | None,
-    status: str | None = None,
+    status: DeliveryStatus | None = None,
     target_id: str | None = None,
     event_id: str | None = None,
-) -> tuple[list[Any], str | None]:
+) -> tuple[list[Delivery], str | None]:
     """Deliveries newest first; ``tenant_id`` None only for operators."""
     rows = await conn.fetch(
         f"""
@@ -447,57 +496,57 @@ async def list_deliveries(
         event_id,
         limit + 1,
     )
-    return keyset_page(rows, limit)
+    return delivery_page(rows, limit)
 
 
-async def get_delivery(conn: Conn, tenant_id: str, delivery_id: str) -> Any:
+async def get_delivery(conn: Conn, tenant_id: str, delivery_id: str) -> Delivery | None:
     """One delivery of this tenant, or None."""
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         f"SELECT {DELIVERY_COLUMNS} FROM deliveries d WHERE d.tenant_id = $1 AND d.id = $2",
         tenant_id,
         delivery_id,
     )
+    return Delivery.maybe(row)
 
 
-async def get_delivery_any_tenant(conn: Conn, delivery_id: str) -> Any:
+async def get_delivery_any_tenant(conn: Conn, delivery_id: str) -> Delivery | None:
     """One delivery whoever owns it (operators' CLI)."""
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         f"SELECT {DELIVERY_COLUMNS} FROM deliveries d WHERE d.id = $1", delivery_id
     )
+    return Delivery.maybe(row)
 
 
-async def deliveries_of_events(conn: Conn, tenant_id: str, event_ids: list[str]) -> list[Any]:
+async def deliveries_of_events(conn: Conn, tenant_id: str, event_ids: list[str]) -> list[Delivery]:
     """The deliveries of some events of this tenant."""
-    return list(
-        await conn.fetch(
-            f"""
-            SELECT {DELIVERY_COLUMNS} FROM deliveries d
-            WHERE d.tenant_id = $1 AND d.event_id = ANY($2::text[]) ORDER BY d.id
-            """,
-            tenant_id,
-            event_ids,
-        )
+    rows = await conn.fetch(
+        f"""
+        SELECT {DELIVERY_COLUMNS} FROM deliveries d
+        WHERE d.tenant_id = $1 AND d.event_id = ANY($2::text[]) ORDER BY d.id
+        """,
+        tenant_id,
+        event_ids,
     )
+    return [Delivery.from_row(r) for r in rows]
 
 
-async def attempts_of(conn: Conn, delivery_id: str) -> list[Any]:
+async def attempts_of(conn: Conn, delivery_id: str) -> list[AttemptRecord]:
     """A delivery's attempts, oldest first."""
-    return list(
-        await conn.fetch(
-            """
-            SELECT id, started_at, duration_ms, status_code, error, response_body
-            FROM attempts WHERE delivery_id = $1 ORDER BY id
-            """,
-            delivery_id,
-        )
+    rows = await conn.fetch(
+        """
+        SELECT id, started_at, duration_ms, status_code, error, response_body
+        FROM attempts WHERE delivery_id = $1 ORDER BY id
+        """,
+        delivery_id,
     )
+    return [AttemptRecord.from_row(r) for r in rows]
 
 
 async def retry_delivery(
     conn: Conn, tenant_id: str, delivery_id: str, *, enqueue_grace_s: float
-) -> Any:
+) -> Delivery | None:
     """Send a delivery again with a fresh schedule (any status); None if not the tenant's."""
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         f"""
         UPDATE deliveries d
         SET status = 'pending', attempt_count = 0, next_attempt_at = now(),
@@ -510,3 +559,4 @@ async def retry_delivery(
         delivery_id,
         enqueue_grace_s,
     )
+    return Delivery.maybe(row)
