@@ -17,7 +17,8 @@ from relay.cache import RoutingCache
 from relay.config import Settings
 from relay.crypto import SecretBox, new_id
 from relay.enqueue import Enqueuer, make_broker
-from relay.keys import CACHE, ENQUEUER, LIMITER, POOL, REDIS, SECRETS, SETTINGS
+from relay.group_commit import GroupCommit
+from relay.keys import CACHE, ENQUEUER, GROUP_COMMIT, LIMITER, POOL, REDIS, SECRETS, SETTINGS
 from relay.openapi import OPENAPI, build_openapi
 from relay.ratelimit import RateLimiter
 from relay.server import BodyTimeout, RequestTimeout
@@ -145,6 +146,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_postgres)
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_broker)
+    app.cleanup_ctx.append(_group_commit)
     return app
 
 
@@ -167,3 +169,15 @@ async def _broker(app: web.Application) -> AsyncIterator[None]:
     app[ENQUEUER] = Enqueuer(make_broker(app[SETTINGS].broker_url, middleware=[], fail_fast=True))
     yield
     await app[ENQUEUER].close()
+
+
+async def _group_commit(app: web.Application) -> AsyncIterator[None]:
+    settings, enqueuer = app[SETTINGS], app[ENQUEUER]
+    app[GROUP_COMMIT] = GroupCommit(
+        app[POOL],
+        enqueue_grace_s=settings.requeue_after_s,
+        first_delay_s=settings.retry_schedule[0],
+        committed=lambda woken: enqueuer.wake_soon(woken, delay_s=settings.retry_schedule[0]),
+    )
+    yield
+    await app[GROUP_COMMIT].close()

@@ -68,8 +68,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(REQUIRED_FOR_SERVE)
     setup_logging(settings.log_level)
-    run(create_app(settings), args.host, args.port, lambda text: print(text, file=sys.stderr))
+    if args.processes < 0:
+        print("relay: --processes must be 0 (one per core) or more", file=sys.stderr)
+        return 2
+    processes = args.processes or os.cpu_count() or 1
+    if processes > 1:
+        return _serve_many(args, processes)
+    run(
+        create_app(settings),
+        args.host,
+        args.port,
+        None if args.reuse_port else lambda text: print(text, file=sys.stderr),
+        reuse_port=args.reuse_port,
+    )
     return 0
+
+
+def _serve_many(args: argparse.Namespace, processes: int) -> int:
+    """``processes`` gateways on one port (SO_REUSEPORT: the kernel spreads connections)."""
+    from relay.server import supervise
+
+    child = [sys.executable, "-m", "relay.cli", "serve", "--host", args.host]
+    child += ["--port", str(args.port), "--processes", "1", "--reuse-port"]
+    print(
+        f"======== Running on http://{args.host}:{args.port} ({processes} processes) ========\n"
+        "(Press CTRL+C to quit)",
+        file=sys.stderr,
+    )
+    return supervise(child, processes, lambda text: print(text, file=sys.stderr))
 
 
 def worker_argv(processes: int, threads: int) -> list[str]:
@@ -234,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="gateway processes sharing the port (default: the number of cores; "
+        "1 in a container that is scaled by replicas)",
+    )
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     worker = commands.add_parser("worker", help="run delivery workers and the sweeper")

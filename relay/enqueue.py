@@ -152,11 +152,14 @@ class Enqueuer:
         self._pending: set[asyncio.Future[bool]] = set()
         self._max_pending = max_pending
         self._executor = ThreadPoolExecutor(ENQUEUE_THREADS, thread_name_prefix="relay-enqueue")
+        #: (target, tenant) to wake, by delay, not yet taken by the waker
+        self._waking: dict[float, dict[tuple[str, str], None]] = {}
+        self._waker: asyncio.Future[None] | None = None
 
     @property
     def in_flight(self) -> int:
-        """Background enqueues not finished yet."""
-        return len(self._pending)
+        """Background enqueues not finished yet (the wake-ups' sender counts as one)."""
+        return len(self._pending) + (self._waker is not None)
 
     def _send(self, messages: list[dramatiq.Message[Any]], delay_ms: int | None) -> None:
         declared = self._broker.get_declared_queues()
@@ -197,10 +200,30 @@ class Enqueuer:
         return await self._send_async(messages, delay_s, f"{len(messages)} wake-ups")
 
     def wake_soon(self, targets: Iterable[tuple[str, str]], *, delay_s: float = 0.0) -> None:
-        """``wake`` in the background (after the answer is sent)."""
-        unique = list(dict.fromkeys(targets))
-        if unique:
-            self._in_background(self.wake(unique, delay_s=delay_s), f"{len(unique)} wake-ups")
+        """``wake`` in the background (after the answer is sent), coalesced.
+
+        Wake-ups asked for while a send is on its way wait for it to end, then
+        go in one send, each target once: broker traffic follows the number of
+        busy targets, not of requests. A wake-up asked for after a send was
+        taken is sent again, so it always follows the commit that asked for it.
+        """
+        waiting = self._waking.setdefault(delay_s, {})
+        for target in targets:
+            if len(waiting) >= self._max_pending and target not in waiting:
+                log.warning("broker backlog: wake-ups left to the sweeper")
+                break
+            waiting[target] = None
+        if waiting and self._waker is None:
+            self._waker = asyncio.ensure_future(self._send_wakes())
+
+    async def _send_wakes(self) -> None:
+        try:
+            while self._waking:
+                delay_s, waiting = self._waking.popitem()
+                if waiting:
+                    await self.wake(waiting, delay_s=delay_s)
+        finally:
+            self._waker = None
 
     def _in_background(self, send: Coroutine[Any, Any, bool], what: str) -> None:
         """Run ``send`` as a task, unless MAX_PENDING are pending: then the sweeper's."""
@@ -227,7 +250,10 @@ class Enqueuer:
 
     async def close(self) -> None:
         """Let in-flight enqueues finish (briefly), then close the broker."""
-        if self._pending:
-            await asyncio.wait(self._pending, timeout=5)
+        background: set[asyncio.Future[Any]] = set(self._pending)
+        if self._waker is not None:
+            background.add(self._waker)
+        if background:
+            await asyncio.wait(background, timeout=5)
         await asyncio.get_running_loop().run_in_executor(self._executor, self._broker.close)
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from relay.config import Settings
     from relay.crypto import SecretBox
     from relay.enqueue import Enqueuer
+    from relay.group_commit import GroupCommit
     from relay.ratelimit import RateLimiter
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
@@ -20,6 +21,7 @@ SECRETS: web.AppKey[SecretBox] = web.AppKey("secrets")
 CACHE: web.AppKey[RoutingCache] = web.AppKey("cache")
 ENQUEUER: web.AppKey[Enqueuer] = web.AppKey("enqueuer")
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")
+GROUP_COMMIT: web.AppKey[GroupCommit] = web.AppKey("group_commit")
 
 #: Set on a request by tenant authentication.
 TENANT_ID: web.RequestKey[str] = web.RequestKey("tenant_id", str)

@@ -74,7 +74,16 @@ class GatewayProcess(WorkerProcess):
 
     def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [sys.executable, "-m", "relay.cli", "serve", "--port", str(self.port)],
+            [
+                sys.executable,
+                "-m",
+                "relay.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--processes",
+                str(self.processes),
+            ],
             env={"PATH": os.environ["PATH"], **self.env},
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -3,9 +3,11 @@
 Checks run cheapest first, and nothing is written until every check passed:
 unknown source 404 → token/basic credential 401 → content type 415 → declared
 length 413 → body read with the cap 413 → hmac/standard-webhooks signature 401
-→ JSON shape 400/422 → deliveries per request 422 → rate limit 429. Then one
-transaction stores the events and their deliveries, the answer is 202, and only
-then are their targets woken on the broker (the sweeper covers an enqueue that fails).
+→ JSON shape 400/422 → deliveries per request 422 → rate limit 429. Then the
+events and their deliveries are committed, in one transaction with those of the
+requests that arrived together (relay/group_commit.py), the answer is 202, and
+their targets are woken on the broker once per group (the sweeper covers an
+enqueue that fails).
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from relay import errors, webhook_ids
 from relay.api.routing import Route, is_json_content_type, respond
 from relay.cache import SourceEntry, TargetRoute
 from relay.ingest import count_deliveries, parse_body
-from relay.keys import CACHE, ENQUEUER, LIMITER, POOL, REDIS, SECRETS, SETTINGS
+from relay.keys import CACHE, GROUP_COMMIT, LIMITER, POOL, REDIS, SECRETS, SETTINGS
 from relay.metrics import EVENTS_INGESTED, INGEST_LATENCY
 from relay.source_auth import PRE_BODY_TYPES, check_before_body, check_with_body
 from relay.store import sources as source_store
 from relay.store import targets as target_store
-from relay.store.events import record_events
+from relay.store.events import IngestRequest
 
 log = logging.getLogger("relay.ingest")
 
@@ -138,18 +140,8 @@ async def _accept(
             raise errors.RateLimited(
                 math.ceil(wait), f"over this source's limit of {limit} events/s"
             )
-    async with app[POOL].acquire() as conn:
-        result = await record_events(
-            conn,
-            source.tenant_id,
-            source.id,
-            events,
-            routes,
-            enqueue_grace_s=settings.requeue_after_s,
-            first_delay_s=settings.retry_schedule[0],
-        )
-    app[ENQUEUER].wake_soon(
-        ((t, source.tenant_id) for t in result.target_ids), delay_s=settings.retry_schedule[0]
+    result = await app[GROUP_COMMIT].commit(
+        IngestRequest(source.tenant_id, source.id, events, routes)
     )
     context["deliveries"] = len(result.delivery_ids)
     context["duplicates"] = result.duplicates

@@ -31,6 +31,9 @@ POSTGRES_DOWN = (
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.TooManyConnectionsError,
+    # A connection whose protocol was left mid-operation: Postgres went away
+    # between a query's result and its ReadyForQuery (seen at a fast shutdown).
+    asyncpg.InternalClientError,
 )
 
 

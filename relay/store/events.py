@@ -16,29 +16,44 @@ from relay.store.rows import keyset_page
 _INSERT_EVENTS = """
 INSERT INTO events (id, tenant_id, source_id, upstream_uuid, upstream_date, object_type,
                     action, object_id, upstream_tenant_id, payload)
-SELECT e.id, $1, $2, e.uuid, e.date, e.object_type, e.action, e.object_id, e.tenant_ref, e.payload
-FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],
-            $10::bytea[])
-     AS e(id, uuid, date, object_type, action, object_id, tenant_ref, payload)
+SELECT e.id, e.tenant_id, e.source_id, e.uuid, e.date, e.object_type, e.action, e.object_id,
+       e.tenant_ref, e.payload
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::text[], $9::text[], $10::bytea[])
+     AS e(id, tenant_id, source_id, uuid, date, object_type, action, object_id, tenant_ref,
+          payload)
 ON CONFLICT (source_id, upstream_uuid) DO NOTHING
 RETURNING id
 """
 
 _EXISTING = """
-SELECT upstream_uuid, id FROM events WHERE source_id = $1 AND upstream_uuid = ANY($2::text[])
+SELECT e.source_id, e.upstream_uuid, e.id
+FROM events e JOIN unnest($1::text[], $2::text[]) AS w(source_id, uuid)
+  ON e.source_id = w.source_id AND e.upstream_uuid = w.uuid
 """
 
 # Joined with targets so that a delivery is created only for a target that is
 # enabled and live at this instant, whatever the gateway's cache believed.
 _INSERT_DELIVERIES = """
 INSERT INTO deliveries (id, tenant_id, event_id, target_id, next_attempt_at, enqueued_until)
-SELECT d.id, $1, d.event_id, d.target_id, now() + make_interval(secs => $6::float8),
+SELECT d.id, d.tenant_id, d.event_id, d.target_id, now() + make_interval(secs => $6::float8),
        now() + make_interval(secs => $6::float8 + $5::float8)
-FROM unnest($2::text[], $3::text[], $4::text[]) AS d(id, event_id, target_id)
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+     AS d(id, tenant_id, event_id, target_id)
 JOIN targets t ON t.id = d.target_id
-WHERE t.tenant_id = $1 AND t.enabled AND t.deleted_at IS NULL
+WHERE t.tenant_id = d.tenant_id AND t.enabled AND t.deleted_at IS NULL
 RETURNING id, target_id
 """
+
+
+@dataclass(frozen=True)
+class IngestRequest:
+    """The events of one ingest request, with the routes its tenant had when it was read."""
+
+    tenant_id: str
+    source_id: str
+    events: Sequence[ParsedEvent]
+    routes: Sequence[TargetRoute]
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,124 @@ class IngestResult:
     target_ids: list[str]
 
 
+@dataclass
+class _Plan:
+    """One request's events, numbered: what it asks to insert."""
+
+    request: IngestRequest
+    #: the event id each event of the body gets (a repeat in the body: the first one's)
+    assigned: list[str]
+    #: (event id, event) of the first sighting of each uuid in the body
+    fresh: list[tuple[str, ParsedEvent]]
+
+
+def _plan(request: IngestRequest) -> _Plan:
+    # Within the body, a repeated uuid is the first one's duplicate.
+    assigned: list[str] = []
+    fresh: list[tuple[str, ParsedEvent]] = []
+    first_by_uuid: dict[str, str] = {}
+    for event in request.events:
+        if event.uuid is not None and event.uuid in first_by_uuid:
+            assigned.append(first_by_uuid[event.uuid])
+            continue
+        event_id = new_id("evt")
+        if event.uuid is not None:
+            first_by_uuid[event.uuid] = event_id
+        assigned.append(event_id)
+        fresh.append((event_id, event))
+    return _Plan(request, assigned, fresh)
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows -> ``width`` column lists (empty lists for no rows), for ``unnest``."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+async def record_event_groups(
+    conn: Conn,
+    requests: Sequence[IngestRequest],
+    *,
+    enqueue_grace_s: float,
+    first_delay_s: float = 0.0,
+) -> list[IngestResult]:
+    """Store the events of several requests and their deliveries in one transaction.
+
+    A uuid seen before, in an earlier transaction, an earlier request of the
+    group or earlier in the body, maps to the event first stored for it.
+    """
+    plans = [_plan(r) for r in requests]
+    event_rows = [
+        (
+            i,
+            p.request.tenant_id,
+            p.request.source_id,
+            e.uuid,
+            e.date,
+            e.object_type,
+            e.action,
+            e.object_id,
+            e.tenant_ref,
+            e.payload,
+        )
+        for p in plans
+        for i, e in p.fresh
+    ]
+    async with conn.transaction():
+        inserted = {r["id"] for r in await conn.fetch(_INSERT_EVENTS, *_columns(event_rows, 10))}
+        lost = [
+            (p.request.source_id, e.uuid)
+            for p in plans
+            for i, e in p.fresh
+            if i not in inserted and e.uuid is not None
+        ]
+        existing: dict[tuple[str, str], str] = {}
+        if lost:
+            rows = await conn.fetch(_EXISTING, *_columns(lost, 2))
+            existing = {(r["source_id"], r["upstream_uuid"]): r["id"] for r in rows}
+        delivery_rows = [
+            (new_id("dlv"), p.request.tenant_id, event_id, route.id)
+            for p in plans
+            for event_id, event in p.fresh
+            if event_id in inserted
+            for route in p.request.routes
+            if route.matches(p.request.source_id, event.object_type, event.action)
+        ]
+        created: dict[str, str] = {}
+        if delivery_rows:
+            rows = await conn.fetch(
+                _INSERT_DELIVERIES,
+                *_columns(delivery_rows, 4),
+                enqueue_grace_s,
+                first_delay_s,
+            )
+            created = {r["id"]: r["target_id"] for r in rows}
+    by_event: dict[str, list[tuple[str, str]]] = {}
+    for delivery_id, _, event_id, target_id in delivery_rows:
+        if delivery_id in created:
+            by_event.setdefault(event_id, []).append((delivery_id, target_id))
+    results = []
+    for p in plans:
+        source_id = p.request.source_id
+        replaced = {
+            i: existing[(source_id, e.uuid)]
+            for i, e in p.fresh
+            if i not in inserted and e.uuid is not None
+        }
+        mine = [i for i, _ in p.fresh if i in inserted]
+        deliveries = [d for i in mine for d in by_event.get(i, ())]
+        results.append(
+            IngestResult(
+                [replaced.get(i, i) for i in p.assigned],
+                [d for d, _ in deliveries],
+                duplicates=len(p.request.events) - len(mine),
+                target_ids=list(dict.fromkeys(t for _, t in deliveries)),
+            )
+        )
+    return results
+
+
 async def record_events(
     conn: Conn,
     tenant_id: str,
@@ -63,68 +196,13 @@ async def record_events(
     first_delay_s: float = 0.0,
 ) -> IngestResult:
     """Store ``events`` and one pending delivery per matching target, in one transaction."""
-    # Within the body, a repeated uuid is the first one's duplicate.
-    assigned: list[str] = []
-    fresh: list[tuple[str, ParsedEvent]] = []
-    first_by_uuid: dict[str, str] = {}
-    for event in events:
-        if event.uuid is not None and event.uuid in first_by_uuid:
-            assigned.append(first_by_uuid[event.uuid])
-            continue
-        event_id = new_id("evt")
-        if event.uuid is not None:
-            first_by_uuid[event.uuid] = event_id
-        assigned.append(event_id)
-        fresh.append((event_id, event))
-
-    columns = list(
-        zip(
-            *[
-                (i, e.uuid, e.date, e.object_type, e.action, e.object_id, e.tenant_ref, e.payload)
-                for i, e in fresh
-            ],
-            strict=True,
-        )
+    (result,) = await record_event_groups(
+        conn,
+        [IngestRequest(tenant_id, source_id, events, routes)],
+        enqueue_grace_s=enqueue_grace_s,
+        first_delay_s=first_delay_s,
     )
-    async with conn.transaction():
-        inserted = {
-            r["id"] for r in await conn.fetch(_INSERT_EVENTS, tenant_id, source_id, *columns)
-        }
-        replaced: dict[str, str] = {}
-        lost = [e.uuid for i, e in fresh if i not in inserted and e.uuid is not None]
-        if lost:
-            existing = {
-                r["upstream_uuid"]: r["id"] for r in await conn.fetch(_EXISTING, source_id, lost)
-            }
-            for event_id, event in fresh:
-                if event_id not in inserted and event.uuid is not None:
-                    replaced[event_id] = existing[event.uuid]
-        pairs = [
-            (new_id("dlv"), event_id, route.id)
-            for event_id, event in fresh
-            if event_id in inserted
-            for route in routes
-            if route.matches(source_id, event.object_type, event.action)
-        ]
-        delivery_ids: list[str] = []
-        woken: dict[str, None] = {}
-        if pairs:
-            ids, event_ids, target_ids = (list(c) for c in zip(*pairs, strict=True))
-            rows = await conn.fetch(
-                _INSERT_DELIVERIES,
-                tenant_id,
-                ids,
-                event_ids,
-                target_ids,
-                enqueue_grace_s,
-                first_delay_s,
-            )
-            delivery_ids = [r["id"] for r in rows]
-            woken = dict.fromkeys(r["target_id"] for r in rows)
-    final = [replaced.get(event_id, event_id) for event_id in assigned]
-    return IngestResult(
-        final, delivery_ids, duplicates=len(events) - len(inserted), target_ids=list(woken)
-    )
+    return result
 
 
 _EVENT_COLUMNS = "id, source_id, received_at, object_type, action, object_id, payload"
