@@ -12,7 +12,12 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from relay.ordering import object_key, pointer_key
+
+if TYPE_CHECKING:
+    from relay.ingest import ParsedEvent
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -40,6 +45,18 @@ class TargetRoute:
     object_types: frozenset[str]
     actions: frozenset[str]
     source_ids: frozenset[str] | None
+    #: ordering "object": the events of one key go one at a time, in order
+    ordered: bool = False
+    #: the JSON pointer of the key (None: objectType and objectId)
+    ordering_key: str | None = None
+
+    def order_key(self, event: ParsedEvent) -> str | None:
+        """The ordering key of ``event`` at this target (None: not ordered)."""
+        if not self.ordered:
+            return None
+        if self.ordering_key is None:
+            return object_key(event.object_type, event.object_id)
+        return pointer_key(self.ordering_key, event.payload)
 
     def matches(self, source_id: str, object_type: str | None, action: str | None) -> bool:
         """True when an event of ``source_id`` with these fields is for this target."""

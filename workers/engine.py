@@ -512,7 +512,12 @@ class Engine:
             with retry:
                 async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
                     recorded = await store.record_batch(
-                        conn, target_id, attempts, breaker=breaker, failing=failing
+                        conn,
+                        target_id,
+                        attempts,
+                        breaker=breaker,
+                        failing=failing,
+                        grace_s=self.settings.requeue_after_s,
                     )
                     return set(recorded)
         raise AssertionError("unreachable")  # pragma: no cover

@@ -48,8 +48,8 @@ MAX_REPLAY_IDS = 1000
 
 
 def render_delivery(row: Delivery) -> dict[str, Any]:
-    """A delivery as API.md shows it."""
-    return {
+    """A delivery as API.md shows it (``blocked_by`` only while it waits behind another)."""
+    shown = {
         "id": row.id,
         "event_id": row.event_id,
         "target_id": row.target_id,
@@ -61,6 +61,9 @@ def render_delivery(row: Delivery) -> dict[str, Any]:
         "created_at": row.created_at,
         "updated_at": row.updated_at,
     }
+    if row.blocked_by is not None:
+        shown["blocked_by"] = row.blocked_by
+    return shown
 
 
 def render_attempt(row: AttemptRecord) -> dict[str, Any]:
@@ -163,12 +166,13 @@ async def retry_delivery(request: web.Request) -> web.Response:
     """Send one delivery again, with a fresh schedule."""
     pool = request.app[POOL]
     delivery_id = request.match_info["delivery_id"]
-    row = await store.retry_delivery(
-        pool,
-        tenant_id(request),
-        delivery_id,
-        enqueue_grace_s=request.app[SETTINGS].requeue_after_s,
-    )
+    async with pool.acquire() as conn:
+        row = await store.retry_delivery(
+            conn,
+            tenant_id(request),
+            delivery_id,
+            enqueue_grace_s=request.app[SETTINGS].requeue_after_s,
+        )
     if row is None:
         if await store.get_delivery(pool, tenant_id(request), delivery_id) is None:
             raise errors.NotFound("no such delivery")

@@ -12,6 +12,7 @@ from relay import errors
 from relay.api.deliveries import Id, Timestamp, render_delivery
 from relay.api.ingest import load_routes
 from relay.api.routing import ListQuery, Route, page, read_body, read_query, respond, tenant_id
+from relay.ingest import ParsedEvent
 from relay.keys import ENQUEUER, POOL, SETTINGS
 from relay.store import deliveries as delivery_store
 from relay.store import events as store
@@ -89,9 +90,10 @@ async def replay_event(request: web.Request) -> web.Response:
     event = await _event_or_404(request)
     owner = tenant_id(request)
     pool = request.app[POOL]
+    routes = await load_routes(request.app, owner)
     if body.target_ids is not None:
         wanted = list(dict.fromkeys(body.target_ids))
-        live = {r.id for r in await load_routes(request.app, owner)}
+        live = {r.id for r in routes}
         unknown = [t for t in wanted if t not in live]
         if unknown:
             known = [
@@ -103,15 +105,26 @@ async def replay_event(request: web.Request) -> web.Response:
             )
         targets = wanted
     else:
-        routes = await load_routes(request.app, owner)
         targets = [
             r.id
             for r in routes
             if r.matches(event["source_id"] or "", event["object_type"], event["action"])
         ]
-    async with pool.acquire() as conn:
+    # an ordered target's new delivery joins the back of its key's queue
+    parsed = ParsedEvent(
+        payload=bytes(event["payload"]),
+        uuid=None,
+        date=None,
+        object_type=event["object_type"],
+        action=event["action"],
+        object_id=event["object_id"],
+        tenant_ref=None,
+    )
+    by_id = {r.id: r for r in routes}
+    keyed = [(t, by_id[t].order_key(parsed)) for t in targets]
+    async with pool.acquire() as conn, conn.transaction():
         ids = await store.add_deliveries(
-            conn, owner, event["id"], targets, enqueue_grace_s=request.app[SETTINGS].requeue_after_s
+            conn, owner, event["id"], keyed, enqueue_grace_s=request.app[SETTINGS].requeue_after_s
         )
     if ids:
         request.app[ENQUEUER].wake_soon((t, owner) for t in targets)

@@ -65,6 +65,8 @@ async def load_routes(app: web.Application, tenant_id: str) -> list[TargetRoute]
             object_types=frozenset(v.lower() for v in r["filter_object_types"]),
             actions=frozenset(v.lower() for v in r["filter_actions"]),
             source_ids=frozenset(r["source_ids"]) if r["source_ids"] is not None else None,
+            ordered=r["ordering"] == "object",
+            ordering_key=r["ordering_key"],
         )
         for r in rows
     ]

@@ -96,6 +96,13 @@ class CircuitShown(pydantic.BaseModel):
     )
 
 
+class BlockedShown(pydantic.BaseModel):
+    """Keys of an ordered target with on_dead "block" that wait on a dead letter."""
+
+    keys: int = pydantic.Field(description="Keys whose delivery died and blocks them.")
+    waiting: int = pydantic.Field(description="Deliveries waiting behind those dead letters.")
+
+
 class Target(pydantic.BaseModel):
     """A target (no secret)."""
 
@@ -109,6 +116,18 @@ class Target(pydantic.BaseModel):
     max_in_flight: int = pydantic.Field(
         description="At most this many attempts to the target are in flight at once."
     )
+    ordering: Literal["none", "object"] = pydantic.Field(
+        description='"object": the deliveries of one key arrive one at a time, in the order '
+        "the events were received; other keys do not wait."
+    )
+    ordering_key: str | None = pydantic.Field(
+        description="A JSON pointer into the payload naming the key; null: objectType and objectId."
+    )
+    on_dead: Literal["skip", "block"] = pydantic.Field(
+        description='When a key\'s delivery dies: "skip" (the next goes) or "block" (the key '
+        "waits until the dead letter is replayed or purged)."
+    )
+    blocked: BlockedShown
     enabled: bool
     disabled_reason: str | None
     circuit: CircuitShown
@@ -148,6 +167,11 @@ class Delivery(pydantic.BaseModel):
     last_error: str | None
     created_at: datetime
     updated_at: datetime
+    blocked_by: str | None = pydantic.Field(
+        default=None,
+        description="Present while an ordered delivery waits: the delivery of its key "
+        "it waits behind.",
+    )
 
 
 class Attempt(pydantic.BaseModel):

@@ -29,6 +29,7 @@ from relay.crypto import new_id, new_webhook_secret, open_headers, seal_headers
 from relay.egress import EgressRefused, host_is_forbidden, parse_host
 from relay.ingest import compact
 from relay.keys import CACHE, ENQUEUER, POOL, SECRETS, SETTINGS
+from relay.ordering import OnDead, Ordering, check_pointer
 from relay.store import events as event_store
 from relay.store import sources as source_store
 from relay.store import targets as store
@@ -58,6 +59,21 @@ HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 
 #: How many attempts to one target may be in flight at once, across every worker.
 MaxInFlight = Annotated[int, pydantic.Field(ge=1, le=1000), pydantic.BeforeValidator(integral)]
+
+
+def _pointer(value: str) -> str:
+    problem = check_pointer(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+#: A JSON pointer into the payload naming the ordering key (RFC 6901).
+OrderingKey = Annotated[
+    str,
+    pydantic.StringConstraints(min_length=2, max_length=200, pattern=r"^/"),
+    pydantic.AfterValidator(_pointer),
+]
 
 FilterValue = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=200)]
 
@@ -169,6 +185,9 @@ class TargetCreate(pydantic.BaseModel):
     headers: Headers | None = None
     rate_limit: RateLimit | None = None
     max_in_flight: MaxInFlight = 10
+    ordering: Ordering = "none"
+    ordering_key: OrderingKey | None = None
+    on_dead: OnDead = "skip"
     enabled: bool = True
 
 
@@ -184,6 +203,9 @@ class TargetPatch(pydantic.BaseModel):
     headers: Headers | SkipJsonSchema[None] = None
     rate_limit: RateLimit | None = None
     max_in_flight: MaxInFlight | SkipJsonSchema[None] = None
+    ordering: Ordering | SkipJsonSchema[None] = None
+    ordering_key: OrderingKey | None = None
+    on_dead: OnDead | SkipJsonSchema[None] = None
     enabled: bool | SkipJsonSchema[None] = None
 
 
@@ -202,6 +224,10 @@ def render_target(request: web.Request, row: Any) -> dict[str, Any]:
         "headers": dict.fromkeys(headers, MASK),
         "rate_limit": row["rate_limit"],
         "max_in_flight": row["max_in_flight"],
+        "ordering": row["ordering"],
+        "ordering_key": row["ordering_key"],
+        "on_dead": row["on_dead"],
+        "blocked": {"keys": row["blocked_keys"], "waiting": row["blocked_waiting"]},
         "enabled": row["enabled"],
         "disabled_reason": row["disabled_reason"],
         "circuit": {
@@ -260,6 +286,9 @@ async def create_target(request: web.Request) -> web.Response:
         headers_enc=seal_headers(request.app[SECRETS], target_id, body.headers or {}),
         rate_limit=body.rate_limit,
         max_in_flight=body.max_in_flight,
+        ordering=body.ordering,
+        ordering_key=body.ordering_key,
+        on_dead=body.on_dead,
         enabled=body.enabled,
         disabled_reason=None if body.enabled else "disabled through the API",
         secret_enc=request.app[SECRETS].seal(secret, bound_to=target_id),
@@ -299,7 +328,7 @@ async def update_target(request: web.Request) -> web.Response:
     current = await _get_or_404(request)
     changes: dict[str, Any] = {}
     fields = body.model_fields_set
-    for required in ("url", "filter", "headers", "enabled", "max_in_flight"):
+    for required in ("url", "filter", "headers", "enabled", "max_in_flight", "ordering", "on_dead"):
         if required in fields and getattr(body, required) is None:
             raise errors.ValidationFailed.field(required, "may not be null")
     if body.url is not None:
@@ -318,12 +347,24 @@ async def update_target(request: web.Request) -> web.Response:
         changes["rate_limit"] = body.rate_limit
     if body.max_in_flight is not None:
         changes["max_in_flight"] = body.max_in_flight
+    if body.ordering is not None and body.ordering != current["ordering"]:
+        changes["ordering"] = body.ordering
+    if "ordering_key" in fields:
+        changes["ordering_key"] = body.ordering_key
+    if body.on_dead is not None and body.on_dead != current["on_dead"]:
+        changes["on_dead"] = body.on_dead
     if body.enabled is not None and body.enabled != current["enabled"]:
         changes["enabled"] = body.enabled
         changes["disabled_reason"] = None if body.enabled else "disabled through the API"
         changes["failing_since"] = None
     async with request.app[POOL].acquire() as conn:
-        row = await store.update_target(conn, tenant_id(request), current["id"], changes)
+        row = await store.update_target(
+            conn,
+            tenant_id(request),
+            current["id"],
+            changes,
+            grace_s=request.app[SETTINGS].requeue_after_s,
+        )
     if row is None:
         raise errors.NotFound("no such target")
     request.app[CACHE].forget_tenant(tenant_id(request))

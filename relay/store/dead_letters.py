@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 from relay.store.db import Conn
-from relay.store.deliveries import DELIVERY_COLUMNS, Delivery, Replayed, delivery_page
+from relay.store.deliveries import (
+    DELIVERY_COLUMNS,
+    Delivery,
+    Replayed,
+    delivery_page,
+    promote_keys,
+)
 
 
 def _dead_filter(first: int) -> str:
@@ -94,30 +101,40 @@ async def replay_dead_letters_batch(
     the same row and none holds a lock for long. What is already pending is
     not selected, so replaying twice does not send twice.
     """
-    rows = await conn.fetch(
-        f"""
-        WITH picked AS (
-            SELECT id FROM deliveries
-            WHERE {_dead_filter(1)} AND ($8::text IS NULL OR id > $8)
-            ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED
+    async with conn.transaction():
+        rows = await conn.fetch(
+            f"""
+            WITH picked AS (
+                SELECT id FROM deliveries
+                WHERE {_dead_filter(1)} AND ($8::text IS NULL OR id > $8)
+                ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED
+            )
+            UPDATE deliveries d
+            SET status = 'pending', attempt_count = 0,
+                next_attempt_at = CASE WHEN d.order_key IS NULL THEN now() END,
+                enqueued_until = CASE WHEN d.order_key IS NULL
+                                      THEN now() + make_interval(secs => $7) END,
+                locked_until = NULL, updated_at = now()
+            FROM picked WHERE d.id = picked.id
+            RETURNING d.id, d.target_id, d.tenant_id, d.order_key
+            """,
+            tenant_id,
+            target_id,
+            since,
+            ids,
+            up_to_id,
+            batch,
+            enqueue_grace_s,
+            after_id,
         )
-        UPDATE deliveries d
-        SET status = 'pending', attempt_count = 0, next_attempt_at = now(),
-            enqueued_until = now() + make_interval(secs => $7), locked_until = NULL,
-            updated_at = now()
-        FROM picked WHERE d.id = picked.id
-        RETURNING d.id, d.target_id, d.tenant_id
-        """,
-        tenant_id,
-        target_id,
-        since,
-        ids,
-        up_to_id,
-        batch,
-        enqueue_grace_s,
-        after_id,
-    )
+        # ordered ones were parked: each key's first (by position) goes when nothing is active
+        await promote_keys(conn, _keys_of(rows), grace_s=enqueue_grace_s)
     return [Replayed(r["id"], r["target_id"], r["tenant_id"]) for r in rows]
+
+
+def _keys_of(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """The distinct (target, ordering key) of rows, in one order."""
+    return sorted({(r["target_id"], r["order_key"]) for r in rows if r["order_key"] is not None})
 
 
 #: Rows per replay statement: short enough that no lock is held long.
@@ -164,27 +181,29 @@ async def purge_dead_letters(
     target_id: str | None,
     older_than: datetime,
     batch: int = 5000,
+    enqueue_grace_s: float = 30.0,
 ) -> int:
     """Delete dead letters created before ``older_than``, in batches; return how many."""
     total = 0
     while True:
-        deleted: int = await conn.fetchval(
-            """
-            WITH gone AS (
+        async with conn.transaction():
+            gone = await conn.fetch(
+                """
                 DELETE FROM deliveries WHERE id IN (
                     SELECT id FROM deliveries
                     WHERE status = 'dead' AND created_at < $3
                       AND ($1::text IS NULL OR tenant_id = $1)
                       AND ($2::text IS NULL OR target_id = $2)
                     LIMIT $4
-                ) RETURNING 1
-            ) SELECT count(*) FROM gone
-            """,
-            tenant_id,
-            target_id,
-            older_than,
-            batch,
-        )
-        total += deleted
-        if deleted < batch:
+                ) RETURNING target_id, order_key
+                """,
+                tenant_id,
+                target_id,
+                older_than,
+                batch,
+            )
+            # a key blocked on a dead letter that is purged goes on
+            await promote_keys(conn, _keys_of(gone), grace_s=enqueue_grace_s)
+        total += len(gone)
+        if len(gone) < batch:
             return total

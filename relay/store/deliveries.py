@@ -16,7 +16,9 @@ from typing import Any, Literal, NamedTuple, cast
 
 from relay.crypto import new_id
 from relay.delivery import CLOSED, Breaker, BreakerState
+from relay.ordering import OnDead
 from relay.store.db import Conn
+from relay.store.events import ORDER_LOCK
 from relay.store.rows import keyset_page
 
 DeliveryStatus = Literal["pending", "retrying", "succeeded", "dead"]
@@ -46,6 +48,8 @@ class SendTarget:
     #: the breaker is open and its open period has not ended
     cooling: bool
     open_until: datetime | None
+    #: an ordered key whose delivery died waits for a replay or purge ("block")
+    on_dead: OnDead
 
     @classmethod
     def from_row(cls, row: Any) -> SendTarget:
@@ -60,11 +64,18 @@ class Claimed(NamedTuple):
     attempt_count: int
     locked_until: datetime
     payload: bytes
+    #: its ordering key (None: the target does not order it)
+    order_key: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Claimed:
         return cls(
-            row["id"], row["event_id"], row["attempt_count"], row["locked_until"], row["payload"]
+            row["id"],
+            row["event_id"],
+            row["attempt_count"],
+            row["locked_until"],
+            row["payload"],
+            row["order_key"],
         )
 
 
@@ -93,7 +104,7 @@ SELECT t.id, t.tenant_id, t.url, t.headers_enc, t.secret_enc, t.previous_secret_
        t.enabled AND t.deleted_at IS NULL AS live, t.failing_since IS NOT NULL AS failing,
        coalesce(h.breaker, 'closed') AS breaker,
        coalesce(h.consecutive_failures, 0) AS consecutive_failures,
-       coalesce(h.open_until > now(), false) AS cooling, h.open_until
+       coalesce(h.open_until > now(), false) AS cooling, h.open_until, t.on_dead
 FROM targets t LEFT JOIN target_health h ON h.target_id = t.id
 WHERE t.id = $1
 """
@@ -122,9 +133,9 @@ WITH picked AS (
     SET locked_until = now() + make_interval(secs => $4::float8),
         enqueued_until = now() + make_interval(secs => $4::float8), updated_at = now()
     FROM picked WHERE d.id = picked.id
-    RETURNING d.id, d.event_id, d.attempt_count, d.locked_until
+    RETURNING d.id, d.event_id, d.attempt_count, d.locked_until, d.order_key
 )
-SELECT c.id, c.event_id, c.attempt_count, c.locked_until, e.payload
+SELECT c.id, c.event_id, c.attempt_count, c.locked_until, c.order_key, e.payload
 FROM claimed c JOIN events e ON e.id = c.event_id
 ORDER BY c.id
 """
@@ -266,6 +277,86 @@ SELECT id FROM done
 """
 
 
+# Keys' advisory locks, in one order everywhere; taken before the statement whose
+# snapshot must see what the keys' other writers committed.
+_LOCK_KEYS = """
+SELECT count(pg_advisory_xact_lock($3, k.h)) FROM (
+    SELECT DISTINCT hashtext(u.target_id || '/' || u.order_key) AS h
+    FROM unnest($1::text[], $2::text[]) AS u(target_id, order_key) ORDER BY 1
+) k
+"""
+
+# For each key: when none of its undelivered deliveries is active (due, leased,
+# retrying, or dead while the target blocks on dead letters), the parked one
+# with the lowest position becomes due.
+_PROMOTE = """
+UPDATE deliveries d
+SET next_attempt_at = now(), enqueued_until = now() + make_interval(secs => $3::float8),
+    updated_at = now()
+FROM (
+    SELECT h.id FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[])) AS k(target_id, key)
+    JOIN targets t ON t.id = k.target_id
+    CROSS JOIN LATERAL (
+        SELECT p.id, p.status, p.next_attempt_at FROM deliveries p
+        WHERE p.target_id = k.target_id AND p.order_key = k.key
+          AND (p.status IN ('pending', 'retrying') OR (p.status = 'dead' AND t.on_dead = 'block'))
+        ORDER BY (p.status = 'pending' AND p.next_attempt_at IS NULL), p.order_pos
+        LIMIT 1
+    ) h
+    WHERE h.status = 'pending' AND h.next_attempt_at IS NULL
+) head
+WHERE d.id = head.id AND d.status = 'pending' AND d.next_attempt_at IS NULL
+RETURNING d.id, d.target_id, d.tenant_id
+"""
+
+
+async def promote_keys(
+    conn: Conn, keys: Sequence[tuple[str, str]], *, grace_s: float
+) -> list[Replayed]:
+    """Make the next delivery of each (target, key) due if nothing of its key is active.
+
+    Call inside a transaction, after the change that may have ended a key's
+    active delivery; the keys' locks are held from here to the commit.
+    """
+    if not keys:
+        return []
+    targets = [t for t, _ in keys]
+    order_keys = [k for _, k in keys]
+    await conn.execute(_LOCK_KEYS, targets, order_keys, ORDER_LOCK)
+    rows = await conn.fetch(_PROMOTE, targets, order_keys, grace_s)
+    return [Replayed(r["id"], r["target_id"], r["tenant_id"]) for r in rows]
+
+
+async def reorder_target(conn: Conn, target_id: str, *, grace_s: float) -> None:
+    """After a target's ``ordering`` or ``on_dead`` changed: release or promote what waits.
+
+    Unordered now: every parked delivery becomes due. Still ordered: each key
+    with parked deliveries gets its next one due if nothing of it is active.
+    """
+    async with conn.transaction():
+        ordering = await conn.fetchval("SELECT ordering FROM targets WHERE id = $1", target_id)
+        if ordering == "none":
+            await conn.execute(
+                """
+                UPDATE deliveries
+                SET next_attempt_at = now(), enqueued_until = now() + make_interval(secs => $2),
+                    updated_at = now()
+                WHERE target_id = $1 AND status = 'pending' AND next_attempt_at IS NULL
+                """,
+                target_id,
+                grace_s,
+            )
+            return
+        keys = await conn.fetch(
+            """
+            SELECT DISTINCT order_key FROM deliveries
+            WHERE target_id = $1 AND status = 'pending' AND next_attempt_at IS NULL
+            """,
+            target_id,
+        )
+        await promote_keys(conn, [(target_id, r["order_key"]) for r in keys], grace_s=grace_s)
+
+
 async def record_batch(
     conn: Conn,
     target_id: str,
@@ -273,13 +364,16 @@ async def record_batch(
     *,
     breaker: Callable[[Breaker], Breaker] | None,
     failing: bool | None = None,
+    grace_s: float = 30.0,
 ) -> list[str]:
     """Record attempts of one target and their deliveries' new states atomically.
 
     Returns the ids recorded; an attempt whose lease was lost is not (another
     worker may hold the delivery now). ``breaker``: the new breaker as a function
     of the current one (read under lock), or None to leave it alone. ``failing``:
-    whether the target was failing when claimed (read here if None).
+    whether the target was failing when claimed (read here if None). An ordered
+    delivery that ended (succeeded or dead) lets the next of its key become due,
+    in the same transaction (``grace_s``: how long the sweeper leaves it to us).
 
     Lock order, here as everywhere: the target row, then its health, then its
     deliveries (``delete_target`` and PATCH lock the target first). The target
@@ -308,7 +402,12 @@ async def record_batch(
         [a.duration_ms for a in attempts],
         [a.response_body for a in attempts],
     )
-    if not touch_target and breaker is None:
+    ended_keys = {
+        a.delivery.id: a.delivery.order_key
+        for a in attempts
+        if a.delivery.order_key is not None and a.status in ("succeeded", "dead")
+    }
+    if not touch_target and breaker is None and not ended_keys:
         return [r["id"] for r in await conn.fetch(_RECORD, *args)]
     async with conn.transaction():
         if touch_target:
@@ -319,6 +418,9 @@ async def record_batch(
             if after != before:
                 await save_breaker(conn, target_id, after)
         recorded = [r["id"] for r in await conn.fetch(_RECORD, *args)]
+        done = set(recorded)
+        keys = {(target_id, k) for d, k in ended_keys.items() if d in done}
+        await promote_keys(conn, sorted(keys), grace_s=grace_s)
         if recorded and touch_target and succeeded:
             await conn.execute("UPDATE targets SET failing_since = NULL WHERE id = $1", target_id)
         elif recorded and touch_target:
@@ -413,9 +515,19 @@ async def target_of_delivery(conn: Conn, delivery_id: str) -> Wake | None:
 
 # --- reading -------------------------------------------------------------------
 
+# blocked_by: of a parked delivery, the one of its key it waits behind (the
+# key's active one, else the first parked one).
 DELIVERY_COLUMNS = """
     d.id, d.tenant_id, d.event_id, d.target_id, d.status, d.attempt_count, d.next_attempt_at,
-    d.last_status_code, d.last_error, d.created_at, d.updated_at
+    d.last_status_code, d.last_error, d.created_at, d.updated_at,
+    CASE WHEN d.status = 'pending' AND d.next_attempt_at IS NULL THEN (
+        SELECT p.id FROM deliveries p JOIN targets pt ON pt.id = p.target_id
+        WHERE p.target_id = d.target_id AND p.order_key = d.order_key AND p.id <> d.id
+          AND (p.status IN ('pending', 'retrying') OR (p.status = 'dead' AND pt.on_dead = 'block'))
+          AND (p.status <> 'pending' OR p.next_attempt_at IS NOT NULL OR p.order_pos < d.order_pos)
+        ORDER BY (p.status = 'pending' AND p.next_attempt_at IS NULL), p.order_pos
+        LIMIT 1
+    ) END AS blocked_by
 """
 
 
@@ -434,6 +546,8 @@ class Delivery:
     last_error: str | None
     created_at: datetime
     updated_at: datetime
+    #: an ordered delivery waiting: the delivery of its key it waits behind
+    blocked_by: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Delivery:
@@ -545,18 +659,32 @@ async def attempts_of(conn: Conn, delivery_id: str) -> list[AttemptRecord]:
 async def retry_delivery(
     conn: Conn, tenant_id: str, delivery_id: str, *, enqueue_grace_s: float
 ) -> Delivery | None:
-    """Send a delivery again with a fresh schedule (any status); None if not the tenant's."""
-    row = await conn.fetchrow(
-        f"""
-        UPDATE deliveries d
-        SET status = 'pending', attempt_count = 0, next_attempt_at = now(),
-            enqueued_until = now() + make_interval(secs => $3), updated_at = now()
-        WHERE d.tenant_id = $1 AND d.id = $2
-          AND (d.locked_until IS NULL OR d.locked_until < now())
-        RETURNING {DELIVERY_COLUMNS}
-        """,
-        tenant_id,
-        delivery_id,
-        enqueue_grace_s,
-    )
-    return Delivery.maybe(row)
+    """Send a delivery again with a fresh schedule (any status); None if not the tenant's.
+
+    An ordered delivery re-enters its key's order at its own position: it is
+    due at once only if nothing of its key is active (else it waits, parked).
+    """
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            """
+            UPDATE deliveries d
+            SET status = 'pending', attempt_count = 0,
+                next_attempt_at = CASE WHEN d.order_key IS NULL THEN now() END,
+                enqueued_until = CASE WHEN d.order_key IS NULL
+                                      THEN now() + make_interval(secs => $3) END,
+                updated_at = now()
+            WHERE d.tenant_id = $1 AND d.id = $2
+              AND (d.locked_until IS NULL OR d.locked_until < now())
+            RETURNING d.target_id, d.order_key
+            """,
+            tenant_id,
+            delivery_id,
+            enqueue_grace_s,
+        )
+        if row is None:
+            return None
+        if row["order_key"] is not None:
+            await promote_keys(
+                conn, [(row["target_id"], row["order_key"])], grace_s=enqueue_grace_s
+            )
+        return await get_delivery(conn, tenant_id, delivery_id)

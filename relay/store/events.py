@@ -46,6 +46,52 @@ RETURNING id, target_id
 """
 
 
+# The deliveries of ordered targets (order_key set): their keys' advisory locks
+# are taken first, in one order everywhere (so no deadlock), and held to commit;
+# then their positions are drawn, so positions follow commit order per key.
+ORDER_LOCK = 0x6F7264  # "ord"
+
+_LOCK_KEYS_AND_NUMBER = """
+SELECT nextval('deliveries_order_pos_seq') AS pos FROM generate_series(1, $3::int)
+WHERE (
+    SELECT count(pg_advisory_xact_lock($4, k.h)) FROM (
+        SELECT DISTINCT hashtext(u.target_id || '/' || u.order_key) AS h
+        FROM unnest($1::text[], $2::text[]) AS u(target_id, order_key) ORDER BY 1
+    ) k
+) >= 0
+"""
+
+# A delivery of a key waits (parked: no next_attempt_at) behind any undelivered
+# one of its key, earlier in this statement or already stored (dead ones too
+# when the target blocks on a dead letter).
+_INSERT_ORDERED_DELIVERIES = """
+INSERT INTO deliveries (id, tenant_id, event_id, target_id, next_attempt_at, enqueued_until,
+                        order_key, order_pos)
+SELECT w.id, w.tenant_id, w.event_id, w.target_id,
+       CASE WHEN w.parked THEN NULL ELSE now() + make_interval(secs => $8::float8) END,
+       CASE WHEN w.parked THEN NULL ELSE now() + make_interval(secs => $8::float8 + $7::float8)
+       END,
+       w.order_key, w.order_pos
+FROM (
+    SELECT u.id, u.tenant_id, u.event_id, u.target_id, u.order_key, u.order_pos,
+           u.order_key IS NOT NULL AND (
+               row_number() OVER (PARTITION BY u.target_id, u.order_key ORDER BY u.order_pos) > 1
+               OR EXISTS (
+                   SELECT 1 FROM deliveries p
+                   WHERE p.target_id = u.target_id AND p.order_key = u.order_key
+                     AND (p.status IN ('pending', 'retrying')
+                          OR (p.status = 'dead' AND t.on_dead = 'block'))
+               )
+           ) AS parked
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[])
+         AS u(id, tenant_id, event_id, target_id, order_key, order_pos)
+    JOIN targets t ON t.id = u.target_id
+    WHERE t.tenant_id = u.tenant_id AND t.enabled AND t.deleted_at IS NULL
+) w
+RETURNING id, target_id, next_attempt_at IS NOT NULL AS due
+"""
+
+
 @dataclass(frozen=True)
 class IngestRequest:
     """The events of one ingest request, with the routes its tenant had when it was read."""
@@ -144,24 +190,18 @@ async def record_event_groups(
             rows = await conn.fetch(_EXISTING, *_columns(lost, 2))
             existing = {(r["source_id"], r["upstream_uuid"]): r["id"] for r in rows}
         delivery_rows = [
-            (new_id("dlv"), p.request.tenant_id, event_id, route.id)
+            (new_id("dlv"), p.request.tenant_id, event_id, route.id, route.order_key(event))
             for p in plans
             for event_id, event in p.fresh
             if event_id in inserted
             for route in p.request.routes
             if route.matches(p.request.source_id, event.object_type, event.action)
         ]
-        created: dict[str, str] = {}
-        if delivery_rows:
-            rows = await conn.fetch(
-                _INSERT_DELIVERIES,
-                *_columns(delivery_rows, 4),
-                enqueue_grace_s,
-                first_delay_s,
-            )
-            created = {r["id"]: r["target_id"] for r in rows}
+        created = await _insert_deliveries(
+            conn, delivery_rows, enqueue_grace_s=enqueue_grace_s, first_delay_s=first_delay_s
+        )
     by_event: dict[str, list[tuple[str, str]]] = {}
-    for delivery_id, _, event_id, target_id in delivery_rows:
+    for delivery_id, _, event_id, target_id, _ in delivery_rows:
         if delivery_id in created:
             by_event.setdefault(event_id, []).append((delivery_id, target_id))
     results = []
@@ -179,10 +219,51 @@ async def record_event_groups(
                 [replaced.get(i, i) for i in p.assigned],
                 [d for d, _ in deliveries],
                 duplicates=len(p.request.events) - len(mine),
-                target_ids=list(dict.fromkeys(t for _, t in deliveries)),
+                target_ids=list(dict.fromkeys(t for d, t in deliveries if created[d])),
             )
         )
     return results
+
+
+DeliveryRow = tuple[str, str, str, str, "str | None"]
+
+
+async def _insert_deliveries(
+    conn: Conn,
+    rows: Sequence[DeliveryRow],
+    *,
+    enqueue_grace_s: float,
+    first_delay_s: float,
+) -> dict[str, bool]:
+    """Insert pending deliveries (id, tenant, event, target, order key); {id: due now}.
+
+    Rows of targets that are disabled or deleted by now are not inserted.
+    """
+    if not rows:
+        return {}
+    ordered = [(r[3], r[4]) for r in rows if r[4] is not None]
+    if not ordered:
+        inserted = await conn.fetch(
+            _INSERT_DELIVERIES,
+            *_columns([r[:4] for r in rows], 4),
+            enqueue_grace_s,
+            first_delay_s,
+        )
+        return {r["id"]: True for r in inserted}
+    targets, keys = _columns(ordered, 2)
+    drawn = iter(
+        r["pos"]
+        for r in await conn.fetch(_LOCK_KEYS_AND_NUMBER, targets, keys, len(ordered), ORDER_LOCK)
+    )
+    positions = [None if r[4] is None else next(drawn) for r in rows]
+    inserted = await conn.fetch(
+        _INSERT_ORDERED_DELIVERIES,
+        *_columns(rows, 5),
+        positions,
+        enqueue_grace_s,
+        first_delay_s,
+    )
+    return {r["id"]: r["due"] for r in inserted}
 
 
 async def record_events(
@@ -255,22 +336,23 @@ async def get_event(conn: Conn, tenant_id: str, event_id: str) -> Any:
 
 
 async def add_deliveries(
-    conn: Conn, tenant_id: str, event_id: str, target_ids: Sequence[str], *, enqueue_grace_s: float
+    conn: Conn,
+    tenant_id: str,
+    event_id: str,
+    targets: Sequence[tuple[str, str | None]],
+    *,
+    enqueue_grace_s: float,
 ) -> list[str]:
-    """New pending deliveries of an event to live, enabled targets of this tenant."""
-    if not target_ids:
-        return []
-    ids = [new_id("dlv") for _ in target_ids]
-    rows = await conn.fetch(
-        _INSERT_DELIVERIES,
-        tenant_id,
-        ids,
-        [event_id] * len(ids),
-        list(target_ids),
-        enqueue_grace_s,
-        0.0,
+    """New pending deliveries of an event to live, enabled targets of this tenant.
+
+    ``targets``: (target id, ordering key or None). Call inside a transaction
+    when a key is given (its lock is held to the commit).
+    """
+    rows = [(new_id("dlv"), tenant_id, event_id, t, key) for t, key in targets]
+    created = await _insert_deliveries(
+        conn, rows, enqueue_grace_s=enqueue_grace_s, first_delay_s=0.0
     )
-    return [r["id"] for r in rows]
+    return [r[0] for r in rows if r[0] in created]
 
 
 async def create_test_event(
@@ -289,6 +371,6 @@ async def create_test_event(
             payload,
         )
         ids = await add_deliveries(
-            conn, tenant_id, event_id, [target_id], enqueue_grace_s=enqueue_grace_s
+            conn, tenant_id, event_id, [(target_id, None)], enqueue_grace_s=enqueue_grace_s
         )
     return event_id, ids[0] if ids else None

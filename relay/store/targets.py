@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from relay.store.db import Conn, Pool
+from relay.store.deliveries import reorder_target
 from relay.store.rows import keyset_page, set_clause
 from relay.store.tenants import lock_and_count_live
 
@@ -12,7 +13,19 @@ from relay.store.tenants import lock_and_count_live
 _WITH_HEALTH = """
     t.*, coalesce(h.breaker, 'closed') AS breaker, h.reason AS breaker_reason,
     CASE WHEN h.breaker = 'closed' THEN NULL ELSE h.open_until END AS breaker_open_until,
-    coalesce(h.consecutive_failures, 0) AS consecutive_failures
+    coalesce(h.consecutive_failures, 0) AS consecutive_failures,
+    CASE WHEN t.ordering = 'object' AND t.on_dead = 'block' THEN (
+        SELECT count(*) FROM (
+            SELECT DISTINCT order_key FROM deliveries
+            WHERE target_id = t.id AND status = 'dead' AND order_key IS NOT NULL
+        ) k
+    ) ELSE 0 END AS blocked_keys,
+    CASE WHEN t.ordering = 'object' AND t.on_dead = 'block' THEN (
+        SELECT count(*) FROM deliveries w
+        WHERE w.target_id = t.id AND w.status = 'pending' AND w.next_attempt_at IS NULL
+          AND EXISTS (SELECT 1 FROM deliveries x WHERE x.target_id = t.id
+                      AND x.order_key = w.order_key AND x.status = 'dead')
+    ) ELSE 0 END AS blocked_waiting
 """
 
 _UPDATABLE = frozenset(
@@ -25,6 +38,9 @@ _UPDATABLE = frozenset(
         "headers_enc",
         "rate_limit",
         "max_in_flight",
+        "ordering",
+        "ordering_key",
+        "on_dead",
         "enabled",
         "disabled_reason",
         "failing_since",
@@ -87,8 +103,14 @@ async def list_targets(
     return keyset_page(rows, limit)
 
 
-async def update_target(conn: Conn, tenant_id: str, target_id: str, changes: dict[str, Any]) -> Any:
-    """Apply a PATCH; None if the tenant has no such target."""
+async def update_target(
+    conn: Conn, tenant_id: str, target_id: str, changes: dict[str, Any], *, grace_s: float = 30.0
+) -> Any:
+    """Apply a PATCH; None if the tenant has no such target.
+
+    A change of ``ordering`` or ``on_dead`` lets what waited under the old rule go
+    (``grace_s``: how long the sweeper leaves the deliveries made due to a wake-up).
+    """
     if not changes:
         return await get_target(conn, tenant_id, target_id)
     clause, values = set_clause(changes, _UPDATABLE, first_param=3)
@@ -112,6 +134,8 @@ async def update_target(conn: Conn, tenant_id: str, target_id: str, changes: dic
                 """,
                 target_id,
             )
+        if row is not None and ({"ordering", "on_dead"} & changes.keys()):
+            await reorder_target(conn, target_id, grace_s=grace_s)
     return None if row is None else await get_target(conn, tenant_id, target_id)
 
 
@@ -158,7 +182,8 @@ async def routable_targets(conn: Conn, tenant_id: str) -> list[Any]:
     return list(
         await conn.fetch(
             """
-            SELECT id, filter_object_types, filter_actions, source_ids FROM targets
+            SELECT id, filter_object_types, filter_actions, source_ids, ordering, ordering_key
+            FROM targets
             WHERE tenant_id = $1 AND enabled AND deleted_at IS NULL
             """,
             tenant_id,
