@@ -266,6 +266,18 @@ def worker(database_url: str, clean_redis: str, tmp_path: Any) -> Iterator[Any]:
 
 
 @pytest.fixture
+def workers(database_url: str, clean_redis: str, tmp_path: Any) -> Iterator[Any]:
+    """Start `relay worker` processes with settings of the test's own; stopped at the end."""
+    from tests.stack import Workers
+
+    started = Workers(database_url, clean_redis, tmp_path)
+    yield started
+    for process in started.started:
+        process.stop()
+        print(process.log()[-10000:])
+
+
+@pytest.fixture
 def stack_settings(database_url: str, clean_redis: str) -> Settings:
     """Gateway settings matching the worker's."""
     return Settings.from_env(stack_env(database_url, clean_redis))

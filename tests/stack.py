@@ -286,3 +286,22 @@ def broker_drained(redis_url: str) -> bool:
 async def drained(redis_url: str, timeout: float = 30) -> None:
     """Wait (with a deadline) until the broker has no message left to run."""
     await eventually(lambda: asyncio.to_thread(broker_drained, redis_url), timeout=timeout)
+
+
+class Workers:
+    """Start `relay worker` with settings of the test's own; stopped at the end."""
+
+    def __init__(self, database_url: str, redis_url: str, tmp_path: Path) -> None:
+        self.database_url = database_url
+        self.redis_url = redis_url
+        self.tmp_path = tmp_path
+        self.started: list[WorkerProcess] = []
+
+    def start(self, processes: int = 1, **settings: str) -> WorkerProcess:
+        from tests.conftest import stack_env
+
+        env = stack_env(self.database_url, self.redis_url, **settings)
+        log = self.tmp_path / f"worker-{len(self.started)}.log"
+        process = WorkerProcess(env, log, processes=processes, threads=4).start()
+        self.started.append(process)
+        return process

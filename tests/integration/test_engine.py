@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -18,35 +16,9 @@ import pytest
 from aiohttp import web
 
 from relay.store import deliveries as store
-from tests.conftest import Tenant, make_tenant, stack_env
+from tests.conftest import Tenant, make_tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
-from tests.stack import Receiver, WorkerProcess, eventually, fetch, hang
-
-
-class Workers:
-    """Start `relay worker` with settings of the test's own; stopped at the end."""
-
-    def __init__(self, database_url: str, redis_url: str, tmp_path: Path) -> None:
-        self.database_url = database_url
-        self.redis_url = redis_url
-        self.tmp_path = tmp_path
-        self.started: list[WorkerProcess] = []
-
-    def start(self, processes: int = 1, **settings: str) -> WorkerProcess:
-        env = stack_env(self.database_url, self.redis_url, **settings)
-        log = self.tmp_path / f"worker-{len(self.started)}.log"
-        process = WorkerProcess(env, log, processes=processes, threads=4).start()
-        self.started.append(process)
-        return process
-
-
-@pytest.fixture
-def workers(database_url: str, clean_redis: str, tmp_path: Path) -> Iterator[Workers]:
-    started = Workers(database_url, clean_redis, tmp_path)
-    yield started
-    for process in started.started:
-        process.stop()
-        print(process.log()[-10000:])
+from tests.stack import Receiver, Workers, eventually, fetch, hang
 
 
 class Concurrency:
