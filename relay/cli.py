@@ -62,18 +62,18 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the gateway."""
-    from relay.app import create_app
-    from relay.logs import setup_logging
-    from relay.server import run
-
-    settings = load_settings(REQUIRED_FOR_SERVE)
-    setup_logging(settings.log_level)
+    settings = load_settings(REQUIRED_FOR_SERVE)  # fail with one line here, not in N processes
     if args.processes < 0:
         print("relay: --processes must be 0 (one per core) or more", file=sys.stderr)
         return 2
     processes = args.processes or os.cpu_count() or 1
     if processes > 1:
-        return _serve_many(args, processes)
+        return _serve_many(args, processes)  # the supervisor imports no more than it needs
+    from relay.app import create_app
+    from relay.logs import setup_logging
+    from relay.server import run
+
+    setup_logging(settings.log_level)
     run(
         create_app(settings),
         args.host,
@@ -86,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve_many(args: argparse.Namespace, processes: int) -> int:
     """``processes`` gateways on one port (SO_REUSEPORT: the kernel spreads connections)."""
-    from relay.server import supervise
+    from relay.supervise import supervise
 
     child = [sys.executable, "-m", "relay.cli", "serve", "--host", args.host]
     child += ["--port", str(args.port), "--processes", "1", "--reuse-port"]

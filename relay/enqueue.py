@@ -37,6 +37,9 @@ BROKER_SOCKET_TIMEOUT_S = 5.0
 #: Threads of an Enqueuer's own executor: a hung broker blocks these, never the
 #: default executor that DNS resolution (aiohttp's resolver) and others use.
 ENQUEUE_THREADS = 4
+#: After a send of wake-ups, the next waits this long, gathering what is asked
+#: meanwhile: a busy gateway sends each target at most one wake-up per window.
+WAKE_WINDOW_S = 0.002
 #: Background enqueues one Enqueuer keeps at once; past that they are dropped
 #: (logged) and left to the sweeper, so a stalled broker cannot grow memory.
 MAX_PENDING = 1000
@@ -222,6 +225,8 @@ class Enqueuer:
                 delay_s, waiting = self._waking.popitem()
                 if waiting:
                     await self.wake(waiting, delay_s=delay_s)
+                    # what is asked meanwhile goes in the next send, each target once
+                    await asyncio.sleep(WAKE_WINDOW_S)
         finally:
             self._waker = None
 

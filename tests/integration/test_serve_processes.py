@@ -124,7 +124,7 @@ async def test_a_gateway_process_that_dies_is_replaced(
         parent = gateway.proc.pid
         await wait_for(lambda: len(children_of(parent)) == 2)
         before = children_of(parent)
-        await asyncio.sleep(10.5)  # relay.server.STARTUP_S: a death after it is a crash
+        await asyncio.sleep(10.5)  # relay.supervise.STARTUP_S: a death after it is a crash
 
         # When one gateway process is killed
         victim = min(before)
