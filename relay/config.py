@@ -74,6 +74,8 @@ class Settings:
     breaker_threshold: int = 5
     breaker_open_s: float = 30.0
     breaker_max_open_s: float = 600.0
+    #: A console session ends after this long without a request (sign in again).
+    console_idle_s: float = 1800.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, required: Collection[str] = ()) -> Settings:
@@ -155,6 +157,8 @@ class Settings:
             values["breaker_open_s"] = _positive(v, "RELAY_BREAKER_OPEN_S")
         if (v := get("RELAY_BREAKER_MAX_OPEN_S")) is not None:
             values["breaker_max_open_s"] = _positive(v, "RELAY_BREAKER_MAX_OPEN_S")
+        if (v := get("RELAY_CONSOLE_IDLE_S")) is not None:
+            values["console_idle_s"] = _positive(v, "RELAY_CONSOLE_IDLE_S")
         if (v := get("RELAY_LOG_LEVEL")) is not None:
             if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
                 raise ConfigError("RELAY_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
