@@ -13,7 +13,7 @@ test:
 	python -m pytest
 
 bench:
-	python bench/run.py
+	python bench/engine.py && python bench/ingest.py && python bench/ordering.py
 
 run:
 	relay dev

@@ -51,7 +51,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -67,6 +66,9 @@ import asyncpg
 import redis
 from ulid import ULID
 from yarl import URL
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import free_port, wait_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -90,25 +92,6 @@ Row = tuple[str, str, str, str]  # figure, value, ceiling / target, ratio
 
 
 # --- processes, ports, /proc --------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def listeners(port: int) -> int:
