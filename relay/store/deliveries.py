@@ -116,23 +116,28 @@ _LOCKED_TARGET = (
 )
 
 # Up to $2 due deliveries of target $1, never more than $3 leased at once in all.
+# The LIMIT the planner sees is the plain $2 (a computed one made it expect hundreds
+# of rows and scan whole tables once statistics existed); the cap trims after it.
 # Leased rows come first in the index (they are due): SKIP LOCKED and the lease
 # filter pass over at most the cap of them.
 _CLAIM = """
 WITH picked AS (
-    SELECT id FROM deliveries
+    SELECT id, next_attempt_at FROM deliveries
     WHERE target_id = $1 AND status IN ('pending', 'retrying') AND next_attempt_at <= now()
       AND (locked_until IS NULL OR locked_until < now())
     ORDER BY next_attempt_at
-    LIMIT greatest(0, least($2::int, $3::int - (
-        SELECT count(*) FROM deliveries WHERE target_id = $1 AND locked_until > now()
-    )::int))
+    LIMIT $2
     FOR UPDATE SKIP LOCKED
+), allowed AS MATERIALIZED (
+    SELECT id FROM picked ORDER BY next_attempt_at
+    LIMIT greatest(0, $3::int - (
+        SELECT count(*) FROM deliveries WHERE target_id = $1 AND locked_until > now()
+    )::int)
 ), claimed AS (
     UPDATE deliveries d
     SET locked_until = now() + make_interval(secs => $4::float8),
         enqueued_until = now() + make_interval(secs => $4::float8), updated_at = now()
-    FROM picked WHERE d.id = picked.id
+    FROM allowed WHERE d.id = allowed.id
     RETURNING d.id, d.event_id, d.attempt_count, d.locked_until, d.order_key
 )
 SELECT c.id, c.event_id, c.attempt_count, c.locked_until, c.order_key, e.payload
@@ -290,24 +295,28 @@ SELECT count(pg_advisory_xact_lock($3, k.h)) FROM (
 # retrying, or dead while the target blocks on dead letters), the parked one
 # with the lowest position becomes due.
 _PROMOTE = """
-UPDATE deliveries d
-SET next_attempt_at = now(), enqueued_until = now() + make_interval(secs => $3::float8),
-    updated_at = now()
-FROM (
+WITH head AS MATERIALIZED (
     SELECT h.id FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[])) AS k(target_id, key)
     JOIN targets t ON t.id = k.target_id
     CROSS JOIN LATERAL (
         SELECT p.id, p.status, p.next_attempt_at FROM deliveries p
         WHERE p.target_id = k.target_id AND p.order_key = k.key
-          AND (p.status IN ('pending', 'retrying') OR (p.status = 'dead' AND t.on_dead = 'block'))
+          AND p.status IN ('pending', 'retrying', 'dead')
+          AND (p.status <> 'dead' OR t.on_dead = 'block')
         ORDER BY (p.status = 'pending' AND p.next_attempt_at IS NULL), p.order_pos
         LIMIT 1
     ) h
     WHERE h.status = 'pending' AND h.next_attempt_at IS NULL
-) head
+)
+UPDATE deliveries d
+SET next_attempt_at = now(), enqueued_until = now() + make_interval(secs => $3::float8),
+    updated_at = now()
+FROM head
 WHERE d.id = head.id AND d.status = 'pending' AND d.next_attempt_at IS NULL
 RETURNING d.id, d.target_id, d.tenant_id
 """
+# (MATERIALIZED: the heads are found key by key first, then updated by primary key;
+# without it, and without statistics, Postgres walked every parked row instead.)
 
 
 async def promote_keys(
@@ -523,7 +532,8 @@ DELIVERY_COLUMNS = """
     CASE WHEN d.status = 'pending' AND d.next_attempt_at IS NULL THEN (
         SELECT p.id FROM deliveries p JOIN targets pt ON pt.id = p.target_id
         WHERE p.target_id = d.target_id AND p.order_key = d.order_key AND p.id <> d.id
-          AND (p.status IN ('pending', 'retrying') OR (p.status = 'dead' AND pt.on_dead = 'block'))
+          AND p.status IN ('pending', 'retrying', 'dead')
+          AND (p.status <> 'dead' OR pt.on_dead = 'block')
           AND (p.status <> 'pending' OR p.next_attempt_at IS NOT NULL OR p.order_pos < d.order_pos)
         ORDER BY (p.status = 'pending' AND p.next_attempt_at IS NULL), p.order_pos
         LIMIT 1

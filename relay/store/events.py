@@ -79,8 +79,8 @@ FROM (
                OR EXISTS (
                    SELECT 1 FROM deliveries p
                    WHERE p.target_id = u.target_id AND p.order_key = u.order_key
-                     AND (p.status IN ('pending', 'retrying')
-                          OR (p.status = 'dead' AND t.on_dead = 'block'))
+                     AND p.status IN ('pending', 'retrying', 'dead')
+                     AND (p.status <> 'dead' OR t.on_dead = 'block')
                )
            ) AS parked
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[])
