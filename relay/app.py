@@ -15,6 +15,7 @@ from relay.api import admin, deliveries, events, health, ingest, sources, target
 from relay.api.routing import Route, add_routes, respond
 from relay.cache import RoutingCache
 from relay.config import Settings
+from relay.console import setup as setup_console
 from relay.crypto import SecretBox, new_id
 from relay.enqueue import Enqueuer, make_broker
 from relay.group_commit import GroupCommit
@@ -147,6 +148,9 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_broker)
     app.cleanup_ctx.append(_group_commit)
+    # /console/: a sub-application (its own sessions, CSRF checks and CSP) that shares
+    # what the cleanup contexts above open; they start before it does
+    setup_console(app)
     return app
 
 

@@ -200,6 +200,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
             f"""
 Relay is running at {base}  (data in {data_dir}; migrations applied: {len(applied)})
 
+  Console: {base}/console/  (sign in with the admin token below, or a tenant's API key)
+
   export RELAY_ADMIN_TOKEN={settings.admin_token}
   curl -s -X POST {base}/v1/tenants -H "Authorization: Bearer $RELAY_ADMIN_TOKEN" \\
        -H 'content-type: application/json' -d '{{"name": "Acme"}}'

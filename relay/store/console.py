@@ -1,0 +1,522 @@
+"""What only the web console reads: figures, filters and look-ups the API has no query for.
+
+Everything the API already answers (a delivery, its attempts, a target, an
+event, the dead letters of a target) the console reads through the API's own
+store functions; this module adds only what they lack. Every function takes the
+viewer's ``tenant_id`` (None: an operator, every tenant) and filters by it.
+
+Time windows bound the scans by id as well as by time: ids are ULIDs whose
+first ten characters are the creation time, so ``id >= floor_id(prefix, t)``
+is a range of the primary key (or of ``(tenant_id, id)``) holding every row
+made at or after ``t``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from ulid import ULID
+
+from relay.store.db import Conn
+from relay.store.deliveries import DELIVERY_COLUMNS, Delivery, delivery_page
+from relay.store.rows import keyset_page
+
+
+def floor_id(prefix: str, at: datetime) -> str:
+    """The lowest id of type ``prefix`` that can have been made at or after ``at``."""
+    return f"{prefix}_{str(ULID.from_datetime(at))[:10]}{'0' * 16}"
+
+
+# --- signing in -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyOwner:
+    """A live API key and the tenant it signs in as."""
+
+    key_id: str
+    tenant_id: str
+    tenant_name: str
+
+
+async def key_owner_by_hash(conn: Conn, key_hash: bytes) -> KeyOwner | None:
+    """The live key with this hash and its tenant (sign-in), or None."""
+    row = await conn.fetchrow(
+        """
+        SELECT k.id, k.tenant_id, t.name FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+        WHERE k.key_hash = $1 AND k.revoked_at IS NULL
+        """,
+        key_hash,
+    )
+    return None if row is None else KeyOwner(row["id"], row["tenant_id"], row["name"])
+
+
+async def key_owner_by_id(conn: Conn, key_id: str) -> KeyOwner | None:
+    """The key a session signed in with, while it is live (a revoked key ends its sessions)."""
+    row = await conn.fetchrow(
+        """
+        SELECT k.id, k.tenant_id, t.name FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+        WHERE k.id = $1 AND k.revoked_at IS NULL
+        """,
+        key_id,
+    )
+    return None if row is None else KeyOwner(row["id"], row["tenant_id"], row["name"])
+
+
+# --- whose is it ----------------------------------------------------------------
+
+_OWNER_QUERIES = {
+    "event": "SELECT tenant_id FROM events WHERE id = $1",
+    "target": "SELECT tenant_id FROM targets WHERE id = $1 AND deleted_at IS NULL",
+}
+
+
+async def owner_of(conn: Conn, kind: Literal["event", "target"], object_id: str) -> str | None:
+    """The tenant owning an event or a live target (operators open any tenant's)."""
+    owner: str | None = await conn.fetchval(_OWNER_QUERIES[kind], object_id)
+    return owner
+
+
+async def tenant_names(conn: Conn, tenant_ids: Sequence[str]) -> dict[str, str]:
+    """Names of tenants by id."""
+    rows = await conn.fetch(
+        "SELECT id, name FROM tenants WHERE id = ANY($1::text[])", list(set(tenant_ids))
+    )
+    return {r["id"]: r["name"] for r in rows}
+
+
+# --- overview ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TenantFigures:
+    """One tenant's traffic over a window and its deliveries' state now."""
+
+    tenant_id: str
+    tenant_name: str
+    events: int
+    succeeded: int
+    failed_attempts: int
+    pending: int
+    retrying: int
+    dead: int
+    due: int
+    oldest_due_at: datetime | None
+
+
+async def figures_by_tenant(
+    conn: Conn, tenant_id: str | None, *, since: datetime
+) -> list[TenantFigures]:
+    """Per tenant: events received and attempts since ``since``; deliveries waiting or dead now.
+
+    ``succeeded`` counts 2xx attempts, so succeeded deliveries (one success each).
+    """
+    rows = await conn.fetch(
+        """
+        WITH ev AS (
+            SELECT tenant_id, count(*) AS n FROM events
+            WHERE id >= $2 AND received_at >= $4 AND ($1::text IS NULL OR tenant_id = $1)
+            GROUP BY tenant_id
+        ), att AS (
+            SELECT tenant_id,
+                   count(*) FILTER (WHERE status_code BETWEEN 200 AND 299) AS ok,
+                   count(*) FILTER (WHERE status_code IS NULL
+                                       OR status_code NOT BETWEEN 200 AND 299) AS failed
+            FROM attempts
+            WHERE id >= $3 AND started_at >= $4 AND ($1::text IS NULL OR tenant_id = $1)
+            GROUP BY tenant_id
+        ), now_ AS (
+            SELECT tenant_id,
+                   count(*) FILTER (WHERE status = 'pending') AS pending,
+                   count(*) FILTER (WHERE status = 'retrying') AS retrying,
+                   count(*) FILTER (WHERE status = 'dead') AS dead,
+                   count(*) FILTER (WHERE status IN ('pending', 'retrying')
+                                      AND next_attempt_at <= now()) AS due,
+                   min(next_attempt_at) FILTER (WHERE status IN ('pending', 'retrying')
+                                                  AND next_attempt_at <= now()) AS oldest_due
+            FROM deliveries
+            WHERE status IN ('pending', 'retrying', 'dead') AND ($1::text IS NULL OR tenant_id = $1)
+            GROUP BY tenant_id
+        )
+        SELECT t.id, t.name, coalesce(ev.n, 0) AS events, coalesce(att.ok, 0) AS ok,
+               coalesce(att.failed, 0) AS failed, coalesce(now_.pending, 0) AS pending,
+               coalesce(now_.retrying, 0) AS retrying, coalesce(now_.dead, 0) AS dead,
+               coalesce(now_.due, 0) AS due, now_.oldest_due
+        FROM tenants t
+        LEFT JOIN ev ON ev.tenant_id = t.id
+        LEFT JOIN att ON att.tenant_id = t.id
+        LEFT JOIN now_ ON now_.tenant_id = t.id
+        WHERE ($1::text IS NULL OR t.id = $1)
+        ORDER BY coalesce(now_.dead, 0) + coalesce(now_.due, 0) DESC, coalesce(ev.n, 0) DESC, t.id
+        """,
+        tenant_id,
+        floor_id("evt", since),
+        floor_id("att", since),
+        since,
+    )
+    return [
+        TenantFigures(
+            tenant_id=r["id"],
+            tenant_name=r["name"],
+            events=r["events"],
+            succeeded=r["ok"],
+            failed_attempts=r["failed"],
+            pending=r["pending"],
+            retrying=r["retrying"],
+            dead=r["dead"],
+            due=r["due"],
+            oldest_due_at=r["oldest_due"],
+        )
+        for r in rows
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class MinuteOutcomes:
+    """What happened in one minute: successful and failed attempts, deliveries that died."""
+
+    minute: datetime
+    succeeded: int
+    failed: int
+    died: int
+
+
+async def outcomes_by_minute(
+    conn: Conn, tenant_id: str | None, *, since: datetime
+) -> list[MinuteOutcomes]:
+    """Attempts by outcome and deliveries that died, per minute since ``since`` (minutes with
+    nothing are absent)."""
+    rows = await conn.fetch(
+        """
+        SELECT m, sum(ok)::int AS ok, sum(failed)::int AS failed, sum(died)::int AS died FROM (
+            SELECT date_trunc('minute', started_at) AS m,
+                   count(*) FILTER (WHERE status_code BETWEEN 200 AND 299) AS ok,
+                   count(*) FILTER (WHERE status_code IS NULL
+                                       OR status_code NOT BETWEEN 200 AND 299) AS failed,
+                   0 AS died
+            FROM attempts
+            WHERE id >= $2 AND started_at >= $3 AND ($1::text IS NULL OR tenant_id = $1)
+            GROUP BY 1
+            UNION ALL
+            SELECT date_trunc('minute', updated_at), 0, 0, count(*)
+            FROM deliveries
+            WHERE status = 'dead' AND updated_at >= $3 AND ($1::text IS NULL OR tenant_id = $1)
+            GROUP BY 1
+        ) x GROUP BY m ORDER BY m
+        """,
+        tenant_id,
+        floor_id("att", since),
+        since,
+    )
+    return [MinuteOutcomes(r["m"], r["ok"], r["failed"], r["died"]) for r in rows]
+
+
+# --- dead letters ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterFilter:
+    """A selection of dead letters; ``since``/``until`` bound when the delivery was made
+    (when its event was received), as the API's ``since`` does."""
+
+    target_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    status_code: int | None = None
+    #: a case-insensitive part of the last error
+    error: str | None = None
+
+    @property
+    def api_selectable(self) -> bool:
+        """True when the API's replay can select exactly this (target and since only)."""
+        return self.until is None and self.status_code is None and self.error is None
+
+
+def _like(text: str) -> str:
+    """``text`` as a LIKE pattern matching it anywhere, its wildcards taken literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+_DEAD_MATCHING = """
+    d.status = 'dead'
+    AND ($1::text IS NULL OR d.tenant_id = $1)
+    AND ($2::text IS NULL OR d.target_id = $2)
+    AND ($3::timestamptz IS NULL OR d.created_at >= $3)
+    AND ($4::timestamptz IS NULL OR d.created_at < $4)
+    AND ($5::int IS NULL OR d.last_status_code = $5)
+    AND ($6::text IS NULL OR d.last_error ILIKE $6)
+"""
+
+
+def _dead_args(tenant_id: str | None, flt: DeadLetterFilter) -> list[Any]:
+    return [
+        tenant_id,
+        flt.target_id,
+        flt.since,
+        flt.until,
+        flt.status_code,
+        None if flt.error is None else _like(flt.error),
+    ]
+
+
+async def find_dead_letters(
+    conn: Conn, tenant_id: str | None, flt: DeadLetterFilter, *, limit: int, cursor: str | None
+) -> tuple[list[Delivery], str | None]:
+    """Dead letters matching ``flt``, newest first, a page at a time."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {DELIVERY_COLUMNS} FROM deliveries d
+        WHERE {_DEAD_MATCHING} AND ($7::text IS NULL OR d.id < $7)
+        ORDER BY d.id DESC LIMIT $8
+        """,
+        *_dead_args(tenant_id, flt),
+        cursor,
+        limit + 1,
+    )
+    return delivery_page(rows, limit)
+
+
+async def count_dead_letters_matching(
+    conn: Conn, tenant_id: str | None, flt: DeadLetterFilter
+) -> int:
+    """How many dead letters match ``flt``."""
+    count: int = await conn.fetchval(
+        f"SELECT count(*) FROM deliveries d WHERE {_DEAD_MATCHING}", *_dead_args(tenant_id, flt)
+    )
+    return count
+
+
+async def dead_letter_ids_matching(
+    conn: Conn, tenant_id: str | None, flt: DeadLetterFilter, *, limit: int
+) -> list[str]:
+    """Ids of up to ``limit`` dead letters matching ``flt``, oldest first."""
+    rows = await conn.fetch(
+        f"SELECT d.id FROM deliveries d WHERE {_DEAD_MATCHING} ORDER BY d.id LIMIT $7",
+        *_dead_args(tenant_id, flt),
+        limit,
+    )
+    return [r["id"] for r in rows]
+
+
+async def count_dead_letters_before(
+    conn: Conn, tenant_id: str | None, *, target_id: str | None, older_than: datetime
+) -> int:
+    """How many dead letters a purge of those made before ``older_than`` deletes."""
+    count: int = await conn.fetchval(
+        """
+        SELECT count(*) FROM deliveries
+        WHERE status = 'dead' AND created_at < $3
+          AND ($1::text IS NULL OR tenant_id = $1) AND ($2::text IS NULL OR target_id = $2)
+        """,
+        tenant_id,
+        target_id,
+        older_than,
+    )
+    return count
+
+
+# --- labels for lists ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TargetLabel:
+    """What a list shows of a target: its URL, and whether it is still there."""
+
+    url: str
+    deleted: bool
+
+
+async def target_labels(
+    conn: Conn, tenant_id: str | None, target_ids: Sequence[str]
+) -> dict[str, TargetLabel]:
+    """URLs of targets (deleted ones too: their deliveries keep their history)."""
+    rows = await conn.fetch(
+        """
+        SELECT id, url, deleted_at IS NOT NULL AS deleted FROM targets
+        WHERE id = ANY($2::text[]) AND ($1::text IS NULL OR tenant_id = $1)
+        """,
+        tenant_id,
+        list(set(target_ids)),
+    )
+    return {r["id"]: TargetLabel(r["url"], r["deleted"]) for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class EventLabel:
+    """What a list shows of an event."""
+
+    object_type: str | None
+    action: str | None
+    object_id: str | None
+
+
+async def event_labels(
+    conn: Conn, tenant_id: str | None, event_ids: Sequence[str]
+) -> dict[str, EventLabel]:
+    """Type, action and object id of events."""
+    rows = await conn.fetch(
+        """
+        SELECT id, object_type, action, object_id FROM events
+        WHERE id = ANY($2::text[]) AND ($1::text IS NULL OR tenant_id = $1)
+        """,
+        tenant_id,
+        list(set(event_ids)),
+    )
+    return {r["id"]: EventLabel(r["object_type"], r["action"], r["object_id"]) for r in rows}
+
+
+async def delivery_counts_of_events(
+    conn: Conn, tenant_id: str | None, event_ids: Sequence[str]
+) -> dict[str, dict[str, int]]:
+    """For each event, its deliveries by status."""
+    rows = await conn.fetch(
+        """
+        SELECT event_id, status, count(*) AS n FROM deliveries
+        WHERE event_id = ANY($2::text[]) AND ($1::text IS NULL OR tenant_id = $1)
+        GROUP BY event_id, status
+        """,
+        tenant_id,
+        list(set(event_ids)),
+    )
+    counts: dict[str, dict[str, int]] = {}
+    for r in rows:
+        counts.setdefault(r["event_id"], {})[r["status"]] = r["n"]
+    return counts
+
+
+# --- targets' health ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TargetHealth:
+    """A target's attempts over a window: how many, how many succeeded, how long they took."""
+
+    attempts: int
+    succeeded: int
+    p50_ms: float | None
+    p99_ms: float | None
+    last_attempt_at: datetime | None
+    retrying: int
+    dead: int
+
+    @property
+    def success_rate(self) -> float | None:
+        """Successful attempts out of all, 0..1 (None: no attempt)."""
+        return self.succeeded / self.attempts if self.attempts else None
+
+
+NO_TRAFFIC = TargetHealth(0, 0, None, None, None, 0, 0)
+
+
+async def target_health(
+    conn: Conn, tenant_id: str | None, target_ids: Sequence[str], *, since: datetime
+) -> dict[str, TargetHealth]:
+    """Attempts since ``since`` and deliveries retrying or dead now, per target."""
+    rows = await conn.fetch(
+        """
+        WITH att AS (
+            SELECT d.target_id, count(*) AS n,
+                   count(*) FILTER (WHERE a.status_code BETWEEN 200 AND 299) AS ok,
+                   percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms) AS p50,
+                   percentile_cont(0.99) WITHIN GROUP (ORDER BY a.duration_ms) AS p99,
+                   max(a.started_at) AS last_at
+            FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
+            WHERE a.id >= $3 AND a.started_at >= $4 AND d.target_id = ANY($2::text[])
+              AND ($1::text IS NULL OR a.tenant_id = $1)
+            GROUP BY d.target_id
+        ), now_ AS (
+            SELECT target_id, count(*) FILTER (WHERE status = 'retrying') AS retrying,
+                   count(*) FILTER (WHERE status = 'dead') AS dead
+            FROM deliveries
+            WHERE target_id = ANY($2::text[]) AND status IN ('retrying', 'dead')
+              AND ($1::text IS NULL OR tenant_id = $1)
+            GROUP BY target_id
+        )
+        SELECT t.id, coalesce(att.n, 0) AS n, coalesce(att.ok, 0) AS ok, att.p50, att.p99,
+               att.last_at, coalesce(now_.retrying, 0) AS retrying, coalesce(now_.dead, 0) AS dead
+        FROM unnest($2::text[]) AS t(id)
+        LEFT JOIN att ON att.target_id = t.id LEFT JOIN now_ ON now_.target_id = t.id
+        """,
+        tenant_id,
+        list(set(target_ids)),
+        floor_id("att", since),
+        since,
+    )
+    return {
+        r["id"]: TargetHealth(
+            attempts=r["n"],
+            succeeded=r["ok"],
+            p50_ms=r["p50"],
+            p99_ms=r["p99"],
+            last_attempt_at=r["last_at"],
+            retrying=r["retrying"],
+            dead=r["dead"],
+        )
+        for r in rows
+    }
+
+
+# --- events ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """An event as a search lists it (no payload)."""
+
+    id: str
+    tenant_id: str
+    source_id: str | None
+    received_at: datetime
+    object_type: str | None
+    action: str | None
+    object_id: str | None
+    upstream_uuid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventSearch:
+    """What an event search asks for; type and action match case-insensitively."""
+
+    object_type: str | None = None
+    action: str | None = None
+    object_id: str | None = None
+    upstream_uuid: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+async def search_events(
+    conn: Conn, tenant_id: str | None, search: EventSearch, *, limit: int, cursor: str | None
+) -> tuple[list[EventRow], str | None]:
+    """Events matching ``search``, newest first, a page at a time."""
+    rows = await conn.fetch(
+        """
+        SELECT id, tenant_id, source_id, received_at, object_type, action, object_id,
+               upstream_uuid
+        FROM events
+        WHERE ($1::text IS NULL OR tenant_id = $1)
+          AND ($2::text IS NULL OR id < $2)
+          AND ($3::text IS NULL OR lower(object_type) = lower($3))
+          AND ($4::text IS NULL OR lower(action) = lower($4))
+          AND ($5::text IS NULL OR object_id = $5)
+          AND ($6::text IS NULL OR upstream_uuid = $6)
+          AND ($7::timestamptz IS NULL OR received_at >= $7)
+          AND ($8::timestamptz IS NULL OR received_at < $8)
+        ORDER BY id DESC LIMIT $9
+        """,
+        tenant_id,
+        cursor,
+        search.object_type,
+        search.action,
+        search.object_id,
+        search.upstream_uuid,
+        search.since,
+        search.until,
+        limit + 1,
+    )
+    page, next_cursor = keyset_page(rows, limit)
+    return [EventRow(**dict(r)) for r in page], next_cursor
