@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.set_defaults(func=cmd_tenants_create)
 
-    from relay.dlq import add_arguments
+    from relay.dlq_args import add_arguments
 
     dead_letters = commands.add_parser("dlq", help="list, show, replay and purge dead letters")
     add_arguments(dead_letters)
