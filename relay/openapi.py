@@ -44,6 +44,7 @@ _ERRORS = {
     415: "Not JSON",
     422: "Validation error, with details per field",
     429: "Rate limited; see Retry-After",
+    431: "Request line or headers too large (answered before routing, on any path)",
     503: "A dependency is unavailable; try again shortly",
 }
 _SUCCESS = {200: "OK", 201: "Created", 202: "Accepted", 204: "No content"}
@@ -186,7 +187,8 @@ def _operation(route: Route, components: dict[str, Any]) -> dict[str, Any]:
             "required": True,
             "content": {"application/json": {"schema": INGEST_BODY}},
         }
-    errors: set[int] = set(answer.errors)
+    # the server refuses an oversized request line or headers before any route runs
+    errors: set[int] = set(answer.errors) | {431}
     if route.auth == "operator":
         op["security"] = [{"operatorToken": []}]
     elif route.auth == "tenant":
