@@ -68,7 +68,7 @@ from ulid import ULID
 from yarl import URL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import free_port, wait_port
+from engine import free_port, stop, wait_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -111,17 +111,6 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=out, start_new_session=True)
     PROCS.append(proc)
     return proc
-
-
-def stop(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
-    """SIGTERM and wait, then SIGKILL to the whole session's process group."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
 
 
 def descendants(root: int) -> list[int]:
@@ -405,7 +394,7 @@ async def bare_ceiling(bench: Bench, seconds: int) -> Wrk:
         await wait_port(port)
         return await wrk(f"http://127.0.0.1:{port}/", EVENT, seconds, CONNECTIONS, bench.logdir)
     finally:
-        stop(proc)
+        stop(proc, grace=15)
 
 
 EVENT_COLUMNS = (
@@ -641,7 +630,7 @@ async def phases(bench: Bench, processes: int, loads: list[Load], seconds: int) 
             done[-1].report(f"--processes {processes}: " if processes > 1 else "")
         return done
     finally:
-        stop(gateway)
+        stop(gateway, grace=15)
 
 
 async def soak(bench: Bench, b: Tenant, total: int, rate: float) -> list[Row]:
@@ -693,7 +682,7 @@ async def soak(bench: Bench, b: Tenant, total: int, rate: float) -> list[Row]:
         elapsed = time.perf_counter() - started
         committed = (await bench.count(b.id))[0] - events0
     finally:
-        stop(gateway)
+        stop(gateway, grace=15)
     print(
         f"    committed {committed:,} events, 202'd {accepted * BATCH_SIZE:,};"
         f" {requests - accepted} requests not 202; worst send lag {lag * 1000:,.0f} ms;"
@@ -732,7 +721,7 @@ async def setup(bench: Bench) -> tuple[Tenant, Tenant]:
             await tenant(base, token, "B", TARGETS, sink),
         )
     finally:
-        stop(gateway)
+        stop(gateway, grace=15)
 
 
 async def run(args: argparse.Namespace, bench: Bench) -> list[Row]:

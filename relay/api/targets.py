@@ -408,28 +408,31 @@ async def rotate_target_secret(request: web.Request) -> web.Response:
     return respond({"secret": secret})
 
 
-async def test_target(request: web.Request) -> web.Response:
-    """Send a synthetic Test/ping event to this target alone."""
-    target = await _get_or_404(request)
-    if not target["enabled"]:
-        raise errors.Conflict("the target is disabled; enable it first")
-    now = datetime.now(UTC)
-    payload = compact(
+def test_payload() -> bytes:
+    """The body of a test event: a SoftLedger-shaped Test/ping (the API's and the console's)."""
+    return compact(
         {
             "uuid": str(uuid.uuid4()),
-            "date": timestamp(now),
+            "date": timestamp(datetime.now(UTC)),
             "objectType": "Test",
             "action": "ping",
             "objectId": None,
             "tenantId": None,
         }
     )
+
+
+async def test_target(request: web.Request) -> web.Response:
+    """Send a synthetic Test/ping event to this target alone."""
+    target = await _get_or_404(request)
+    if not target["enabled"]:
+        raise errors.Conflict("the target is disabled; enable it first")
     async with request.app[POOL].acquire() as conn:
         event_id, delivery_id = await event_store.create_test_event(
             conn,
             tenant_id(request),
             target["id"],
-            payload,
+            test_payload(),
             enqueue_grace_s=request.app[SETTINGS].requeue_after_s,
         )
     if delivery_id is None:  # deleted or disabled between the two statements

@@ -6,20 +6,17 @@ API's handlers do, through the same store functions, cache and wake-ups.
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
 
 from relay import errors
-from relay.api.routing import timestamp
-from relay.api.targets import render_target
+from relay.api.targets import render_target, test_payload
 from relay.console import forms
 from relay.console.render import PAGE_SIZE, PREFIX, page, see_other
 from relay.console.session import VIEWER, Viewer, flash
 from relay.crypto import new_webhook_secret
-from relay.ingest import compact
 from relay.keys import CACHE, ENQUEUER, POOL, SECRETS, SETTINGS
 from relay.store import console as store
 from relay.store import deliveries as delivery_store
@@ -215,22 +212,12 @@ async def _test(request: web.Request, row: Any) -> web.StreamResponse:
     if not row["enabled"]:
         await flash(request, "The target is disabled; enable it first.", "error")
         return see_other(here)
-    payload = compact(
-        {
-            "uuid": str(uuid.uuid4()),
-            "date": timestamp(datetime.now(UTC)),
-            "objectType": "Test",
-            "action": "ping",
-            "objectId": None,
-            "tenantId": None,
-        }
-    )
     async with request.app[POOL].acquire() as conn:
         _, delivery_id = await event_store.create_test_event(
             conn,
             row["tenant_id"],
             row["id"],
-            payload,
+            test_payload(),
             enqueue_grace_s=request.app[SETTINGS].requeue_after_s,
         )
     if delivery_id is None:  # deleted or disabled meanwhile
