@@ -23,10 +23,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import settings as hypothesis_settings
 from yarl import URL
 
-from relay.app import create_app
-from relay.config import Settings
-from relay.server import GatewayRunner
+from relay.core.config import Settings
 from relay.store.migrations import migrate
+from relay.web.app import create_app
+from relay.web.server import GatewayRunner
 
 # No per-example deadline: CI shares 2 cores with real servers, and a slow
 # example is not a failing one.

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from relay.embedded import embedded_services
+from relay.cli.embedded import embedded_services
 
 
 @contextmanager

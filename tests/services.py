@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relay.embedded import _free_port, embedded_redis
+from relay.cli.embedded import _free_port, embedded_redis
 from tests.stack import WorkerProcess
 
 

@@ -21,14 +21,14 @@ from dramatiq.common import q_name
 from dramatiq.middleware import Middleware
 from dramatiq.middleware.asyncio import AsyncIO
 
-from relay.config import REQUIRED_FOR_WORKER, Settings
-from relay.crypto import SecretBox
-from relay.egress import EgressClient
-from relay.enqueue import Enqueuer, make_broker
-from relay.logs import setup_logging
-from relay.openapi import relay_version
-from relay.ratelimit import RateLimiter
+from relay.core.config import REQUIRED_FOR_WORKER, Settings
+from relay.core.crypto import SecretBox
+from relay.core.logs import setup_logging
+from relay.core.ratelimit import RateLimiter
+from relay.delivery.egress import EgressClient
+from relay.delivery.wakeups import Enqueuer, make_broker
 from relay.store.db import create_pool
+from relay.web.openapi import relay_version
 from workers.engine import POOL_SIZE, Engine, WorkerContext
 
 log = logging.getLogger("relay.worker")

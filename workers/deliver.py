@@ -10,9 +10,9 @@ import logging
 
 import dramatiq
 
-from relay.enqueue import DELIVER_ACTOR, QUEUE, WAKE_ACTOR
-from relay.metrics import DELIVERIES
-from relay.store import deliveries as store
+from relay.core.metrics import DELIVERIES
+from relay.delivery.wakeups import DELIVER_ACTOR, QUEUE, WAKE_ACTOR
+from relay.store import claims
 from workers.broker import worker_context, worker_engine
 from workers.engine import ACQUIRE_TIMEOUT_S
 
@@ -29,7 +29,7 @@ async def wake_target(target_id: str, tenant_id: str) -> None:
 async def deliver(delivery_id: str) -> None:
     """A message of one delivery (as enqueued before the engine): wake its target."""
     async with worker_context().pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-        wake = await store.target_of_delivery(conn, delivery_id)
+        wake = await claims.target_of_delivery(conn, delivery_id)
     if wake is None:
         DELIVERIES.labels("not-claimed").inc()
         return

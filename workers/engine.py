@@ -30,9 +30,18 @@ from typing import Any
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from relay.config import Settings
-from relay.crypto import SecretBox, open_headers
-from relay.delivery import (
+from relay.core.config import Settings
+from relay.core.crypto import SecretBox, open_headers
+from relay.core.metrics import (
+    ATTEMPT_LATENCY,
+    BREAKER_OPENED,
+    DELIVERIES,
+    ENGINE_IN_FLIGHT,
+    status_class,
+)
+from relay.core.ratelimit import RateLimiter
+from relay.delivery.egress import EgressClient, EgressRefused, describe_error
+from relay.delivery.outcome import (
     Breaker,
     decide,
     delivery_headers,
@@ -40,19 +49,10 @@ from relay.delivery import (
     parse_retry_after,
     trips_breaker,
 )
-from relay.egress import EgressClient, EgressRefused, describe_error
-from relay.enqueue import Enqueuer
-from relay.metrics import (
-    ATTEMPT_LATENCY,
-    BREAKER_OPENED,
-    DELIVERIES,
-    ENGINE_IN_FLIGHT,
-    status_class,
-)
-from relay.ratelimit import RateLimiter
-from relay.store import deliveries as store
+from relay.delivery.wakeups import Enqueuer
+from relay.store import claims
+from relay.store.claims import Attempt, Claimed, SendTarget
 from relay.store.db import POSTGRES_DOWN, Pool
-from relay.store.deliveries import Attempt, Claimed, SendTarget
 
 log = logging.getLogger("relay.deliver")
 
@@ -300,7 +300,7 @@ class Engine:
         claimed_at = time.monotonic()
         try:
             async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                fresh, rows = await store.claim_batch(
+                fresh, rows = await claims.claim_batch(
                     conn, target_id, want=want, lease_s=self.lease_s
                 )
         except BaseException:
@@ -511,7 +511,7 @@ class Engine:
         ):
             with retry:
                 async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                    recorded = await store.record_batch(
+                    recorded = await claims.record_batch(
                         conn,
                         target_id,
                         attempts,
@@ -524,7 +524,7 @@ class Engine:
 
     async def _release(self, rows: list[Claimed], *, delay_s: float) -> None:
         async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-            await store.release_batch(
+            await claims.release_batch(
                 conn, rows, delay_s=delay_s, carried_for_s=self.settings.requeue_after_s
             )
 
@@ -532,8 +532,8 @@ class Engine:
         """Leave a timer for the target's next waiting delivery, if it falls due soon."""
         try:
             async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                target = await store.read_target(conn, target_id)
-                due_in = await store.next_due_in(conn, target_id)
+                target = await claims.read_target(conn, target_id)
+                due_in = await claims.next_due_in(conn, target_id)
         except (*POSTGRES_DOWN, TimeoutError):
             return  # the sweeper wakes it
         if target is not None and target.cooling and target.open_until is not None:

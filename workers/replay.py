@@ -7,7 +7,7 @@ from datetime import datetime
 
 import dramatiq
 
-from relay.enqueue import REPLAY_ACTOR, REPLAY_QUEUE
+from relay.delivery.wakeups import REPLAY_ACTOR, REPLAY_QUEUE
 from relay.store import dead_letters as store
 from workers.broker import worker_context
 from workers.engine import WorkerContext

@@ -19,10 +19,9 @@ import time
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
-from relay.config import REQUIRED_FOR_WORKER, Settings
-from relay.enqueue import Enqueuer, make_broker
-from relay.logs import setup_logging
-from relay.metrics import (
+from relay.core.config import REQUIRED_FOR_WORKER, Settings
+from relay.core.logs import setup_logging
+from relay.core.metrics import (
     BREAKERS_OPEN,
     DEAD_LETTERS,
     DUE_UNSENT,
@@ -33,8 +32,8 @@ from relay.metrics import (
     SWEPT,
     worker_registry,
 )
-from relay.store import deliveries as store
-from relay.store import housekeeping
+from relay.delivery.wakeups import Enqueuer, make_broker
+from relay.store import claims, housekeeping
 from relay.store.db import Conn, connect
 
 log = logging.getLogger("relay.sweeper")
@@ -65,7 +64,7 @@ class Sweeper:
         total = 0
         grace_s = self.settings.requeue_after_s
         for _ in range(MAX_BATCHES):
-            wakes = await store.targets_to_wake(conn, grace_s=grace_s, limit=BATCH)
+            wakes = await claims.targets_to_wake(conn, grace_s=grace_s, limit=BATCH)
             if wakes:
                 await self.enqueuer.wake(wakes)
                 total += len(wakes)

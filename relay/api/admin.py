@@ -9,9 +9,9 @@ from aiohttp import web
 
 from relay.api.deliveries import MAX_REPLAY_IDS, Id, Timestamp, render_delivery, replay_dead_letters
 from relay.api.routing import ListQuery, Route, page, read_body, read_query, respond
-from relay.keys import POOL
 from relay.store import dead_letters, housekeeping
-from relay.store.deliveries import Delivery
+from relay.store.rows import Delivery
+from relay.web.app_keys import POOL
 
 
 class AdminDeadLettersQuery(ListQuery):

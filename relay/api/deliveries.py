@@ -10,13 +10,13 @@ from typing import Annotated, Any, Literal
 import pydantic
 from aiohttp import web
 
-from relay import errors
 from relay.api.routing import ListQuery, Route, page, read_body, read_query, respond, tenant_id
-from relay.enqueue import REPLAY_ACTOR, REPLAY_QUEUE
-from relay.keys import ENQUEUER, POOL, SETTINGS
+from relay.core import errors
+from relay.delivery.wakeups import REPLAY_ACTOR, REPLAY_QUEUE
 from relay.store import dead_letters
 from relay.store import deliveries as store
-from relay.store.deliveries import AttemptRecord, Delivery
+from relay.store.rows import AttemptRecord, Delivery
+from relay.web.app_keys import ENQUEUER, POOL, SETTINGS
 
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ]")
 

@@ -8,15 +8,15 @@ from typing import Annotated, Any
 import pydantic
 from aiohttp import web
 
-from relay import errors
 from relay.api.deliveries import Id, Timestamp, render_delivery
 from relay.api.ingest import load_routes
 from relay.api.routing import ListQuery, Route, page, read_body, read_query, respond, tenant_id
-from relay.ingest import ParsedEvent
-from relay.keys import ENQUEUER, POOL, SETTINGS
+from relay.core import errors
+from relay.ingest.parse import ParsedEvent
 from relay.store import deliveries as delivery_store
 from relay.store import events as store
 from relay.store import targets as target_store
+from relay.web.app_keys import ENQUEUER, POOL, SETTINGS
 
 
 class EventsQuery(ListQuery):

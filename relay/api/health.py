@@ -11,11 +11,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
-from relay import errors
 from relay.api.routing import Route, respond
-from relay.keys import POOL, REDIS, SETTINGS
-from relay.metrics import DEPENDENCY_UP
-from relay.openapi import OPENAPI
+from relay.core import errors
+from relay.core.metrics import DEPENDENCY_UP
+from relay.web.app_keys import OPENAPI, POOL, REDIS, SETTINGS
 
 log = logging.getLogger(__name__)
 

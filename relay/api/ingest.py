@@ -5,7 +5,7 @@ unknown source 404 → token/basic credential 401 → content type 415 → decla
 length 413 → body read with the cap 413 → hmac/standard-webhooks signature 401
 → JSON shape 400/422 → deliveries per request 422 → rate limit 429. Then the
 events and their deliveries are committed, in one transaction with those of the
-requests that arrived together (relay/group_commit.py), the answer is 202, and
+requests that arrived together (relay/ingest/group_commit.py), the answer is 202, and
 their targets are woken on the broker once per group (the sweeper covers an
 enqueue that fails).
 """
@@ -19,16 +19,17 @@ from typing import Any
 
 from aiohttp import web
 
-from relay import errors, webhook_ids
 from relay.api.routing import Route, is_json_content_type, respond
-from relay.cache import SourceEntry, TargetRoute
-from relay.ingest import count_deliveries, parse_body
-from relay.keys import CACHE, GROUP_COMMIT, LIMITER, POOL, REDIS, SECRETS, SETTINGS
-from relay.metrics import EVENTS_INGESTED, INGEST_LATENCY
-from relay.source_auth import PRE_BODY_TYPES, check_before_body, check_with_body
+from relay.core import errors
+from relay.core.metrics import EVENTS_INGESTED, INGEST_LATENCY
+from relay.ingest import replay_guard
+from relay.ingest.auth import PRE_BODY_TYPES, check_before_body, check_with_body
+from relay.ingest.parse import parse_body
+from relay.ingest.routes import SourceEntry, TargetRoute, count_deliveries
 from relay.store import sources as source_store
 from relay.store import targets as target_store
 from relay.store.events import IngestRequest
+from relay.web.app_keys import CACHE, GROUP_COMMIT, LIMITER, POOL, REDIS, SECRETS, SETTINGS
 
 log = logging.getLogger("relay.ingest")
 
@@ -98,7 +99,7 @@ async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response
         raise errors.Unauthorized("invalid or missing signature")
     remembered = None
     if source.auth_type == "standard-webhooks":
-        remembered = await webhook_ids.first_sighting(
+        remembered = await replay_guard.first_sighting(
             app[REDIS], source.id, request.headers["webhook-id"]
         )
         if remembered is None:
@@ -107,7 +108,7 @@ async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response
         return await _accept(request, source, raw, context)
     except Exception:
         if remembered:
-            await webhook_ids.forget(app[REDIS], remembered)
+            await replay_guard.forget(app[REDIS], remembered)
         raise
 
 

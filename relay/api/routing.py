@@ -16,10 +16,10 @@ from typing import Any, Literal, TypeVar
 import pydantic
 from aiohttp import web
 
-from relay import errors, strict_json
-from relay.crypto import constant_time_equals, hash_api_key
-from relay.keys import POOL, SETTINGS, TENANT_ID
+from relay.core import errors, strict_json
+from relay.core.crypto import constant_time_equals, hash_api_key
 from relay.store import tenants as tenant_store
+from relay.web.app_keys import POOL, SETTINGS, TENANT_ID
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Every id the relay makes: a type prefix and a ULID (relay.crypto.new_id).

@@ -9,7 +9,6 @@ import pydantic
 from aiohttp import web
 from pydantic.json_schema import SkipJsonSchema
 
-from relay import errors
 from relay.api.routing import (
     ListQuery,
     Route,
@@ -20,9 +19,10 @@ from relay.api.routing import (
     respond,
     tenant_id,
 )
-from relay.crypto import new_id, new_source_secret, new_webhook_secret
-from relay.keys import CACHE, POOL, SECRETS, SETTINGS
+from relay.core import errors
+from relay.core.crypto import new_id, new_source_secret, new_webhook_secret
 from relay.store import sources as store
+from relay.web.app_keys import CACHE, POOL, SECRETS, SETTINGS
 
 Name = Annotated[
     str, pydantic.StringConstraints(strip_whitespace=True, min_length=1, max_length=200)

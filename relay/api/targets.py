@@ -12,7 +12,6 @@ from aiohttp import web
 from pydantic.json_schema import SkipJsonSchema
 from yarl import URL
 
-from relay import errors
 from relay.api.routing import (
     ListQuery,
     Route,
@@ -25,14 +24,15 @@ from relay.api.routing import (
     timestamp,
 )
 from relay.api.sources import HEADER_NAME, RateLimit, integral, over_quota
-from relay.crypto import new_id, new_webhook_secret, open_headers, seal_headers
-from relay.egress import EgressRefused, host_is_forbidden, parse_host
-from relay.ingest import compact
-from relay.keys import CACHE, ENQUEUER, POOL, SECRETS, SETTINGS
-from relay.ordering import OnDead, Ordering, check_pointer
+from relay.core import errors
+from relay.core.crypto import new_id, new_webhook_secret, open_headers, seal_headers
+from relay.delivery.egress import EgressRefused, host_is_forbidden, parse_host
+from relay.delivery.ordering import OnDead, Ordering, check_pointer
+from relay.ingest.parse import compact
 from relay.store import events as event_store
 from relay.store import sources as source_store
 from relay.store import targets as store
+from relay.web.app_keys import CACHE, ENQUEUER, POOL, SECRETS, SETTINGS
 
 MAX_URL = 2048
 #: Headers a target may not set: hop-by-hop, framing, and what the relay signs.

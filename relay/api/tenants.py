@@ -7,11 +7,11 @@ from typing import Annotated, Any
 import pydantic
 from aiohttp import web
 
-from relay import errors
 from relay.api.routing import ListQuery, Route, no_content, page, read_body, read_query, respond
-from relay.crypto import hash_api_key, new_api_key, new_id
-from relay.keys import POOL
+from relay.core import errors
+from relay.core.crypto import hash_api_key, new_api_key, new_id
 from relay.store import tenants as store
+from relay.web.app_keys import POOL
 
 Name = Annotated[
     str, pydantic.StringConstraints(strip_whitespace=True, min_length=1, max_length=200)

@@ -18,16 +18,16 @@ from typing import Any, Literal
 from aiohttp import web
 from multidict import MultiMapping
 
-from relay import errors
 from relay.api.deliveries import MAX_REPLAY_IDS, replay_dead_letters
 from relay.console import forms
 from relay.console.render import PAGE_SIZE, PREFIX, page, see_other
 from relay.console.session import VIEWER, Viewer, flash
-from relay.keys import POOL
+from relay.core import errors
 from relay.store import console as store
 from relay.store import dead_letters, tenants
 from relay.store import targets as target_store
 from relay.store.console import DeadLetterFilter
+from relay.web.app_keys import POOL
 
 #: Filter fields, as the list's query string and the forms' hidden fields carry them.
 FILTER_FIELDS = ("tenant", "target", "since", "until", "status", "error", "tz")

@@ -8,19 +8,19 @@ from typing import Any
 
 from aiohttp import web
 
-from relay import errors
 from relay.api.events import render_event
 from relay.api.targets import render_target
 from relay.console import forms
 from relay.console.render import PREFIX, fragment, page, see_other
 from relay.console.session import VIEWER, Viewer, flash
-from relay.keys import ENQUEUER, POOL, SETTINGS
+from relay.core import errors
 from relay.store import console as store
 from relay.store import deliveries as delivery_store
 from relay.store import events as event_store
 from relay.store import targets as target_store
 from relay.store.db import Pool
-from relay.store.deliveries import AttemptRecord, Delivery
+from relay.store.rows import AttemptRecord, Delivery
+from relay.web.app_keys import ENQUEUER, POOL, SETTINGS
 
 FINAL = frozenset({"succeeded", "dead"})
 

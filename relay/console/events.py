@@ -6,17 +6,17 @@ from typing import Any
 
 from aiohttp import web
 
-from relay import errors
 from relay.api.events import render_event
 from relay.console import forms
 from relay.console.render import PAGE_SIZE, page
 from relay.console.session import VIEWER
-from relay.keys import POOL
+from relay.core import errors
 from relay.store import console as store
 from relay.store import deliveries as delivery_store
 from relay.store import events as event_store
 from relay.store import tenants
 from relay.store.console import EventSearch
+from relay.web.app_keys import POOL
 
 SEARCH_FIELDS = ("tenant", "object_type", "action", "object_id", "uuid", "since", "until", "tz")
 

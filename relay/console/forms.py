@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from relay import strict_json
 from relay.api.routing import ID_PATTERN
+from relay.core import strict_json
 
 _ID = re.compile(ID_PATTERN)
 

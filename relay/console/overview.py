@@ -9,8 +9,8 @@ from aiohttp import web
 from relay.console.chart import outcome_chart, totals
 from relay.console.render import page
 from relay.console.session import VIEWER
-from relay.keys import POOL, SETTINGS
 from relay.store import console as store
+from relay.web.app_keys import POOL, SETTINGS
 
 #: The window of the figures, and of the chart.
 FIGURES_WINDOW = timedelta(hours=24)

@@ -13,7 +13,7 @@ from aiohttp import web
 from markupsafe import Markup, escape
 
 from relay.console.session import CSRF_FIELD, VIEWER, csrf_token, take_flash
-from relay.keys import SETTINGS
+from relay.web.app_keys import SETTINGS
 
 PREFIX = "/console"
 #: Rows per page of every list (the API's default page size).

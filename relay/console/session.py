@@ -26,10 +26,10 @@ from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from relay.config import Settings
-from relay.crypto import constant_time_equals, hash_api_key
-from relay.keys import POOL, REDIS, SETTINGS
+from relay.core.config import Settings
+from relay.core.crypto import constant_time_equals, hash_api_key
 from relay.store import console as store
+from relay.web.app_keys import POOL, REDIS, SETTINGS
 
 log = logging.getLogger(__name__)
 

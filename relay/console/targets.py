@@ -11,18 +11,18 @@ from typing import Any
 
 from aiohttp import web
 
-from relay import errors
 from relay.api.targets import render_target, test_payload
 from relay.console import forms
 from relay.console.render import PAGE_SIZE, PREFIX, page, see_other
 from relay.console.session import VIEWER, Viewer, flash
-from relay.crypto import new_webhook_secret
-from relay.keys import CACHE, ENQUEUER, POOL, SECRETS, SETTINGS
+from relay.core import errors
+from relay.core.crypto import new_webhook_secret
 from relay.store import console as store
 from relay.store import deliveries as delivery_store
 from relay.store import events as event_store
 from relay.store import targets as target_store
 from relay.store import tenants
+from relay.web.app_keys import CACHE, ENQUEUER, POOL, SECRETS, SETTINGS
 
 #: The window of a target's health figures.
 HEALTH_WINDOW = timedelta(hours=1)

@@ -25,13 +25,13 @@ import redis.exceptions
 from aiohttp import web
 from aiohttp_session import session_middleware
 
-from relay import errors
 from relay.console import dead_letters, deliveries, events, overview, signin, targets
 from relay.console.render import FILTERS, GLOBALS, PREFIX, error_page, see_other
 from relay.console.session import VIEWER, csrf_ok, current_viewer, session_storage
-from relay.crypto import new_id
-from relay.keys import CACHE, ENQUEUER, POOL, REDIS, SECRETS, SETTINGS
+from relay.core import errors
+from relay.core.crypto import new_id
 from relay.store.db import POSTGRES_DOWN
+from relay.web.app_keys import CACHE, ENQUEUER, POOL, REDIS, SECRETS, SETTINGS
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ from typing import Any, Literal
 from ulid import ULID
 
 from relay.store.db import Conn
-from relay.store.deliveries import DELIVERY_COLUMNS, Delivery, delivery_page
-from relay.store.rows import keyset_page
+from relay.store.deliveries import DELIVERY_COLUMNS, delivery_page
+from relay.store.rows import Delivery
+from relay.store.sql import keyset_page
 
 
 def floor_id(prefix: str, at: datetime) -> str:

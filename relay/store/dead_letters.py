@@ -7,13 +7,9 @@ from datetime import datetime
 from typing import Any
 
 from relay.store.db import Conn
-from relay.store.deliveries import (
-    DELIVERY_COLUMNS,
-    Delivery,
-    Replayed,
-    delivery_page,
-    promote_keys,
-)
+from relay.store.deliveries import DELIVERY_COLUMNS, delivery_page
+from relay.store.key_queues import promote_keys
+from relay.store.rows import Delivery, Replayed
 
 
 def _dead_filter(first: int) -> str:

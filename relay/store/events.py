@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from relay.cache import TargetRoute
-from relay.crypto import new_id
-from relay.ingest import ParsedEvent
+from relay.core.crypto import new_id
+from relay.ingest.parse import ParsedEvent
+from relay.ingest.routes import TargetRoute
 from relay.store.db import Conn
-from relay.store.rows import keyset_page
+from relay.store.sql import keyset_page
 
 _INSERT_EVENTS = """
 INSERT INTO events (id, tenant_id, source_id, upstream_uuid, upstream_date, object_type,

@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay.config import ConfigError
-from relay.crypto import SecretBox, seal_headers
+from relay.core.config import ConfigError
+from relay.core.crypto import SecretBox, seal_headers
 from relay.store.db import Conn
 
 log = logging.getLogger(__name__)

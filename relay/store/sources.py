@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from relay.store.db import Conn, Pool
-from relay.store.rows import keyset_page, set_clause
+from relay.store.sql import keyset_page, set_clause
 from relay.store.tenants import lock_and_count_live
 
 _UPDATABLE = frozenset({"name", "auth_config", "rate_limit"})

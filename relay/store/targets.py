@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from relay.store.db import Conn, Pool
-from relay.store.deliveries import reorder_target
-from relay.store.rows import keyset_page, set_clause
+from relay.store.key_queues import reorder_target
+from relay.store.sql import keyset_page, set_clause
 from relay.store.tenants import lock_and_count_live
 
 #: The target's columns and its breaker (a target without a health row is healthy).

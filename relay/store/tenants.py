@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from relay.store.db import Conn
-from relay.store.rows import keyset_page
+from relay.store.sql import keyset_page
 
 
 async def create_tenant(

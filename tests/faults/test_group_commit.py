@@ -11,14 +11,14 @@ from typing import Any
 
 import asyncpg
 
-from relay.app import create_app
-from relay.cache import TargetRoute
-from relay.config import Settings
-from relay.group_commit import GroupCommit
-from relay.ingest import parse_body
+from relay.core.config import Settings
+from relay.ingest.group_commit import GroupCommit
+from relay.ingest.parse import parse_body
+from relay.ingest.routes import TargetRoute
 from relay.store.db import create_pool
 from relay.store.events import IngestRequest
 from relay.store.migrations import migrate
+from relay.web.app import create_app
 from tests.conftest import make_tenant
 from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
 from tests.services import RestartablePostgres

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from relay.app import create_app
-from relay.config import Settings
-from relay.enqueue import Enqueuer, make_broker
+from relay.core.config import Settings
+from relay.delivery.wakeups import Enqueuer, make_broker
+from relay.web.app import create_app
 from tests.conftest import make_tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
 from tests.stack import fetch

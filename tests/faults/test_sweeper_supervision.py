@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from relay.app import create_app
-from relay.config import Settings
+from relay.core.config import Settings
+from relay.web.app import create_app
 from tests.conftest import make_tenant, stack_env
 from tests.integration.test_ingest import make_source, make_target, post_token
 from tests.stack import Receiver, WorkerProcess, eventually, fetch

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from relay.app import create_app
-from relay.config import Settings
 from relay.console.session import COOKIE
+from relay.core.config import Settings
+from relay.web.app import create_app
 from tests.conftest import (
     ADMIN_TOKEN,
     OPERATOR,

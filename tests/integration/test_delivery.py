@@ -13,7 +13,7 @@ import asyncpg
 import standardwebhooks
 import svix.webhooks
 
-from relay.crypto import SecretBox, seal_headers
+from relay.core.crypto import SecretBox, seal_headers
 from relay.store import targets as target_store
 from tests.conftest import SECRET_KEY, Tenant, make_tenant
 from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
@@ -209,7 +209,7 @@ async def test_a_message_sent_twice_yields_one_success(
     [event_id] = (await (await post_token(gateway, source, SOFTLEDGER)).json())["event_ids"]
     row = await delivery_of(database_url, event_id, target["id"])
     # When the same delivery is put on the broker again, several times, at once
-    from relay.enqueue import Enqueuer, make_broker
+    from relay.delivery.wakeups import Enqueuer, make_broker
 
     # on the broker the worker consumes (CI runs these tests on RabbitMQ too)
     enqueuer = Enqueuer(make_broker(os.environ.get("BROKER_URL") or clean_redis, middleware=[]))

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from relay.store import deliveries as store
+from relay.store import claims
 from tests.conftest import Tenant, make_tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
 from tests.stack import Receiver, Workers, eventually, fetch, hang
@@ -243,13 +243,13 @@ async def test_concurrent_claims_of_one_target_never_overlap_nor_pass_its_cap(
     try:
         # When twelve connections claim at once, each up to 5
         results = await asyncio.gather(
-            *(store.claim_batch(c, target["id"], want=5, lease_s=60) for c in conns)
+            *(claims.claim_batch(c, target["id"], want=5, lease_s=60) for c in conns)
         )
         claimed = [row.id for _, rows in results for row in rows]
         # Then 7 are leased in all, each once
         assert len(claimed) == len(set(claimed)) == 7
         # and a later claim finds the cap full
-        _, more = await store.claim_batch(conns[0], target["id"], want=5, lease_s=60)
+        _, more = await claims.claim_batch(conns[0], target["id"], want=5, lease_s=60)
         assert more == []
     finally:
         for c in conns:
@@ -274,8 +274,8 @@ async def test_the_sweeper_wakes_each_target_once_however_deep_its_backlog(
     try:
         await conn.execute("UPDATE deliveries SET enqueued_until = now() - interval '1 second'")
         # When the sweeper looks twice within its grace
-        first = await store.targets_to_wake(conn, grace_s=30, limit=100)
-        second = await store.targets_to_wake(conn, grace_s=30, limit=100)
+        first = await claims.targets_to_wake(conn, grace_s=30, limit=100)
+        second = await claims.targets_to_wake(conn, grace_s=30, limit=100)
     finally:
         await conn.close()
     # Then it wakes each enabled target once (one message each), then leaves them be

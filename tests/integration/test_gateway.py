@@ -7,8 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.app import create_app
-from relay.config import Settings
+from relay.core.config import Settings
+from relay.web.app import create_app
 from tests.conftest import OPERATOR, assert_error
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from relay.app import create_app
-from relay.config import Settings
-from relay.signing import sign_payload
+from relay.core.config import Settings
+from relay.delivery.signing import sign_payload
+from relay.web.app import create_app
 from tests.conftest import Tenant, assert_error, make_tenant
 from tests.stack import eventually
 
@@ -629,7 +629,7 @@ async def test_one_structured_log_line_per_request_without_secrets(
     assert [(r.status, getattr(r, "events", None)) for r in lines] == [(202, 2), (401, None)]
     ok = lines[0]
     assert ok.source_id == source["id"] and ok.tenant_id == tenant.id and ok.duration_ms >= 0
-    from relay.logs import JSONFormatter
+    from relay.core.logs import JSONFormatter
 
     for record in lines:
         text = JSONFormatter().format(record)

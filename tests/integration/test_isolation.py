@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from relay.app import all_routes
+from relay.web.app import all_routes
 from tests.conftest import Tenant, assert_error
 
 BODIES: dict[tuple[str, str], dict[str, Any]] = {

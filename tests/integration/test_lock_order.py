@@ -8,10 +8,10 @@ from typing import Any
 
 import asyncpg
 
-from relay.delivery import next_breaker
-from relay.store import deliveries as delivery_store
+from relay.delivery.outcome import next_breaker
+from relay.store import claims
 from relay.store import targets as target_store
-from relay.store.deliveries import Attempt
+from relay.store.claims import Attempt
 from tests.conftest import Tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
 from tests.stack import eventually
@@ -37,7 +37,7 @@ async def test_delete_target_while_an_attempt_is_recorded_does_not_deadlock(
         delivery_id = await watcher.fetchval(
             "SELECT id FROM deliveries WHERE event_id = $1", event_id
         )
-        _, [claimed] = await delivery_store.claim_batch(watcher, target["id"], want=1, lease_s=60)
+        _, [claimed] = await claims.claim_batch(watcher, target["id"], want=1, lease_s=60)
         assert claimed.id == delivery_id
         # And the target row briefly held (e.g. by a PATCH), so both sides queue up on it
         blocker_tx = blocker.transaction()
@@ -60,7 +60,7 @@ async def test_delete_target_while_an_attempt_is_recorded_does_not_deadlock(
             disable_reason=None,
         )
         record = asyncio.create_task(
-            delivery_store.record_batch(
+            claims.record_batch(
                 recorder,
                 target["id"],
                 [failed],

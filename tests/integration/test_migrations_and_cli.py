@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from relay.crypto import SecretBox, open_headers
+from relay.core.crypto import SecretBox, open_headers
 from relay.store.migrations import PYTHON_STEPS, load_migrations, migrate
 from tests.conftest import ADMIN_TOKEN, SECRET_KEY, _admin, with_database
 
@@ -136,7 +136,7 @@ def test_tenants_create_prints_a_working_key(database_url: str) -> None:
     assert tenant_id.startswith("ten_") and api_key.startswith("rly_")
 
     async def owner() -> Any:
-        from relay.crypto import hash_api_key
+        from relay.core.crypto import hash_api_key
         from relay.store.tenants import tenant_for_key
 
         conn = await asyncpg.connect(database_url)

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from relay.app import create_app
-from relay.config import Settings
+from relay.core.config import Settings
+from relay.web.app import create_app
 from tests.conftest import ADMIN_TOKEN, GatewayTestServer, Tenant, make_tenant, stack_env
 from tests.integration.test_ingest import make_source
 from tests.stack import eventually

@@ -9,8 +9,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from relay.app import create_app
-from relay.config import Settings
+from relay.core.config import Settings
+from relay.web.app import create_app
 from tests.conftest import Tenant, assert_error, make_tenant
 
 JSON = {"Content-Type": "application/json"}

@@ -6,8 +6,8 @@ from typing import Any
 
 import asyncpg
 
-from relay.config import Settings
-from relay.enqueue import Enqueuer, make_broker
+from relay.core.config import Settings
+from relay.delivery.wakeups import Enqueuer, make_broker
 from tests.conftest import Tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
 from workers.sweeper import Sweeper

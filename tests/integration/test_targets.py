@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from relay.app import create_app
-from relay.config import Settings
+from relay.core.config import Settings
+from relay.web.app import create_app
 from tests.conftest import Tenant, assert_error
 
 

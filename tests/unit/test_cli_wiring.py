@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 
 import workers
-from relay.cli import worker_argv
+from relay.cli.main import worker_argv
 
 
 def test_worker_argv_imports_every_actor_module_and_forks_the_sweeper() -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.config import (
+from relay.core.config import (
     DEFAULT_RETRY_SCHEDULE,
     REQUIRED_FOR_SERVE,
     ConfigError,

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.crypto import SecretBox, hash_api_key, new_api_key, new_id
-from relay.egress import is_forbidden_address
+from relay.core.crypto import SecretBox, hash_api_key, new_api_key, new_id
+from relay.delivery.egress import is_forbidden_address
 
 
 @given(st.text(max_size=200))

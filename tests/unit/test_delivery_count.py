@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.cache import TargetRoute
-from relay.ingest import ParsedEvent, count_deliveries
+from relay.ingest.parse import ParsedEvent
+from relay.ingest.routes import TargetRoute, count_deliveries
 
 names = st.sampled_from(["Bill", "bill", "Invoice", None])
 actions = st.sampled_from(["paid", "created", None])

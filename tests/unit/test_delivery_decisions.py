@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.delivery import (
+from relay.delivery.outcome import (
     MAX_RETRY_AFTER_S,
     decide,
     delivery_headers,

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from relay.egress import (
+from relay.delivery.egress import (
     EgressClient,
     EgressRefused,
     host_is_forbidden,

@@ -7,7 +7,7 @@ import asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.delivery import CLOSED, Breaker, next_breaker, trips_breaker
+from relay.delivery.outcome import CLOSED, Breaker, next_breaker, trips_breaker
 from workers.engine import FairSlots
 
 RULE = {"threshold": 3, "open_s": 10.0, "max_open_s": 35.0}

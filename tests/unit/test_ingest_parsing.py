@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay import errors
-from relay.cache import SourceEntry, TargetRoute
-from relay.ingest import MAX_BATCH, parse_body
-from relay.signing import sign_payload
-from relay.source_auth import check_before_body, check_with_body
+from relay.core import errors
+from relay.delivery.signing import sign_payload
+from relay.ingest.auth import check_before_body, check_with_body
+from relay.ingest.parse import MAX_BATCH, parse_body
+from relay.ingest.routes import SourceEntry, TargetRoute
 
 #: Text Postgres can store (NUL and lone surrogates are refused: see test_strict_json.py)
 storable = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")

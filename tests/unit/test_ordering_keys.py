@@ -7,9 +7,9 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.cache import TargetRoute
-from relay.ingest import ParsedEvent, parse_body
-from relay.ordering import MAX_KEY_CHARS, check_pointer, object_key, pointer_key
+from relay.delivery.ordering import MAX_KEY_CHARS, check_pointer, object_key, pointer_key
+from relay.ingest.parse import ParsedEvent, parse_body
+from relay.ingest.routes import TargetRoute
 
 ORDERED = TargetRoute("t", frozenset(), frozenset(), None, ordered=True)
 BY_INVOICE = TargetRoute(

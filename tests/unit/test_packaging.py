@@ -33,4 +33,4 @@ def test_wheel_ships_migrations_and_the_relay_command(tmp_path: Path) -> None:
     assert shipped == sorted(p.name for p in (ROOT / "migrations").glob("*.sql"))
     assert "workers/deliver.py" in names and "relay/py.typed" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "relay = relay.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "relay = relay.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.config import ConfigError, Settings
+from relay.core.config import ConfigError, Settings
 
 QUOTAS = {
     "RELAY_MAX_TARGETS_PER_TENANT": "max_targets_per_tenant",

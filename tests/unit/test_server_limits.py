@@ -17,8 +17,8 @@ from aiohttp.http_exceptions import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.config import ConfigError, Settings
-from relay.server import low_level_error
+from relay.core.config import ConfigError, Settings
+from relay.web.server import low_level_error
 
 SECRET = "tok_0123456789abcdef"
 

@@ -12,7 +12,7 @@ import svix.webhooks
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.signing import SignatureError, sign_payload, signature_header, verify
+from relay.delivery.signing import SignatureError, sign_payload, signature_header, verify
 
 VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "standard-webhooks.json"
 # The published vector, inlined so the test runs even where shared/ is not beside the repo.

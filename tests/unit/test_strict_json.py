@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay import strict_json
+from relay.core import strict_json
 
 # Any standard JSON value whose strings Postgres can store
 _text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from relay.cache import RoutingCache
-    from relay.config import Settings
-    from relay.crypto import SecretBox
-    from relay.enqueue import Enqueuer
-    from relay.group_commit import GroupCommit
-    from relay.ratelimit import RateLimiter
+    from relay.core.config import Settings
+    from relay.core.crypto import SecretBox
+    from relay.core.ratelimit import RateLimiter
+    from relay.delivery.wakeups import Enqueuer
+    from relay.ingest.group_commit import GroupCommit
+    from relay.ingest.routes import RoutingCache
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 POOL: web.AppKey[Any] = web.AppKey("pool")  # asyncpg.Pool
@@ -22,6 +22,8 @@ CACHE: web.AppKey[RoutingCache] = web.AppKey("cache")
 ENQUEUER: web.AppKey[Enqueuer] = web.AppKey("enqueuer")
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")
 GROUP_COMMIT: web.AppKey[GroupCommit] = web.AppKey("group_commit")
+#: The OpenAPI document, built once from the route table.
+OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 
 #: Set on a request by tenant authentication.
 TENANT_ID: web.RequestKey[str] = web.RequestKey("tenant_id", str)

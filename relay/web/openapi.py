@@ -8,12 +8,10 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal
 
 import pydantic
-from aiohttp import web
 
 from relay.api.responses import ANSWERS, Answer
 from relay.api.routing import Route
 
-OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 _PARAM = re.compile(r"{(\w+)}")
 _REF = "#/components/schemas/{model}"
 

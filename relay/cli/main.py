@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from relay.config import (
+from relay.core.config import (
     REQUIRED_FOR_MIGRATE,
     REQUIRED_FOR_SERVE,
     REQUIRED_FOR_WORKER,
@@ -35,7 +35,7 @@ def load_settings(required: Collection[str]) -> Settings:
 
 
 async def _migrate(settings: Settings) -> list[str]:
-    from relay.crypto import SecretBox
+    from relay.core.crypto import SecretBox
     from relay.store.db import connect
     from relay.store.migrations import migrate
 
@@ -69,9 +69,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     processes = args.processes or os.cpu_count() or 1
     if processes > 1:
         return _serve_many(args, processes)  # the supervisor imports no more than it needs
-    from relay.app import create_app
-    from relay.logs import setup_logging
-    from relay.server import run
+    from relay.core.logs import setup_logging
+    from relay.web.app import create_app
+    from relay.web.server import run
 
     setup_logging(settings.log_level)
     run(
@@ -86,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve_many(args: argparse.Namespace, processes: int) -> int:
     """``processes`` gateways on one port (SO_REUSEPORT: the kernel spreads connections)."""
-    from relay.supervise import supervise
+    from relay.cli.supervise import supervise
 
     child = [sys.executable, "-m", "relay.cli", "serve", "--host", args.host]
     child += ["--port", str(args.port), "--processes", "1", "--reuse-port"]
@@ -162,9 +162,9 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     """Everything in one command: services (embedded if unset), migrations, gateway, worker."""
-    from relay.app import create_app
-    from relay.logs import setup_logging
-    from relay.server import run
+    from relay.core.logs import setup_logging
+    from relay.web.app import create_app
+    from relay.web.server import run
 
     env = dict(os.environ)
     data_dir = Path(env.get("RELAY_DATA_DIR") or ".relay").resolve()
@@ -175,7 +175,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     env.setdefault("RELAY_PUBLIC_URL", f"http://{args.host}:{args.port}")
     with contextlib.ExitStack() as stack:
         if not env.get("DATABASE_URL") or not env.get("REDIS_URL"):
-            from relay.embedded import EmbeddedUnavailable, embedded_services
+            from relay.cli.embedded import EmbeddedUnavailable, embedded_services
 
             try:
                 database_url, redis_url = stack.enter_context(embedded_services(data_dir))
@@ -216,7 +216,7 @@ Ctrl-C stops everything.
 
 
 async def _create_tenant(settings: Settings, name: str) -> tuple[str, str]:
-    from relay.crypto import hash_api_key, new_api_key, new_id
+    from relay.core.crypto import hash_api_key, new_api_key, new_id
     from relay.store import tenants
     from relay.store.db import connect
 
@@ -245,7 +245,7 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
 
 def cmd_dlq(args: argparse.Namespace) -> int:
     """Operators' dead-letter tools."""
-    from relay import dlq
+    from relay.cli import dlq
 
     settings = load_settings(REQUIRED_FOR_MIGRATE)
     return asyncio.run(dlq.run(settings, args))
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.set_defaults(func=cmd_tenants_create)
 
-    from relay.dlq_args import add_arguments
+    from relay.cli.dlq_args import add_arguments
 
     dead_letters = commands.add_parser("dlq", help="list, show, replay and purge dead letters")
     add_arguments(dead_letters)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, NamedTuple
 
-from relay.signing import signature_header
+from relay.delivery.signing import signature_header
 
 JITTER = 0.2
 #: A Retry-After is honoured up to a day; a larger value is a bug or an attack.

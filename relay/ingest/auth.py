@@ -12,9 +12,9 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 
-from relay.cache import SourceEntry
-from relay.crypto import constant_time_equals
-from relay.signing import TOLERANCE_S, SignatureError, verify
+from relay.core.crypto import constant_time_equals
+from relay.delivery.signing import TOLERANCE_S, SignatureError, verify
+from relay.ingest.routes import SourceEntry
 
 #: Types whose credential can be checked before the body is read.
 PRE_BODY_TYPES = frozenset({"token", "basic"})

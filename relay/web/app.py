@@ -10,20 +10,30 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import StreamReader, web
 
-from relay import errors
 from relay.api import admin, deliveries, events, health, ingest, sources, targets, tenants
 from relay.api.routing import Route, add_routes, respond
-from relay.cache import RoutingCache
-from relay.config import Settings
 from relay.console import setup as setup_console
-from relay.crypto import SecretBox, new_id
-from relay.enqueue import Enqueuer, make_broker
-from relay.group_commit import GroupCommit
-from relay.keys import CACHE, ENQUEUER, GROUP_COMMIT, LIMITER, POOL, REDIS, SECRETS, SETTINGS
-from relay.openapi import OPENAPI, build_openapi
-from relay.ratelimit import RateLimiter
-from relay.server import BodyTimeout, RequestTimeout
+from relay.core import errors
+from relay.core.config import Settings
+from relay.core.crypto import SecretBox, new_id
+from relay.core.ratelimit import RateLimiter
+from relay.delivery.wakeups import Enqueuer, make_broker
+from relay.ingest.group_commit import GroupCommit
+from relay.ingest.routes import RoutingCache
 from relay.store.db import POSTGRES_DOWN, create_pool
+from relay.web.app_keys import (
+    CACHE,
+    ENQUEUER,
+    GROUP_COMMIT,
+    LIMITER,
+    OPENAPI,
+    POOL,
+    REDIS,
+    SECRETS,
+    SETTINGS,
+)
+from relay.web.openapi import build_openapi
+from relay.web.server import BodyTimeout, RequestTimeout
 
 log = logging.getLogger(__name__)
 

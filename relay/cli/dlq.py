@@ -17,7 +17,7 @@ from rich.table import Table
 
 from relay.api.deliveries import render_attempt, render_delivery
 from relay.api.routing import dumps
-from relay.config import Settings
+from relay.core.config import Settings
 from relay.store import dead_letters as store
 from relay.store import deliveries
 from relay.store.db import Conn, connect

@@ -8,12 +8,10 @@ SoftLedger's fields are lifted into columns when present; any object is accepted
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from relay import errors, strict_json
-from relay.cache import TargetRoute
+from relay.core import errors, strict_json
 
 MAX_BATCH = 1000
 #: Nesting an event may have (deeper is refused with 400, never a RecursionError).
@@ -98,19 +96,3 @@ def parse_body(raw: bytes) -> list[ParsedEvent]:
             raise errors.InvalidRequest(f"batch element {index} is not a JSON object")
         events.append(_event(item, compact(item), f"[{index}]."))
     return events
-
-
-def count_deliveries(
-    source_id: str, events: Sequence[ParsedEvent], routes: Sequence[TargetRoute]
-) -> int:
-    """Deliveries storing ``events`` can create at most: each event (a uuid repeated
-    within the body counts once) times the routes it matches."""
-    seen: set[str] = set()
-    total = 0
-    for event in events:
-        if event.uuid is not None:
-            if event.uuid in seen:
-                continue
-            seen.add(event.uuid)
-        total += sum(route.matches(source_id, event.object_type, event.action) for route in routes)
-    return total

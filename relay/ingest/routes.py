@@ -10,14 +10,12 @@ never route to a deleted or disabled target.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, TypeVar
 
-from relay.ordering import object_key, pointer_key
-
-if TYPE_CHECKING:
-    from relay.ingest import ParsedEvent
+from relay.delivery.ordering import object_key, pointer_key
+from relay.ingest.parse import ParsedEvent
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -107,3 +105,19 @@ class RoutingCache:
     def forget_tenant(self, tenant_id: str) -> None:
         """One of the tenant's targets changed."""
         self.targets.forget(tenant_id)
+
+
+def count_deliveries(
+    source_id: str, events: Sequence[ParsedEvent], routes: Sequence[TargetRoute]
+) -> int:
+    """Deliveries storing ``events`` can create at most: each event (a uuid repeated
+    within the body counts once) times the routes it matches."""
+    seen: set[str] = set()
+    total = 0
+    for event in events:
+        if event.uuid is not None:
+            if event.uuid in seen:
+                continue
+            seen.add(event.uuid)
+        total += sum(route.matches(source_id, event.object_type, event.action) for route in routes)
+    return total

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis.exceptions
 
-from relay.signing import TOLERANCE_S
+from relay.delivery.signing import TOLERANCE_S
 
 log = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from relay import errors
-from relay.config import Settings
-from relay.keys import SETTINGS
-from relay.metrics import CONNECTIONS_REFUSED
+from relay.core import errors
+from relay.core.config import Settings
+from relay.core.metrics import CONNECTIONS_REFUSED
+from relay.web.app_keys import SETTINGS
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The relay command: serve, worker, migrate, dev, tenants, dlq."""

@@ -1,0 +1,1 @@
+"""What is sent and what an answer means: wake-ups, ordering, signing, the guarded client."""

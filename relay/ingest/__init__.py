@@ -1,0 +1,1 @@
+"""From a request to committed rows: parse, authenticate, guard replays, route, group commit."""

@@ -1,0 +1,417 @@
+"""Claiming a target's due deliveries and recording their attempts.
+
+Postgres decides. A delivery is claimed with a lease (``locked_until``): while
+it holds, no other worker may attempt it. ``enqueued_until`` says until when
+somebody carries a waiting delivery (a broker message, a worker's timer or a
+lease); past it, the sweeper wakes the delivery's target. The breaker's state
+is read and written here too, in the same transactions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple, cast
+
+from relay.core.crypto import new_id
+from relay.delivery.ordering import OnDead
+from relay.delivery.outcome import CLOSED, Breaker, BreakerState
+from relay.store.db import Conn
+from relay.store.key_queues import promote_keys
+from relay.store.rows import DeliveryStatus, Wake
+
+#: First key of the advisory lock that serialises the claims of one target.
+_CLAIM_LOCK = 0x636C61  # "cla"
+
+
+@dataclass(frozen=True)
+class SendTarget:
+    """A target as the engine sends to it, with its breaker."""
+
+    id: str
+    tenant_id: str
+    url: str
+    headers_enc: bytes | None
+    secret_enc: bytes
+    previous_secret_enc: bytes | None
+    secret_rotated_at: datetime | None
+    rate_limit: int | None
+    max_in_flight: int
+    live: bool  # enabled and not deleted
+    #: every attempt has failed since ``failing_since`` (auto-disable)
+    failing: bool
+    breaker: BreakerState
+    consecutive_failures: int
+    #: the breaker is open and its open period has not ended
+    cooling: bool
+    open_until: datetime | None
+    #: an ordered key whose delivery died waits for a replay or purge ("block")
+    on_dead: OnDead
+
+    @classmethod
+    def from_row(cls, row: Any) -> SendTarget:
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+
+
+class Claimed(NamedTuple):
+    """One claimed delivery: ours to attempt until ``locked_until``."""
+
+    id: str
+    event_id: str
+    attempt_count: int
+    locked_until: datetime
+    payload: bytes
+    #: its ordering key (None: the target does not order it)
+    order_key: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Claimed:
+        return cls(
+            row["id"],
+            row["event_id"],
+            row["attempt_count"],
+            row["locked_until"],
+            row["payload"],
+            row["order_key"],
+        )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt's result and the delivery's next state, to record."""
+
+    delivery: Claimed
+    started_at: datetime
+    duration_ms: int
+    status_code: int | None
+    error: str | None
+    response_body: str | None
+    status: DeliveryStatus
+    #: until the next attempt (None: no next attempt)
+    delay_s: float | None
+    #: somebody (a timer of this worker) carries the delivery until this long from now;
+    #: None: nobody but the sweeper, from when it is due
+    carried_for_s: float | None
+    disable_reason: str | None
+
+
+_TARGET = """
+SELECT t.id, t.tenant_id, t.url, t.headers_enc, t.secret_enc, t.previous_secret_enc,
+       t.secret_rotated_at, t.rate_limit, t.max_in_flight,
+       t.enabled AND t.deleted_at IS NULL AS live, t.failing_since IS NOT NULL AS failing,
+       coalesce(h.breaker, 'closed') AS breaker,
+       coalesce(h.consecutive_failures, 0) AS consecutive_failures,
+       coalesce(h.open_until > now(), false) AS cooling, h.open_until, t.on_dead
+FROM targets t LEFT JOIN target_health h ON h.target_id = t.id
+WHERE t.id = $1
+"""
+
+_LOCKED_TARGET = (
+    "SELECT t.* FROM (SELECT pg_advisory_xact_lock($2, hashtext($1))) AS lock, ("
+    + _TARGET
+    + ") AS t"
+)
+
+# Up to $2 due deliveries of target $1, never more than $3 leased at once in all.
+# The LIMIT the planner sees is the plain $2 (a computed one made it expect hundreds
+# of rows and scan whole tables once statistics existed); the cap trims after it.
+# Leased rows come first in the index (they are due): SKIP LOCKED and the lease
+# filter pass over at most the cap of them.
+_CLAIM = """
+WITH picked AS (
+    SELECT id, next_attempt_at FROM deliveries
+    WHERE target_id = $1 AND status IN ('pending', 'retrying') AND next_attempt_at <= now()
+      AND (locked_until IS NULL OR locked_until < now())
+    ORDER BY next_attempt_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), allowed AS MATERIALIZED (
+    SELECT id FROM picked ORDER BY next_attempt_at
+    LIMIT greatest(0, $3::int - (
+        SELECT count(*) FROM deliveries WHERE target_id = $1 AND locked_until > now()
+    )::int)
+), claimed AS (
+    UPDATE deliveries d
+    SET locked_until = now() + make_interval(secs => $4::float8),
+        enqueued_until = now() + make_interval(secs => $4::float8), updated_at = now()
+    FROM allowed WHERE d.id = allowed.id
+    RETURNING d.id, d.event_id, d.attempt_count, d.locked_until, d.order_key
+)
+SELECT c.id, c.event_id, c.attempt_count, c.locked_until, c.order_key, e.payload
+FROM claimed c JOIN events e ON e.id = c.event_id
+ORDER BY c.id
+"""
+
+
+async def read_target(conn: Conn, target_id: str) -> SendTarget | None:
+    """A target as the engine sees it (None if it does not exist)."""
+    row = await conn.fetchrow(_TARGET, target_id)
+    return None if row is None else SendTarget.from_row(row)
+
+
+async def claim_batch(
+    conn: Conn, target_id: str, *, want: int, lease_s: float
+) -> tuple[SendTarget | None, list[Claimed]]:
+    """Claim up to ``want`` due deliveries of a target, within its cap and its breaker.
+
+    The claims of one target are serialised (an advisory lock for the length of
+    one short transaction), so the count of leases and the new ones agree across
+    every worker process: the target never has more than ``max_in_flight``
+    attempts in flight. An open breaker claims nothing until its open period
+    ends; then one probe is claimed and the breaker is half_open until it is
+    recorded (or its lease lapses).
+    """
+    async with conn.transaction():
+        # the lock first, in this statement; the claim's own snapshot comes after it
+        row = await conn.fetchrow(_LOCKED_TARGET, target_id, _CLAIM_LOCK)
+        if row is None:
+            return None, []
+        target = SendTarget.from_row(row)
+        if not target.live or target.cooling or want <= 0:
+            return target, []
+        probing = target.breaker != "closed"
+        cap = 1 if probing else target.max_in_flight
+        rows = await conn.fetch(_CLAIM, target_id, min(want, cap), cap, lease_s)
+        if rows and target.breaker == "open":
+            await conn.execute(
+                "UPDATE target_health SET breaker = 'half_open', changed_at = now() "
+                "WHERE target_id = $1",
+                target_id,
+            )
+    return target, [Claimed.from_row(r) for r in rows]
+
+
+async def release_batch(
+    conn: Conn, claimed: Sequence[Claimed], *, delay_s: float, carried_for_s: float | None
+) -> None:
+    """Give claims back without spending an attempt.
+
+    They become due in ``delay_s``; ``carried_for_s``: a timer of this worker
+    wakes the target then (None: the sweeper does, once they are due).
+    """
+    await conn.execute(
+        """
+        UPDATE deliveries d
+        SET locked_until = NULL,
+            next_attempt_at = greatest(d.next_attempt_at, now() + make_interval(secs => $3)),
+            enqueued_until = now() + make_interval(secs => $3 + coalesce($4::float8, 0)),
+            updated_at = now()
+        FROM unnest($1::text[], $2::timestamptz[]) AS r(id, lease)
+        WHERE d.id = r.id AND d.locked_until = r.lease
+        """,
+        [c.id for c in claimed],
+        [c.locked_until for c in claimed],
+        delay_s,
+        carried_for_s,
+    )
+
+
+async def breaker_of(conn: Conn, target_id: str) -> Breaker:
+    """A target's breaker, locked until the transaction ends (closed if it has no row)."""
+    row = await conn.fetchrow(
+        """
+        SELECT breaker, consecutive_failures, opened_count, reason FROM target_health
+        WHERE target_id = $1 FOR UPDATE
+        """,
+        target_id,
+    )
+    if row is None:
+        return CLOSED
+    return Breaker(
+        cast(BreakerState, row["breaker"]),
+        row["consecutive_failures"],
+        row["opened_count"],
+        row["reason"],
+    )
+
+
+async def save_breaker(conn: Conn, target_id: str, breaker: Breaker) -> None:
+    """Store a target's breaker (an open period starts now, when ``open_for_s`` is set)."""
+    await conn.execute(
+        """
+        INSERT INTO target_health AS h (target_id, breaker, consecutive_failures, opened_count,
+                                        reason, open_until, changed_at)
+        VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::float8), now())
+        ON CONFLICT (target_id) DO UPDATE
+        SET breaker = excluded.breaker,
+            consecutive_failures = excluded.consecutive_failures,
+            opened_count = excluded.opened_count,
+            reason = excluded.reason,
+            open_until = CASE WHEN $6::float8 IS NOT NULL THEN excluded.open_until
+                              WHEN excluded.breaker = 'closed' THEN NULL
+                              ELSE h.open_until END,
+            changed_at = CASE WHEN h.breaker = excluded.breaker AND $6::float8 IS NULL
+                              THEN h.changed_at ELSE now() END
+        """,
+        target_id,
+        breaker.state,
+        breaker.consecutive_failures,
+        breaker.opened_count,
+        breaker.reason,
+        breaker.open_for_s,
+    )
+
+
+# The deliveries' new states and their attempts, in one statement (so atomic):
+# an attempt is inserted only for a delivery whose lease still held.
+_RECORD = """
+WITH done AS (
+    UPDATE deliveries d
+    SET status = r.status, attempt_count = d.attempt_count + 1,
+        next_attempt_at = now() + make_interval(secs => r.delay),
+        enqueued_until = now() + make_interval(secs => coalesce(r.carried, r.delay)),
+        locked_until = NULL, last_status_code = r.code, last_error = r.error,
+        updated_at = now()
+    FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::float8[], $5::float8[],
+                $6::int[], $7::text[]) AS r(id, lease, status, delay, carried, code, error)
+    WHERE d.id = r.id AND d.locked_until = r.lease AND d.status IN ('pending', 'retrying')
+    RETURNING d.id, d.tenant_id
+), kept AS (
+    INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms, status_code,
+                          error, response_body)
+    SELECT a.id, done.tenant_id, a.delivery_id, a.started_at, a.duration_ms, a.code, a.error,
+           a.body
+    FROM unnest($8::text[], $1::text[], $9::timestamptz[], $10::int[], $6::int[], $7::text[],
+                $11::text[]) AS a(id, delivery_id, started_at, duration_ms, code, error, body)
+    JOIN done ON done.id = a.delivery_id
+)
+SELECT id FROM done
+"""
+
+
+async def record_batch(
+    conn: Conn,
+    target_id: str,
+    attempts: Sequence[Attempt],
+    *,
+    breaker: Callable[[Breaker], Breaker] | None,
+    failing: bool | None = None,
+    grace_s: float = 30.0,
+) -> list[str]:
+    """Record attempts of one target and their deliveries' new states atomically.
+
+    Returns the ids recorded; an attempt whose lease was lost is not (another
+    worker may hold the delivery now). ``breaker``: the new breaker as a function
+    of the current one (read under lock), or None to leave it alone. ``failing``:
+    whether the target was failing when claimed (read here if None). An ordered
+    delivery that ended (succeeded or dead) lets the next of its key become due,
+    in the same transaction (``grace_s``: how long the sweeper leaves it to us).
+
+    Lock order, here as everywhere: the target row, then its health, then its
+    deliveries (``delete_target`` and PATCH lock the target first). The target
+    row is locked and written only when its failing state changes. When neither
+    it nor the breaker changes (a healthy target), the record is one statement.
+    """
+    if not attempts:
+        return []
+    succeeded = any(a.status == "succeeded" for a in attempts)
+    disable = next((a.disable_reason for a in attempts if a.disable_reason), None)
+    if failing is None:
+        failing = await conn.fetchval(
+            "SELECT failing_since IS NOT NULL FROM targets WHERE id = $1", target_id
+        )
+    touch_target = (failing and succeeded) or (not succeeded and (not failing or disable))
+    args = (
+        [a.delivery.id for a in attempts],
+        [a.delivery.locked_until for a in attempts],
+        [a.status for a in attempts],
+        [a.delay_s for a in attempts],
+        [a.carried_for_s for a in attempts],
+        [a.status_code for a in attempts],
+        [a.error for a in attempts],
+        [new_id("att") for _ in attempts],
+        [a.started_at for a in attempts],
+        [a.duration_ms for a in attempts],
+        [a.response_body for a in attempts],
+    )
+    ended_keys = {
+        a.delivery.id: a.delivery.order_key
+        for a in attempts
+        if a.delivery.order_key is not None and a.status in ("succeeded", "dead")
+    }
+    if not touch_target and breaker is None and not ended_keys:
+        return [r["id"] for r in await conn.fetch(_RECORD, *args)]
+    async with conn.transaction():
+        if touch_target:
+            await conn.execute("SELECT 1 FROM targets WHERE id = $1 FOR NO KEY UPDATE", target_id)
+        if breaker is not None:
+            before = await breaker_of(conn, target_id)
+            after = breaker(before)
+            if after != before:
+                await save_breaker(conn, target_id, after)
+        recorded = [r["id"] for r in await conn.fetch(_RECORD, *args)]
+        done = set(recorded)
+        keys = {(target_id, k) for d, k in ended_keys.items() if d in done}
+        await promote_keys(conn, sorted(keys), grace_s=grace_s)
+        if recorded and touch_target and succeeded:
+            await conn.execute("UPDATE targets SET failing_since = NULL WHERE id = $1", target_id)
+        elif recorded and touch_target:
+            await conn.execute(
+                """
+                UPDATE targets
+                SET failing_since = coalesce(failing_since, $2),
+                    enabled = CASE WHEN $3::text IS NULL THEN enabled ELSE false END,
+                    disabled_reason = coalesce($3, disabled_reason),
+                    updated_at = CASE WHEN $3::text IS NULL THEN updated_at ELSE now() END
+                WHERE id = $1
+                """,
+                target_id,
+                min(a.started_at for a in attempts),
+                disable,
+            )
+    return recorded
+
+
+async def next_due_in(conn: Conn, target_id: str) -> float | None:
+    """Seconds until the target's next waiting delivery falls due (None: it has none)."""
+    value = await conn.fetchval(
+        """
+        SELECT extract(epoch FROM next_attempt_at - now()) FROM deliveries
+        WHERE target_id = $1 AND status IN ('pending', 'retrying') AND next_attempt_at > now()
+        ORDER BY next_attempt_at LIMIT 1
+        """,
+        target_id,
+    )
+    return None if value is None else float(value)
+
+
+async def targets_to_wake(conn: Conn, *, grace_s: float, limit: int) -> list[Wake]:
+    """Targets with a due delivery nobody carries, marked as woken for ``grace_s``.
+
+    One index probe per live, enabled target whose breaker lets work through:
+    the cost follows the number of targets, not of waiting deliveries.
+    """
+    rows = await conn.fetch(
+        """
+        WITH due AS (
+            SELECT t.id, t.tenant_id FROM targets t
+            LEFT JOIN target_health h ON h.target_id = t.id
+            WHERE t.enabled AND t.deleted_at IS NULL
+              AND (h.swept_until IS NULL OR h.swept_until < now())
+              AND (h.open_until IS NULL OR h.open_until <= now())
+              AND EXISTS (
+                  SELECT 1 FROM deliveries d
+                  WHERE d.target_id = t.id AND d.status IN ('pending', 'retrying')
+                    AND d.enqueued_until < now()
+              )
+            LIMIT $1
+        ), marked AS (
+            INSERT INTO target_health AS h (target_id, swept_until)
+            SELECT id, now() + make_interval(secs => $2) FROM due
+            ON CONFLICT (target_id) DO UPDATE SET swept_until = excluded.swept_until
+        )
+        SELECT id, tenant_id FROM due
+        """,
+        limit,
+        grace_s,
+    )
+    return [Wake(r["id"], r["tenant_id"]) for r in rows]
+
+
+async def target_of_delivery(conn: Conn, delivery_id: str) -> Wake | None:
+    """The target (and tenant) a delivery goes to."""
+    row = await conn.fetchrow(
+        "SELECT target_id, tenant_id FROM deliveries WHERE id = $1", delivery_id
+    )
+    return None if row is None else Wake(row["target_id"], row["tenant_id"])

@@ -1,0 +1,1 @@
+"""The gateway's aiohttp application: app factory, server limits, OpenAPI document, app keys."""
