@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -54,9 +55,48 @@ class RestartablePostgres:
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
+        """Stop the server and return only once its postmaster is gone.
+
+        pgserver's ``pg_ctl -w stop`` can fail while clients still hammer the server;
+        a start that then finds the old postmaster shutting down fails. So wait for
+        the process, and if it lingers, ask for an immediate shutdown (SIGQUIT).
+        """
+        if self._server is None:
+            return
+        pid = self._postmaster_pid()
+        with contextlib.suppress(Exception):
             self._server.cleanup()
-            self._server = None
+        self._server = None
+        if pid is None:
+            return
+        deadline = time.monotonic() + 30
+        signalled = False
+        while _alive(pid):
+            if not signalled and time.monotonic() > deadline - 20:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGQUIT)
+                signalled = True
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"postmaster {pid} did not stop")
+            time.sleep(0.05)
+
+    def _postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie child of ours counts as gone
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z"):
+            return False
+    return True
 
 
 @dataclass
