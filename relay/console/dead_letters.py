@@ -26,7 +26,7 @@ from relay.core import errors
 from relay.store import console as store
 from relay.store import dead_letters, tenants
 from relay.store import targets as target_store
-from relay.store.console import DeadLetterFilter
+from relay.store.dead_letters import DeadLetterFilter
 from relay.web.app_keys import POOL
 
 #: Filter fields, as the list's query string and the forms' hidden fields carry them.

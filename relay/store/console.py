@@ -16,11 +16,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from ulid import ULID
 
 from relay.store.db import Conn
+from relay.store.dead_letters import DeadLetterFilter, dead_letter_args, dead_letter_match
 from relay.store.deliveries import DELIVERY_COLUMNS, delivery_page
 from relay.store.rows import Delivery
 from relay.store.sql import keyset_page
@@ -218,52 +219,6 @@ async def outcomes_by_minute(
 # --- dead letters ----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetterFilter:
-    """A selection of dead letters; ``since``/``until`` bound when the delivery was made
-    (when its event was received), as the API's ``since`` does."""
-
-    target_id: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    status_code: int | None = None
-    #: a case-insensitive part of the last error
-    error: str | None = None
-
-    @property
-    def api_selectable(self) -> bool:
-        """True when the API's replay can select exactly this (target and since only)."""
-        return self.until is None and self.status_code is None and self.error is None
-
-
-def _like(text: str) -> str:
-    """``text`` as a LIKE pattern matching it anywhere, its wildcards taken literally."""
-    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
-
-
-_DEAD_MATCHING = """
-    d.status = 'dead'
-    AND ($1::text IS NULL OR d.tenant_id = $1)
-    AND ($2::text IS NULL OR d.target_id = $2)
-    AND ($3::timestamptz IS NULL OR d.created_at >= $3)
-    AND ($4::timestamptz IS NULL OR d.created_at < $4)
-    AND ($5::int IS NULL OR d.last_status_code = $5)
-    AND ($6::text IS NULL OR d.last_error ILIKE $6)
-"""
-
-
-def _dead_args(tenant_id: str | None, flt: DeadLetterFilter) -> list[Any]:
-    return [
-        tenant_id,
-        flt.target_id,
-        flt.since,
-        flt.until,
-        flt.status_code,
-        None if flt.error is None else _like(flt.error),
-    ]
-
-
 async def find_dead_letters(
     conn: Conn, tenant_id: str | None, flt: DeadLetterFilter, *, limit: int, cursor: str | None
 ) -> tuple[list[Delivery], str | None]:
@@ -271,10 +226,10 @@ async def find_dead_letters(
     rows = await conn.fetch(
         f"""
         SELECT {DELIVERY_COLUMNS} FROM deliveries d
-        WHERE {_DEAD_MATCHING} AND ($7::text IS NULL OR d.id < $7)
-        ORDER BY d.id DESC LIMIT $8
+        WHERE {dead_letter_match(1)} AND ($9::text IS NULL OR d.id < $9)
+        ORDER BY d.id DESC LIMIT $10
         """,
-        *_dead_args(tenant_id, flt),
+        *dead_letter_args(tenant_id, flt),
         cursor,
         limit + 1,
     )
@@ -286,7 +241,8 @@ async def count_dead_letters_matching(
 ) -> int:
     """How many dead letters match ``flt``."""
     count: int = await conn.fetchval(
-        f"SELECT count(*) FROM deliveries d WHERE {_DEAD_MATCHING}", *_dead_args(tenant_id, flt)
+        f"SELECT count(*) FROM deliveries d WHERE {dead_letter_match(1)}",
+        *dead_letter_args(tenant_id, flt),
     )
     return count
 
@@ -296,8 +252,8 @@ async def dead_letter_ids_matching(
 ) -> list[str]:
     """Ids of up to ``limit`` dead letters matching ``flt``, oldest first."""
     rows = await conn.fetch(
-        f"SELECT d.id FROM deliveries d WHERE {_DEAD_MATCHING} ORDER BY d.id LIMIT $7",
-        *_dead_args(tenant_id, flt),
+        f"SELECT d.id FROM deliveries d WHERE {dead_letter_match(1)} ORDER BY d.id LIMIT $9",
+        *dead_letter_args(tenant_id, flt),
         limit,
     )
     return [r["id"] for r in rows]
@@ -307,15 +263,10 @@ async def count_dead_letters_before(
     conn: Conn, tenant_id: str | None, *, target_id: str | None, older_than: datetime
 ) -> int:
     """How many dead letters a purge of those made before ``older_than`` deletes."""
+    flt = DeadLetterFilter(target_id=target_id, until=older_than)
     count: int = await conn.fetchval(
-        """
-        SELECT count(*) FROM deliveries
-        WHERE status = 'dead' AND created_at < $3
-          AND ($1::text IS NULL OR tenant_id = $1) AND ($2::text IS NULL OR target_id = $2)
-        """,
-        tenant_id,
-        target_id,
-        older_than,
+        f"SELECT count(*) FROM deliveries d WHERE {dead_letter_match(1)}",
+        *dead_letter_args(tenant_id, flt),
     )
     return count
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -12,17 +13,72 @@ from relay.store.key_queues import promote_keys
 from relay.store.rows import Delivery, Replayed
 
 
-def _dead_filter(first: int) -> str:
-    """WHERE clause of a dead-letter selection; parameters ``$first`` … ``$first+4``."""
-    p = [f"${first + i}" for i in range(5)]
-    return f"""
-        status = 'dead'
-        AND ({p[0]}::text IS NULL OR tenant_id = {p[0]})
-        AND ({p[1]}::text IS NULL OR target_id = {p[1]})
-        AND ({p[2]}::timestamptz IS NULL OR created_at >= {p[2]})
-        AND ({p[3]}::text[] IS NULL OR id = ANY({p[3]}))
-        AND ({p[4]}::text IS NULL OR id <= {p[4]})
+@dataclass(frozen=True, slots=True)
+class DeadLetterFilter:
+    """A selection of dead letters, as the API, the console and the CLI make them.
+
+    ``since``/``until`` bound when the delivery was made (when its event was
+    received), as the API's ``since`` does; ``ids`` and ``up_to_id`` pin a
+    selection (a replay by ids, a bulk replay stopping at what was dead when it
+    was asked for).
     """
+
+    target_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    status_code: int | None = None
+    #: a case-insensitive part of the last error
+    error: str | None = None
+    ids: list[str] | None = None
+    up_to_id: str | None = None
+
+    @property
+    def api_selectable(self) -> bool:
+        """True when the API's replay can select exactly this (target and since only)."""
+        return self.until is None and self.status_code is None and self.error is None
+
+
+#: How many parameters ``dead_letter_match`` takes.
+DEAD_LETTER_PARAMS = 8
+
+
+def dead_letter_match(first: int) -> str:
+    """The one rule of what a dead-letter selection holds, on ``deliveries d``.
+
+    Parameters ``$first`` … ``$first+7``, in the order of ``dead_letter_args``.
+    """
+    p = [f"${first + i}" for i in range(DEAD_LETTER_PARAMS)]
+    return f"""
+        d.status = 'dead'
+        AND ({p[0]}::text IS NULL OR d.tenant_id = {p[0]})
+        AND ({p[1]}::text IS NULL OR d.target_id = {p[1]})
+        AND ({p[2]}::timestamptz IS NULL OR d.created_at >= {p[2]})
+        AND ({p[3]}::timestamptz IS NULL OR d.created_at < {p[3]})
+        AND ({p[4]}::int IS NULL OR d.last_status_code = {p[4]})
+        AND ({p[5]}::text IS NULL OR d.last_error ILIKE {p[5]})
+        AND ({p[6]}::text[] IS NULL OR d.id = ANY({p[6]}))
+        AND ({p[7]}::text IS NULL OR d.id <= {p[7]})
+    """
+
+
+def dead_letter_args(tenant_id: str | None, flt: DeadLetterFilter) -> list[Any]:
+    """The parameters of ``dead_letter_match`` for a tenant (None: every tenant)."""
+    return [
+        tenant_id,
+        flt.target_id,
+        flt.since,
+        flt.until,
+        flt.status_code,
+        None if flt.error is None else _like(flt.error),
+        flt.ids,
+        flt.up_to_id,
+    ]
+
+
+def _like(text: str) -> str:
+    """``text`` as a LIKE pattern matching it anywhere, its wildcards taken literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
 
 
 async def list_dead_letters(
@@ -38,14 +94,10 @@ async def list_dead_letters(
     rows = await conn.fetch(
         f"""
         SELECT {DELIVERY_COLUMNS} FROM deliveries d
-        WHERE {_dead_filter(1)} AND ($6::text IS NULL OR d.id < $6)
-        ORDER BY d.id DESC LIMIT $7
+        WHERE {dead_letter_match(1)} AND ($9::text IS NULL OR d.id < $9)
+        ORDER BY d.id DESC LIMIT $10
         """,
-        tenant_id,
-        target_id,
-        since,
-        None,
-        None,
+        *dead_letter_args(tenant_id, DeadLetterFilter(target_id=target_id, since=since)),
         cursor,
         limit + 1,
     )
@@ -63,12 +115,11 @@ async def count_dead_letters(
 ) -> int:
     """How many dead letters a selection holds."""
     count: int = await conn.fetchval(
-        f"SELECT count(*) FROM deliveries WHERE {_dead_filter(1)}",
-        tenant_id,
-        target_id,
-        since,
-        ids,
-        up_to_id,
+        f"SELECT count(*) FROM deliveries d WHERE {dead_letter_match(1)}",
+        *dead_letter_args(
+            tenant_id,
+            DeadLetterFilter(target_id=target_id, since=since, ids=ids, up_to_id=up_to_id),
+        ),
     )
     return count
 
@@ -101,24 +152,23 @@ async def replay_dead_letters_batch(
         rows = await conn.fetch(
             f"""
             WITH picked AS (
-                SELECT id FROM deliveries
-                WHERE {_dead_filter(1)} AND ($8::text IS NULL OR id > $8)
-                ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED
+                SELECT d.id FROM deliveries d
+                WHERE {dead_letter_match(1)} AND ($11::text IS NULL OR d.id > $11)
+                ORDER BY d.id LIMIT $9 FOR UPDATE SKIP LOCKED
             )
             UPDATE deliveries d
             SET status = 'pending', attempt_count = 0,
                 next_attempt_at = CASE WHEN d.order_key IS NULL THEN now() END,
                 enqueued_until = CASE WHEN d.order_key IS NULL
-                                      THEN now() + make_interval(secs => $7) END,
+                                      THEN now() + make_interval(secs => $10) END,
                 locked_until = NULL, updated_at = now()
             FROM picked WHERE d.id = picked.id
             RETURNING d.id, d.target_id, d.tenant_id, d.order_key
             """,
-            tenant_id,
-            target_id,
-            since,
-            ids,
-            up_to_id,
+            *dead_letter_args(
+                tenant_id,
+                DeadLetterFilter(target_id=target_id, since=since, ids=ids, up_to_id=up_to_id),
+            ),
             batch,
             enqueue_grace_s,
             after_id,
@@ -184,18 +234,14 @@ async def purge_dead_letters(
     while True:
         async with conn.transaction():
             gone = await conn.fetch(
-                """
+                f"""
                 DELETE FROM deliveries WHERE id IN (
-                    SELECT id FROM deliveries
-                    WHERE status = 'dead' AND created_at < $3
-                      AND ($1::text IS NULL OR tenant_id = $1)
-                      AND ($2::text IS NULL OR target_id = $2)
-                    LIMIT $4
+                    SELECT d.id FROM deliveries d WHERE {dead_letter_match(1)} LIMIT $9
                 ) RETURNING target_id, order_key
                 """,
-                tenant_id,
-                target_id,
-                older_than,
+                *dead_letter_args(
+                    tenant_id, DeadLetterFilter(target_id=target_id, until=older_than)
+                ),
                 batch,
             )
             # a key blocked on a dead letter that is purged goes on

@@ -8,20 +8,19 @@ from typing import Any
 from relay.store.db import Conn
 from relay.store.key_queues import promote_keys
 from relay.store.rows import AttemptRecord, Delivery, DeliveryStatus
-from relay.store.sql import keyset_page
+from relay.store.sql import holds_key, key_queue_order, keyset_page
 
 # blocked_by: of a parked delivery, the one of its key it waits behind (the
 # key's active one, else the first parked one).
-DELIVERY_COLUMNS = """
+DELIVERY_COLUMNS = f"""
     d.id, d.tenant_id, d.event_id, d.target_id, d.status, d.attempt_count, d.next_attempt_at,
     d.last_status_code, d.last_error, d.created_at, d.updated_at,
     CASE WHEN d.status = 'pending' AND d.next_attempt_at IS NULL THEN (
         SELECT p.id FROM deliveries p JOIN targets pt ON pt.id = p.target_id
         WHERE p.target_id = d.target_id AND p.order_key = d.order_key AND p.id <> d.id
-          AND p.status IN ('pending', 'retrying', 'dead')
-          AND (p.status <> 'dead' OR pt.on_dead = 'block')
+          AND {holds_key("p", "pt")}
           AND (p.status <> 'pending' OR p.next_attempt_at IS NOT NULL OR p.order_pos < d.order_pos)
-        ORDER BY (p.status = 'pending' AND p.next_attempt_at IS NULL), p.order_pos
+        ORDER BY {key_queue_order("p")}
         LIMIT 1
     ) END AS blocked_by
 """

@@ -11,7 +11,7 @@ from relay.core.crypto import new_id
 from relay.ingest.parse import ParsedEvent
 from relay.ingest.routes import TargetRoute
 from relay.store.db import Conn
-from relay.store.sql import keyset_page
+from relay.store.sql import ORDER_LOCK, holds_key, key_locks, keyset_page
 
 _INSERT_EVENTS = """
 INSERT INTO events (id, tenant_id, source_id, upstream_uuid, upstream_date, object_type,
@@ -49,22 +49,15 @@ RETURNING id, target_id
 # The deliveries of ordered targets (order_key set): their keys' advisory locks
 # are taken first, in one order everywhere (so no deadlock), and held to commit;
 # then their positions are drawn, so positions follow commit order per key.
-ORDER_LOCK = 0x6F7264  # "ord"
-
-_LOCK_KEYS_AND_NUMBER = """
+_LOCK_KEYS_AND_NUMBER = f"""
 SELECT nextval('deliveries_order_pos_seq') AS pos FROM generate_series(1, $3::int)
-WHERE (
-    SELECT count(pg_advisory_xact_lock($4, k.h)) FROM (
-        SELECT DISTINCT hashtext(u.target_id || '/' || u.order_key) AS h
-        FROM unnest($1::text[], $2::text[]) AS u(target_id, order_key) ORDER BY 1
-    ) k
-) >= 0
+WHERE {key_locks("$1", "$2", "$4")} >= 0
 """
 
 # A delivery of a key waits (parked: no next_attempt_at) behind any undelivered
 # one of its key, earlier in this statement or already stored (dead ones too
 # when the target blocks on a dead letter).
-_INSERT_ORDERED_DELIVERIES = """
+_INSERT_ORDERED_DELIVERIES = f"""
 INSERT INTO deliveries (id, tenant_id, event_id, target_id, next_attempt_at, enqueued_until,
                         order_key, order_pos)
 SELECT w.id, w.tenant_id, w.event_id, w.target_id,
@@ -79,8 +72,7 @@ FROM (
                OR EXISTS (
                    SELECT 1 FROM deliveries p
                    WHERE p.target_id = u.target_id AND p.order_key = u.order_key
-                     AND p.status IN ('pending', 'retrying', 'dead')
-                     AND (p.status <> 'dead' OR t.on_dead = 'block')
+                     AND {holds_key("p", "t")}
                )
            ) AS parked
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[])

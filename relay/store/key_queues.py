@@ -10,31 +10,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from relay.store.db import Conn
-from relay.store.events import ORDER_LOCK
 from relay.store.rows import Replayed
+from relay.store.sql import ORDER_LOCK, holds_key, key_locks, key_queue_order
 
 # Keys' advisory locks, in one order everywhere; taken before the statement whose
 # snapshot must see what the keys' other writers committed.
-_LOCK_KEYS = """
-SELECT count(pg_advisory_xact_lock($3, k.h)) FROM (
-    SELECT DISTINCT hashtext(u.target_id || '/' || u.order_key) AS h
-    FROM unnest($1::text[], $2::text[]) AS u(target_id, order_key) ORDER BY 1
-) k
-"""
+_LOCK_KEYS = f"SELECT {key_locks('$1', '$2', '$3')}"
 
 # For each key: when none of its undelivered deliveries is active (due, leased,
 # retrying, or dead while the target blocks on dead letters), the parked one
 # with the lowest position becomes due.
-_PROMOTE = """
+_PROMOTE = f"""
 WITH head AS MATERIALIZED (
     SELECT h.id FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[])) AS k(target_id, key)
     JOIN targets t ON t.id = k.target_id
     CROSS JOIN LATERAL (
         SELECT p.id, p.status, p.next_attempt_at FROM deliveries p
         WHERE p.target_id = k.target_id AND p.order_key = k.key
-          AND p.status IN ('pending', 'retrying', 'dead')
-          AND (p.status <> 'dead' OR t.on_dead = 'block')
-        ORDER BY (p.status = 'pending' AND p.next_attempt_at IS NULL), p.order_pos
+          AND {holds_key("p", "t")}
+        ORDER BY {key_queue_order("p")}
         LIMIT 1
     ) h
     WHERE h.status = 'pending' AND h.next_attempt_at IS NULL

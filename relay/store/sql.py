@@ -22,3 +22,43 @@ def set_clause(
         raise ValueError(f"not updatable: {sorted(unknown)}")
     parts = [f"{column} = ${first_param + i}" for i, column in enumerate(changes)]
     return ", ".join([*parts, "updated_at = now()"]), list(changes.values())
+
+
+# --- named fragments: each SQL rule that several statements share, written once ---
+
+#: First key of the advisory locks of ordered keys ("ord").
+ORDER_LOCK = 0x6F7264
+
+
+def key_locks(targets: str, keys: str, lock: str) -> str:
+    """An expression that takes the advisory lock of each distinct (target, key), held to commit.
+
+    The locks are taken in one order everywhere (sorted by hash), so two
+    transactions locking overlapping keys cannot deadlock. ``targets``/``keys``:
+    parameters holding parallel text arrays; ``lock``: the parameter holding
+    ``ORDER_LOCK``. Its value is the number of keys locked.
+    """
+    return f"""(
+        SELECT count(pg_advisory_xact_lock({lock}, k.h)) FROM (
+            SELECT DISTINCT hashtext(u.target_id || '/' || u.order_key) AS h
+            FROM unnest({targets}::text[], {keys}::text[]) AS u(target_id, order_key) ORDER BY 1
+        ) k
+    )"""
+
+
+def holds_key(p: str, t: str) -> str:
+    """True for a delivery ``p`` that holds its key's queue (its target is ``t``).
+
+    Undelivered ones (pending, retrying) do, and dead ones while the target
+    blocks on dead letters (``on_dead = 'block'``); a key's later deliveries
+    wait behind them.
+    """
+    return (
+        f"{p}.status IN ('pending', 'retrying', 'dead')"
+        f" AND ({p}.status <> 'dead' OR {t}.on_dead = 'block')"
+    )
+
+
+def key_queue_order(p: str) -> str:
+    """ORDER BY of a key's queue: its active delivery first, then the parked ones by position."""
+    return f"({p}.status = 'pending' AND {p}.next_attempt_at IS NULL), {p}.order_pos"

@@ -9,7 +9,8 @@ import pytest
 
 from relay.console import forms
 from relay.console.chart import outcome_chart, totals
-from relay.store.console import DeadLetterFilter, MinuteOutcomes, floor_id
+from relay.store.console import MinuteOutcomes, floor_id
+from relay.store.dead_letters import DeadLetterFilter
 
 START = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
 

@@ -1,4 +1,4 @@
-"""The layout's rules (docs/ARCHITECTURE.md): no import cycle, and no module imports a layer above its own."""
+"""The layout's rules (docs/ARCHITECTURE.md): no import cycle, no import of a layer above."""
 
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ def layer_of(module: str) -> int:
 
 
 def test_every_module_has_a_layer() -> None:
-    unplaced = [m for m, path in modules().items() if path.name != "__init__.py" and layer_of(m) < 0]
+    unplaced = [
+        m for m, path in modules().items() if path.name != "__init__.py" and layer_of(m) < 0
+    ]
     assert unplaced == []
 
 
