@@ -10,6 +10,7 @@ from aiohttp import web
 from relay.api.deliveries import MAX_REPLAY_IDS, Id, Timestamp, render_delivery, replay_dead_letters
 from relay.api.routing import ListQuery, Route, page, read_body, read_query, respond
 from relay.store import dead_letters, housekeeping
+from relay.store.dead_letters import DeadLetterFilter
 from relay.store.rows import Delivery
 from relay.web.app_keys import POOL
 
@@ -42,9 +43,9 @@ async def list_all_dead_letters(request: web.Request) -> web.Response:
     rows, cursor = await dead_letters.list_dead_letters(
         request.app[POOL],
         query.tenant_id,
+        DeadLetterFilter(target_id=query.target_id),
         limit=query.limit,
         cursor=query.cursor,
-        target_id=query.target_id,
     )
     return page([render_dead_letter(r) for r in rows], cursor)
 

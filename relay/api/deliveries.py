@@ -15,6 +15,7 @@ from relay.core import errors
 from relay.delivery.wakeups import REPLAY_ACTOR, REPLAY_QUEUE
 from relay.store import dead_letters
 from relay.store import deliveries as store
+from relay.store.dead_letters import DeadLetterFilter
 from relay.store.rows import AttemptRecord, Delivery
 from relay.web.app_keys import ENQUEUER, POOL, SETTINGS
 
@@ -123,7 +124,7 @@ async def replay_dead_letters(
         if up_to is None:
             return 0
         count = await dead_letters.count_dead_letters(
-            conn, owner, target_id=target_id, since=since, ids=None, up_to_id=up_to
+            conn, owner, DeadLetterFilter(target_id=target_id, since=since, up_to_id=up_to)
         )
     if count:
         job = {
@@ -187,9 +188,9 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     rows, cursor = await dead_letters.list_dead_letters(
         request.app[POOL],
         tenant_id(request),
+        DeadLetterFilter(target_id=query.target_id),
         limit=query.limit,
         cursor=query.cursor,
-        target_id=query.target_id,
     )
     return page([render_delivery(r) for r in rows], cursor)
 

@@ -21,6 +21,7 @@ from relay.core.config import Settings
 from relay.store import dead_letters as store
 from relay.store import deliveries
 from relay.store.db import Conn, connect
+from relay.store.dead_letters import DeadLetterFilter
 
 
 def _confirm(question: str, args: argparse.Namespace) -> bool:
@@ -33,9 +34,8 @@ def _confirm(question: str, args: argparse.Namespace) -> bool:
 
 
 async def _list(conn: Conn, args: argparse.Namespace, console: Console) -> int:
-    rows, _ = await store.list_dead_letters(
-        conn, args.tenant, limit=args.limit, cursor=None, target_id=args.target, since=args.since
-    )
+    flt = DeadLetterFilter(target_id=args.target, since=args.since)
+    rows, _ = await store.list_dead_letters(conn, args.tenant, flt, limit=args.limit, cursor=None)
     data = [{**render_delivery(r), "tenant_id": r.tenant_id} for r in rows]
     if args.json:
         print(dumps(data))
@@ -92,7 +92,9 @@ async def _replay(conn: Conn, args: argparse.Namespace, console: Console) -> int
         0
         if up_to is None
         else await store.count_dead_letters(
-            conn, args.tenant, target_id=args.target, since=args.since, ids=None, up_to_id=up_to
+            conn,
+            args.tenant,
+            DeadLetterFilter(target_id=args.target, since=args.since, up_to_id=up_to),
         )
     )
     if count and not _confirm(f"Replay {count} dead letters?", args):

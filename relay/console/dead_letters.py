@@ -104,14 +104,14 @@ class DeadLetters(web.View):
             context["problem"] = str(exc)
             context.update(await _choices(request, viewer.scope))
             return await page(request, "dead_letters.html", context, status=422)
-        rows, next_cursor = await store.find_dead_letters(
+        rows, next_cursor = await dead_letters.list_dead_letters(
             pool, selection.tenant_id, selection.flt, limit=PAGE_SIZE, cursor=cursor
         )
         context.update(
             rows=rows,
             next_cursor=next_cursor,
             cursor=cursor,
-            matching=await store.count_dead_letters_matching(
+            matching=await dead_letters.count_dead_letters(
                 pool, selection.tenant_id, selection.flt
             ),
             targets=await store.target_labels(pool, viewer.scope, [r.target_id for r in rows]),
@@ -148,9 +148,7 @@ async def plan_replay(
     pool = request.app[POOL]
     owner, flt = selection.tenant_id, selection.flt
     if scope == "selected":
-        count = await dead_letters.count_dead_letters(
-            pool, owner, target_id=None, since=None, ids=ids, up_to_id=None
-        )
+        count = await dead_letters.count_dead_letters(pool, owner, DeadLetterFilter(ids=ids))
         return ReplayPlan(count, ids, capped=False)
     if flt.api_selectable:
         up_to = await dead_letters.newest_dead_letter_id(pool)
@@ -158,12 +156,14 @@ async def plan_replay(
             0
             if up_to is None
             else await dead_letters.count_dead_letters(
-                pool, owner, target_id=flt.target_id, since=flt.since, ids=None, up_to_id=up_to
+                pool,
+                owner,
+                DeadLetterFilter(target_id=flt.target_id, since=flt.since, up_to_id=up_to),
             )
         )
         return ReplayPlan(count, None, capped=False)
-    matching = await store.count_dead_letters_matching(pool, owner, flt)
-    chosen = await store.dead_letter_ids_matching(pool, owner, flt, limit=MAX_REPLAY_IDS)
+    matching = await dead_letters.count_dead_letters(pool, owner, flt)
+    chosen = await dead_letters.dead_letter_ids(pool, owner, flt, limit=MAX_REPLAY_IDS)
     return ReplayPlan(len(chosen), chosen, capped=matching > len(chosen))
 
 
@@ -240,8 +240,8 @@ class Purge(web.View):
             return see_other(back)
         pool = request.app[POOL]
         if form.get("confirm") != "yes":
-            count = await store.count_dead_letters_before(
-                pool, tenant_id, target_id=target_id, older_than=older_than
+            count = await dead_letters.count_dead_letters(
+                pool, tenant_id, DeadLetterFilter(target_id=target_id, until=older_than)
             )
             return await page(
                 request,

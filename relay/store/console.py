@@ -21,9 +21,6 @@ from typing import Literal
 from ulid import ULID
 
 from relay.store.db import Conn
-from relay.store.dead_letters import DeadLetterFilter, dead_letter_args, dead_letter_match
-from relay.store.deliveries import DELIVERY_COLUMNS, delivery_page
-from relay.store.rows import Delivery
 from relay.store.sql import keyset_page
 
 
@@ -214,61 +211,6 @@ async def outcomes_by_minute(
         since,
     )
     return [MinuteOutcomes(r["m"], r["ok"], r["failed"], r["died"]) for r in rows]
-
-
-# --- dead letters ----------------------------------------------------------------
-
-
-async def find_dead_letters(
-    conn: Conn, tenant_id: str | None, flt: DeadLetterFilter, *, limit: int, cursor: str | None
-) -> tuple[list[Delivery], str | None]:
-    """Dead letters matching ``flt``, newest first, a page at a time."""
-    rows = await conn.fetch(
-        f"""
-        SELECT {DELIVERY_COLUMNS} FROM deliveries d
-        WHERE {dead_letter_match(1)} AND ($9::text IS NULL OR d.id < $9)
-        ORDER BY d.id DESC LIMIT $10
-        """,
-        *dead_letter_args(tenant_id, flt),
-        cursor,
-        limit + 1,
-    )
-    return delivery_page(rows, limit)
-
-
-async def count_dead_letters_matching(
-    conn: Conn, tenant_id: str | None, flt: DeadLetterFilter
-) -> int:
-    """How many dead letters match ``flt``."""
-    count: int = await conn.fetchval(
-        f"SELECT count(*) FROM deliveries d WHERE {dead_letter_match(1)}",
-        *dead_letter_args(tenant_id, flt),
-    )
-    return count
-
-
-async def dead_letter_ids_matching(
-    conn: Conn, tenant_id: str | None, flt: DeadLetterFilter, *, limit: int
-) -> list[str]:
-    """Ids of up to ``limit`` dead letters matching ``flt``, oldest first."""
-    rows = await conn.fetch(
-        f"SELECT d.id FROM deliveries d WHERE {dead_letter_match(1)} ORDER BY d.id LIMIT $9",
-        *dead_letter_args(tenant_id, flt),
-        limit,
-    )
-    return [r["id"] for r in rows]
-
-
-async def count_dead_letters_before(
-    conn: Conn, tenant_id: str | None, *, target_id: str | None, older_than: datetime
-) -> int:
-    """How many dead letters a purge of those made before ``older_than`` deletes."""
-    flt = DeadLetterFilter(target_id=target_id, until=older_than)
-    count: int = await conn.fetchval(
-        f"SELECT count(*) FROM deliveries d WHERE {dead_letter_match(1)}",
-        *dead_letter_args(tenant_id, flt),
-    )
-    return count
 
 
 # --- labels for lists ------------------------------------------------------------

@@ -82,46 +82,41 @@ def _like(text: str) -> str:
 
 
 async def list_dead_letters(
-    conn: Conn,
-    tenant_id: str | None,
-    *,
-    limit: int,
-    cursor: str | None,
-    target_id: str | None = None,
-    since: datetime | None = None,
+    conn: Conn, tenant_id: str | None, flt: DeadLetterFilter, *, limit: int, cursor: str | None
 ) -> tuple[list[Delivery], str | None]:
-    """Dead deliveries newest first; ``tenant_id`` None only for operators."""
+    """Dead letters matching ``flt``, newest first; ``tenant_id`` None only for operators."""
     rows = await conn.fetch(
         f"""
         SELECT {DELIVERY_COLUMNS} FROM deliveries d
         WHERE {dead_letter_match(1)} AND ($9::text IS NULL OR d.id < $9)
         ORDER BY d.id DESC LIMIT $10
         """,
-        *dead_letter_args(tenant_id, DeadLetterFilter(target_id=target_id, since=since)),
+        *dead_letter_args(tenant_id, flt),
         cursor,
         limit + 1,
     )
     return delivery_page(rows, limit)
 
 
-async def count_dead_letters(
-    conn: Conn,
-    tenant_id: str | None,
-    *,
-    target_id: str | None,
-    since: datetime | None,
-    ids: list[str] | None,
-    up_to_id: str | None,
-) -> int:
-    """How many dead letters a selection holds."""
+async def count_dead_letters(conn: Conn, tenant_id: str | None, flt: DeadLetterFilter) -> int:
+    """How many dead letters match ``flt``."""
     count: int = await conn.fetchval(
         f"SELECT count(*) FROM deliveries d WHERE {dead_letter_match(1)}",
-        *dead_letter_args(
-            tenant_id,
-            DeadLetterFilter(target_id=target_id, since=since, ids=ids, up_to_id=up_to_id),
-        ),
+        *dead_letter_args(tenant_id, flt),
     )
     return count
+
+
+async def dead_letter_ids(
+    conn: Conn, tenant_id: str | None, flt: DeadLetterFilter, *, limit: int
+) -> list[str]:
+    """Ids of up to ``limit`` dead letters matching ``flt``, oldest first."""
+    rows = await conn.fetch(
+        f"SELECT d.id FROM deliveries d WHERE {dead_letter_match(1)} ORDER BY d.id LIMIT $9",
+        *dead_letter_args(tenant_id, flt),
+        limit,
+    )
+    return [r["id"] for r in rows]
 
 
 async def newest_dead_letter_id(conn: Conn) -> str | None:
