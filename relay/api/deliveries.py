@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 from aiohttp import web
 
+from relay.api import responses
 from relay.api.routing import ListQuery, Route, page, read_body, read_query, respond, tenant_id
 from relay.core import errors
 from relay.delivery.wakeups import REPLAY_ACTOR, REPLAY_QUEUE
@@ -48,22 +49,16 @@ Id = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=64)]
 MAX_REPLAY_IDS = 1000
 
 
+#: The fields a delivery shows: declared once, by the API's model of it (and its OpenAPI
+#: schema); the store's row has each of them (tests/unit/test_rows.py).
+DELIVERY_FIELDS = tuple(responses.Delivery.model_fields)
+
+
 def render_delivery(row: Delivery) -> dict[str, Any]:
     """A delivery as API.md shows it (``blocked_by`` only while it waits behind another)."""
-    shown = {
-        "id": row.id,
-        "event_id": row.event_id,
-        "target_id": row.target_id,
-        "status": row.status,
-        "attempt_count": row.attempt_count,
-        "next_attempt_at": row.next_attempt_at,
-        "last_status_code": row.last_status_code,
-        "last_error": row.last_error,
-        "created_at": row.created_at,
-        "updated_at": row.updated_at,
-    }
-    if row.blocked_by is not None:
-        shown["blocked_by"] = row.blocked_by
+    shown = {name: getattr(row, name) for name in DELIVERY_FIELDS}
+    if shown["blocked_by"] is None:
+        del shown["blocked_by"]
     return shown
 
 

@@ -16,6 +16,7 @@ from relay.ingest.parse import ParsedEvent
 from relay.store import deliveries as delivery_store
 from relay.store import events as store
 from relay.store import targets as target_store
+from relay.store.rows import Event
 from relay.web.app_keys import ENQUEUER, POOL, SETTINGS
 
 
@@ -36,16 +37,16 @@ class EventReplay(pydantic.BaseModel):
     target_ids: Annotated[list[Id], pydantic.Field(min_length=1, max_length=100)] | None = None
 
 
-def render_event(row: Any) -> dict[str, Any]:
+def render_event(row: Event) -> dict[str, Any]:
     """An event with its payload as JSON."""
     return {
-        "id": row["id"],
-        "source_id": row["source_id"],
-        "received_at": row["received_at"],
-        "object_type": row["object_type"],
-        "action": row["action"],
-        "object_id": row["object_id"],
-        "payload": json.loads(bytes(row["payload"])),
+        "id": row.id,
+        "source_id": row.source_id,
+        "received_at": row.received_at,
+        "object_type": row.object_type,
+        "action": row.action,
+        "object_id": row.object_id,
+        "payload": json.loads(bytes(row.payload)),
     }
 
 
@@ -66,7 +67,7 @@ async def list_events(request: web.Request) -> web.Response:
     return page([render_event(r) for r in rows], cursor)
 
 
-async def _event_or_404(request: web.Request) -> Any:
+async def _event_or_404(request: web.Request) -> Event:
     row = await store.get_event(
         request.app[POOL], tenant_id(request), request.match_info["event_id"]
     )
@@ -79,7 +80,7 @@ async def get_event(request: web.Request) -> web.Response:
     """One event with its payload and deliveries."""
     row = await _event_or_404(request)
     deliveries = await delivery_store.deliveries_of_events(
-        request.app[POOL], tenant_id(request), [row["id"]]
+        request.app[POOL], tenant_id(request), [row.id]
     )
     return respond({**render_event(row), "deliveries": [render_delivery(d) for d in deliveries]})
 
@@ -108,23 +109,23 @@ async def replay_event(request: web.Request) -> web.Response:
         targets = [
             r.id
             for r in routes
-            if r.matches(event["source_id"] or "", event["object_type"], event["action"])
+            if r.matches(event.source_id or "", event.object_type, event.action)
         ]
     # an ordered target's new delivery joins the back of its key's queue
     parsed = ParsedEvent(
-        payload=bytes(event["payload"]),
+        payload=bytes(event.payload),
         uuid=None,
         date=None,
-        object_type=event["object_type"],
-        action=event["action"],
-        object_id=event["object_id"],
+        object_type=event.object_type,
+        action=event.action,
+        object_id=event.object_id,
         tenant_ref=None,
     )
     by_id = {r.id: r for r in routes}
     keyed = [(t, by_id[t].order_key(parsed)) for t in targets]
     async with pool.acquire() as conn, conn.transaction():
         ids = await store.add_deliveries(
-            conn, owner, event["id"], keyed, enqueue_grace_s=request.app[SETTINGS].requeue_after_s
+            conn, owner, event.id, keyed, enqueue_grace_s=request.app[SETTINGS].requeue_after_s
         )
     if ids:
         request.app[ENQUEUER].wake_soon((t, owner) for t in targets)

@@ -42,35 +42,24 @@ async def load_source(app: web.Application, source_id: str) -> SourceEntry | Non
     box = app[SECRETS]
     previous = None
     valid_until = None
-    if row["previous_secret_enc"] is not None and row["secret_rotated_at"] is not None:
-        previous = box.open(row["previous_secret_enc"], bound_to=row["id"])
-        valid_until = row["secret_rotated_at"].timestamp() + app[SETTINGS].secret_overlap_s
+    if row.previous_secret_enc is not None and row.secret_rotated_at is not None:
+        previous = box.open(row.previous_secret_enc, bound_to=row.id)
+        valid_until = row.secret_rotated_at.timestamp() + app[SETTINGS].secret_overlap_s
     return SourceEntry(
-        id=row["id"],
-        tenant_id=row["tenant_id"],
-        auth_type=row["auth_type"],
-        auth_config=row["auth_config"],
-        secret=box.open(row["secret_enc"], bound_to=row["id"]),
+        id=row.id,
+        tenant_id=row.tenant_id,
+        auth_type=row.auth_type,
+        auth_config=row.auth_config,
+        secret=box.open(row.secret_enc, bound_to=row.id),
         previous_secret=previous,
         previous_valid_until=valid_until,
-        rate_limit=row["rate_limit"],
+        rate_limit=row.rate_limit,
     )
 
 
 async def load_routes(app: web.Application, tenant_id: str) -> list[TargetRoute]:
     """The tenant's enabled targets with their filters lower-cased."""
-    rows = await target_store.routable_targets(app[POOL], tenant_id)
-    return [
-        TargetRoute(
-            id=r["id"],
-            object_types=frozenset(v.lower() for v in r["filter_object_types"]),
-            actions=frozenset(v.lower() for v in r["filter_actions"]),
-            source_ids=frozenset(r["source_ids"]) if r["source_ids"] is not None else None,
-            ordered=r["ordering"] == "object",
-            ordering_key=r["ordering_key"],
-        )
-        for r in rows
-    ]
+    return await target_store.routable_targets(app[POOL], tenant_id)
 
 
 async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response:

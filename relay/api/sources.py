@@ -22,6 +22,7 @@ from relay.api.routing import (
 from relay.core import errors
 from relay.core.crypto import new_id, new_source_secret, new_webhook_secret
 from relay.store import sources as store
+from relay.store.rows import Source
 from relay.web.app_keys import CACHE, POOL, SECRETS, SETTINGS
 
 Name = Annotated[
@@ -120,16 +121,16 @@ def _new_secret(auth_type: str) -> str:
     return new_webhook_secret() if auth_type == "standard-webhooks" else new_source_secret()
 
 
-def render_source(request: web.Request, row: Any) -> dict[str, Any]:
+def render_source(request: web.Request, row: Source) -> dict[str, Any]:
     """A source as the API shows it (no secret)."""
     return {
-        "id": row["id"],
-        "name": row["name"],
-        "auth": {"type": row["auth_type"], **row["auth_config"]},
-        "rate_limit": row["rate_limit"],
-        "ingest_url": f"{request.app[SETTINGS].public_url}/in/{row['id']}",
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
+        "id": row.id,
+        "name": row.name,
+        "auth": {"type": row.auth_type, **row.auth_config},
+        "rate_limit": row.rate_limit,
+        "ingest_url": f"{request.app[SETTINGS].public_url}/in/{row.id}",
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
     }
 
 
@@ -163,7 +164,7 @@ async def list_sources(request: web.Request) -> web.Response:
     return page([render_source(request, r) for r in rows], cursor)
 
 
-async def _get_or_404(request: web.Request) -> Any:
+async def _get_or_404(request: web.Request) -> Source:
     row = await store.get_source(
         request.app[POOL], tenant_id(request), request.match_info["source_id"]
     )
@@ -186,7 +187,7 @@ async def update_source(request: web.Request) -> web.Response:
         if name == "auth":
             if body.auth is None:
                 raise errors.ValidationFailed.field("auth", "may not be null")
-            if body.auth.type != current["auth_type"]:
+            if body.auth.type != current.auth_type:
                 # A valid body that conflicts with the source (the schema cannot say so): 409.
                 raise errors.Conflict(
                     "auth.type cannot change; create a new source for another auth type",
@@ -199,10 +200,10 @@ async def update_source(request: web.Request) -> web.Response:
             changes["name"] = body.name
         else:
             changes[name] = getattr(body, name)
-    row = await store.update_source(request.app[POOL], tenant_id(request), current["id"], changes)
+    row = await store.update_source(request.app[POOL], tenant_id(request), current.id, changes)
     if row is None:
         raise errors.NotFound("no such source")
-    request.app[CACHE].forget_source(row["id"])
+    request.app[CACHE].forget_source(row.id)
     return respond(render_source(request, row))
 
 
@@ -218,16 +219,16 @@ async def delete_source(request: web.Request) -> web.Response:
 async def rotate_source_secret(request: web.Request) -> web.Response:
     """A new secret; the previous one keeps working for RELAY_SECRET_OVERLAP_S."""
     current = await _get_or_404(request)
-    secret = _new_secret(current["auth_type"])
+    secret = _new_secret(current.auth_type)
     row = await store.rotate_source_secret(
         request.app[POOL],
         tenant_id(request),
-        current["id"],
-        request.app[SECRETS].seal(secret, bound_to=current["id"]),
+        current.id,
+        request.app[SECRETS].seal(secret, bound_to=current.id),
     )
     if row is None:
         raise errors.NotFound("no such source")
-    request.app[CACHE].forget_source(row["id"])
+    request.app[CACHE].forget_source(row.id)
     return respond({**render_source(request, row), "secret": secret})
 
 

@@ -32,6 +32,7 @@ from relay.ingest.parse import compact
 from relay.store import events as event_store
 from relay.store import sources as source_store
 from relay.store import targets as store
+from relay.store.rows import Target
 from relay.web.app_keys import CACHE, ENQUEUER, POOL, SECRETS, SETTINGS
 
 MAX_URL = 2048
@@ -212,31 +213,31 @@ class TargetPatch(pydantic.BaseModel):
 MASK = "••••"
 
 
-def render_target(request: web.Request, row: Any) -> dict[str, Any]:
+def render_target(request: web.Request, row: Target) -> dict[str, Any]:
     """A target as the API shows it: no secret, header values masked."""
-    headers = open_headers(request.app[SECRETS], row["id"], row["headers_enc"])
+    headers = open_headers(request.app[SECRETS], row.id, row.headers_enc)
     return {
-        "id": row["id"],
-        "url": row["url"],
-        "description": row["description"],
-        "filter": {"objectType": row["filter_object_types"], "action": row["filter_actions"]},
-        "source_ids": row["source_ids"],
+        "id": row.id,
+        "url": row.url,
+        "description": row.description,
+        "filter": {"objectType": row.filter_object_types, "action": row.filter_actions},
+        "source_ids": row.source_ids,
         "headers": dict.fromkeys(headers, MASK),
-        "rate_limit": row["rate_limit"],
-        "max_in_flight": row["max_in_flight"],
-        "ordering": row["ordering"],
-        "ordering_key": row["ordering_key"],
-        "on_dead": row["on_dead"],
-        "blocked": {"keys": row["blocked_keys"], "waiting": row["blocked_waiting"]},
-        "enabled": row["enabled"],
-        "disabled_reason": row["disabled_reason"],
+        "rate_limit": row.rate_limit,
+        "max_in_flight": row.max_in_flight,
+        "ordering": row.ordering,
+        "ordering_key": row.ordering_key,
+        "on_dead": row.on_dead,
+        "blocked": {"keys": row.blocked_keys, "waiting": row.blocked_waiting},
+        "enabled": row.enabled,
+        "disabled_reason": row.disabled_reason,
         "circuit": {
-            "state": row["breaker"],
-            "reason": row["breaker_reason"],
-            "until": row["breaker_open_until"],
+            "state": row.breaker,
+            "reason": row.breaker_reason,
+            "until": row.breaker_open_until,
         },
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
     }
 
 
@@ -308,7 +309,7 @@ async def list_targets(request: web.Request) -> web.Response:
     return page([render_target(request, r) for r in rows], cursor)
 
 
-async def _get_or_404(request: web.Request) -> Any:
+async def _get_or_404(request: web.Request) -> Target:
     row = await store.get_target(
         request.app[POOL], tenant_id(request), request.match_info["target_id"]
     )
@@ -342,18 +343,18 @@ async def update_target(request: web.Request) -> web.Response:
     if "source_ids" in fields:
         changes["source_ids"] = await _check_sources(request, body.source_ids)
     if body.headers is not None:
-        changes["headers_enc"] = seal_headers(request.app[SECRETS], current["id"], body.headers)
+        changes["headers_enc"] = seal_headers(request.app[SECRETS], current.id, body.headers)
     if "rate_limit" in fields:
         changes["rate_limit"] = body.rate_limit
     if body.max_in_flight is not None:
         changes["max_in_flight"] = body.max_in_flight
-    if body.ordering is not None and body.ordering != current["ordering"]:
+    if body.ordering is not None and body.ordering != current.ordering:
         changes["ordering"] = body.ordering
     if "ordering_key" in fields:
         changes["ordering_key"] = body.ordering_key
-    if body.on_dead is not None and body.on_dead != current["on_dead"]:
+    if body.on_dead is not None and body.on_dead != current.on_dead:
         changes["on_dead"] = body.on_dead
-    if body.enabled is not None and body.enabled != current["enabled"]:
+    if body.enabled is not None and body.enabled != current.enabled:
         changes["enabled"] = body.enabled
         changes["disabled_reason"] = None if body.enabled else "disabled through the API"
         changes["failing_since"] = None
@@ -361,7 +362,7 @@ async def update_target(request: web.Request) -> web.Response:
         row = await store.update_target(
             conn,
             tenant_id(request),
-            current["id"],
+            current.id,
             changes,
             grace_s=request.app[SETTINGS].requeue_after_s,
         )
@@ -384,13 +385,13 @@ async def delete_target(request: web.Request) -> web.Response:
 async def get_target_secret(request: web.Request) -> web.Response:
     """The target's current signing secret."""
     row = await _get_or_404(request)
-    return respond({"secret": request.app[SECRETS].open(row["secret_enc"], bound_to=row["id"])})
+    return respond({"secret": request.app[SECRETS].open(row.secret_enc, bound_to=row.id)})
 
 
 async def get_target_headers(request: web.Request) -> web.Response:
     """The target's custom headers with their values in clear."""
     row = await _get_or_404(request)
-    return respond({"headers": open_headers(request.app[SECRETS], row["id"], row["headers_enc"])})
+    return respond({"headers": open_headers(request.app[SECRETS], row.id, row.headers_enc)})
 
 
 async def rotate_target_secret(request: web.Request) -> web.Response:
@@ -400,8 +401,8 @@ async def rotate_target_secret(request: web.Request) -> web.Response:
     row = await store.rotate_target_secret(
         request.app[POOL],
         tenant_id(request),
-        current["id"],
-        request.app[SECRETS].seal(secret, bound_to=current["id"]),
+        current.id,
+        request.app[SECRETS].seal(secret, bound_to=current.id),
     )
     if row is None:
         raise errors.NotFound("no such target")
@@ -425,19 +426,19 @@ def test_payload() -> bytes:
 async def test_target(request: web.Request) -> web.Response:
     """Send a synthetic Test/ping event to this target alone."""
     target = await _get_or_404(request)
-    if not target["enabled"]:
+    if not target.enabled:
         raise errors.Conflict("the target is disabled; enable it first")
     async with request.app[POOL].acquire() as conn:
         event_id, delivery_id = await event_store.create_test_event(
             conn,
             tenant_id(request),
-            target["id"],
+            target.id,
             test_payload(),
             enqueue_grace_s=request.app[SETTINGS].requeue_after_s,
         )
     if delivery_id is None:  # deleted or disabled between the two statements
         raise errors.NotFound("no such target")
-    request.app[ENQUEUER].wake_soon([(target["id"], tenant_id(request))])
+    request.app[ENQUEUER].wake_soon([(target.id, tenant_id(request))])
     return respond({"event_id": event_id, "delivery_id": delivery_id}, status=202)
 
 

@@ -11,6 +11,7 @@ from relay.api.routing import ListQuery, Route, no_content, page, read_body, rea
 from relay.core import errors
 from relay.core.crypto import hash_api_key, new_api_key, new_id
 from relay.store import tenants as store
+from relay.store.rows import ApiKey, Tenant
 from relay.web.app_keys import POOL
 
 Name = Annotated[
@@ -25,14 +26,14 @@ class TenantCreate(pydantic.BaseModel):
     name: Name
 
 
-def render_tenant(row: Any) -> dict[str, Any]:
+def render_tenant(row: Tenant) -> dict[str, Any]:
     """A tenant as the API shows it (never a key)."""
-    return {"id": row["id"], "name": row["name"], "created_at": row["created_at"]}
+    return {"id": row.id, "name": row.name, "created_at": row.created_at}
 
 
-def render_key(row: Any) -> dict[str, Any]:
+def render_key(row: ApiKey) -> dict[str, Any]:
     """An API key's metadata (never the key or its hash)."""
-    return {"id": row["id"], "created_at": row["created_at"], "revoked_at": row["revoked_at"]}
+    return {"id": row.id, "created_at": row.created_at, "revoked_at": row.revoked_at}
 
 
 async def create_tenant(request: web.Request) -> web.Response:
@@ -43,9 +44,7 @@ async def create_tenant(request: web.Request) -> web.Response:
         tenant, key = await store.create_tenant(
             conn, new_id("ten"), body.name, new_id("key"), hash_api_key(api_key)
         )
-    return respond(
-        {**render_tenant(tenant), "api_key": api_key, "api_key_id": key["id"]}, status=201
-    )
+    return respond({**render_tenant(tenant), "api_key": api_key, "api_key_id": key.id}, status=201)
 
 
 async def list_tenants(request: web.Request) -> web.Response:
@@ -71,7 +70,7 @@ async def create_api_key(request: web.Request) -> web.Response:
     )
     if row is None:
         raise errors.NotFound("no such tenant")
-    return respond({"id": row["id"], "api_key": api_key, "created_at": row["created_at"]}, 201)
+    return respond({"id": row.id, "api_key": api_key, "created_at": row.created_at}, 201)
 
 
 async def list_api_keys(request: web.Request) -> web.Response:

@@ -226,7 +226,7 @@ async def _create_tenant(settings: Settings, name: str) -> tuple[str, str]:
         tenant, _ = await tenants.create_tenant(
             conn, new_id("ten"), name, new_id("key"), hash_api_key(api_key)
         )
-        return tenant["id"], api_key
+        return tenant.id, api_key
     finally:
         await conn.close()
 

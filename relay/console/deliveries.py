@@ -82,8 +82,8 @@ async def _story(request: web.Request, delivery: Delivery) -> dict[str, Any]:
         "target_url": label.url if label else None,
         "attempts": signed_attempts(
             attempts,
-            target["secret_rotated_at"] if target is not None else None,
-            target is not None and target["previous_secret_enc"] is not None,
+            target.secret_rotated_at if target is not None else None,
+            target is not None and target.previous_secret_enc is not None,
             request.app[SETTINGS].secret_overlap_s,
         ),
     }

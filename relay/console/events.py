@@ -91,12 +91,12 @@ class EventDetail(web.View):
         row = None if owner is None else await event_store.get_event(pool, owner, event_id)
         if row is None or owner is None:
             raise errors.NotFound()
-        deliveries = await delivery_store.deliveries_of_events(pool, owner, [row["id"]])
+        deliveries = await delivery_store.deliveries_of_events(pool, owner, [row.id])
         return await page(
             request,
             "event.html",
             {
-                "title": f"Event {row['id']}",
+                "title": f"Event {row.id}",
                 "event": render_event(row),
                 "deliveries": deliveries,
                 "targets": await store.target_labels(

@@ -22,13 +22,14 @@ from relay.store import deliveries as delivery_store
 from relay.store import events as event_store
 from relay.store import targets as target_store
 from relay.store import tenants
+from relay.store.rows import Target
 from relay.web.app_keys import CACHE, ENQUEUER, POOL, SECRETS, SETTINGS
 
 #: The window of a target's health figures.
 HEALTH_WINDOW = timedelta(hours=1)
 
 
-async def find_target(request: web.Request, viewer: Viewer, target_id: str) -> Any:
+async def find_target(request: web.Request, viewer: Viewer, target_id: str) -> Target:
     """The live target if the viewer may see it; 404 otherwise (another tenant's included)."""
     pool = request.app[POOL]
     if not forms.is_id(target_id, "tgt"):
@@ -53,7 +54,7 @@ async def chosen_tenant(request: web.Request, viewer: Viewer) -> tuple[str | Non
     except forms.BadInput:
         raise errors.NotFound() from None
     if picked is None and len(rows) == 1:
-        picked = rows[0]["id"]
+        picked = rows[0].id
     return picked, rows
 
 
@@ -82,13 +83,13 @@ class Targets(web.View):
                 cursor = None
             rows, next_cursor = await target_store.list_targets(pool, tenant_id, PAGE_SIZE, cursor)
             context.update(
-                rows=[(render_target(request, r), r["failing_since"]) for r in rows],
+                rows=[(render_target(request, r), r.failing_since) for r in rows],
                 next_cursor=next_cursor,
                 cursor=cursor,
                 health=await store.target_health(
                     pool,
                     tenant_id,
-                    [r["id"] for r in rows],
+                    [r.id for r in rows],
                     since=datetime.now(UTC) - HEALTH_WINDOW,
                 ),
             )
@@ -103,23 +104,23 @@ class TargetDetail(web.View):
         viewer = request[VIEWER]
         pool = request.app[POOL]
         row = await find_target(request, viewer, request.match_info["target_id"])
-        owner = row["tenant_id"]
+        owner = row.tenant_id
         recent, _ = await delivery_store.list_deliveries(
-            pool, owner, limit=20, cursor=None, target_id=row["id"]
+            pool, owner, limit=20, cursor=None, target_id=row.id
         )
         health = await store.target_health(
-            pool, owner, [row["id"]], since=datetime.now(UTC) - HEALTH_WINDOW
+            pool, owner, [row.id], since=datetime.now(UTC) - HEALTH_WINDOW
         )
         return await page(
             request,
             "target.html",
             {
-                "title": f"Target {row['id']}",
+                "title": f"Target {row.id}",
                 "target": render_target(request, row),
                 "target_tenant": owner,
-                "failing_since": row["failing_since"],
-                "secret_rotated_at": row["secret_rotated_at"],
-                "health": health.get(row["id"], store.NO_TRAFFIC),
+                "failing_since": row.failing_since,
+                "secret_rotated_at": row.secret_rotated_at,
+                "health": health.get(row.id, store.NO_TRAFFIC),
                 "recent": recent,
                 "events": await store.event_labels(pool, owner, [d.event_id for d in recent]),
                 "tenant_name": (await store.tenant_names(pool, [owner])).get(owner)
@@ -142,9 +143,9 @@ class TargetAction(web.View):
         return await handler(request, row)
 
 
-async def _set_enabled(request: web.Request, row: Any, enabled: bool) -> web.StreamResponse:
-    here = f"{PREFIX}/targets/{row['id']}"
-    if row["enabled"] == enabled:
+async def _set_enabled(request: web.Request, row: Target, enabled: bool) -> web.StreamResponse:
+    here = f"{PREFIX}/targets/{row.id}"
+    if row.enabled == enabled:
         await flash(request, f"It was already {'enabled' if enabled else 'disabled'}.")
         return see_other(here)
     who = "an operator" if request[VIEWER].is_operator else "the tenant"
@@ -156,17 +157,17 @@ async def _set_enabled(request: web.Request, row: Any, enabled: bool) -> web.Str
     async with request.app[POOL].acquire() as conn:
         updated = await target_store.update_target(
             conn,
-            row["tenant_id"],
-            row["id"],
+            row.tenant_id,
+            row.id,
             changes,
             grace_s=request.app[SETTINGS].requeue_after_s,
         )
     if updated is None:
         raise errors.NotFound()
-    request.app[CACHE].forget_tenant(row["tenant_id"])
+    request.app[CACHE].forget_tenant(row.tenant_id)
     if enabled:
         # what waited while it was disabled is due: wake it rather than wait for the sweeper
-        request.app[ENQUEUER].wake_soon([(row["id"], row["tenant_id"])])
+        request.app[ENQUEUER].wake_soon([(row.id, row.tenant_id)])
     await flash(
         request,
         "Enabled: deliveries flow again."
@@ -176,21 +177,21 @@ async def _set_enabled(request: web.Request, row: Any, enabled: bool) -> web.Str
     return see_other(here)
 
 
-async def _enable(request: web.Request, row: Any) -> web.StreamResponse:
+async def _enable(request: web.Request, row: Target) -> web.StreamResponse:
     return await _set_enabled(request, row, True)
 
 
-async def _disable(request: web.Request, row: Any) -> web.StreamResponse:
+async def _disable(request: web.Request, row: Target) -> web.StreamResponse:
     return await _set_enabled(request, row, False)
 
 
-async def _rotate(request: web.Request, row: Any) -> web.StreamResponse:
+async def _rotate(request: web.Request, row: Target) -> web.StreamResponse:
     secret = new_webhook_secret()
     rotated = await target_store.rotate_target_secret(
         request.app[POOL],
-        row["tenant_id"],
-        row["id"],
-        request.app[SECRETS].seal(secret, bound_to=row["id"]),
+        row.tenant_id,
+        row.id,
+        request.app[SECRETS].seal(secret, bound_to=row.id),
     )
     if rotated is None:
         raise errors.NotFound()
@@ -200,29 +201,29 @@ async def _rotate(request: web.Request, row: Any) -> web.StreamResponse:
         "secret.html",
         {
             "title": "New signing secret",
-            "target_id": row["id"],
+            "target_id": row.id,
             "secret": secret,
             "overlap_hours": request.app[SETTINGS].secret_overlap_s / 3600,
         },
     )
 
 
-async def _test(request: web.Request, row: Any) -> web.StreamResponse:
-    here = f"{PREFIX}/targets/{row['id']}"
-    if not row["enabled"]:
+async def _test(request: web.Request, row: Target) -> web.StreamResponse:
+    here = f"{PREFIX}/targets/{row.id}"
+    if not row.enabled:
         await flash(request, "The target is disabled; enable it first.", "error")
         return see_other(here)
     async with request.app[POOL].acquire() as conn:
         _, delivery_id = await event_store.create_test_event(
             conn,
-            row["tenant_id"],
-            row["id"],
+            row.tenant_id,
+            row.id,
             test_payload(),
             enqueue_grace_s=request.app[SETTINGS].requeue_after_s,
         )
     if delivery_id is None:  # deleted or disabled meanwhile
         raise errors.NotFound()
-    request.app[ENQUEUER].wake_soon([(row["id"], row["tenant_id"])])
+    request.app[ENQUEUER].wake_soon([(row.id, row.tenant_id)])
     await flash(request, "Test event sent: this page follows its delivery.")
     return see_other(f"{PREFIX}/deliveries/{delivery_id}")
 

@@ -10,9 +10,9 @@ never route to a deleted or disabled target.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from relay.delivery.ordering import object_key, pointer_key
 from relay.ingest.parse import ParsedEvent
@@ -47,6 +47,18 @@ class TargetRoute:
     ordered: bool = False
     #: the JSON pointer of the key (None: objectType and objectId)
     ordering_key: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> TargetRoute:
+        """A target's row (filters, sources, ordering) as routing sees it."""
+        return cls(
+            id=row["id"],
+            object_types=frozenset(v.lower() for v in row["filter_object_types"]),
+            actions=frozenset(v.lower() for v in row["filter_actions"]),
+            source_ids=frozenset(row["source_ids"]) if row["source_ids"] is not None else None,
+            ordered=row["ordering"] == "object",
+            ordering_key=row["ordering_key"],
+        )
 
     def order_key(self, event: ParsedEvent) -> str | None:
         """The ordering key of ``event`` at this target (None: not ordered)."""

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, cast
 from relay.core.crypto import new_id
 from relay.delivery.ordering import OnDead
 from relay.delivery.outcome import CLOSED, Breaker, BreakerState
-from relay.store.db import Conn
+from relay.store.db import Conn, Queries
 from relay.store.key_queues import promote_keys
 from relay.store.rows import DeliveryStatus, Wake
 
@@ -144,7 +144,7 @@ ORDER BY c.id
 """
 
 
-async def read_target(conn: Conn, target_id: str) -> SendTarget | None:
+async def read_target(conn: Queries, target_id: str) -> SendTarget | None:
     """A target as the engine sees it (None if it does not exist)."""
     row = await conn.fetchrow(_TARGET, target_id)
     return None if row is None else SendTarget.from_row(row)
@@ -183,7 +183,7 @@ async def claim_batch(
 
 
 async def release_batch(
-    conn: Conn, claimed: Sequence[Claimed], *, delay_s: float, carried_for_s: float | None
+    conn: Queries, claimed: Sequence[Claimed], *, delay_s: float, carried_for_s: float | None
 ) -> None:
     """Give claims back without spending an attempt.
 
@@ -207,7 +207,7 @@ async def release_batch(
     )
 
 
-async def breaker_of(conn: Conn, target_id: str) -> Breaker:
+async def breaker_of(conn: Queries, target_id: str) -> Breaker:
     """A target's breaker, locked until the transaction ends (closed if it has no row)."""
     row = await conn.fetchrow(
         """
@@ -226,7 +226,7 @@ async def breaker_of(conn: Conn, target_id: str) -> Breaker:
     )
 
 
-async def save_breaker(conn: Conn, target_id: str, breaker: Breaker) -> None:
+async def save_breaker(conn: Queries, target_id: str, breaker: Breaker) -> None:
     """Store a target's breaker (an open period starts now, when ``open_for_s`` is set)."""
     await conn.execute(
         """
@@ -363,7 +363,7 @@ async def record_batch(
     return recorded
 
 
-async def next_due_in(conn: Conn, target_id: str) -> float | None:
+async def next_due_in(conn: Queries, target_id: str) -> float | None:
     """Seconds until the target's next waiting delivery falls due (None: it has none)."""
     value = await conn.fetchval(
         """
@@ -376,7 +376,7 @@ async def next_due_in(conn: Conn, target_id: str) -> float | None:
     return None if value is None else float(value)
 
 
-async def targets_to_wake(conn: Conn, *, grace_s: float, limit: int) -> list[Wake]:
+async def targets_to_wake(conn: Queries, *, grace_s: float, limit: int) -> list[Wake]:
     """Targets with a due delivery nobody carries, marked as woken for ``grace_s``.
 
     One index probe per live, enabled target whose breaker lets work through:
@@ -409,7 +409,7 @@ async def targets_to_wake(conn: Conn, *, grace_s: float, limit: int) -> list[Wak
     return [Wake(r["id"], r["tenant_id"]) for r in rows]
 
 
-async def target_of_delivery(conn: Conn, delivery_id: str) -> Wake | None:
+async def target_of_delivery(conn: Queries, delivery_id: str) -> Wake | None:
     """The target (and tenant) a delivery goes to."""
     row = await conn.fetchrow(
         "SELECT target_id, tenant_id FROM deliveries WHERE id = $1", delivery_id

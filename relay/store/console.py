@@ -20,7 +20,7 @@ from typing import Literal
 
 from ulid import ULID
 
-from relay.store.db import Conn
+from relay.store.db import Queries
 from relay.store.sql import keyset_page
 
 
@@ -41,7 +41,7 @@ class KeyOwner:
     tenant_name: str
 
 
-async def key_owner_by_hash(conn: Conn, key_hash: bytes) -> KeyOwner | None:
+async def key_owner_by_hash(conn: Queries, key_hash: bytes) -> KeyOwner | None:
     """The live key with this hash and its tenant (sign-in), or None."""
     row = await conn.fetchrow(
         """
@@ -53,7 +53,7 @@ async def key_owner_by_hash(conn: Conn, key_hash: bytes) -> KeyOwner | None:
     return None if row is None else KeyOwner(row["id"], row["tenant_id"], row["name"])
 
 
-async def key_owner_by_id(conn: Conn, key_id: str) -> KeyOwner | None:
+async def key_owner_by_id(conn: Queries, key_id: str) -> KeyOwner | None:
     """The key a session signed in with, while it is live (a revoked key ends its sessions)."""
     row = await conn.fetchrow(
         """
@@ -73,13 +73,13 @@ _OWNER_QUERIES = {
 }
 
 
-async def owner_of(conn: Conn, kind: Literal["event", "target"], object_id: str) -> str | None:
+async def owner_of(conn: Queries, kind: Literal["event", "target"], object_id: str) -> str | None:
     """The tenant owning an event or a live target (operators open any tenant's)."""
     owner: str | None = await conn.fetchval(_OWNER_QUERIES[kind], object_id)
     return owner
 
 
-async def tenant_names(conn: Conn, tenant_ids: Sequence[str]) -> dict[str, str]:
+async def tenant_names(conn: Queries, tenant_ids: Sequence[str]) -> dict[str, str]:
     """Names of tenants by id."""
     rows = await conn.fetch(
         "SELECT id, name FROM tenants WHERE id = ANY($1::text[])", list(set(tenant_ids))
@@ -107,7 +107,7 @@ class TenantFigures:
 
 
 async def figures_by_tenant(
-    conn: Conn, tenant_id: str | None, *, since: datetime
+    conn: Queries, tenant_id: str | None, *, since: datetime
 ) -> list[TenantFigures]:
     """Per tenant: events received and attempts since ``since``; deliveries waiting or dead now.
 
@@ -184,7 +184,7 @@ class MinuteOutcomes:
 
 
 async def outcomes_by_minute(
-    conn: Conn, tenant_id: str | None, *, since: datetime
+    conn: Queries, tenant_id: str | None, *, since: datetime
 ) -> list[MinuteOutcomes]:
     """Attempts by outcome and deliveries that died, per minute since ``since`` (minutes with
     nothing are absent)."""
@@ -225,7 +225,7 @@ class TargetLabel:
 
 
 async def target_labels(
-    conn: Conn, tenant_id: str | None, target_ids: Sequence[str]
+    conn: Queries, tenant_id: str | None, target_ids: Sequence[str]
 ) -> dict[str, TargetLabel]:
     """URLs of targets (deleted ones too: their deliveries keep their history)."""
     rows = await conn.fetch(
@@ -249,7 +249,7 @@ class EventLabel:
 
 
 async def event_labels(
-    conn: Conn, tenant_id: str | None, event_ids: Sequence[str]
+    conn: Queries, tenant_id: str | None, event_ids: Sequence[str]
 ) -> dict[str, EventLabel]:
     """Type, action and object id of events."""
     rows = await conn.fetch(
@@ -264,7 +264,7 @@ async def event_labels(
 
 
 async def delivery_counts_of_events(
-    conn: Conn, tenant_id: str | None, event_ids: Sequence[str]
+    conn: Queries, tenant_id: str | None, event_ids: Sequence[str]
 ) -> dict[str, dict[str, int]]:
     """For each event, its deliveries by status."""
     rows = await conn.fetch(
@@ -307,7 +307,7 @@ NO_TRAFFIC = TargetHealth(0, 0, None, None, None, 0, 0)
 
 
 async def target_health(
-    conn: Conn, tenant_id: str | None, target_ids: Sequence[str], *, since: datetime
+    conn: Queries, tenant_id: str | None, target_ids: Sequence[str], *, since: datetime
 ) -> dict[str, TargetHealth]:
     """Attempts since ``since`` and deliveries retrying or dead now, per target."""
     rows = await conn.fetch(
@@ -384,7 +384,7 @@ class EventSearch:
 
 
 async def search_events(
-    conn: Conn, tenant_id: str | None, search: EventSearch, *, limit: int, cursor: str | None
+    conn: Queries, tenant_id: str | None, search: EventSearch, *, limit: int, cursor: str | None
 ) -> tuple[list[EventRow], str | None]:
     """Events matching ``search``, newest first, a page at a time."""
     rows = await conn.fetch(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
 import asyncpg
 from tenacity import (
@@ -17,8 +19,49 @@ from tenacity import (
 
 log = logging.getLogger(__name__)
 
-Pool = Any  # asyncpg.Pool; asyncpg ships no type information
-Conn = Any  # asyncpg.Connection or a pool-acquired proxy
+#: A row as asyncpg returns it (``asyncpg.Record``): read by column name.
+Record = Mapping[str, Any]
+
+
+class Queries(Protocol):
+    """What a store function needs to run statements: a pool or a connection will do.
+
+    asyncpg ships no type information, so these protocols say which of its
+    methods the relay uses and what they return.
+    """
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str: ...
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Record]: ...
+
+    async def fetchrow(
+        self, query: str, *args: Any, timeout: float | None = None
+    ) -> Record | None: ...
+
+    async def fetchval(
+        self, query: str, *args: Any, column: int = 0, timeout: float | None = None
+    ) -> Any: ...
+
+
+class Conn(Queries, Protocol):
+    """One connection (``asyncpg.Connection`` or a pool's proxy): statements and transactions."""
+
+    def transaction(
+        self, *, isolation: str | None = None, readonly: bool = False, deferrable: bool = False
+    ) -> AbstractAsyncContextManager[Any]: ...
+
+    async def close(self, *, timeout: float | None = None) -> None: ...
+
+    def terminate(self) -> None: ...
+
+
+class Pool(Queries, Protocol):
+    """A pool of connections (``asyncpg.Pool``)."""
+
+    def acquire(self, *, timeout: float | None = None) -> AbstractAsyncContextManager[Conn]: ...
+
+    async def close(self) -> None: ...
+
 
 #: Faults worth waiting out at start (Postgres still booting, a restart).
 TRANSIENT = (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
@@ -51,7 +94,7 @@ class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
         return ""
 
 
-async def _init_connection(conn: Conn) -> None:
+async def _init_connection(conn: Any) -> None:  # asyncpg.Connection
     for kind in ("json", "jsonb"):
         await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -68,13 +111,14 @@ async def create_pool(
         reraise=True,
     ):
         with attempt:
-            return await asyncpg.create_pool(
+            pool: Pool = await asyncpg.create_pool(
                 dsn,
                 min_size=min_size,
                 max_size=max_size,
                 init=_init_connection,
                 connection_class=PooledConnection,
             )
+            return pool
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -94,7 +138,7 @@ async def connect(
         reraise=True,
     ):
         with attempt:
-            conn = await asyncpg.connect(
+            conn: Conn = await asyncpg.connect(
                 dsn, command_timeout=command_timeout, server_settings=server_settings
             )
             await _init_connection(conn)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from relay.store.db import Conn
+from relay.store.db import Conn, Queries
 from relay.store.deliveries import DELIVERY_COLUMNS, delivery_page
 from relay.store.key_queues import promote_keys
 from relay.store.rows import Delivery, Replayed
@@ -82,7 +82,7 @@ def _like(text: str) -> str:
 
 
 async def list_dead_letters(
-    conn: Conn, tenant_id: str | None, flt: DeadLetterFilter, *, limit: int, cursor: str | None
+    conn: Queries, tenant_id: str | None, flt: DeadLetterFilter, *, limit: int, cursor: str | None
 ) -> tuple[list[Delivery], str | None]:
     """Dead letters matching ``flt``, newest first; ``tenant_id`` None only for operators."""
     rows = await conn.fetch(
@@ -98,7 +98,7 @@ async def list_dead_letters(
     return delivery_page(rows, limit)
 
 
-async def count_dead_letters(conn: Conn, tenant_id: str | None, flt: DeadLetterFilter) -> int:
+async def count_dead_letters(conn: Queries, tenant_id: str | None, flt: DeadLetterFilter) -> int:
     """How many dead letters match ``flt``."""
     count: int = await conn.fetchval(
         f"SELECT count(*) FROM deliveries d WHERE {dead_letter_match(1)}",
@@ -108,7 +108,7 @@ async def count_dead_letters(conn: Conn, tenant_id: str | None, flt: DeadLetterF
 
 
 async def dead_letter_ids(
-    conn: Conn, tenant_id: str | None, flt: DeadLetterFilter, *, limit: int
+    conn: Queries, tenant_id: str | None, flt: DeadLetterFilter, *, limit: int
 ) -> list[str]:
     """Ids of up to ``limit`` dead letters matching ``flt``, oldest first."""
     rows = await conn.fetch(
@@ -119,7 +119,7 @@ async def dead_letter_ids(
     return [r["id"] for r in rows]
 
 
-async def newest_dead_letter_id(conn: Conn) -> str | None:
+async def newest_dead_letter_id(conn: Queries) -> str | None:
     """The highest dead-letter id now: a bulk replay stops there."""
     value: str | None = await conn.fetchval("SELECT max(id) FROM deliveries WHERE status = 'dead'")
     return value

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from relay.store.db import Conn
+from relay.store.db import Conn, Queries
 from relay.store.key_queues import promote_keys
 from relay.store.rows import AttemptRecord, Delivery, DeliveryStatus
 from relay.store.sql import holds_key, key_queue_order, keyset_page
@@ -35,7 +35,7 @@ def delivery_page(
 
 
 async def list_deliveries(
-    conn: Conn,
+    conn: Queries,
     tenant_id: str | None,
     *,
     limit: int,
@@ -65,7 +65,7 @@ async def list_deliveries(
     return delivery_page(rows, limit)
 
 
-async def get_delivery(conn: Conn, tenant_id: str, delivery_id: str) -> Delivery | None:
+async def get_delivery(conn: Queries, tenant_id: str, delivery_id: str) -> Delivery | None:
     """One delivery of this tenant, or None."""
     row = await conn.fetchrow(
         f"SELECT {DELIVERY_COLUMNS} FROM deliveries d WHERE d.tenant_id = $1 AND d.id = $2",
@@ -75,7 +75,7 @@ async def get_delivery(conn: Conn, tenant_id: str, delivery_id: str) -> Delivery
     return Delivery.maybe(row)
 
 
-async def get_delivery_any_tenant(conn: Conn, delivery_id: str) -> Delivery | None:
+async def get_delivery_any_tenant(conn: Queries, delivery_id: str) -> Delivery | None:
     """One delivery whoever owns it (operators' CLI)."""
     row = await conn.fetchrow(
         f"SELECT {DELIVERY_COLUMNS} FROM deliveries d WHERE d.id = $1", delivery_id
@@ -83,7 +83,9 @@ async def get_delivery_any_tenant(conn: Conn, delivery_id: str) -> Delivery | No
     return Delivery.maybe(row)
 
 
-async def deliveries_of_events(conn: Conn, tenant_id: str, event_ids: list[str]) -> list[Delivery]:
+async def deliveries_of_events(
+    conn: Queries, tenant_id: str, event_ids: list[str]
+) -> list[Delivery]:
     """The deliveries of some events of this tenant."""
     rows = await conn.fetch(
         f"""
@@ -96,7 +98,7 @@ async def deliveries_of_events(conn: Conn, tenant_id: str, event_ids: list[str])
     return [Delivery.from_row(r) for r in rows]
 
 
-async def attempts_of(conn: Conn, delivery_id: str) -> list[AttemptRecord]:
+async def attempts_of(conn: Queries, delivery_id: str) -> list[AttemptRecord]:
     """A delivery's attempts, oldest first."""
     rows = await conn.fetch(
         """

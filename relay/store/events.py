@@ -10,7 +10,8 @@ from typing import Any
 from relay.core.crypto import new_id
 from relay.ingest.parse import ParsedEvent
 from relay.ingest.routes import TargetRoute
-from relay.store.db import Conn
+from relay.store.db import Conn, Queries
+from relay.store.rows import Event
 from relay.store.sql import ORDER_LOCK, holds_key, key_locks, keyset_page
 
 _INSERT_EVENTS = """
@@ -221,7 +222,7 @@ DeliveryRow = tuple[str, str, str, str, "str | None"]
 
 
 async def _insert_deliveries(
-    conn: Conn,
+    conn: Queries,
     rows: Sequence[DeliveryRow],
     *,
     enqueue_grace_s: float,
@@ -282,7 +283,7 @@ _EVENT_COLUMNS = "id, source_id, received_at, object_type, action, object_id, pa
 
 
 async def list_events(
-    conn: Conn,
+    conn: Queries,
     tenant_id: str,
     *,
     limit: int,
@@ -292,7 +293,7 @@ async def list_events(
     action: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-) -> tuple[list[Any], str | None]:
+) -> tuple[list[Event], str | None]:
     """A tenant's events newest first; type and action match case-insensitively."""
     rows = await conn.fetch(
         f"""
@@ -315,20 +316,22 @@ async def list_events(
         until,
         limit + 1,
     )
-    return keyset_page(rows, limit)
+    page, next_cursor = keyset_page(rows, limit)
+    return [Event.from_row(r) for r in page], next_cursor
 
 
-async def get_event(conn: Conn, tenant_id: str, event_id: str) -> Any:
+async def get_event(conn: Queries, tenant_id: str, event_id: str) -> Event | None:
     """One event of this tenant, or None."""
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         f"SELECT {_EVENT_COLUMNS} FROM events WHERE tenant_id = $1 AND id = $2",
         tenant_id,
         event_id,
     )
+    return Event.maybe(row)
 
 
 async def add_deliveries(
-    conn: Conn,
+    conn: Queries,
     tenant_id: str,
     event_id: str,
     targets: Sequence[tuple[str, str | None]],

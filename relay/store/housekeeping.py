@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.store.db import Conn
+from relay.store.db import Queries
 
 
-async def stats(conn: Conn) -> dict[str, Any]:
+async def stats(conn: Queries) -> dict[str, Any]:
     """Deliveries by status, the oldest due delivery's age, dead letters per tenant."""
     by_status = {
         r["status"]: r["n"]
@@ -37,7 +37,7 @@ async def stats(conn: Conn) -> dict[str, Any]:
     }
 
 
-async def disable_failing_targets(conn: Conn, failing_for_s: float) -> list[str]:
+async def disable_failing_targets(conn: Queries, failing_for_s: float) -> list[str]:
     """Disable targets whose every attempt has failed for ``failing_for_s``; return their ids."""
     rows = await conn.fetch(
         """
@@ -54,7 +54,7 @@ async def disable_failing_targets(conn: Conn, failing_for_s: float) -> list[str]
     return [r["id"] for r in rows]
 
 
-async def purge_old_events(conn: Conn, retention_days: int, batch: int = 1000) -> int:
+async def purge_old_events(conn: Queries, retention_days: int, batch: int = 1000) -> int:
     """Delete up to ``batch`` events older than the retention (deliveries and attempts cascade).
 
     An event with a delivery still to be sent (pending or retrying, e.g. behind a
@@ -80,7 +80,7 @@ async def purge_old_events(conn: Conn, retention_days: int, batch: int = 1000) -
     return deleted
 
 
-async def backlog(conn: Conn) -> tuple[int, int, int]:
+async def backlog(conn: Queries) -> tuple[int, int, int]:
     """(due but unsent, dead) deliveries and targets whose breaker is not closed."""
     row = await conn.fetchrow(
         """
@@ -91,4 +91,5 @@ async def backlog(conn: Conn) -> tuple[int, int, int]:
           (SELECT count(*) FROM target_health WHERE breaker <> 'closed') AS open_breakers
         """
     )
+    assert row is not None  # one row of counts, always
     return int(row["due"]), int(row["dead"]), int(row["open_breakers"])

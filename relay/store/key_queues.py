@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from relay.store.db import Conn
+from relay.store.db import Conn, Queries
 from relay.store.rows import Replayed
 from relay.store.sql import ORDER_LOCK, holds_key, key_locks, key_queue_order
 
@@ -45,7 +45,7 @@ RETURNING d.id, d.target_id, d.tenant_id
 
 
 async def promote_keys(
-    conn: Conn, keys: Sequence[tuple[str, str]], *, grace_s: float
+    conn: Queries, keys: Sequence[tuple[str, str]], *, grace_s: float
 ) -> list[Replayed]:
     """Make the next delivery of each (target, key) due if nothing of its key is active.
 

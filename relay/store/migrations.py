@@ -11,7 +11,7 @@ from pathlib import Path
 
 from relay.core.config import ConfigError
 from relay.core.crypto import SecretBox, seal_headers
-from relay.store.db import Conn
+from relay.store.db import Conn, Queries
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-async def _encrypt_target_headers(conn: Conn, box: SecretBox | None) -> None:
+async def _encrypt_target_headers(conn: Queries, box: SecretBox | None) -> None:
     """0003: encrypt the plaintext headers of existing targets, then drop the plaintext column."""
     rows = await conn.fetch(
         "SELECT id, headers::text AS headers FROM targets WHERE headers <> '{}'::jsonb FOR UPDATE"
@@ -121,7 +121,7 @@ async def migrate(
     return applied
 
 
-async def applied_versions(conn: Conn) -> list[int]:
+async def applied_versions(conn: Queries) -> list[int]:
     """The versions recorded in schema_migrations."""
     rows = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
     return [r["version"] for r in rows]

@@ -3,11 +3,127 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Self
+
+from relay.delivery.outcome import BreakerState
 
 DeliveryStatus = Literal["pending", "retrying", "succeeded", "dead"]
+_NAMES: dict[type, tuple[str, ...]] = {}
+_MISSING = object()
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
+
+
+class Row:
+    """A frozen dataclass built from a database row by its field names.
+
+    Columns the row has beyond the fields are ignored (``SELECT *`` may grow);
+    a field the row lacks takes its default, or fails if it has none.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Self:
+        values = {name: row.get(name, _MISSING) for name in _names(cls)}
+        return cls(**{name: v for name, v in values.items() if v is not _MISSING})
+
+    @classmethod
+    def maybe(cls, row: Mapping[str, Any] | None) -> Self | None:
+        return None if row is None else cls.from_row(row)
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant(Row):
+    """A tenant: whose sources, targets and events these are."""
+
+    id: str
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey(Row):
+    """A tenant's API key as it may be shown: never its hash."""
+
+    id: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Source(Row):
+    """Where an upstream sends a tenant's events, with its secrets sealed."""
+
+    id: str
+    tenant_id: str
+    name: str
+    auth_type: str
+    auth_config: dict[str, Any]
+    secret_enc: bytes
+    previous_secret_enc: bytes | None
+    secret_rotated_at: datetime | None
+    rate_limit: int | None
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Target(Row):
+    """Where a tenant receives its events: the row, its breaker and its blocked keys."""
+
+    id: str
+    tenant_id: str
+    url: str
+    description: str | None
+    filter_object_types: list[str]
+    filter_actions: list[str]
+    source_ids: list[str] | None
+    headers_enc: bytes | None
+    secret_enc: bytes
+    previous_secret_enc: bytes | None
+    secret_rotated_at: datetime | None
+    rate_limit: int | None
+    max_in_flight: int
+    ordering: Literal["none", "object"]
+    ordering_key: str | None
+    on_dead: Literal["skip", "block"]
+    enabled: bool
+    disabled_reason: str | None
+    failing_since: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None = None
+    # from target_health (a target without a health row is healthy)
+    breaker: BreakerState = "closed"
+    breaker_reason: str | None = None
+    breaker_open_until: datetime | None = None
+    consecutive_failures: int = 0
+    #: keys whose delivery died and blocks them (on_dead "block")
+    blocked_keys: int = 0
+    #: deliveries waiting behind those dead letters
+    blocked_waiting: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Event(Row):
+    """An event as received: what it is about, and its payload's bytes."""
+
+    id: str
+    source_id: str | None
+    received_at: datetime
+    object_type: str | None
+    action: str | None
+    object_id: str | None
+    payload: bytes
 
 
 class Wake(NamedTuple):
@@ -30,7 +146,7 @@ class Replayed(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
-class Delivery:
+class Delivery(Row):
     """A delivery as the API and the CLI show it (the columns of ``DELIVERY_COLUMNS``)."""
 
     id: str
@@ -47,17 +163,9 @@ class Delivery:
     #: an ordered delivery waiting: the delivery of its key it waits behind
     blocked_by: str | None = None
 
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Delivery:
-        return cls(**row)
-
-    @classmethod
-    def maybe(cls, row: Mapping[str, Any] | None) -> Delivery | None:
-        return None if row is None else cls(**row)
-
 
 @dataclass(frozen=True, slots=True)
-class AttemptRecord:
+class AttemptRecord(Row):
     """One recorded attempt: when, how long, what came back."""
 
     id: str
@@ -66,7 +174,3 @@ class AttemptRecord:
     status_code: int | None
     error: str | None
     response_body: str | None
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> AttemptRecord:
-        return cls(**row)

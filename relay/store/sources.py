@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.store.db import Conn, Pool
+from relay.store.db import Pool, Queries
+from relay.store.rows import Source
 from relay.store.sql import keyset_page, set_clause
 from relay.store.tenants import lock_and_count_live
 
@@ -22,7 +23,7 @@ async def create_source(
     secret_enc: bytes,
     rate_limit: int | None,
     max_live: int,
-) -> Any:
+) -> Source | None:
     """Insert a source; None if the tenant already has ``max_live`` live sources.
 
     The quota is counted and the row inserted in one transaction of a connection of ``pool``.
@@ -30,7 +31,7 @@ async def create_source(
     async with pool.acquire() as conn, conn.transaction():
         if await lock_and_count_live(conn, tenant_id, "sources") >= max_live:
             return None
-        return await conn.fetchrow(
+        row = await conn.fetchrow(
             """
             INSERT INTO sources
                 (id, tenant_id, name, auth_type, auth_config, secret_enc, rate_limit)
@@ -44,20 +45,22 @@ async def create_source(
             secret_enc,
             rate_limit,
         )
+    return Source.maybe(row)
 
 
-async def get_source(conn: Conn, tenant_id: str, source_id: str) -> Any:
+async def get_source(conn: Queries, tenant_id: str, source_id: str) -> Source | None:
     """A live source of this tenant, or None."""
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         "SELECT * FROM sources WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL",
         tenant_id,
         source_id,
     )
+    return Source.maybe(row)
 
 
 async def list_sources(
-    conn: Conn, tenant_id: str, limit: int, cursor: str | None
-) -> tuple[list[Any], str | None]:
+    conn: Queries, tenant_id: str, limit: int, cursor: str | None
+) -> tuple[list[Source], str | None]:
     """A tenant's live sources, newest first."""
     rows = await conn.fetch(
         """
@@ -69,24 +72,28 @@ async def list_sources(
         cursor,
         limit + 1,
     )
-    return keyset_page(rows, limit)
+    page, next_cursor = keyset_page(rows, limit)
+    return [Source.from_row(r) for r in page], next_cursor
 
 
-async def update_source(conn: Conn, tenant_id: str, source_id: str, changes: dict[str, Any]) -> Any:
+async def update_source(
+    conn: Queries, tenant_id: str, source_id: str, changes: dict[str, Any]
+) -> Source | None:
     """Apply a PATCH; None if the tenant has no such source."""
     if not changes:
         return await get_source(conn, tenant_id, source_id)
     clause, values = set_clause(changes, _UPDATABLE, first_param=3)
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         f"UPDATE sources SET {clause} "
         "WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING *",
         tenant_id,
         source_id,
         *values,
     )
+    return Source.maybe(row)
 
 
-async def delete_source(conn: Conn, tenant_id: str, source_id: str) -> bool:
+async def delete_source(conn: Queries, tenant_id: str, source_id: str) -> bool:
     """Soft-delete (its events keep their history); False if there is no such source."""
     row = await conn.fetchrow(
         """
@@ -100,10 +107,10 @@ async def delete_source(conn: Conn, tenant_id: str, source_id: str) -> bool:
 
 
 async def rotate_source_secret(
-    conn: Conn, tenant_id: str, source_id: str, secret_enc: bytes
-) -> Any:
+    conn: Queries, tenant_id: str, source_id: str, secret_enc: bytes
+) -> Source | None:
     """Replace the secret, keeping the previous one (and when) for the overlap."""
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         """
         UPDATE sources
         SET previous_secret_enc = secret_enc, secret_enc = $3,
@@ -114,9 +121,10 @@ async def rotate_source_secret(
         source_id,
         secret_enc,
     )
+    return Source.maybe(row)
 
 
-async def live_source_ids(conn: Conn, tenant_id: str, source_ids: list[str]) -> set[str]:
+async def live_source_ids(conn: Queries, tenant_id: str, source_ids: list[str]) -> set[str]:
     """Which of ``source_ids`` are this tenant's live sources."""
     rows = await conn.fetch(
         "SELECT id FROM sources WHERE tenant_id = $1 AND id = ANY($2::text[]) "
@@ -127,8 +135,8 @@ async def live_source_ids(conn: Conn, tenant_id: str, source_ids: list[str]) -> 
     return {r["id"] for r in rows}
 
 
-async def get_source_for_ingest(conn: Conn, source_id: str) -> Any:
+async def get_source_for_ingest(conn: Queries, source_id: str) -> Source | None:
     """A live source by id alone: ingest authenticates with the source's own secret."""
-    return await conn.fetchrow(
-        "SELECT * FROM sources WHERE id = $1 AND deleted_at IS NULL", source_id
+    return Source.maybe(
+        await conn.fetchrow("SELECT * FROM sources WHERE id = $1 AND deleted_at IS NULL", source_id)
     )

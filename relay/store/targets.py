@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.store.db import Conn, Pool
+from relay.ingest.routes import TargetRoute
+from relay.store.db import Conn, Pool, Queries
 from relay.store.key_queues import reorder_target
+from relay.store.rows import Target
 from relay.store.sql import keyset_page, set_clause
 from relay.store.tenants import lock_and_count_live
 
@@ -50,7 +52,7 @@ _UPDATABLE = frozenset(
 
 async def create_target(
     pool: Pool, tenant_id: str, *, target_id: str, max_live: int, **fields: Any
-) -> Any:
+) -> Target | None:
     """Insert a target; None if the tenant already has ``max_live`` live targets.
 
     ``fields`` are column values (url, secret_enc, filters…). The quota is counted
@@ -61,22 +63,24 @@ async def create_target(
     async with pool.acquire() as conn, conn.transaction():
         if await lock_and_count_live(conn, tenant_id, "targets") >= max_live:
             return None
-        return await conn.fetchrow(
-            f"""
+        return Target.maybe(
+            await conn.fetchrow(
+                f"""
             WITH t AS (
                 INSERT INTO targets ({", ".join(columns)}) VALUES ({placeholders}) RETURNING *
             )
             SELECT {_WITH_HEALTH} FROM t LEFT JOIN target_health h ON h.target_id = t.id
             """,
-            target_id,
-            tenant_id,
-            *fields.values(),
+                target_id,
+                tenant_id,
+                *fields.values(),
+            )
         )
 
 
-async def get_target(conn: Conn, tenant_id: str, target_id: str) -> Any:
+async def get_target(conn: Queries, tenant_id: str, target_id: str) -> Target | None:
     """A live target of this tenant, or None."""
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         f"""
         SELECT {_WITH_HEALTH} FROM targets t LEFT JOIN target_health h ON h.target_id = t.id
         WHERE t.tenant_id = $1 AND t.id = $2 AND t.deleted_at IS NULL
@@ -84,11 +88,12 @@ async def get_target(conn: Conn, tenant_id: str, target_id: str) -> Any:
         tenant_id,
         target_id,
     )
+    return Target.maybe(row)
 
 
 async def list_targets(
-    conn: Conn, tenant_id: str, limit: int, cursor: str | None
-) -> tuple[list[Any], str | None]:
+    conn: Queries, tenant_id: str, limit: int, cursor: str | None
+) -> tuple[list[Target], str | None]:
     """A tenant's live targets, newest first."""
     rows = await conn.fetch(
         f"""
@@ -100,12 +105,13 @@ async def list_targets(
         cursor,
         limit + 1,
     )
-    return keyset_page(rows, limit)
+    page, next_cursor = keyset_page(rows, limit)
+    return [Target.from_row(r) for r in page], next_cursor
 
 
 async def update_target(
     conn: Conn, tenant_id: str, target_id: str, changes: dict[str, Any], *, grace_s: float = 30.0
-) -> Any:
+) -> Target | None:
     """Apply a PATCH; None if the tenant has no such target.
 
     A change of ``ordering`` or ``on_dead`` lets what waited under the old rule go
@@ -139,7 +145,7 @@ async def update_target(
     return None if row is None else await get_target(conn, tenant_id, target_id)
 
 
-async def delete_target(conn: Conn, tenant_id: str, target_id: str) -> bool:
+async def delete_target(conn: Queries, tenant_id: str, target_id: str) -> bool:
     """Soft-delete: its history stays, and what was still to be sent becomes dead."""
     deleted = await conn.fetchval(
         """
@@ -161,10 +167,10 @@ async def delete_target(conn: Conn, tenant_id: str, target_id: str) -> bool:
 
 
 async def rotate_target_secret(
-    conn: Conn, tenant_id: str, target_id: str, secret_enc: bytes
-) -> Any:
+    conn: Queries, tenant_id: str, target_id: str, secret_enc: bytes
+) -> Target | None:
     """Replace the signing secret, keeping the previous one for the overlap."""
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         """
         UPDATE targets
         SET previous_secret_enc = secret_enc, secret_enc = $3,
@@ -175,12 +181,14 @@ async def rotate_target_secret(
         target_id,
         secret_enc,
     )
+    return Target.maybe(row)
 
 
-async def routable_targets(conn: Conn, tenant_id: str) -> list[Any]:
-    """The enabled, live targets of a tenant with what routing needs."""
-    return list(
-        await conn.fetch(
+async def routable_targets(conn: Queries, tenant_id: str) -> list[TargetRoute]:
+    """The enabled, live targets of a tenant, as routing sees them."""
+    return [
+        TargetRoute.from_row(r)
+        for r in await conn.fetch(
             """
             SELECT id, filter_object_types, filter_actions, source_ids, ordering, ordering_key
             FROM targets
@@ -188,4 +196,4 @@ async def routable_targets(conn: Conn, tenant_id: str) -> list[Any]:
             """,
             tenant_id,
         )
-    )
+    ]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from relay.store.db import Conn
+from relay.store.db import Conn, Queries
+from relay.store.rows import ApiKey, Tenant
 from relay.store.sql import keyset_page
 
 
 async def create_tenant(
     conn: Conn, tenant_id: str, name: str, key_id: str, key_hash: bytes
-) -> tuple[Any, Any]:
+) -> tuple[Tenant, ApiKey]:
     """Insert a tenant and its first API key, atomically."""
     async with conn.transaction():
         tenant = await conn.fetchrow(
@@ -22,27 +23,33 @@ async def create_tenant(
             tenant_id,
             key_hash,
         )
-    return tenant, key
+    assert tenant is not None and key is not None  # INSERT … RETURNING: one row each
+    return Tenant.from_row(tenant), ApiKey.from_row(key)
 
 
-async def get_tenant(conn: Conn, tenant_id: str) -> Any:
+async def get_tenant(conn: Queries, tenant_id: str) -> Tenant | None:
     """One tenant, or None."""
-    return await conn.fetchrow("SELECT * FROM tenants WHERE id = $1", tenant_id)
+    return Tenant.maybe(await conn.fetchrow("SELECT * FROM tenants WHERE id = $1", tenant_id))
 
 
-async def list_tenants(conn: Conn, limit: int, cursor: str | None) -> tuple[list[Any], str | None]:
+async def list_tenants(
+    conn: Queries, limit: int, cursor: str | None
+) -> tuple[list[Tenant], str | None]:
     """Tenants, newest first."""
     rows = await conn.fetch(
         "SELECT * FROM tenants WHERE ($1::text IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
         cursor,
         limit + 1,
     )
-    return keyset_page(rows, limit)
+    page, next_cursor = keyset_page(rows, limit)
+    return [Tenant.from_row(r) for r in page], next_cursor
 
 
-async def create_api_key(conn: Conn, tenant_id: str, key_id: str, key_hash: bytes) -> Any:
+async def create_api_key(
+    conn: Queries, tenant_id: str, key_id: str, key_hash: bytes
+) -> ApiKey | None:
     """A new key for an existing tenant, or None if there is no such tenant."""
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         """
         INSERT INTO api_keys (id, tenant_id, key_hash)
         SELECT $2, id, $3 FROM tenants WHERE id = $1
@@ -52,11 +59,12 @@ async def create_api_key(conn: Conn, tenant_id: str, key_id: str, key_hash: byte
         key_id,
         key_hash,
     )
+    return ApiKey.maybe(row)
 
 
 async def list_api_keys(
-    conn: Conn, tenant_id: str, limit: int, cursor: str | None
-) -> tuple[list[Any], str | None]:
+    conn: Queries, tenant_id: str, limit: int, cursor: str | None
+) -> tuple[list[ApiKey], str | None]:
     """A tenant's keys (ids and dates, never the hash), newest first."""
     rows = await conn.fetch(
         """
@@ -68,10 +76,11 @@ async def list_api_keys(
         cursor,
         limit + 1,
     )
-    return keyset_page(rows, limit)
+    page, next_cursor = keyset_page(rows, limit)
+    return [ApiKey.from_row(r) for r in page], next_cursor
 
 
-async def revoke_api_key(conn: Conn, tenant_id: str, key_id: str) -> bool:
+async def revoke_api_key(conn: Queries, tenant_id: str, key_id: str) -> bool:
     """Revoke a key; False if the tenant has no such key. Revoking twice is harmless."""
     row = await conn.fetchrow(
         """
@@ -84,7 +93,7 @@ async def revoke_api_key(conn: Conn, tenant_id: str, key_id: str) -> bool:
     return row is not None
 
 
-async def tenant_for_key(conn: Conn, key_hash: bytes) -> str | None:
+async def tenant_for_key(conn: Queries, key_hash: bytes) -> str | None:
     """The tenant owning a live key with this hash, or None."""
     tenant_id: str | None = await conn.fetchval(
         "SELECT tenant_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", key_hash
@@ -93,7 +102,7 @@ async def tenant_for_key(conn: Conn, key_hash: bytes) -> str | None:
 
 
 async def lock_and_count_live(
-    conn: Conn, tenant_id: str, table: Literal["sources", "targets"]
+    conn: Queries, tenant_id: str, table: Literal["sources", "targets"]
 ) -> int:
     """Lock the tenant's row until the transaction ends, then count its live ``table`` rows.
 

@@ -13,9 +13,10 @@ if TYPE_CHECKING:
     from relay.delivery.wakeups import Enqueuer
     from relay.ingest.group_commit import GroupCommit
     from relay.ingest.routes import RoutingCache
+    from relay.store.db import Pool
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
-POOL: web.AppKey[Any] = web.AppKey("pool")  # asyncpg.Pool
+POOL: web.AppKey[Pool] = web.AppKey("pool")
 REDIS: web.AppKey[Any] = web.AppKey("redis")  # redis.asyncio.Redis
 SECRETS: web.AppKey[SecretBox] = web.AppKey("secrets")
 CACHE: web.AppKey[RoutingCache] = web.AppKey("cache")
