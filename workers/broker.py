@@ -1,10 +1,12 @@
 """The worker's wiring, in one place: broker, AsyncIO, and per-process resources.
 
-Dramatiq imports this module in every worker process (``relay worker`` runs
-``dramatiq workers.broker workers.deliver``), so it builds the broker from the
-settings and opens, per process, one asyncpg pool, one guarded HTTP client and
-one Redis client on the AsyncIO middleware's event loop when the worker boots,
-and closes them when it shuts down.
+``relay worker`` runs ``dramatiq workers.broker:setup workers.deliver …``:
+Dramatiq calls ``setup`` in every worker process before it imports the actors,
+and ``setup`` reads the settings and installs the broker. Importing this module
+reads nothing. When the worker boots, ``WorkerResources`` opens, on the AsyncIO
+middleware's event loop, one asyncpg pool, one guarded HTTP client, one Redis
+client and the delivery engine: one ``Worker`` object, which the actors take
+from ``current_worker()``. It closes them when the worker shuts down.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
@@ -34,6 +37,25 @@ from workers.engine import POOL_SIZE, Engine, WorkerContext
 log = logging.getLogger("relay.worker")
 
 
+@dataclass(frozen=True)
+class Worker:
+    """A worker process's one context: its resources and its delivery engine."""
+
+    context: WorkerContext
+    engine: Engine
+
+
+#: The running process's worker, while its resources are open (one per process).
+_running: Worker | None = None
+
+
+def current_worker() -> Worker:
+    """The running process's worker (raises if the worker has not booted or has closed)."""
+    if _running is None:
+        raise RuntimeError("the worker's resources are not open")
+    return _running
+
+
 class WorkerResources(AsyncIO):
     """Dramatiq's AsyncIO middleware, plus the per-process resources on its event loop.
 
@@ -45,13 +67,13 @@ class WorkerResources(AsyncIO):
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.settings = settings
-        self.context: WorkerContext | None = None
-        self.engine: Engine | None = None
+        self.worker: Worker | None = None
 
     async def _open(self, broker: dramatiq.Broker) -> None:
+        global _running
         settings = self.settings
         client = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
-        self.context = WorkerContext(
+        context = WorkerContext(
             settings=settings,
             pool=await create_pool(settings.database_url, min_size=1, max_size=POOL_SIZE),
             egress=EgressClient(
@@ -64,18 +86,19 @@ class WorkerResources(AsyncIO):
             enqueuer=Enqueuer(broker),
             secrets=SecretBox(settings.secret_key),
         )
-        self.engine = Engine(self.context)
+        self.worker = _running = Worker(context, Engine(context))
 
     async def _close(self) -> None:
-        if self.engine is not None:
-            # attempts in flight end (at most one delivery timeout) and are recorded
-            await self.engine.close(timeout_s=self.settings.delivery_timeout_s + 5)
-            self.engine = None
-        if self.context is not None:
-            await self.context.egress.close()
-            await self.context.pool.close()
-            await self.context.redis.aclose()
-            self.context = None
+        global _running
+        worker, self.worker = self.worker, None
+        if worker is None:
+            return
+        _running = None
+        # attempts in flight end (at most one delivery timeout) and are recorded
+        await worker.engine.close(timeout_s=self.settings.delivery_timeout_s + 5)
+        await worker.context.egress.close()
+        await worker.context.pool.close()
+        await worker.context.redis.aclose()
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         """Start the event loop, then open the resources on it."""
@@ -137,29 +160,8 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
     return broker
 
 
-def _resources() -> WorkerResources:
-    for middleware in dramatiq.get_broker().middleware:
-        if isinstance(middleware, WorkerResources) and middleware.context is not None:
-            return middleware
-    raise RuntimeError("worker resources are not open")
-
-
-def worker_context() -> WorkerContext:
-    """The running process's resources (raises if the worker has not booted)."""
-    context = _resources().context
-    assert context is not None
-    return context
-
-
-def worker_engine() -> Engine:
-    """The running process's delivery engine (raises if the worker has not booted)."""
-    engine = _resources().engine
-    if engine is None:
-        raise RuntimeError("the delivery engine is not running")
-    return engine
-
-
-settings = Settings.from_env(os.environ, required=REQUIRED_FOR_WORKER)
-setup_logging(settings.log_level)
-broker = build_broker(settings)
-dramatiq.set_broker(broker)
+def setup() -> None:
+    """Dramatiq's entry (``workers.broker:setup``): read the settings, install the broker."""
+    settings = Settings.from_env(os.environ, required=REQUIRED_FOR_WORKER)
+    setup_logging(settings.log_level)
+    dramatiq.set_broker(build_broker(settings))

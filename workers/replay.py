@@ -9,7 +9,7 @@ import dramatiq
 
 from relay.delivery.wakeups import REPLAY_ACTOR, REPLAY_QUEUE
 from relay.store import dead_letters as store
-from workers.broker import worker_context
+from workers.broker import current_worker
 from workers.engine import WorkerContext
 
 log = logging.getLogger("relay.replay")
@@ -55,7 +55,7 @@ async def replay_dead_letters(
 ) -> None:
     """Replay a selection of dead letters in the background."""
     await replay_selection(
-        worker_context(),
+        current_worker().context,
         tenant_id=tenant_id,
         target_id=target_id,
         since=datetime.fromisoformat(since) if since else None,

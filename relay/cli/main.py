@@ -104,7 +104,7 @@ def worker_argv(processes: int, threads: int) -> list[str]:
         sys.executable,
         "-m",
         "dramatiq",
-        "workers.broker",
+        "workers.broker:setup",
         "workers.deliver",
         "workers.replay",
         "--processes",

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+import subprocess
+import sys
+from pathlib import Path
 
 import workers
 from relay.cli.main import worker_argv
@@ -24,3 +28,33 @@ def _source(module: str) -> str:
     assert spec is not None and spec.origin is not None
     with open(spec.origin) as handle:
         return handle.read()
+
+
+def test_the_worker_installs_its_broker_through_setup() -> None:
+    argv = worker_argv(1, 4)
+    assert argv[argv.index("dramatiq") + 1] == "workers.broker:setup"
+
+
+def test_importing_the_worker_wiring_reads_no_settings() -> None:
+    # Given an environment with none of the worker's settings
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RELAY_", "DATABASE_URL", "REDIS_URL", "BROKER_URL"))
+    }
+    # When the wiring module is imported
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import dramatiq.broker, workers.broker; print(dramatiq.broker.global_broker)",
+        ],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # Then it imports without them, and installs no broker of its own accord
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None"
