@@ -9,7 +9,6 @@ import pydantic
 from aiohttp import web
 
 from relay.api.deliveries import Id, Timestamp, render_delivery
-from relay.api.ingest import load_routes
 from relay.api.routing import ListQuery, Route, page, read_body, read_query, respond, tenant_id
 from relay.core import errors
 from relay.ingest.parse import ParsedEvent
@@ -91,7 +90,7 @@ async def replay_event(request: web.Request) -> web.Response:
     event = await _event_or_404(request)
     owner = tenant_id(request)
     pool = request.app[POOL]
-    routes = await load_routes(request.app, owner)
+    routes = (await target_store.routable_targets(pool, owner)).targets
     if body.target_ids is not None:
         wanted = list(dict.fromkeys(body.target_ids))
         live = {r.id for r in routes}

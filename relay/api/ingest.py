@@ -8,6 +8,14 @@ events and their deliveries are committed, in one transaction with those of the
 requests that arrived together (relay/ingest/group_commit.py), the answer is 202, and
 their targets are woken on the broker once per group (the sweeper covers an
 enqueue that fails).
+
+Read your writes: the source and the routes come from this process's cache,
+each with the tenant's ``config_version`` it was read at. A credential that
+fails against a cached source is checked once more against the source read
+afresh (it may have just been rotated); and the commit stores nothing for a
+request whose version is no longer the tenant's, in which case the source and
+routes are read again, the request authenticated and routed again, and
+committed again (at most ``FRESH_TRIES`` times, then 503).
 """
 
 from __future__ import annotations
@@ -15,23 +23,28 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
 from relay.api.routing import Route, is_json_content_type, respond
 from relay.core import errors
-from relay.core.metrics import EVENTS_INGESTED, INGEST_LATENCY
+from relay.core.metrics import EVENTS_INGESTED, INGEST_LATENCY, INGEST_REROUTED
 from relay.ingest import replay_guard
 from relay.ingest.auth import PRE_BODY_TYPES, check_before_body, check_with_body
-from relay.ingest.parse import parse_body
-from relay.ingest.routes import SourceEntry, TargetRoute, count_deliveries
+from relay.ingest.parse import ParsedEvent, parse_body
+from relay.ingest.routes import Routes, SourceEntry, count_deliveries
 from relay.store import sources as source_store
 from relay.store import targets as target_store
 from relay.store.events import IngestRequest
 from relay.web.app_keys import CACHE, GROUP_COMMIT, LIMITER, POOL, REDIS, SECRETS, SETTINGS
 
 log = logging.getLogger("relay.ingest")
+
+#: How many times a request is routed again after its tenant's configuration
+#: changed under it, before it is answered 503 (each try reads afresh).
+FRESH_TRIES = 3
 
 
 async def load_source(app: web.Application, source_id: str) -> SourceEntry | None:
@@ -54,12 +67,47 @@ async def load_source(app: web.Application, source_id: str) -> SourceEntry | Non
         previous_secret=previous,
         previous_valid_until=valid_until,
         rate_limit=row.rate_limit,
+        config_version=row.config_version,
     )
 
 
-async def load_routes(app: web.Application, tenant_id: str) -> list[TargetRoute]:
-    """The tenant's enabled targets with their filters lower-cased."""
+async def load_routes(app: web.Application, tenant_id: str) -> Routes:
+    """The tenant's enabled targets with their filters lower-cased, and its config version."""
     return await target_store.routable_targets(app[POOL], tenant_id)
+
+
+async def _source(app: web.Application, source_id: str, *, fresh: bool = False) -> SourceEntry:
+    """The source (from the cache unless ``fresh``); 404 if unknown or deleted."""
+    if fresh:
+        app[CACHE].forget_source(source_id)
+    source = await app[CACHE].sources.get(source_id, lambda: load_source(app, source_id))
+    if source is None:
+        raise errors.NotFound("no such source")
+    return source
+
+
+async def _routes(app: web.Application, source: SourceEntry, *, fresh: bool = False) -> Routes:
+    """The tenant's routes, read at the same config version as ``source``."""
+    cache = app[CACHE]
+    if fresh:
+        cache.forget_tenant(source.tenant_id)
+    routes = await cache.targets.get(source.tenant_id, lambda: load_routes(app, source.tenant_id))
+    if routes.config_version != source.config_version and not fresh:
+        cache.forget_tenant(source.tenant_id)
+        routes = await cache.targets.get(
+            source.tenant_id, lambda: load_routes(app, source.tenant_id)
+        )
+    return routes
+
+
+def _authentic_before_body(source: SourceEntry, request: web.Request, now: float) -> bool:
+    return source.auth_type not in PRE_BODY_TYPES or check_before_body(
+        source, request.headers, request.query, now
+    )
+
+
+def _authentic_with_body(source: SourceEntry, request: web.Request, raw: bytes, now: float) -> bool:
+    return source.auth_type in PRE_BODY_TYPES or check_with_body(source, request.headers, raw, now)
 
 
 async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response:
@@ -68,24 +116,23 @@ async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response
     source_id = request.match_info["source_id"]
     if not source_id.startswith("src_") or len(source_id) > 64:
         raise errors.NotFound("no such source")
-    source = await app[CACHE].sources.get(source_id, lambda: load_source(app, source_id))
-    if source is None:
-        raise errors.NotFound("no such source")
+    source = await _source(app, source_id)
     context["tenant_id"] = source.tenant_id
     now = time.time()
-    if source.auth_type in PRE_BODY_TYPES and not check_before_body(
-        source, request.headers, request.query, now
-    ):
-        raise errors.Unauthorized("invalid or missing source credentials")
+    if not _authentic_before_body(source, request, now):
+        # the secret may have been rotated through another process a moment ago
+        source = await _source(app, source_id, fresh=True)
+        if not _authentic_before_body(source, request, now):
+            raise errors.Unauthorized("invalid or missing source credentials")
     if not is_json_content_type(request):
         raise errors.UnsupportedMediaType()
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise errors.PayloadTooLarge(f"the body is larger than {settings.max_body_bytes} bytes")
     raw = await request.read()  # aiohttp stops at client_max_size while reading: 413
-    if source.auth_type not in PRE_BODY_TYPES and not check_with_body(
-        source, request.headers, raw, now
-    ):
-        raise errors.Unauthorized("invalid or missing signature")
+    if not _authentic_with_body(source, request, raw, now):
+        source = await _source(app, source_id, fresh=True)
+        if not _authentic_with_body(source, request, raw, now):
+            raise errors.Unauthorized("invalid or missing signature")
     remembered = None
     if source.auth_type == "standard-webhooks":
         remembered = await replay_guard.first_sighting(
@@ -106,19 +153,10 @@ async def _accept(
 ) -> web.Response:
     """Parse, rate-limit, commit and enqueue an authenticated request's events."""
     app = request.app
-    settings = app[SETTINGS]
     events = parse_body(raw)
     context["events"] = len(events)
-    routes = await app[CACHE].targets.get(
-        source.tenant_id, lambda: load_routes(app, source.tenant_id)
-    )
-    planned = count_deliveries(source.id, events, routes)
-    if planned > settings.max_deliveries_per_request:
-        raise errors.ValidationFailed(
-            f"this request would create {planned} deliveries, more than the "
-            f"{settings.max_deliveries_per_request} allowed per request; send smaller batches",
-            details=[{"field": "body", "message": "too many deliveries for one request"}],
-        )
+    routes = await _routes(app, source)
+    _check_quota(app, source, events, routes)
     if source.rate_limit is not None:
         limit, count = source.rate_limit, len(events)
         wait = await app[LIMITER].admit(f"src:{source.id}", limit, count)
@@ -132,12 +170,51 @@ async def _accept(
             raise errors.RateLimited(
                 math.ceil(wait), f"over this source's limit of {limit} events/s"
             )
-    result = await app[GROUP_COMMIT].commit(
-        IngestRequest(source.tenant_id, source.id, events, routes)
-    )
+    for _ in range(FRESH_TRIES):
+        result = await app[GROUP_COMMIT].commit(
+            IngestRequest(
+                source.tenant_id,
+                source.id,
+                events,
+                routes.targets,
+                # the older of the two reads: the request was checked by both
+                min(source.config_version, routes.config_version),
+            )
+        )
+        if not result.stale:
+            break
+        # the tenant's sources or targets changed since they were read: read them again
+        INGEST_REROUTED.inc()
+        now = time.time()
+        source = await _source(app, source.id, fresh=True)
+        if not (
+            _authentic_before_body(source, request, now)
+            and _authentic_with_body(source, request, raw, now)
+        ):
+            raise errors.Unauthorized("invalid or missing source credentials")
+        routes = await _routes(app, source, fresh=True)
+        _check_quota(app, source, events, routes)
+    else:
+        raise errors.Unavailable(
+            "this source's configuration kept changing while the events were stored; retry"
+        )
     context["deliveries"] = len(result.delivery_ids)
     context["duplicates"] = result.duplicates
     return respond({"event_ids": result.event_ids}, status=202)
+
+
+def _check_quota(
+    app: web.Application, source: SourceEntry, events: Sequence[ParsedEvent], routes: Routes
+) -> None:
+    """422 if storing ``events`` would create more deliveries than one request may."""
+    allowed = app[SETTINGS].max_deliveries_per_request
+    planned = count_deliveries(source.id, events, routes.targets)
+    if planned > allowed:
+        raise errors.ValidationFailed(
+            f"this request would create {planned} deliveries, more than the "
+            f"{allowed} allowed per request; send smaller batches",
+            details=[{"field": "body", "message": "too many deliveries for one request"}],
+        )
 
 
 async def ingest_events(request: web.Request) -> web.Response:

@@ -24,6 +24,11 @@ INGEST_LATENCY = Histogram(
     "Time to answer an ingest request.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+INGEST_REROUTED = Counter(
+    "relay_ingest_rerouted_total",
+    "Ingest requests routed again because their tenant's sources or targets changed "
+    "(on another process or replica) since this gateway read them.",
+)
 DELIVERIES = Counter(
     "relay_deliveries_total",
     "Delivery attempts by outcome (succeeded, retrying, dead) or why none was made.",

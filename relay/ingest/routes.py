@@ -1,10 +1,14 @@
 """The gateway's cache of sources and routing tables, so ingest costs one transaction.
 
-Entries live ``ttl`` seconds (RELAY_CACHE_TTL_S, default 1 s) and are dropped at
-once when this process's API changes them; another gateway process sees a
-change within ``ttl``. Deliveries are inserted only for targets that are still
-enabled and live *at insert time* (relay/store/events.py), so a stale entry can
-never route to a deleted or disabled target.
+Read your writes on every process: each entry carries the tenant's
+``config_version`` it was read at, and the transaction that stores a request's
+events checks that version (relay/store/events.py). A request routed by an entry
+that another process or replica made stale stores nothing; the gateway reads
+the source and routes again and retries it (relay/api/ingest.py). So the cache's
+age never decides what a request sees: entries live ``ttl`` seconds
+(RELAY_CACHE_TTL_S) only to bound memory and to pick up what needs no version
+(a target disabled by the worker is never routed to anyway: deliveries are
+inserted only for targets enabled and live *at insert time*).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class SourceEntry:
     previous_secret: str | None
     previous_valid_until: float | None  # unix time
     rate_limit: int | None
+    #: the tenant's config_version when this was read
+    config_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,14 @@ class TargetRoute:
         return not self.actions or (action or "").lower() in self.actions
 
 
+@dataclass(frozen=True)
+class Routes:
+    """A tenant's routes, as read at its ``config_version``."""
+
+    config_version: int
+    targets: tuple[TargetRoute, ...]
+
+
 class TTLCache(Generic[K, V]):
     """A small per-process cache with expiry and explicit invalidation."""
 
@@ -92,7 +106,7 @@ class TTLCache(Generic[K, V]):
         if hit is not None and hit[0] > now:
             return hit[1]
         value = await load()
-        if self._ttl > 0:
+        if self._ttl > 0 and value is not None:  # a miss is not kept: it may exist soon
             if len(self._entries) > 100_000:
                 self._entries.clear()
             self._entries[key] = (now + self._ttl, value)
@@ -108,7 +122,7 @@ class RoutingCache:
 
     def __init__(self, ttl_s: float) -> None:
         self.sources: TTLCache[str, SourceEntry | None] = TTLCache(ttl_s)
-        self.targets: TTLCache[str, list[TargetRoute]] = TTLCache(ttl_s)
+        self.targets: TTLCache[str, Routes] = TTLCache(ttl_s)
 
     def forget_source(self, source_id: str) -> None:
         """A source changed."""

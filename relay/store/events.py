@@ -14,17 +14,31 @@ from relay.store.db import Conn, Queries
 from relay.store.rows import Event
 from relay.store.sql import ORDER_LOCK, holds_key, key_locks, keyset_page
 
+# Read your writes: a request's events are inserted only if its tenant's
+# config_version is still the one its source and routes were read at ($11/$12: each
+# (tenant, version) of the group, -1 for "not checked"; $13: each event's version).
+# The pairs that passed come back with the inserted ids, in one round trip.
 _INSERT_EVENTS = """
-INSERT INTO events (id, tenant_id, source_id, upstream_uuid, upstream_date, object_type,
-                    action, object_id, upstream_tenant_id, payload)
-SELECT e.id, e.tenant_id, e.source_id, e.uuid, e.date, e.object_type, e.action, e.object_id,
-       e.tenant_ref, e.payload
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::text[], $9::text[], $10::bytea[])
-     AS e(id, tenant_id, source_id, uuid, date, object_type, action, object_id, tenant_ref,
-          payload)
-ON CONFLICT (source_id, upstream_uuid) DO NOTHING
-RETURNING id
+WITH fresh AS MATERIALIZED (
+    SELECT v.tenant_id, v.version FROM unnest($11::text[], $12::int8[]) AS v(tenant_id, version)
+    JOIN tenants t ON t.id = v.tenant_id
+    WHERE v.version = -1 OR t.config_version = v.version
+), inserted AS (
+    INSERT INTO events (id, tenant_id, source_id, upstream_uuid, upstream_date, object_type,
+                        action, object_id, upstream_tenant_id, payload)
+    SELECT e.id, e.tenant_id, e.source_id, e.uuid, e.date, e.object_type, e.action,
+           e.object_id, e.tenant_ref, e.payload
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                $7::text[], $8::text[], $9::text[], $10::bytea[], $13::int8[])
+         AS e(id, tenant_id, source_id, uuid, date, object_type, action, object_id, tenant_ref,
+              payload, version)
+    WHERE (e.tenant_id, e.version) IN (SELECT tenant_id, version FROM fresh)
+    ON CONFLICT (source_id, upstream_uuid) DO NOTHING
+    RETURNING id
+)
+SELECT id, NULL AS fresh_tenant, NULL::int8 AS fresh_version FROM inserted
+UNION ALL
+SELECT NULL, tenant_id, version FROM fresh
 """
 
 _EXISTING = """
@@ -93,6 +107,9 @@ class IngestRequest:
     source_id: str
     events: Sequence[ParsedEvent]
     routes: Sequence[TargetRoute]
+    #: the tenant's config_version the source and routes were read at; the events are
+    #: stored only if it is still the tenant's (None: not checked)
+    config_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +121,12 @@ class IngestResult:
     duplicates: int
     #: the targets that got new deliveries, once each
     target_ids: list[str]
+    #: nothing was stored: the tenant's sources or targets changed since they were read
+    stale: bool = False
+
+
+#: The result of a request routed by a stale read: nothing stored.
+STALE = IngestResult([], [], 0, [], stale=True)
 
 
 @dataclass
@@ -132,6 +155,11 @@ def _plan(request: IngestRequest) -> _Plan:
         assigned.append(event_id)
         fresh.append((event_id, event))
     return _Plan(request, assigned, fresh)
+
+
+def _version(request: IngestRequest) -> int:
+    """The version a request's events are checked against (-1: not checked)."""
+    return -1 if request.config_version is None else request.config_version
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -170,8 +198,18 @@ async def record_event_groups(
         for p in plans
         for i, e in p.fresh
     ]
+    pairs = sorted({(p.request.tenant_id, _version(p.request)) for p in plans})
     async with conn.transaction():
-        inserted = {r["id"] for r in await conn.fetch(_INSERT_EVENTS, *_columns(event_rows, 10))}
+        rows = await conn.fetch(
+            _INSERT_EVENTS,
+            *_columns(event_rows, 10),
+            [t for t, _ in pairs],
+            [v for _, v in pairs],
+            [_version(p.request) for p in plans for _ in p.fresh],
+        )
+        inserted = {r["id"] for r in rows if r["id"] is not None}
+        fresh = {(r["fresh_tenant"], r["fresh_version"]) for r in rows if r["id"] is None}
+        plans = [p for p in plans if (p.request.tenant_id, _version(p.request)) in fresh]
         lost = [
             (p.request.source_id, e.uuid)
             for p in plans
@@ -197,7 +235,7 @@ async def record_event_groups(
     for delivery_id, _, event_id, target_id, _ in delivery_rows:
         if delivery_id in created:
             by_event.setdefault(event_id, []).append((delivery_id, target_id))
-    results = []
+    results = {}
     for p in plans:
         source_id = p.request.source_id
         replaced = {
@@ -207,15 +245,13 @@ async def record_event_groups(
         }
         mine = [i for i, _ in p.fresh if i in inserted]
         deliveries = [d for i in mine for d in by_event.get(i, ())]
-        results.append(
-            IngestResult(
-                [replaced.get(i, i) for i in p.assigned],
-                [d for d, _ in deliveries],
-                duplicates=len(p.request.events) - len(mine),
-                target_ids=list(dict.fromkeys(t for d, t in deliveries if created[d])),
-            )
+        results[id(p.request)] = IngestResult(
+            [replaced.get(i, i) for i in p.assigned],
+            [d for d, _ in deliveries],
+            duplicates=len(p.request.events) - len(mine),
+            target_ids=list(dict.fromkeys(t for d, t in deliveries if created[d])),
         )
-    return results
+    return [results.get(id(r), STALE) for r in requests]
 
 
 DeliveryRow = tuple[str, str, str, str, "str | None"]

@@ -74,6 +74,8 @@ class Source(Row):
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None = None
+    #: its tenant's config_version, where read with it (ingest)
+    config_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)

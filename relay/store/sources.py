@@ -6,7 +6,7 @@ from typing import Any
 
 from relay.store.db import Pool, Queries
 from relay.store.rows import Source
-from relay.store.sql import keyset_page, set_clause
+from relay.store.sql import bump_config, keyset_page, set_clause
 from relay.store.tenants import lock_and_count_live
 
 _UPDATABLE = frozenset({"name", "auth_config", "rate_limit"})
@@ -32,10 +32,13 @@ async def create_source(
         if await lock_and_count_live(conn, tenant_id, "sources") >= max_live:
             return None
         row = await conn.fetchrow(
-            """
-            INSERT INTO sources
-                (id, tenant_id, name, auth_type, auth_config, secret_enc, rate_limit)
-            VALUES ($2, $1, $3, $4, $5, $6, $7) RETURNING *
+            f"""
+            WITH changed AS (
+                INSERT INTO sources
+                    (id, tenant_id, name, auth_type, auth_config, secret_enc, rate_limit)
+                VALUES ($2, $1, $3, $4, $5, $6, $7) RETURNING *
+            ), bumped AS ({bump_config("changed")})
+            SELECT * FROM changed
             """,
             tenant_id,
             source_id,
@@ -84,8 +87,13 @@ async def update_source(
         return await get_source(conn, tenant_id, source_id)
     clause, values = set_clause(changes, _UPDATABLE, first_param=3)
     row = await conn.fetchrow(
-        f"UPDATE sources SET {clause} "
-        "WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING *",
+        f"""
+        WITH changed AS (
+            UPDATE sources SET {clause}
+            WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING *
+        ), bumped AS ({bump_config("changed")})
+        SELECT * FROM changed
+        """,
         tenant_id,
         source_id,
         *values,
@@ -96,9 +104,12 @@ async def update_source(
 async def delete_source(conn: Queries, tenant_id: str, source_id: str) -> bool:
     """Soft-delete (its events keep their history); False if there is no such source."""
     row = await conn.fetchrow(
-        """
-        UPDATE sources SET deleted_at = now(), updated_at = now()
-        WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING id
+        f"""
+        WITH changed AS (
+            UPDATE sources SET deleted_at = now(), updated_at = now()
+            WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING id
+        ), bumped AS ({bump_config("changed")})
+        SELECT id FROM changed
         """,
         tenant_id,
         source_id,
@@ -111,11 +122,14 @@ async def rotate_source_secret(
 ) -> Source | None:
     """Replace the secret, keeping the previous one (and when) for the overlap."""
     row = await conn.fetchrow(
-        """
-        UPDATE sources
-        SET previous_secret_enc = secret_enc, secret_enc = $3,
-            secret_rotated_at = now(), updated_at = now()
-        WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING *
+        f"""
+        WITH changed AS (
+            UPDATE sources
+            SET previous_secret_enc = secret_enc, secret_enc = $3,
+                secret_rotated_at = now(), updated_at = now()
+            WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING *
+        ), bumped AS ({bump_config("changed")})
+        SELECT * FROM changed
         """,
         tenant_id,
         source_id,
@@ -137,6 +151,11 @@ async def live_source_ids(conn: Queries, tenant_id: str, source_ids: list[str]) 
 
 async def get_source_for_ingest(conn: Queries, source_id: str) -> Source | None:
     """A live source by id alone: ingest authenticates with the source's own secret."""
-    return Source.maybe(
-        await conn.fetchrow("SELECT * FROM sources WHERE id = $1 AND deleted_at IS NULL", source_id)
+    row = await conn.fetchrow(
+        """
+        SELECT s.*, t.config_version FROM sources s JOIN tenants t ON t.id = s.tenant_id
+        WHERE s.id = $1 AND s.deleted_at IS NULL
+        """,
+        source_id,
     )
+    return Source.maybe(row)

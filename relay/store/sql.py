@@ -62,3 +62,17 @@ def holds_key(p: str, t: str) -> str:
 def key_queue_order(p: str) -> str:
     """ORDER BY of a key's queue: its active delivery first, then the parked ones by position."""
     return f"({p}.status = 'pending' AND {p}.next_attempt_at IS NULL), {p}.order_pos"
+
+
+def bump_config(changed: str, tenant: str = "$1") -> str:
+    """A statement (for a WITH) that bumps the tenant's ``config_version`` if ``changed`` has rows.
+
+    Every change to a tenant's sources or targets does this in the statement or
+    transaction that makes it, after locking the row it changes (so the lock
+    order is: that row, then the tenant's). Gateways check the version when they
+    store events (``relay/store/events.py``): read your writes on every process.
+    """
+    return (
+        f"UPDATE tenants SET config_version = config_version + 1"
+        f" WHERE id = {tenant} AND EXISTS (SELECT 1 FROM {changed})"
+    )

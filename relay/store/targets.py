@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.ingest.routes import TargetRoute
+from relay.ingest.routes import Routes, TargetRoute
 from relay.store.db import Conn, Pool, Queries
 from relay.store.key_queues import reorder_target
 from relay.store.rows import Target
-from relay.store.sql import keyset_page, set_clause
+from relay.store.sql import bump_config, keyset_page, set_clause
 from relay.store.tenants import lock_and_count_live
 
 #: The target's columns and its breaker (a target without a health row is healthy).
@@ -68,7 +68,7 @@ async def create_target(
                 f"""
             WITH t AS (
                 INSERT INTO targets ({", ".join(columns)}) VALUES ({placeholders}) RETURNING *
-            )
+            ), bumped AS ({bump_config("t", "$2")})
             SELECT {_WITH_HEALTH} FROM t LEFT JOIN target_health h ON h.target_id = t.id
             """,
                 target_id,
@@ -124,8 +124,13 @@ async def update_target(
     reset = "url" in changes or changes.get("enabled") is True
     async with conn.transaction():
         row = await conn.fetchrow(
-            f"UPDATE targets SET {clause} "
-            "WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING id",
+            f"""
+            WITH changed AS (
+                UPDATE targets SET {clause}
+                WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING id
+            ), bumped AS ({bump_config("changed")})
+            SELECT id FROM changed
+            """,
             tenant_id,
             target_id,
             *values,
@@ -148,11 +153,11 @@ async def update_target(
 async def delete_target(conn: Queries, tenant_id: str, target_id: str) -> bool:
     """Soft-delete: its history stays, and what was still to be sent becomes dead."""
     deleted = await conn.fetchval(
-        """
+        f"""
         WITH gone AS (
             UPDATE targets SET deleted_at = now(), updated_at = now(), enabled = false
             WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING id
-        ), dropped AS (
+        ), bumped AS ({bump_config("gone")}), dropped AS (
             UPDATE deliveries d
             SET status = 'dead', next_attempt_at = NULL, enqueued_until = NULL,
                 last_error = 'the target was deleted', updated_at = now()
@@ -184,16 +189,18 @@ async def rotate_target_secret(
     return Target.maybe(row)
 
 
-async def routable_targets(conn: Queries, tenant_id: str) -> list[TargetRoute]:
-    """The enabled, live targets of a tenant, as routing sees them."""
-    return [
-        TargetRoute.from_row(r)
-        for r in await conn.fetch(
-            """
-            SELECT id, filter_object_types, filter_actions, source_ids, ordering, ordering_key
-            FROM targets
-            WHERE tenant_id = $1 AND enabled AND deleted_at IS NULL
-            """,
-            tenant_id,
-        )
-    ]
+async def routable_targets(conn: Queries, tenant_id: str) -> Routes:
+    """The enabled, live targets of a tenant, as routing sees them, with the tenant's
+    config_version in the same snapshot (read your writes: relay/store/events.py)."""
+    rows = await conn.fetch(
+        """
+        SELECT t.config_version, r.id, r.filter_object_types, r.filter_actions, r.source_ids,
+               r.ordering, r.ordering_key
+        FROM tenants t
+        LEFT JOIN targets r ON r.tenant_id = t.id AND r.enabled AND r.deleted_at IS NULL
+        WHERE t.id = $1
+        """,
+        tenant_id,
+    )
+    version = rows[0]["config_version"] if rows else 0
+    return Routes(version, tuple(TargetRoute.from_row(r) for r in rows if r["id"] is not None))
