@@ -3,6 +3,13 @@
 Of a key's undelivered deliveries one is active (due, leased or retrying);
 the others are parked (``pending`` with no ``next_attempt_at``). The transaction
 that ends the active one promotes the next.
+
+Lock order, in every writer: a target's row, its health, then the keys'
+advisory locks (``lock_keys``, sorted), then the rows of deliveries. Promoting
+a key's next delivery writes a row while the key's lock is held, so a writer
+that held a delivery's row while waiting for its key would deadlock with it
+(a retry holding the parked row, a record promoting that row under the key):
+whoever changes a delivery of an ordered key takes the key's lock first.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from collections.abc import Sequence
 from relay.store.db import Conn
 from relay.store.rows import Replayed
 from relay.store.sql import ORDER_LOCK, holds_key, key_locks, key_queue_order
+
+Key = tuple[str, str]
 
 # Keys' advisory locks, in one order everywhere; taken before the statement whose
 # snapshot must see what the keys' other writers committed.
@@ -44,20 +53,26 @@ RETURNING d.id, d.target_id, d.tenant_id
 # without it, and without statistics, Postgres walked every parked row instead.)
 
 
-async def promote_keys(
-    conn: Conn, keys: Sequence[tuple[str, str]], *, grace_s: float
-) -> list[Replayed]:
+async def lock_keys(conn: Conn, keys: Sequence[Key]) -> None:
+    """Take the advisory lock of each (target, key), held to the commit.
+
+    Call inside a transaction, before touching a row of a delivery of those keys.
+    """
+    if keys:
+        await conn.execute(_LOCK_KEYS, [t for t, _ in keys], [k for _, k in keys], ORDER_LOCK)
+
+
+async def promote_keys(conn: Conn, keys: Sequence[Key], *, grace_s: float) -> list[Replayed]:
     """Make the next delivery of each (target, key) due if nothing of its key is active.
 
     Call inside a transaction, after the change that may have ended a key's
-    active delivery; the keys' locks are held from here to the commit.
+    active delivery; the keys' locks (if not taken before) are held from here to
+    the commit.
     """
     if not keys:
         return []
-    targets = [t for t, _ in keys]
-    order_keys = [k for _, k in keys]
-    await conn.execute(_LOCK_KEYS, targets, order_keys, ORDER_LOCK)
-    rows = await conn.fetch(_PROMOTE, targets, order_keys, grace_s)
+    await lock_keys(conn, keys)
+    rows = await conn.fetch(_PROMOTE, [t for t, _ in keys], [k for _, k in keys], grace_s)
     return [Replayed(r["id"], r["target_id"], r["tenant_id"]) for r in rows]
 
 
