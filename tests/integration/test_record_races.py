@@ -8,18 +8,21 @@ disable a healthy target, overwrite a fresh retry, or resend an attempt in fligh
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+from aiohttp import web
 
 from relay.delivery.outcome import next_breaker
 from relay.store import claims, housekeeping
 from relay.store import deliveries as delivery_store
 from relay.store.claims import Attempt, Claimed
-from tests.conftest import Tenant
+from tests.conftest import Tenant, make_tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
-from tests.stack import eventually
+from tests.stack import Receiver, Workers, eventually, fetch
 
 
 def _ended(claimed: Claimed, code: int) -> Attempt:
@@ -167,3 +170,74 @@ async def test_a_late_record_of_an_expired_lease_does_not_overwrite_a_retry(
     finally:
         for conn in (worker, api):
             await conn.close()
+
+
+async def test_an_unexpected_error_while_recording_resends_no_attempt_in_flight(
+    workers: Workers, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    # Given a target whose receiver answers one event at once and holds the other's answer
+    tenant = await make_tenant(gateway)
+    source = await make_source(gateway, tenant)
+    release = asyncio.Event()
+
+    async def answer(request: web.Request, count: int) -> web.StreamResponse:
+        if json.loads(await request.read())["uuid"] == "held":
+            await release.wait()
+        return web.Response(status=200, text="ok")
+
+    target = await make_target(gateway, tenant, url=receiver.on("/rec", answer))
+    resp = await post_token(gateway, source, [{"uuid": "quick"}, {"uuid": "held"}])
+    assert resp.status == 202, await resp.text()
+    [quick] = await fetch(
+        database_url,
+        "SELECT d.id FROM deliveries d JOIN events e ON e.id = d.event_id "
+        "WHERE e.upstream_uuid = 'quick'",
+    )
+    # And Postgres refuses the first record of the quick one's attempt with an error
+    # that is not an outage (a trigger raising once)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            f"""
+            CREATE SEQUENCE record_fault;
+            CREATE FUNCTION record_fault() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.delivery_id = '{quick["id"]}' THEN
+                    IF nextval('record_fault') = 1 THEN
+                        RAISE EXCEPTION 'injected fault while recording';
+                    END IF;
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER record_fault BEFORE INSERT ON attempts
+                FOR EACH ROW EXECUTE FUNCTION record_fault();
+            """
+        )
+        # When a worker sends both, and the quick one's record fails once
+        worker = workers.start(RELAY_DELIVERY_TIMEOUT_S="5")
+
+        async def faulted() -> bool:
+            return bool(await conn.fetchval("SELECT is_called FROM record_fault"))
+
+        await eventually(faulted, timeout=30)
+        await asyncio.sleep(1.0)  # a moment for whatever the failure leads to
+        release.set()
+
+        # Then both succeed, and each was sent once: the held attempt was not cut off
+        # and sent again, and the quick one's record was made again, not its attempt
+        async def both_succeeded() -> bool:
+            rows = await conn.fetch(
+                "SELECT status FROM deliveries WHERE target_id = $1", target["id"]
+            )
+            return [r["status"] for r in rows] == ["succeeded", "succeeded"]
+
+        await eventually(both_succeeded, timeout=60)
+        sent = [json.loads(r.body)["uuid"] for r in receiver.at("/rec")]
+        assert sorted(sent) == ["held", "quick"]
+        assert "injected fault while recording" in worker.log()
+    finally:
+        await conn.execute(
+            "DROP TRIGGER IF EXISTS record_fault ON attempts; "
+            "DROP FUNCTION IF EXISTS record_fault(); DROP SEQUENCE IF EXISTS record_fault"
+        )
+        await conn.close()
