@@ -76,6 +76,61 @@ async def promote_keys(conn: Conn, keys: Sequence[Key], *, grace_s: float) -> li
     return [Replayed(r["id"], r["target_id"], r["tenant_id"]) for r in rows]
 
 
+# Up to $3 distinct keys of the key-queue index after ($1, $2), one index probe
+# each (a loose index scan), in index order, and whether each is stranded: it has
+# a parked delivery and nothing else that holds its queue, so nothing would ever
+# make its next delivery due. Read without locks: ``promote_keys`` checks again.
+_WALK_KEYS = f"""
+WITH RECURSIVE walk(target_id, order_key, n) AS (
+    (SELECT d.target_id, d.order_key, 1 FROM deliveries d
+     WHERE d.order_key IS NOT NULL AND d.status IN ('pending', 'retrying', 'dead')
+       AND (d.target_id, d.order_key) > ($1::text, $2::text)
+     ORDER BY d.target_id, d.order_key LIMIT 1)
+    UNION ALL
+    SELECT nxt.target_id, nxt.order_key, w.n + 1 FROM walk w CROSS JOIN LATERAL (
+        SELECT d.target_id, d.order_key FROM deliveries d
+        WHERE d.order_key IS NOT NULL AND d.status IN ('pending', 'retrying', 'dead')
+          AND (d.target_id, d.order_key) > (w.target_id, w.order_key)
+        ORDER BY d.target_id, d.order_key LIMIT 1
+    ) nxt
+    WHERE w.n < $3
+)
+SELECT w.target_id, w.order_key,
+       EXISTS (
+           SELECT 1 FROM deliveries p
+           WHERE p.target_id = w.target_id AND p.order_key = w.order_key
+             AND p.status = 'pending' AND p.next_attempt_at IS NULL
+       ) AND NOT EXISTS (
+           SELECT 1 FROM deliveries p
+           WHERE p.target_id = w.target_id AND p.order_key = w.order_key
+             AND {holds_key("p", "t")}
+             AND NOT (p.status = 'pending' AND p.next_attempt_at IS NULL)
+       ) AS stranded
+FROM walk w JOIN targets t ON t.id = w.target_id
+ORDER BY w.n
+"""
+
+
+async def stranded_keys(
+    conn: Conn, *, after: Key | None, limit: int
+) -> tuple[list[Key], Key | None]:
+    """Check up to ``limit`` keys after ``after`` (None: from the first); return the stranded.
+
+    Also returns where the next check goes on (None: this one reached the last
+    key). Each call costs ``limit`` index probes at most, whatever the backlog.
+    """
+    rows = await conn.fetch(_WALK_KEYS, *(after or ("", "")), limit)
+    stranded = [(r["target_id"], r["order_key"]) for r in rows if r["stranded"]]
+    last = (rows[-1]["target_id"], rows[-1]["order_key"]) if len(rows) == limit else None
+    return stranded, last
+
+
+async def repair_keys(conn: Conn, keys: Sequence[Key], *, grace_s: float) -> list[Replayed]:
+    """Promote the head of each stranded key (checked again under the key's lock)."""
+    async with conn.transaction():
+        return await promote_keys(conn, keys, grace_s=grace_s)
+
+
 async def reorder_target(conn: Conn, target_id: str, *, grace_s: float) -> None:
     """After a target's ``ordering`` or ``on_dead`` changed: release or promote what waits.
 
