@@ -28,7 +28,13 @@ from functools import partial
 from typing import Any
 
 import aiohttp
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from relay.core.config import Settings
 from relay.core.crypto import SecretBox, open_headers
@@ -257,7 +263,7 @@ class Engine:
                 await self._record_some(target_id, tenant_id, target, in_flight)
                 more = True
         finally:
-            if in_flight:  # only when recording failed for longer than the leases
+            if in_flight:  # only when the drainer itself is cancelled or fails
                 for task in in_flight:
                     task.cancel()
                 self.slots.release(tenant_id, len(in_flight))
@@ -431,7 +437,10 @@ class Engine:
         if skipped:
             # started too late to end within the lease (a stalled loop or Postgres)
             log.warning("%d claims of %s given back unsent", len(skipped), target_id)
-            await self._release(skipped, delay_s=0.0)
+            try:
+                await self._release(skipped, delay_s=0.0)
+            except Exception as exc:  # their leases lapse: the sweeper wakes them
+                log.warning("release of %s failed: %r", target_id, exc)
             self._rewake.add(target_id)
         if not sent:
             return
@@ -494,32 +503,59 @@ class Engine:
         *,
         failing: bool | None,
     ) -> set[str]:
-        """Record, retrying while Postgres is away and the leases still hold.
+        """Record, retrying while the leases still hold; return the ids recorded.
 
         An attempt whose result cannot be recorded is made again once its lease
         lapses (a duplicate for the receiver), so a Postgres restart is waited
         out for as long as the leases last; past that the record (conditional on
-        each lease) keeps only what is still ours.
+        each lease) keeps only what is still ours. Any other error (a deadlock, a
+        statement Postgres refused) is logged and the record made again the same
+        way: it never ends the drainer, whose attempts still in flight would be
+        cut off and sent again. Past the leases, nothing is recorded here.
         """
         lease_end = min(a.delivery.locked_until for a in attempts)
         remaining_s = max(1.0, (lease_end - datetime.now(UTC)).total_seconds())
-        async for retry in AsyncRetrying(
-            retry=retry_if_exception_type((*POSTGRES_DOWN, TimeoutError)),
-            wait=wait_exponential(multiplier=0.2, max=2),
-            stop=stop_after_delay(remaining_s),
-            reraise=True,
-        ):
-            with retry:
-                async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                    recorded = await claims.record_batch(
-                        conn,
-                        target_id,
-                        attempts,
-                        breaker=breaker,
-                        failing=failing,
-                        grace_s=self.settings.requeue_after_s,
-                    )
-                    return set(recorded)
+
+        def failed(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            log.warning(
+                "record of %d attempts of %s failed (%s: %s); recording again",
+                len(attempts),
+                target_id,
+                type(exc).__name__,
+                str(exc)[:200],
+                extra={"target_id": target_id, "attempt": state.attempt_number},
+            )
+
+        try:
+            async for retry in AsyncRetrying(
+                retry=retry_if_exception_type(Exception),
+                wait=wait_exponential(multiplier=0.2, max=2),
+                stop=stop_after_delay(remaining_s),
+                before_sleep=failed,
+                reraise=True,
+            ):
+                with retry:
+                    async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                        recorded = await claims.record_batch(
+                            conn,
+                            target_id,
+                            attempts,
+                            breaker=breaker,
+                            failing=failing,
+                            grace_s=self.settings.requeue_after_s,
+                        )
+                        return set(recorded)
+        except Exception as exc:
+            # the leases have lapsed: these attempts are made again, as after kill -9
+            log.error(
+                "record of %d attempts of %s failed until their leases lapsed: %r",
+                len(attempts),
+                target_id,
+                exc,
+                extra={"target_id": target_id},
+            )
+            return set()
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _release(self, rows: list[Claimed], *, delay_s: float) -> None:

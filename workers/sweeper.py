@@ -25,6 +25,7 @@ from relay.core.metrics import (
     BREAKERS_OPEN,
     DEAD_LETTERS,
     DUE_UNSENT,
+    STRANDED_KEYS_REPAIRED,
     SWEEPER_LAST_SWEEP,
     SWEEPER_LEADER,
     SWEEPER_RESTARTS,
@@ -33,7 +34,7 @@ from relay.core.metrics import (
     worker_registry,
 )
 from relay.delivery.wakeups import Enqueuer, make_broker
-from relay.store import claims, housekeeping
+from relay.store import claims, housekeeping, key_queues
 from relay.store.db import Conn, connect
 
 log = logging.getLogger("relay.sweeper")
@@ -42,8 +43,10 @@ SWEEPER_LOCK_KEY = 0x7377656570  # "sweep"
 #: Targets woken per statement; a pass makes as many statements as it needs.
 BATCH = 500
 MAX_BATCHES = 20
-#: Auto-disable and retention run every this many sweeps.
+#: Auto-disable, retention and the check of ordered keys run every this many sweeps.
 HOUSEKEEPING_EVERY = 5
+#: Ordered keys checked per housekeeping; a cursor goes through all of them in turn.
+KEYS_PER_CHECK = 1000
 #: The name the sweeper's connection shows in pg_stat_activity.
 APPLICATION_NAME = "relay-sweeper"
 #: A statement that takes longer than this means Postgres is stalled: reconnect.
@@ -58,6 +61,8 @@ class Sweeper:
         self.enqueuer = enqueuer
         self.interval_s = interval_s
         self.stopping = asyncio.Event()
+        #: where the next check of ordered keys goes on (None: from the first)
+        self._keys_after: key_queues.Key | None = None
 
     async def sweep_once(self, conn: Conn) -> int:
         """Wake the targets with due work that nobody carries; return how many."""
@@ -77,7 +82,7 @@ class Sweeper:
         return total
 
     async def housekeeping(self, conn: Conn) -> None:
-        """Auto-disable failing targets and purge what is past retention, in small batches."""
+        """Auto-disable failing targets, purge what is past retention, repair stranded keys."""
         for target_id in await housekeeping.disable_failing_targets(
             conn, self.settings.disable_after_s
         ):
@@ -92,12 +97,45 @@ class Sweeper:
         BREAKERS_OPEN.set(open_breakers)
         purged = 0
         for _ in range(10):
-            batch = await housekeeping.purge_old_events(conn, self.settings.retention_days)
+            batch, promoted = await housekeeping.purge_old_events(
+                conn, self.settings.retention_days, grace_s=self.settings.requeue_after_s
+            )
             purged += batch
+            if promoted:
+                # keys that waited behind a dead letter past retention go on
+                await self.enqueuer.wake({r.wake for r in promoted})
             if batch < 1000:
                 break
         if purged:
             log.info("purged %d events past retention", purged)
+        await self.repair_stranded_keys(conn)
+
+    async def repair_stranded_keys(self, conn: Conn) -> int:
+        """Promote the head of each ordered key that waits behind nothing; return how many.
+
+        A key whose deliveries are all parked, none active, is seen by no claim
+        and no sweep: nothing else would ever send it. Relay's own writers never
+        leave one (each ends a key's active delivery and promotes the next in
+        one transaction); this check finds what a bug or a hand-made change did,
+        a bounded number of keys at a time, and counts each repair.
+        """
+        stranded, self._keys_after = await key_queues.stranded_keys(
+            conn, after=self._keys_after, limit=KEYS_PER_CHECK
+        )
+        if not stranded:
+            return 0
+        promoted = await key_queues.repair_keys(
+            conn, stranded, grace_s=self.settings.requeue_after_s
+        )
+        for r in promoted:
+            log.warning(
+                "promoted the next delivery of a stranded ordered key",
+                extra={"delivery_id": r.id, "target_id": r.target_id, "tenant_id": r.tenant_id},
+            )
+        STRANDED_KEYS_REPAIRED.inc(len(promoted))
+        if promoted:
+            await self.enqueuer.wake({r.wake for r in promoted})
+        return len(promoted)
 
     async def _lead(self, conn: Conn) -> None:
         while not self.stopping.is_set():

@@ -83,6 +83,10 @@ SWEEPER_LAST_SWEEP = Gauge(
     "Unix time of the leading sweeper's last completed sweep; stale means no sweeping.",
     multiprocess_mode="max",
 )
+STRANDED_KEYS_REPAIRED = Counter(
+    "relay_stranded_keys_repaired_total",
+    "Ordered keys the sweeper found with parked deliveries and none active, and promoted.",
+)
 SWEEPER_RESTARTS = Counter(
     "relay_sweeper_restarts_total",
     "Times the sweeper lost its connection or failed, and reconnected.",

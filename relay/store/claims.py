@@ -18,7 +18,7 @@ from relay.core.crypto import new_id
 from relay.delivery.ordering import OnDead
 from relay.delivery.outcome import CLOSED, Breaker, BreakerState
 from relay.store.db import Conn, Queries
-from relay.store.key_queues import promote_keys
+from relay.store.key_queues import lock_keys, promote_keys
 from relay.store.rows import DeliveryStatus, Wake
 
 #: First key of the advisory lock that serialises the claims of one target.
@@ -254,9 +254,14 @@ async def save_breaker(conn: Queries, target_id: str, breaker: Breaker) -> None:
 
 
 # The deliveries' new states and their attempts, in one statement (so atomic):
-# an attempt is inserted only for a delivery whose lease still held.
+# an attempt is inserted only for a delivery whose lease still held. $13: the
+# failing state of target $12 the caller expects (NULL: no check); if the row,
+# as this statement sees it, disagrees, nothing is written. It returns the
+# state it saw and the ids it recorded.
 _RECORD = """
-WITH done AS (
+WITH target AS MATERIALIZED (
+    SELECT failing_since IS NOT NULL AS failing FROM targets WHERE id = $12
+), done AS (
     UPDATE deliveries d
     SET status = r.status, attempt_count = d.attempt_count + 1,
         next_attempt_at = now() + make_interval(secs => r.delay),
@@ -266,6 +271,7 @@ WITH done AS (
     FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::float8[], $5::float8[],
                 $6::int[], $7::text[]) AS r(id, lease, status, delay, carried, code, error)
     WHERE d.id = r.id AND d.locked_until = r.lease AND d.status IN ('pending', 'retrying')
+      AND ($13::bool IS NULL OR $13 = (SELECT failing FROM target))
     RETURNING d.id, d.tenant_id
 ), kept AS (
     INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms, status_code,
@@ -276,8 +282,13 @@ WITH done AS (
                 $11::text[]) AS a(id, delivery_id, started_at, duration_ms, code, error, body)
     JOIN done ON done.id = a.delivery_id
 )
-SELECT id FROM done
+SELECT (SELECT failing FROM target) AS failing, array(SELECT id FROM done) AS ids
 """
+
+
+def _touches_target(failing: bool, succeeded: bool, disable: str | None) -> bool:
+    """Whether a batch changes the target row: its failing state, or disabling it."""
+    return (failing and succeeded) or (not succeeded and (not failing or disable is not None))
 
 
 async def record_batch(
@@ -294,24 +305,25 @@ async def record_batch(
     Returns the ids recorded; an attempt whose lease was lost is not (another
     worker may hold the delivery now). ``breaker``: the new breaker as a function
     of the current one (read under lock), or None to leave it alone. ``failing``:
-    whether the target was failing when claimed (read here if None). An ordered
-    delivery that ended (succeeded or dead) lets the next of its key become due,
-    in the same transaction (``grace_s``: how long the sweeper leaves it to us).
+    whether the target was failing when claimed, a guess only: the record
+    decides from the target row as it is in the recording transaction (another
+    process may have changed it since the claim). An ordered delivery that ended
+    (succeeded or dead) lets the next of its key become due, in the same
+    transaction (``grace_s``: how long the sweeper leaves it to us).
 
-    Lock order, here as everywhere: the target row, then its health, then its
-    deliveries (``delete_target`` and PATCH lock the target first). The target
-    row is locked and written only when its failing state changes. When neither
-    it nor the breaker changes (a healthy target), the record is one statement.
+    Lock order, here as everywhere: the target row, then its health, then the
+    ended deliveries' key locks, then the deliveries (``delete_target`` and PATCH
+    lock the target first; retries, replays and purges take a key's lock before
+    its rows). The target row is locked and written only when its failing state
+    changes. When neither it nor the breaker changes (a healthy target), the
+    record is one statement (in a transaction with the key locks when ordered
+    deliveries ended) that checks the target's failing state as it writes; only
+    if the guess was stale is it made again, under the target row's lock.
     """
     if not attempts:
         return []
     succeeded = any(a.status == "succeeded" for a in attempts)
     disable = next((a.disable_reason for a in attempts if a.disable_reason), None)
-    if failing is None:
-        failing = await conn.fetchval(
-            "SELECT failing_since IS NOT NULL FROM targets WHERE id = $1", target_id
-        )
-    touch_target = (failing and succeeded) or (not succeeded and (not failing or disable))
     args = (
         [a.delivery.id for a in attempts],
         [a.delivery.locked_until for a in attempts],
@@ -324,26 +336,56 @@ async def record_batch(
         [a.started_at for a in attempts],
         [a.duration_ms for a in attempts],
         [a.response_body for a in attempts],
+        target_id,
     )
     ended_keys = {
         a.delivery.id: a.delivery.order_key
         for a in attempts
         if a.delivery.order_key is not None and a.status in ("succeeded", "dead")
     }
-    if not touch_target and breaker is None and not ended_keys:
-        return [r["id"] for r in await conn.fetch(_RECORD, *args)]
+    keys = sorted({(target_id, k) for k in ended_keys.values()})
+
+    async def write(expected: bool | None) -> list[str] | None:
+        """The record (None: the target's failing state is not ``expected``; nothing written)."""
+        await lock_keys(conn, keys)
+        row = await conn.fetchrow(_RECORD, *args, expected)
+        assert row is not None  # the statement always answers one row
+        if expected is not None and row["failing"] != expected:
+            return None
+        recorded: list[str] = list(row["ids"])
+        done = set(recorded)
+        await promote_keys(
+            conn,
+            sorted({(target_id, k) for d, k in ended_keys.items() if d in done}),
+            grace_s=grace_s,
+        )
+        return recorded
+
+    guess = bool(failing)
+    if breaker is None and not _touches_target(guess, succeeded, disable):
+        if not keys:
+            fast = await write(guess)
+        else:
+            async with conn.transaction():
+                fast = await write(guess)
+        if fast is not None:
+            return fast
+        # the guess was stale (nothing written): record under the target row's lock
     async with conn.transaction():
-        if touch_target:
-            await conn.execute("SELECT 1 FROM targets WHERE id = $1 FOR NO KEY UPDATE", target_id)
+        failing_now = bool(
+            await conn.fetchval(
+                "SELECT failing_since IS NOT NULL FROM targets WHERE id = $1 FOR NO KEY UPDATE",
+                target_id,
+            )
+        )
+        touch_target = _touches_target(failing_now, succeeded, disable)
         if breaker is not None:
             before = await breaker_of(conn, target_id)
             after = breaker(before)
             if after != before:
                 await save_breaker(conn, target_id, after)
-        recorded = [r["id"] for r in await conn.fetch(_RECORD, *args)]
-        done = set(recorded)
-        keys = {(target_id, k) for d, k in ended_keys.items() if d in done}
-        await promote_keys(conn, sorted(keys), grace_s=grace_s)
+        recorded = await write(None)
+        assert recorded is not None
         if recorded and touch_target and succeeded:
             await conn.execute("UPDATE targets SET failing_since = NULL WHERE id = $1", target_id)
         elif recorded and touch_target:

@@ -9,7 +9,7 @@ from typing import Any
 
 from relay.store.db import Conn, Queries
 from relay.store.deliveries import DELIVERY_COLUMNS, delivery_page
-from relay.store.key_queues import promote_keys
+from relay.store.key_queues import lock_keys, promote_keys
 from relay.store.rows import Delivery, Replayed
 
 
@@ -139,17 +139,52 @@ async def replay_dead_letters_batch(
 ) -> list[Replayed]:
     """Put up to ``batch`` selected dead letters back to pending; return them.
 
-    One set-based statement with SKIP LOCKED, so concurrent replays never touch
-    the same row and none holds a lock for long. What is already pending is
-    not selected, so replaying twice does not send twice.
+    Short statements with SKIP LOCKED, so concurrent replays never touch the
+    same row and none holds a lock for long. What is already pending is not
+    selected, so replaying twice does not send twice.
     """
+    flt = DeadLetterFilter(target_id=target_id, since=since, ids=ids, up_to_id=up_to_id)
+    replayed, _ = await _replay_batch(
+        conn, tenant_id, flt, batch=batch, enqueue_grace_s=enqueue_grace_s, after_id=after_id
+    )
+    return replayed
+
+
+async def _replay_batch(
+    conn: Conn,
+    tenant_id: str | None,
+    flt: DeadLetterFilter,
+    *,
+    batch: int,
+    enqueue_grace_s: float,
+    after_id: str | None,
+) -> tuple[list[Replayed], str | None]:
+    """Replay up to ``batch`` dead letters after ``after_id``.
+
+    Returns them and the last one selected (None: the selection has no more).
+    The keys' locks are taken before the rows (``key_queues``' lock order).
+    """
+    args = dead_letter_args(tenant_id, flt)
     async with conn.transaction():
+        picked = await conn.fetch(
+            f"""
+            SELECT d.id, d.target_id, d.order_key FROM deliveries d
+            WHERE {dead_letter_match(1)} AND ($10::text IS NULL OR d.id > $10)
+            ORDER BY d.id LIMIT $9
+            """,
+            *args,
+            batch,
+            after_id,
+        )
+        if not picked:
+            return [], None
+        await lock_keys(conn, _keys_of(picked))
         rows = await conn.fetch(
             f"""
             WITH picked AS (
                 SELECT d.id FROM deliveries d
-                WHERE {dead_letter_match(1)} AND ($11::text IS NULL OR d.id > $11)
-                ORDER BY d.id LIMIT $9 FOR UPDATE SKIP LOCKED
+                WHERE d.id = ANY($9::text[]) AND {dead_letter_match(1)}
+                FOR UPDATE SKIP LOCKED
             )
             UPDATE deliveries d
             SET status = 'pending', attempt_count = 0,
@@ -160,17 +195,14 @@ async def replay_dead_letters_batch(
             FROM picked WHERE d.id = picked.id
             RETURNING d.id, d.target_id, d.tenant_id, d.order_key
             """,
-            *dead_letter_args(
-                tenant_id,
-                DeadLetterFilter(target_id=target_id, since=since, ids=ids, up_to_id=up_to_id),
-            ),
-            batch,
+            *args,
+            [r["id"] for r in picked],
             enqueue_grace_s,
-            after_id,
         )
         # ordered ones were parked: each key's first (by position) goes when nothing is active
         await promote_keys(conn, _keys_of(rows), grace_s=enqueue_grace_s)
-    return [Replayed(r["id"], r["target_id"], r["tenant_id"]) for r in rows]
+    last = picked[-1]["id"] if len(picked) == batch else None
+    return [Replayed(r["id"], r["target_id"], r["tenant_id"]) for r in rows], last
 
 
 def _keys_of(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
@@ -195,24 +227,22 @@ async def replay_in_batches(
 
     A keyset cursor visits each row once, even if it dies again meanwhile.
     """
+    flt = DeadLetterFilter(target_id=target_id, since=since, up_to_id=up_to_id)
     after: str | None = None
     while True:
-        replayed = await replay_dead_letters_batch(
+        replayed, last = await _replay_batch(
             conn,
             tenant_id,
-            target_id=target_id,
-            since=since,
-            ids=None,
-            up_to_id=up_to_id,
+            flt,
             batch=REPLAY_BATCH,
             enqueue_grace_s=enqueue_grace_s,
             after_id=after,
         )
         if replayed:
             yield replayed
-            after = max(r.id for r in replayed)
-        if len(replayed) < REPLAY_BATCH:
+        if last is None:
             return
+        after = last
 
 
 async def purge_dead_letters(
@@ -224,23 +254,33 @@ async def purge_dead_letters(
     batch: int = 5000,
     enqueue_grace_s: float = 30.0,
 ) -> int:
-    """Delete dead letters created before ``older_than``, in batches; return how many."""
+    """Delete dead letters created before ``older_than``, in batches; return how many.
+
+    The keys' locks are taken before the rows (``key_queues``' lock order).
+    """
+    args = dead_letter_args(tenant_id, DeadLetterFilter(target_id=target_id, until=older_than))
     total = 0
     while True:
         async with conn.transaction():
+            picked = await conn.fetch(
+                f"""
+                SELECT d.id, d.target_id, d.order_key FROM deliveries d
+                WHERE {dead_letter_match(1)} LIMIT $9
+                """,
+                *args,
+                batch,
+            )
+            await lock_keys(conn, _keys_of(picked))
             gone = await conn.fetch(
                 f"""
-                DELETE FROM deliveries WHERE id IN (
-                    SELECT d.id FROM deliveries d WHERE {dead_letter_match(1)} LIMIT $9
-                ) RETURNING target_id, order_key
+                DELETE FROM deliveries d WHERE d.id = ANY($9::text[]) AND {dead_letter_match(1)}
+                RETURNING d.target_id, d.order_key
                 """,
-                *dead_letter_args(
-                    tenant_id, DeadLetterFilter(target_id=target_id, until=older_than)
-                ),
-                batch,
+                *args,
+                [r["id"] for r in picked],
             )
             # a key blocked on a dead letter that is purged goes on
             await promote_keys(conn, _keys_of(gone), grace_s=enqueue_grace_s)
         total += len(gone)
-        if len(gone) < batch:
+        if len(picked) < batch:
             return total

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from relay.store.db import Conn, Queries
-from relay.store.key_queues import promote_keys
+from relay.store.key_queues import lock_keys, promote_keys
 from relay.store.rows import AttemptRecord, Delivery, DeliveryStatus
 from relay.store.sql import holds_key, key_queue_order, keyset_page
 
@@ -117,8 +117,21 @@ async def retry_delivery(
 
     An ordered delivery re-enters its key's order at its own position: it is
     due at once only if nothing of its key is active (else it waits, parked).
+    Its key's lock is taken before its row (the lock order of ``key_queues``).
+    The lapsed lease goes: a late record of the attempt made under it records
+    nothing over the fresh schedule.
     """
     async with conn.transaction():
+        found = await conn.fetchrow(
+            "SELECT target_id, order_key FROM deliveries WHERE tenant_id = $1 AND id = $2",
+            tenant_id,
+            delivery_id,
+        )
+        if found is None:
+            return None
+        key = None if found["order_key"] is None else (found["target_id"], found["order_key"])
+        if key is not None:
+            await lock_keys(conn, [key])
         row = await conn.fetchrow(
             """
             UPDATE deliveries d
@@ -126,10 +139,10 @@ async def retry_delivery(
                 next_attempt_at = CASE WHEN d.order_key IS NULL THEN now() END,
                 enqueued_until = CASE WHEN d.order_key IS NULL
                                       THEN now() + make_interval(secs => $3) END,
-                updated_at = now()
+                locked_until = NULL, updated_at = now()
             WHERE d.tenant_id = $1 AND d.id = $2
               AND (d.locked_until IS NULL OR d.locked_until < now())
-            RETURNING d.target_id, d.order_key
+            RETURNING d.id
             """,
             tenant_id,
             delivery_id,
@@ -137,8 +150,6 @@ async def retry_delivery(
         )
         if row is None:
             return None
-        if row["order_key"] is not None:
-            await promote_keys(
-                conn, [(row["target_id"], row["order_key"])], grace_s=enqueue_grace_s
-            )
+        if key is not None:
+            await promote_keys(conn, [key], grace_s=enqueue_grace_s)
         return await get_delivery(conn, tenant_id, delivery_id)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.store.db import Queries
+from relay.store.db import Conn, Queries
+from relay.store.key_queues import lock_keys, promote_keys
+from relay.store.rows import Replayed
 
 
 async def stats(conn: Queries) -> dict[str, Any]:
@@ -54,16 +56,23 @@ async def disable_failing_targets(conn: Queries, failing_for_s: float) -> list[s
     return [r["id"] for r in rows]
 
 
-async def purge_old_events(conn: Queries, retention_days: int, batch: int = 1000) -> int:
+async def purge_old_events(
+    conn: Conn, retention_days: int, batch: int = 1000, *, grace_s: float = 30.0
+) -> tuple[int, list[Replayed]]:
     """Delete up to ``batch`` events older than the retention (deliveries and attempts cascade).
 
     An event with a delivery still to be sent (pending or retrying, e.g. behind a
     target disabled for longer than the retention) is kept until it finishes.
+    A key that waited behind a dead letter deleted here (``on_dead: "block"``)
+    goes on: its next delivery becomes due, and is returned to be woken
+    (``grace_s``: how long the sweeper leaves it to that wake-up). The keys'
+    locks are taken before the rows (``key_queues``' lock order).
+    Returns how many events were deleted and the deliveries made due.
     """
-    deleted: int = await conn.fetchval(
-        """
-        WITH gone AS (
-            DELETE FROM events WHERE id IN (
+    async with conn.transaction():
+        picked = await conn.fetch(
+            """
+            WITH old AS (
                 SELECT e.id FROM events e
                 WHERE e.received_at < now() - make_interval(days => $1)
                   AND NOT EXISTS (
@@ -71,13 +80,36 @@ async def purge_old_events(conn: Queries, retention_days: int, batch: int = 1000
                       WHERE d.event_id = e.id AND d.status IN ('pending', 'retrying')
                   )
                 LIMIT $2
-            ) RETURNING 1
-        ) SELECT count(*) FROM gone
-        """,
-        retention_days,
-        batch,
-    )
-    return deleted
+            )
+            SELECT old.id, k.target_id, k.order_key FROM old
+            LEFT JOIN LATERAL (
+                SELECT d.target_id, d.order_key FROM deliveries d
+                WHERE d.event_id = old.id AND d.status = 'dead' AND d.order_key IS NOT NULL
+            ) k ON true
+            """,
+            retention_days,
+            batch,
+        )
+        if not picked:
+            return 0, []
+        keys = sorted({(r["target_id"], r["order_key"]) for r in picked if r["order_key"]})
+        await lock_keys(conn, keys)
+        deleted: int = await conn.fetchval(
+            """
+            WITH gone AS (
+                DELETE FROM events e
+                WHERE e.id = ANY($1::text[])
+                  AND NOT EXISTS (
+                      SELECT 1 FROM deliveries d
+                      WHERE d.event_id = e.id AND d.status IN ('pending', 'retrying')
+                  )
+                RETURNING 1
+            ) SELECT count(*) FROM gone
+            """,
+            list({r["id"] for r in picked}),
+        )
+        promoted = await promote_keys(conn, keys, grace_s=grace_s)
+    return deleted, promoted
 
 
 async def backlog(conn: Queries) -> tuple[int, int, int]:

@@ -3,15 +3,24 @@
 Of a key's undelivered deliveries one is active (due, leased or retrying);
 the others are parked (``pending`` with no ``next_attempt_at``). The transaction
 that ends the active one promotes the next.
+
+Lock order, in every writer: a target's row, its health, then the keys'
+advisory locks (``lock_keys``, sorted), then the rows of deliveries. Promoting
+a key's next delivery writes a row while the key's lock is held, so a writer
+that held a delivery's row while waiting for its key would deadlock with it
+(a retry holding the parked row, a record promoting that row under the key):
+whoever changes a delivery of an ordered key takes the key's lock first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from relay.store.db import Conn, Queries
+from relay.store.db import Conn
 from relay.store.rows import Replayed
 from relay.store.sql import ORDER_LOCK, holds_key, key_locks, key_queue_order
+
+Key = tuple[str, str]
 
 # Keys' advisory locks, in one order everywhere; taken before the statement whose
 # snapshot must see what the keys' other writers committed.
@@ -44,21 +53,82 @@ RETURNING d.id, d.target_id, d.tenant_id
 # without it, and without statistics, Postgres walked every parked row instead.)
 
 
-async def promote_keys(
-    conn: Queries, keys: Sequence[tuple[str, str]], *, grace_s: float
-) -> list[Replayed]:
+async def lock_keys(conn: Conn, keys: Sequence[Key]) -> None:
+    """Take the advisory lock of each (target, key), held to the commit.
+
+    Call inside a transaction, before touching a row of a delivery of those keys.
+    """
+    if keys:
+        await conn.execute(_LOCK_KEYS, [t for t, _ in keys], [k for _, k in keys], ORDER_LOCK)
+
+
+async def promote_keys(conn: Conn, keys: Sequence[Key], *, grace_s: float) -> list[Replayed]:
     """Make the next delivery of each (target, key) due if nothing of its key is active.
 
     Call inside a transaction, after the change that may have ended a key's
-    active delivery; the keys' locks are held from here to the commit.
+    active delivery; the keys' locks (if not taken before) are held from here to
+    the commit.
     """
     if not keys:
         return []
-    targets = [t for t, _ in keys]
-    order_keys = [k for _, k in keys]
-    await conn.execute(_LOCK_KEYS, targets, order_keys, ORDER_LOCK)
-    rows = await conn.fetch(_PROMOTE, targets, order_keys, grace_s)
+    await lock_keys(conn, keys)
+    rows = await conn.fetch(_PROMOTE, [t for t, _ in keys], [k for _, k in keys], grace_s)
     return [Replayed(r["id"], r["target_id"], r["tenant_id"]) for r in rows]
+
+
+# Up to $3 distinct keys of the key-queue index after ($1, $2), one index probe
+# each (a loose index scan), in index order, and whether each is stranded: it has
+# a parked delivery and nothing else that holds its queue, so nothing would ever
+# make its next delivery due. Read without locks: ``promote_keys`` checks again.
+_WALK_KEYS = f"""
+WITH RECURSIVE walk(target_id, order_key, n) AS (
+    (SELECT d.target_id, d.order_key, 1 FROM deliveries d
+     WHERE d.order_key IS NOT NULL AND d.status IN ('pending', 'retrying', 'dead')
+       AND (d.target_id, d.order_key) > ($1::text, $2::text)
+     ORDER BY d.target_id, d.order_key LIMIT 1)
+    UNION ALL
+    SELECT nxt.target_id, nxt.order_key, w.n + 1 FROM walk w CROSS JOIN LATERAL (
+        SELECT d.target_id, d.order_key FROM deliveries d
+        WHERE d.order_key IS NOT NULL AND d.status IN ('pending', 'retrying', 'dead')
+          AND (d.target_id, d.order_key) > (w.target_id, w.order_key)
+        ORDER BY d.target_id, d.order_key LIMIT 1
+    ) nxt
+    WHERE w.n < $3
+)
+SELECT w.target_id, w.order_key,
+       EXISTS (
+           SELECT 1 FROM deliveries p
+           WHERE p.target_id = w.target_id AND p.order_key = w.order_key
+             AND p.status = 'pending' AND p.next_attempt_at IS NULL
+       ) AND NOT EXISTS (
+           SELECT 1 FROM deliveries p
+           WHERE p.target_id = w.target_id AND p.order_key = w.order_key
+             AND {holds_key("p", "t")}
+             AND NOT (p.status = 'pending' AND p.next_attempt_at IS NULL)
+       ) AS stranded
+FROM walk w JOIN targets t ON t.id = w.target_id
+ORDER BY w.n
+"""
+
+
+async def stranded_keys(
+    conn: Conn, *, after: Key | None, limit: int
+) -> tuple[list[Key], Key | None]:
+    """Check up to ``limit`` keys after ``after`` (None: from the first); return the stranded.
+
+    Also returns where the next check goes on (None: this one reached the last
+    key). Each call costs ``limit`` index probes at most, whatever the backlog.
+    """
+    rows = await conn.fetch(_WALK_KEYS, *(after or ("", "")), limit)
+    stranded = [(r["target_id"], r["order_key"]) for r in rows if r["stranded"]]
+    last = (rows[-1]["target_id"], rows[-1]["order_key"]) if len(rows) == limit else None
+    return stranded, last
+
+
+async def repair_keys(conn: Conn, keys: Sequence[Key], *, grace_s: float) -> list[Replayed]:
+    """Promote the head of each stranded key (checked again under the key's lock)."""
+    async with conn.transaction():
+        return await promote_keys(conn, keys, grace_s=grace_s)
 
 
 async def reorder_target(conn: Conn, target_id: str, *, grace_s: float) -> None:

@@ -10,8 +10,10 @@ import asyncpg
 
 from relay.delivery.outcome import next_breaker
 from relay.store import claims
+from relay.store import deliveries as delivery_store
 from relay.store import targets as target_store
 from relay.store.claims import Attempt
+from relay.store.sql import ORDER_LOCK
 from tests.conftest import Tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
 from tests.stack import eventually
@@ -82,4 +84,71 @@ async def test_delete_target_while_an_attempt_is_recorded_does_not_deadlock(
         assert (row["status"], row["last_error"]) == ("dead", "the target was deleted")
     finally:
         for conn in (blocker, deleter, recorder, watcher):
+            await conn.close()
+
+
+async def test_retry_of_a_parked_delivery_while_its_key_is_recorded_does_not_deadlock(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    # Given an ordered target and a bill of two events: the first claimed by a worker,
+    # the second parked behind it
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant, ordering="object")
+    bill = [
+        {"uuid": f"lock-bill-{n}", "objectType": "Bill", "objectId": "9", "action": "updated"}
+        for n in range(2)
+    ]
+    first_event, second_event = (await (await post_token(client, source, bill)).json())["event_ids"]
+    blocker, recorder, retrier, watcher = [await asyncpg.connect(database_url) for _ in range(4)]
+    try:
+        parked = await watcher.fetchval(
+            "SELECT id FROM deliveries WHERE event_id = $1", second_event
+        )
+        _, [claimed] = await claims.claim_batch(watcher, target["id"], want=2, lease_s=60)
+        assert claimed.event_id == first_event and claimed.order_key is not None
+        # And the bill's key lock briefly held (e.g. by an ingest committing its next event),
+        # so the worker's record and the tenant's retry queue up on it in that order
+        blocker_tx = blocker.transaction()
+        await blocker_tx.start()
+        await blocker.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2 || '/' || $3))",
+            ORDER_LOCK,
+            target["id"],
+            claimed.order_key,
+        )
+
+        # When the worker records the first event's success and the tenant retries the second
+        succeeded = Attempt(
+            delivery=claimed,
+            started_at=datetime.now(UTC),
+            duration_ms=5,
+            status_code=200,
+            error=None,
+            response_body="ok",
+            status="succeeded",
+            delay_s=None,
+            carried_for_s=None,
+            disable_reason=None,
+        )
+        record = asyncio.create_task(
+            claims.record_batch(recorder, target["id"], [succeeded], breaker=None, failing=False)
+        )
+        await eventually(lambda: _waiting_on_lock(watcher, recorder), timeout=10)
+        retry = asyncio.create_task(
+            delivery_store.retry_delivery(retrier, tenant.id, parked, enqueue_grace_s=30)
+        )
+        await eventually(lambda: _waiting_on_lock(watcher, retrier), timeout=10)
+        await blocker_tx.commit()
+
+        # Then both finish (no deadlock error): the first is recorded, the second is due
+        recorded, retried = await asyncio.wait_for(asyncio.gather(record, retry), timeout=20)
+        assert recorded == [claimed.id]
+        assert retried is not None
+        row = await watcher.fetchrow(
+            "SELECT status, next_attempt_at IS NOT NULL AS due FROM deliveries WHERE id = $1",
+            parked,
+        )
+        assert (row["status"], row["due"]) == ("pending", True)
+    finally:
+        for conn in (blocker, recorder, retrier, watcher):
             await conn.close()

@@ -91,7 +91,9 @@ async def setup(http: aiohttp.ClientSession, replicas: list[str]) -> tuple[Api, 
     a_url, b_url = replicas
     key = await tenant_key(http, a_url)
     a, b = Api(http, a_url, key), Api(http, b_url, key)
-    source = await a.call("POST", "/v1/sources", {"name": "SoftLedger", "auth": {"type": "token"}}, expect=201)
+    source = await a.call(
+        "POST", "/v1/sources", {"name": "SoftLedger", "auth": {"type": "token"}}, expect=201
+    )
     return a, b, source, source["secret"]
 
 
@@ -223,7 +225,9 @@ async def test_a_deleted_source_is_refused_at_once(
     accepted = []
     for n in range(ROUNDS):
         # Given a source that replica B has just accepted events for
-        source = await a.call("POST", "/v1/sources", {"name": f"s{n}", "auth": {"type": "token"}}, expect=201)
+        source = await a.call(
+            "POST", "/v1/sources", {"name": f"s{n}", "auth": {"type": "token"}}, expect=201
+        )
         await warm(http, b.base, source, source["secret"])
         # When it is deleted through A
         await a.call("DELETE", f"/v1/sources/{source['id']}", expect=204)
