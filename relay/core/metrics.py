@@ -24,6 +24,10 @@ INGEST_LATENCY = Histogram(
     "Time to answer an ingest request.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+INGEST_WAITING = Gauge(
+    "relay_ingest_waiting",
+    "Ingest requests waiting for their commit (RELAY_INGEST_MAX_WAITING at most).",
+)
 DELIVERIES = Counter(
     "relay_deliveries_total",
     "Delivery attempts by outcome (succeeded, retrying, dead) or why none was made.",

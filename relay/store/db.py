@@ -37,6 +37,15 @@ POSTGRES_DOWN = (
 )
 
 
+class MaybeCommitted(Exception):
+    """A transaction's COMMIT was sent, and then something failed: it may have taken effect.
+
+    Raised from the failure (its ``__cause__``): a lost connection, a timeout or an
+    error in answer to the COMMIT, or a fault after it. Writing the same rows again
+    could store them twice.
+    """
+
+
 class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
     """A pooled connection that is not reset when it goes back to its pool.
 
@@ -57,9 +66,18 @@ async def _init_connection(conn: Conn) -> None:
 
 
 async def create_pool(
-    dsn: str, *, min_size: int = 2, max_size: int = 10, wait_s: float = 30.0
+    dsn: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 10,
+    wait_s: float = 30.0,
+    command_timeout: float | None = None,
 ) -> Pool:
-    """Open a pool, retrying for up to ``wait_s`` while Postgres is unreachable."""
+    """Open a pool, retrying for up to ``wait_s`` while Postgres is unreachable.
+
+    ``command_timeout``: a statement not answered in time raises ``TimeoutError`` (asyncpg
+    cancels it, and closes the connection if the cancel is not answered in time either).
+    """
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT),
         wait=wait_exponential(multiplier=0.2, max=2.0),
@@ -74,6 +92,7 @@ async def create_pool(
                 max_size=max_size,
                 init=_init_connection,
                 connection_class=PooledConnection,
+                command_timeout=command_timeout,
             )
     raise AssertionError("unreachable")  # pragma: no cover
 
