@@ -43,6 +43,10 @@ CONNECTIONS_REFUSED = Counter(
     "relay_connections_refused_total",
     "Connections the gateway refused because RELAY_MAX_CONNECTIONS were open.",
 )
+HEAD_DEADLINE_ERRORS = Counter(
+    "relay_head_deadline_errors_total",
+    "Request-head deadlines that failed when they fired (the connection was closed anyway).",
+)
 ENGINE_IN_FLIGHT = Gauge(
     "relay_attempts_in_flight",
     "Delivery attempts in flight across the worker processes.",
