@@ -61,6 +61,12 @@ class Settings:
     body_timeout_s: float = 30.0
     #: Open connections one gateway process accepts; more are answered 503 and closed.
     max_connections: int = 1000
+    #: Ingest requests one gateway process holds waiting for their commit; more: 503.
+    ingest_max_waiting: int = 1000
+    #: The gateway's longest wait for a pooled Postgres connection, and for one statement
+    #: (COMMIT included): a stalled Postgres is answered 503, not waited for.
+    db_acquire_timeout_s: float = 5.0
+    db_statement_timeout_s: float = 5.0
     #: Quotas: live targets and sources a tenant may have, and deliveries one
     #: ingest request may create (events of the body times the targets each matches).
     max_targets_per_tenant: int = 100
@@ -140,6 +146,14 @@ class Settings:
             values["body_timeout_s"] = _positive(v, "RELAY_BODY_TIMEOUT_S")
         if (v := get("RELAY_MAX_CONNECTIONS")) is not None:
             values["max_connections"] = int(_positive(v, "RELAY_MAX_CONNECTIONS", integer=True))
+        if (v := get("RELAY_INGEST_MAX_WAITING")) is not None:
+            values["ingest_max_waiting"] = int(
+                _positive(v, "RELAY_INGEST_MAX_WAITING", integer=True)
+            )
+        if (v := get("RELAY_DB_ACQUIRE_TIMEOUT_S")) is not None:
+            values["db_acquire_timeout_s"] = _positive(v, "RELAY_DB_ACQUIRE_TIMEOUT_S")
+        if (v := get("RELAY_DB_STATEMENT_TIMEOUT_S")) is not None:
+            values["db_statement_timeout_s"] = _positive(v, "RELAY_DB_STATEMENT_TIMEOUT_S")
         for name, key in (
             ("RELAY_MAX_TARGETS_PER_TENANT", "max_targets_per_tenant"),
             ("RELAY_MAX_SOURCES_PER_TENANT", "max_sources_per_tenant"),

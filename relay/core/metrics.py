@@ -29,6 +29,10 @@ INGEST_REROUTED = Counter(
     "Ingest requests routed again because their tenant's sources or targets changed "
     "(on another process or replica) since this gateway read them.",
 )
+INGEST_WAITING = Gauge(
+    "relay_ingest_waiting",
+    "Ingest requests waiting for their commit (RELAY_INGEST_MAX_WAITING at most).",
+)
 DELIVERIES = Counter(
     "relay_deliveries_total",
     "Delivery attempts by outcome (succeeded, retrying, dead) or why none was made.",
@@ -43,6 +47,10 @@ ATTEMPT_LATENCY = Histogram(
 CONNECTIONS_REFUSED = Counter(
     "relay_connections_refused_total",
     "Connections the gateway refused because RELAY_MAX_CONNECTIONS were open.",
+)
+HEAD_DEADLINE_ERRORS = Counter(
+    "relay_head_deadline_errors_total",
+    "Request-head deadlines that failed when they fired (the connection was closed anyway).",
 )
 ENGINE_IN_FLIGHT = Gauge(
     "relay_attempts_in_flight",

@@ -8,10 +8,19 @@ WAL flush) is shared by many. A request's answer comes only after the
 transaction holding its events has committed.
 
 When a group fails, every request gets the answer it would have had alone:
-with Postgres unreachable, all of them fail (503); any other failure may belong
-to one request, so each is committed again on its own and only its own error
-reaches it. Once a group has committed, its targets are woken on the broker,
-each once (the sweeper covers a wake-up that is lost).
+with Postgres unreachable or too slow, all of them fail (503); any other failure
+before the COMMIT was sent may belong to one request, so each is committed again
+on its own and only its own error reaches it. A group whose COMMIT was sent is
+never written again: if its outcome is unknown (an error, a timeout or a lost
+connection in answer to the COMMIT), each of its requests is answered 503, as
+events without a uuid would otherwise be stored twice. Once a group has
+committed, its targets are woken on the broker, each once (the sweeper covers a
+wake-up that is lost).
+
+A stalled Postgres (a lock wait, a full disk) is not waited for: a pooled
+connection is waited for at most ``acquire_timeout_s``, a statement at most the
+pool's command timeout, and at most ``max_waiting`` requests wait in a process;
+one more is answered 503 at once.
 """
 
 from __future__ import annotations
@@ -19,8 +28,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from relay.store.db import POSTGRES_DOWN, Pool
+from relay.core import errors
+from relay.core.metrics import INGEST_WAITING
+from relay.store.db import POSTGRES_DOWN, MaybeCommitted, Pool
 from relay.store.events import IngestRequest, IngestResult, record_event_groups
 
 log = logging.getLogger(__name__)
@@ -29,6 +41,10 @@ log = logging.getLogger(__name__)
 MAX_RUNNING = 4
 #: Events in one transaction at most (a bigger request is a group of its own).
 MAX_GROUP_EVENTS = 2000
+#: Requests waiting for their commit (queued or in a group in flight) at most.
+MAX_WAITING = 1000
+#: Longest wait for a pooled connection.
+ACQUIRE_TIMEOUT_S = 5.0
 
 Waiter = tuple[IngestRequest, "asyncio.Future[IngestResult]"]
 
@@ -45,6 +61,8 @@ class GroupCommit:
         committed: Callable[[Sequence[tuple[str, str]]], None],
         max_running: int = MAX_RUNNING,
         max_group_events: int = MAX_GROUP_EVENTS,
+        max_waiting: int = MAX_WAITING,
+        acquire_timeout_s: float = ACQUIRE_TIMEOUT_S,
     ) -> None:
         self._pool = pool
         self._grace_s = enqueue_grace_s
@@ -53,18 +71,36 @@ class GroupCommit:
         self._committed = committed
         self._max_running = max_running
         self._max_events = max_group_events
+        self._max_waiting = max_waiting
+        self._acquire_timeout_s = acquire_timeout_s
+        #: requests handed to commit() and not answered yet
+        self._unanswered = 0
         self._waiting: list[Waiter] = []
         self._scheduled = False
         self._running: set[asyncio.Task[None]] = set()
 
     async def commit(self, request: IngestRequest) -> IngestResult:
-        """Store ``request``'s events; return once they are committed (or raise its error)."""
+        """Store ``request``'s events; return once they are committed (or raise its error).
+
+        Beyond ``max_waiting`` requests waiting in this process, raise
+        :class:`errors.Unavailable` at once.
+        """
+        if self._unanswered >= self._max_waiting:
+            raise errors.Unavailable(
+                "too many requests are waiting for the database; try again shortly"
+            )
         future: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
         self._waiting.append((request, future))
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._start)
-        return await future
+        self._unanswered += 1
+        INGEST_WAITING.inc()
+        try:
+            return await future
+        finally:
+            self._unanswered -= 1
+            INGEST_WAITING.dec()
 
     def _start(self) -> None:
         """Start groups of what waits, while fewer than ``max_running`` are in flight."""
@@ -92,43 +128,82 @@ class GroupCommit:
             asyncio.get_running_loop().call_soon(self._start)
 
     async def _run(self, group: list[Waiter]) -> None:
-        try:
-            await self._commit_group(group)
-        except POSTGRES_DOWN as exc:
-            _fail(group, exc)
-        except Exception as exc:
-            if len(group) == 1:
-                _fail(group, exc)
-                return
-            log.warning(
-                "a group of %d ingest requests failed (%s); committing each alone",
-                len(group),
-                type(exc).__name__,
-            )
-            for waiter in group:
-                try:
-                    await self._commit_group([waiter])
-                except Exception as alone:
-                    _fail([waiter], alone)
+        failure = await self._attempt(group)
+        if failure is None:
+            return
+        log.warning(
+            "a group of %d ingest requests failed (%s); committing each alone",
+            len(group),
+            type(failure).__name__,
+        )
+        for waiter in group:
+            alone = await self._attempt([waiter])
+            if alone is not None:
+                _fail([waiter], alone)
 
-    async def _commit_group(self, group: list[Waiter]) -> None:
-        async with self._pool.acquire() as conn:
+    async def _attempt(self, group: list[Waiter]) -> Exception | None:
+        """Commit ``group`` and answer its requests.
+
+        Returns, unanswered, the error of a group of several requests that wrote
+        nothing and may be committed again request by request; answers every
+        other failure.
+        """
+        try:
+            conn = await self._pool.acquire(timeout=self._acquire_timeout_s)
+        except Exception as exc:
+            _fail(group, _unavailable(exc))
+            return None
+        try:
             results = await record_event_groups(
                 conn,
                 [request for request, _ in group],
                 enqueue_grace_s=self._grace_s,
                 first_delay_s=self._first_delay_s,
             )
+        except MaybeCommitted as exc:
+            log.error(
+                "the outcome of a commit of %d ingest requests is unknown (%s); each is"
+                " answered 503 and none is written again",
+                len(group),
+                type(exc.__cause__).__name__,
+            )
+            _fail(group, errors.Unavailable("the database did not confirm the commit; try again"))
+            return None
+        except POSTGRES_DOWN as exc:
+            _fail(group, _unavailable(exc))
+            return None
+        except Exception as exc:
+            if len(group) > 1:
+                return exc
+            _fail(group, exc)
+            return None
+        else:
+            self._answer(group, results)
+            return None
+        finally:
+            await self._release(conn)
+
+    def _answer(self, group: list[Waiter], results: list[IngestResult]) -> None:
+        """Answer a committed group's requests, then wake its targets."""
+        for (_, future), result in zip(group, results, strict=True):
+            if not future.done():
+                future.set_result(result)
         woken = {
             (target_id, request.tenant_id): None
             for (request, _), result in zip(group, results, strict=True)
             for target_id in result.target_ids
         }
         if woken:
-            self._committed(list(woken))
-        for (_, future), result in zip(group, results, strict=True):
-            if not future.done():
-                future.set_result(result)
+            try:
+                self._committed(list(woken))
+            except Exception:  # committed and answered: the sweeper wakes them
+                log.exception("waking the targets of a committed group failed")
+
+    async def _release(self, conn: Any) -> None:
+        try:
+            await self._pool.release(conn, timeout=self._acquire_timeout_s)
+        except Exception as exc:  # asyncpg has closed it; the pool opens another
+            log.debug("a connection could not be released cleanly: %s", type(exc).__name__)
 
     async def close(self) -> None:
         """Wait for the groups in flight (the server has stopped taking requests)."""
@@ -137,6 +212,13 @@ class GroupCommit:
                 await asyncio.wait(set(self._running))
             else:
                 self._start()
+
+
+def _unavailable(exc: Exception) -> Exception:
+    """A timeout is a stalled Postgres: 503, saying so; other faults keep their type."""
+    if isinstance(exc, TimeoutError):
+        return errors.Unavailable("the database did not answer in time; try again shortly")
+    return exc
 
 
 def _fail(group: list[Waiter], exc: BaseException) -> None:

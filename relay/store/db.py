@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
@@ -55,10 +55,22 @@ class Conn(Queries, Protocol):
     def terminate(self) -> None: ...
 
 
+class Acquiring(Protocol):
+    """``pool.acquire()``: awaited for a connection, or entered as a context."""
+
+    def __await__(self) -> Generator[Any, None, Conn]: ...
+
+    async def __aenter__(self) -> Conn: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+
 class Pool(Queries, Protocol):
     """A pool of connections (``asyncpg.Pool``)."""
 
-    def acquire(self, *, timeout: float | None = None) -> AbstractAsyncContextManager[Conn]: ...
+    def acquire(self, *, timeout: float | None = None) -> Acquiring: ...
+
+    async def release(self, connection: Conn, *, timeout: float | None = None) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -78,6 +90,15 @@ POSTGRES_DOWN = (
     # between a query's result and its ReadyForQuery (seen at a fast shutdown).
     asyncpg.InternalClientError,
 )
+
+
+class MaybeCommitted(Exception):
+    """A transaction's COMMIT was sent, and then something failed: it may have taken effect.
+
+    Raised from the failure (its ``__cause__``): a lost connection, a timeout or an
+    error in answer to the COMMIT, or a fault after it. Writing the same rows again
+    could store them twice.
+    """
 
 
 class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
@@ -100,9 +121,18 @@ async def _init_connection(conn: Any) -> None:  # asyncpg.Connection
 
 
 async def create_pool(
-    dsn: str, *, min_size: int = 2, max_size: int = 10, wait_s: float = 30.0
+    dsn: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 10,
+    wait_s: float = 30.0,
+    command_timeout: float | None = None,
 ) -> Pool:
-    """Open a pool, retrying for up to ``wait_s`` while Postgres is unreachable."""
+    """Open a pool, retrying for up to ``wait_s`` while Postgres is unreachable.
+
+    ``command_timeout``: a statement not answered in time raises ``TimeoutError`` (asyncpg
+    cancels it, and closes the connection if the cancel is not answered in time either).
+    """
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT),
         wait=wait_exponential(multiplier=0.2, max=2.0),
@@ -117,6 +147,7 @@ async def create_pool(
                 max_size=max_size,
                 init=_init_connection,
                 connection_class=PooledConnection,
+                command_timeout=command_timeout,
             )
             return pool
     raise AssertionError("unreachable")  # pragma: no cover

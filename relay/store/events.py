@@ -10,7 +10,7 @@ from typing import Any
 from relay.core.crypto import new_id
 from relay.ingest.parse import ParsedEvent
 from relay.ingest.routes import TargetRoute
-from relay.store.db import Conn, Queries
+from relay.store.db import Conn, MaybeCommitted, Queries
 from relay.store.rows import Event
 from relay.store.sql import ORDER_LOCK, holds_key, key_locks, keyset_page
 
@@ -179,7 +179,10 @@ async def record_event_groups(
     """Store the events of several requests and their deliveries in one transaction.
 
     A uuid seen before, in an earlier transaction, an earlier request of the
-    group or earlier in the body, maps to the event first stored for it.
+    group or earlier in the body, maps to the event first stored for it. A
+    failure once the COMMIT was sent raises :class:`MaybeCommitted` from it: the
+    events may be stored, so they must not be written again. Any other failure
+    leaves nothing written.
     """
     plans = [_plan(r) for r in requests]
     event_rows = [
@@ -199,38 +202,58 @@ async def record_event_groups(
         for i, e in p.fresh
     ]
     pairs = sorted({(p.request.tenant_id, _version(p.request)) for p in plans})
-    async with conn.transaction():
-        rows = await conn.fetch(
-            _INSERT_EVENTS,
-            *_columns(event_rows, 10),
-            [t for t, _ in pairs],
-            [v for _, v in pairs],
-            [_version(p.request) for p in plans for _ in p.fresh],
-        )
-        inserted = {r["id"] for r in rows if r["id"] is not None}
-        fresh = {(r["fresh_tenant"], r["fresh_version"]) for r in rows if r["id"] is None}
-        plans = [p for p in plans if (p.request.tenant_id, _version(p.request)) in fresh]
-        lost = [
-            (p.request.source_id, e.uuid)
-            for p in plans
-            for i, e in p.fresh
-            if i not in inserted and e.uuid is not None
-        ]
-        existing: dict[tuple[str, str], str] = {}
-        if lost:
-            rows = await conn.fetch(_EXISTING, *_columns(lost, 2))
-            existing = {(r["source_id"], r["upstream_uuid"]): r["id"] for r in rows}
-        delivery_rows = [
-            (new_id("dlv"), p.request.tenant_id, event_id, route.id, route.order_key(event))
-            for p in plans
-            for event_id, event in p.fresh
-            if event_id in inserted
-            for route in p.request.routes
-            if route.matches(p.request.source_id, event.object_type, event.action)
-        ]
-        created = await _insert_deliveries(
-            conn, delivery_rows, enqueue_grace_s=enqueue_grace_s, first_delay_s=first_delay_s
-        )
+    committing = False
+    try:
+        async with conn.transaction():
+            rows = await conn.fetch(
+                _INSERT_EVENTS,
+                *_columns(event_rows, 10),
+                [t for t, _ in pairs],
+                [v for _, v in pairs],
+                [_version(p.request) for p in plans for _ in p.fresh],
+            )
+            inserted = {r["id"] for r in rows if r["id"] is not None}
+            fresh = {(r["fresh_tenant"], r["fresh_version"]) for r in rows if r["id"] is None}
+            plans = [p for p in plans if (p.request.tenant_id, _version(p.request)) in fresh]
+            lost = [
+                (p.request.source_id, e.uuid)
+                for p in plans
+                for i, e in p.fresh
+                if i not in inserted and e.uuid is not None
+            ]
+            existing: dict[tuple[str, str], str] = {}
+            if lost:
+                rows = await conn.fetch(_EXISTING, *_columns(lost, 2))
+                existing = {(r["source_id"], r["upstream_uuid"]): r["id"] for r in rows}
+            delivery_rows = [
+                (new_id("dlv"), p.request.tenant_id, event_id, route.id, route.order_key(event))
+                for p in plans
+                for event_id, event in p.fresh
+                if event_id in inserted
+                for route in p.request.routes
+                if route.matches(p.request.source_id, event.object_type, event.action)
+            ]
+            created = await _insert_deliveries(
+                conn, delivery_rows, enqueue_grace_s=enqueue_grace_s, first_delay_s=first_delay_s
+            )
+            committing = True  # leaving the block sends the COMMIT
+        answered = _results(plans, inserted, existing, delivery_rows, created)
+        # a request routed by a stale read stored nothing: it is read and routed again
+        return [answered.get(id(r), STALE) for r in requests]
+    except Exception as exc:
+        if committing:
+            raise MaybeCommitted(f"{type(exc).__name__} once the COMMIT was sent") from exc
+        raise
+
+
+def _results(
+    plans: Sequence[_Plan],
+    inserted: set[str],
+    existing: dict[tuple[str, str], str],
+    delivery_rows: Sequence[DeliveryRow],
+    created: dict[str, bool],
+) -> dict[int, IngestResult]:
+    """Each stored request's answer (by ``id`` of its request), once its group has committed."""
     by_event: dict[str, list[tuple[str, str]]] = {}
     for delivery_id, _, event_id, target_id, _ in delivery_rows:
         if delivery_id in created:
@@ -251,7 +274,7 @@ async def record_event_groups(
             duplicates=len(p.request.events) - len(mine),
             target_ids=list(dict.fromkeys(t for d, t in deliveries if created[d])),
         )
-    return [results.get(id(r), STALE) for r in requests]
+    return results
 
 
 DeliveryRow = tuple[str, str, str, str, "str | None"]

@@ -165,7 +165,13 @@ def create_app(settings: Settings) -> web.Application:
 
 
 async def _postgres(app: web.Application) -> AsyncIterator[None]:
-    app[POOL] = await create_pool(app[SETTINGS].database_url, min_size=2, max_size=20)
+    settings = app[SETTINGS]
+    app[POOL] = await create_pool(
+        settings.database_url,
+        min_size=2,
+        max_size=20,
+        command_timeout=settings.db_statement_timeout_s,
+    )
     yield
     await app[POOL].close()
 
@@ -192,6 +198,8 @@ async def _group_commit(app: web.Application) -> AsyncIterator[None]:
         enqueue_grace_s=settings.requeue_after_s,
         first_delay_s=settings.retry_schedule[0],
         committed=lambda woken: enqueuer.wake_soon(woken, delay_s=settings.retry_schedule[0]),
+        max_waiting=settings.ingest_max_waiting,
+        acquire_timeout_s=settings.db_acquire_timeout_s,
     )
     yield
     await app[GROUP_COMMIT].close()

@@ -7,18 +7,30 @@ them in API.md's error shape with a fixed message, logs only the error's type,
 and adds what aiohttp lacks: a deadline on request heads and a cap on open
 connections. `relay serve`, `relay dev` and the tests' gateway all run
 :class:`GatewayRunner`.
+
+What aiohttp offers publicly is used as is: its options (``keepalive_timeout``,
+``max_line_size``…) go through ``web.AppRunner``'s keyword arguments, a connection
+is a ``web.RequestHandler`` (subclassed through its public methods), and the head
+deadline counts requests itself, in the handler :class:`GatewayServer` wraps around
+the application's. One private hook remains, because aiohttp has no public way to
+choose the protocol class of an ``AppRunner``: ``AppRunner._make_server``.
+:func:`check_aiohttp_internals` fails at import if it is gone or changed, and
+:meth:`GatewayRunner.setup` fails at start if aiohttp did not call it; pyproject
+pins aiohttp below its next minor version.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import (
     BadHttpMessage,
@@ -29,12 +41,11 @@ from aiohttp.http_exceptions import (
     LineTooLong,
     PayloadEncodingError,
 )
-from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from relay.core import errors
 from relay.core.config import Settings
-from relay.core.metrics import CONNECTIONS_REFUSED
+from relay.core.metrics import CONNECTIONS_REFUSED, HEAD_DEADLINE_ERRORS
 from relay.web.app_keys import SETTINGS
 
 log = logging.getLogger(__name__)
@@ -103,15 +114,26 @@ def _raw_response(error: errors.RelayError) -> bytes:
 _REFUSAL = _raw_response(errors.Unavailable("too many open connections; try again shortly"))
 
 
-class GatewayRequestHandler(RequestHandler):
+class GatewayRequestHandler(web.RequestHandler):
     """One connection: aiohttp's protocol with a head deadline, a cap and quiet errors."""
 
-    def __init__(self, manager: GatewayServer, *, settings: Settings, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
+    def __init__(
+        self,
+        manager: GatewayServer,
+        *,
+        settings: Settings,
+        loop: asyncio.AbstractEventLoop,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(manager, loop=loop, **kwargs)
         self._gateway = manager
+        self._gateway_loop = loop
         self._header_timeout_s = settings.header_timeout_s
         self._max_connections = settings.max_connections
         self._head_timer: asyncio.TimerHandle | None = None
+        #: requests whose head arrived on this connection, and whether one is handled now
+        self._heads_seen = 0
+        self._handling = False
         self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -130,14 +152,14 @@ class GatewayRequestHandler(RequestHandler):
         transport.write(_REFUSAL)
         if transport.can_write_eof():
             transport.write_eof()  # FIN after the answer; close once the client has read it
-        self._loop.call_later(REFUSAL_LINGER_S, transport.close)
+        self._gateway_loop.call_later(REFUSAL_LINGER_S, transport.close)
 
     def data_received(self, data: bytes) -> None:
         """Parse ``data``; a head that starts arriving gets a deadline."""
         if self._refused:
             return
         super().data_received(data)
-        if self._head_timer is None and self._waiting_for_head():
+        if self._head_timer is None and not self._handling:
             self._arm_head_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -147,20 +169,34 @@ class GatewayRequestHandler(RequestHandler):
             self._head_timer = None
         super().connection_lost(exc)
 
-    def _waiting_for_head(self) -> bool:
-        # aiohttp's loop waits on this future between requests, while a head is parsed.
-        waiter = self._waiter
-        return waiter is not None and not waiter.done()
+    def request_started(self) -> None:
+        """A request's head has arrived and its handler runs (:class:`GatewayServer`)."""
+        self._heads_seen += 1
+        self._handling = True
+
+    def request_ended(self) -> None:
+        """Its handler has returned; bytes that arrive now start the next head."""
+        self._handling = False
 
     def _arm_head_timer(self) -> None:
-        heads = self._request_count
-        self._head_timer = self._loop.call_later(self._header_timeout_s, self._head_deadline, heads)
+        heads = self._heads_seen
+        self._head_timer = self._gateway_loop.call_later(
+            self._header_timeout_s, self._head_deadline, heads
+        )
 
     def _head_deadline(self, heads: int) -> None:
+        # A timer callback: whatever fails here, asyncio would only log. So close the
+        # connection anyway, and count and log the failure where operators look.
         self._head_timer = None
-        if self._request_count == heads and not self._request_in_progress:
-            log.debug("closed a connection whose request head did not arrive in time")
-            self.force_close()
+        try:
+            if self._heads_seen == heads and not self._handling:
+                log.debug("closed a connection whose request head did not arrive in time")
+                self.force_close()
+        except Exception:
+            HEAD_DEADLINE_ERRORS.inc()
+            log.exception("the request-head deadline failed; closing the connection")
+            if self.transport is not None:
+                self.transport.close()
 
     def handle_error(
         self,
@@ -170,6 +206,7 @@ class GatewayRequestHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         """API.md's error shape for what aiohttp itself refuses or fails at."""
+        self._heads_seen += 1  # a head aiohttp could not parse is answered: it arrived
         if isinstance(exc, CLIENT_FAULTS):
             # The exception's text quotes the request: log its type only.
             log.debug("refused a malformed request: %s", type(exc).__name__)
@@ -198,13 +235,43 @@ class GatewayRequestHandler(RequestHandler):
 class GatewayServer(web.Server):
     """aiohttp's low-level server, making :class:`GatewayRequestHandler` connections."""
 
-    def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+        *,
+        settings: Settings,
+        loop: asyncio.AbstractEventLoop,
+        **kwargs: Any,
+    ) -> None:
+        server_kwargs = {k: kwargs.pop(k) for k in SERVER_OPTIONS if k in kwargs}
+        super().__init__(self._handle_request, loop=loop, **server_kwargs)
         self.settings = settings
+        self._app_handler = handler
+        self._gateway_loop = loop
+        #: what each connection's RequestHandler is given
+        self._connection_kwargs = kwargs
 
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> GatewayRequestHandler:
         """A new connection's protocol."""
-        return GatewayRequestHandler(self, settings=self.settings, loop=self._loop, **self._kwargs)
+        return GatewayRequestHandler(
+            self, settings=self.settings, loop=self._gateway_loop, **self._connection_kwargs
+        )
+
+    async def _handle_request(self, request: BaseRequest) -> web.StreamResponse:
+        connection = request.protocol
+        if not isinstance(connection, GatewayRequestHandler):
+            return await self._app_handler(request)
+        connection.request_started()
+        try:
+            return await self._app_handler(request)
+        finally:
+            connection.request_ended()
+
+
+#: Options of ``web.Server`` itself; the others are each connection's ``RequestHandler``'s.
+SERVER_OPTIONS = ("request_factory", "handler_cancellation")
+#: Options ``web.AppRunner`` keeps for itself.
+RUNNER_OPTIONS = ("handle_signals", "shutdown_timeout")
 
 
 class GatewayRunner(web.AppRunner):
@@ -214,17 +281,70 @@ class GatewayRunner(web.AppRunner):
         kwargs.setdefault("access_log", None)  # the ingest log line is the access log
         kwargs.setdefault("keepalive_timeout", KEEPALIVE_TIMEOUT_S)
         super().__init__(app, **kwargs)
+        self._server_kwargs = {k: v for k, v in kwargs.items() if k not in RUNNER_OPTIONS}
 
     async def _make_server(self) -> web.Server:
+        # aiohttp's one private hook the gateway needs (see check_aiohttp_internals)
         server = await super()._make_server()  # the app's startup runs here
         return GatewayServer(
             server.request_handler,
             settings=self.app[SETTINGS],
-            request_factory=server.request_factory,
-            handler_cancellation=server.handler_cancellation,
             loop=asyncio.get_running_loop(),
-            **server._kwargs,
+            **{
+                **self._server_kwargs,
+                "request_factory": server.request_factory,
+                "handler_cancellation": server.handler_cancellation,
+            },
         )
+
+    async def setup(self) -> None:
+        """Start the app; fail loudly if aiohttp did not build the gateway's server."""
+        await super().setup()
+        if not isinstance(self.server, GatewayServer):
+            await self.cleanup()
+            raise RuntimeError(
+                "aiohttp did not build its server through AppRunner._make_server: the gateway"
+                " would run without its head deadline and connection cap (aiohttp "
+                f"{aiohttp.__version__}; see relay/web/server.py)"
+            )
+
+
+def check_aiohttp_internals() -> None:
+    """Fail if what the gateway uses of aiohttp is gone or has changed shape.
+
+    Called at import, so `relay serve` stops at start with this message rather than
+    serve without its limits. (The attributes a ``web.Server`` sets on itself,
+    ``request_handler``, ``request_factory`` and ``handler_cancellation``, are read
+    in ``GatewayRunner._make_server``: their absence fails the start as loudly.)
+    """
+    problems = []
+    make = getattr(web.AppRunner, "_make_server", None)
+    if (
+        not inspect.iscoroutinefunction(make)
+        or getattr(make, "__isabstractmethod__", False)
+        or list(inspect.signature(make).parameters) != ["self"]
+    ):
+        problems.append("web.AppRunner._make_server(self) is gone or changed")
+    for owner, names in (
+        (web.RequestHandler, ("connection_made", "data_received", "connection_lost")),
+        (web.RequestHandler, ("force_close", "handle_error", "log_exception", "transport")),
+        (web.Server, ("connections",)),
+        (web.BaseRequest, ("protocol",)),
+        (web.BaseRunner, ("server",)),
+    ):
+        for name in names:
+            if not hasattr(owner, name) and name not in getattr(owner, "__slots__", ()):
+                problems.append(f"{owner.__name__}.{name} is gone")
+    options = inspect.signature(web.Server).parameters
+    problems += [f"web.Server({name}=…) is gone" for name in SERVER_OPTIONS if name not in options]
+    if problems:
+        raise ImportError(
+            f"relay's gateway does not support aiohttp {aiohttp.__version__}: "
+            + "; ".join(problems)
+        )
+
+
+check_aiohttp_internals()
 
 
 async def serve(

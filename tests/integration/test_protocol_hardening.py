@@ -18,6 +18,7 @@ import pytest
 
 from relay.core.config import Settings
 from relay.web.app import create_app
+from relay.web.server import GatewayRequestHandler
 from tests.conftest import ADMIN_TOKEN, GatewayTestServer, Tenant, make_tenant, stack_env
 from tests.integration.test_ingest import make_source
 from tests.stack import eventually
@@ -251,6 +252,50 @@ async def test_a_client_trickling_its_headers_is_cut_off(
         writer.close()
     assert closed, "the gateway kept a connection whose head never ended"
     assert time.monotonic() - started < 4
+
+
+async def test_a_failing_head_deadline_still_closes_the_connection_and_is_reported(
+    aiohttp_client: Any,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a gateway whose head deadline fails when it fires (as when an aiohttp
+    # internal it relied on was renamed: an AttributeError in a timer callback)
+    def gone(self: Any) -> None:
+        raise AttributeError("'GatewayRequestHandler' object has no attribute '_renamed'")
+
+    monkeypatch.setattr(GatewayRequestHandler, "force_close", gone)
+    client = await _gateway(aiohttp_client, settings, header_timeout_s=0.5)
+    before = _metric(
+        await (await client.get("/metrics")).text(), "relay_head_deadline_errors_total"
+    )
+
+    # When a client sends half a request head and nothing more
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    try:
+        async with asyncio.timeout(10):
+            closed = await reader.read() == b""
+    except TimeoutError:
+        closed = False
+    finally:
+        writer.close()
+
+    # Then the connection is closed all the same, and the failure is counted and logged
+    assert closed, "a failing head deadline left the connection open"
+    after = _metric(await (await client.get("/metrics")).text(), "relay_head_deadline_errors_total")
+    assert after == before + 1
+    assert any(
+        r.name == "relay.web.server" and r.levelno == logging.ERROR for r in caplog.records
+    ), caplog.text
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
 
 
 async def test_a_stalled_body_is_answered_408(aiohttp_client: Any, settings: Settings) -> None:

@@ -44,9 +44,26 @@ def test_limits_are_read_from_the_environment() -> None:
     assert s.worker_metrics_host == "0.0.0.0"
 
 
+def test_database_waits_have_bounds() -> None:
+    s = Settings.from_env({})
+    assert (s.ingest_max_waiting, s.db_acquire_timeout_s, s.db_statement_timeout_s) == (1000, 5, 5)
+    s = Settings.from_env(
+        {
+            "RELAY_INGEST_MAX_WAITING": "20",
+            "RELAY_DB_ACQUIRE_TIMEOUT_S": "0.5",
+            "RELAY_DB_STATEMENT_TIMEOUT_S": "2",
+        }
+    )
+    assert (s.ingest_max_waiting, s.db_acquire_timeout_s, s.db_statement_timeout_s) == (20, 0.5, 2)
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
+        ("RELAY_INGEST_MAX_WAITING", "0"),
+        ("RELAY_INGEST_MAX_WAITING", "many"),
+        ("RELAY_DB_ACQUIRE_TIMEOUT_S", "0"),
+        ("RELAY_DB_STATEMENT_TIMEOUT_S", "-1"),
         ("RELAY_HEADER_TIMEOUT_S", "0"),
         ("RELAY_HEADER_TIMEOUT_S", "soon"),
         ("RELAY_BODY_TIMEOUT_S", "-1"),
