@@ -20,7 +20,8 @@ class DeadLetterFilter:
     ``since``/``until`` bound when the delivery was made (when its event was
     received), as the API's ``since`` does; ``ids`` and ``up_to_id`` pin a
     selection (a replay by ids, a bulk replay stopping at what was dead when it
-    was asked for).
+    was asked for). ``replayable`` keeps only those whose target is not deleted:
+    what a replay selects and counts (a deleted target's stay dead, listed).
     """
 
     target_id: str | None = None
@@ -31,6 +32,7 @@ class DeadLetterFilter:
     error: str | None = None
     ids: list[str] | None = None
     up_to_id: str | None = None
+    replayable: bool = False
 
     @property
     def api_selectable(self) -> bool:
@@ -39,13 +41,15 @@ class DeadLetterFilter:
 
 
 #: How many parameters ``dead_letter_match`` takes.
-DEAD_LETTER_PARAMS = 8
+DEAD_LETTER_PARAMS = 9
+#: The first parameter after those of ``dead_letter_match(1)``.
+_NEXT = DEAD_LETTER_PARAMS + 1
 
 
 def dead_letter_match(first: int) -> str:
     """The one rule of what a dead-letter selection holds, on ``deliveries d``.
 
-    Parameters ``$first`` … ``$first+7``, in the order of ``dead_letter_args``.
+    Parameters ``$first`` … ``$first+8``, in the order of ``dead_letter_args``.
     """
     p = [f"${first + i}" for i in range(DEAD_LETTER_PARAMS)]
     return f"""
@@ -58,6 +62,9 @@ def dead_letter_match(first: int) -> str:
         AND ({p[5]}::text IS NULL OR d.last_error ILIKE {p[5]})
         AND ({p[6]}::text[] IS NULL OR d.id = ANY({p[6]}))
         AND ({p[7]}::text IS NULL OR d.id <= {p[7]})
+        AND (NOT {p[8]}::bool OR EXISTS (
+            SELECT 1 FROM targets t WHERE t.id = d.target_id AND t.deleted_at IS NULL
+        ))
     """
 
 
@@ -72,6 +79,7 @@ def dead_letter_args(tenant_id: str | None, flt: DeadLetterFilter) -> list[Any]:
         None if flt.error is None else _like(flt.error),
         flt.ids,
         flt.up_to_id,
+        flt.replayable,
     ]
 
 
@@ -88,8 +96,8 @@ async def list_dead_letters(
     rows = await conn.fetch(
         f"""
         SELECT {DELIVERY_COLUMNS} FROM deliveries d
-        WHERE {dead_letter_match(1)} AND ($9::text IS NULL OR d.id < $9)
-        ORDER BY d.id DESC LIMIT $10
+        WHERE {dead_letter_match(1)} AND (${_NEXT}::text IS NULL OR d.id < ${_NEXT})
+        ORDER BY d.id DESC LIMIT ${_NEXT + 1}
         """,
         *dead_letter_args(tenant_id, flt),
         cursor,
@@ -112,7 +120,7 @@ async def dead_letter_ids(
 ) -> list[str]:
     """Ids of up to ``limit`` dead letters matching ``flt``, oldest first."""
     rows = await conn.fetch(
-        f"SELECT d.id FROM deliveries d WHERE {dead_letter_match(1)} ORDER BY d.id LIMIT $9",
+        f"SELECT d.id FROM deliveries d WHERE {dead_letter_match(1)} ORDER BY d.id LIMIT ${_NEXT}",
         *dead_letter_args(tenant_id, flt),
         limit,
     )
@@ -141,36 +149,77 @@ async def replay_dead_letters_batch(
 
     One set-based statement with SKIP LOCKED, so concurrent replays never touch
     the same row and none holds a lock for long. What is already pending is
-    not selected, so replaying twice does not send twice.
+    not selected, so replaying twice does not send twice. A deleted target's
+    dead letters are never selected: the live targets of the batch are locked
+    (FOR SHARE, in id order, before their deliveries: the one lock order) so a
+    deletion waits for the replay and then makes what it put back dead again,
+    or wins and leaves them out.
     """
+    flt = DeadLetterFilter(
+        target_id=target_id, since=since, ids=ids, up_to_id=up_to_id, replayable=True
+    )
+    args = dead_letter_args(tenant_id, flt)
+    after, limit = f"${_NEXT}", f"${_NEXT + 1}"
     async with conn.transaction():
+        live = await conn.fetch(
+            f"""
+            SELECT t.id FROM targets t
+            WHERE t.deleted_at IS NULL AND t.id IN (
+                SELECT d.target_id FROM deliveries d
+                WHERE {dead_letter_match(1)} AND ({after}::text IS NULL OR d.id > {after})
+                ORDER BY d.id LIMIT {limit}
+            )
+            ORDER BY t.id FOR SHARE
+            """,
+            *args,
+            after_id,
+            batch,
+        )
+        if not live:
+            return []
         rows = await conn.fetch(
             f"""
             WITH picked AS (
                 SELECT d.id FROM deliveries d
-                WHERE {dead_letter_match(1)} AND ($11::text IS NULL OR d.id > $11)
-                ORDER BY d.id LIMIT $9 FOR UPDATE SKIP LOCKED
+                WHERE {dead_letter_match(1)} AND ({after}::text IS NULL OR d.id > {after})
+                  AND d.target_id = ANY(${_NEXT + 3}::text[])
+                ORDER BY d.id LIMIT {limit} FOR UPDATE SKIP LOCKED
             )
             UPDATE deliveries d
             SET status = 'pending', attempt_count = 0,
                 next_attempt_at = CASE WHEN d.order_key IS NULL THEN now() END,
                 enqueued_until = CASE WHEN d.order_key IS NULL
-                                      THEN now() + make_interval(secs => $10) END,
+                                      THEN now() + make_interval(secs => ${_NEXT + 2}) END,
                 locked_until = NULL, updated_at = now()
             FROM picked WHERE d.id = picked.id
             RETURNING d.id, d.target_id, d.tenant_id, d.order_key
             """,
-            *dead_letter_args(
-                tenant_id,
-                DeadLetterFilter(target_id=target_id, since=since, ids=ids, up_to_id=up_to_id),
-            ),
+            *args,
+            after_id,
             batch,
             enqueue_grace_s,
-            after_id,
+            [r["id"] for r in live],
         )
         # ordered ones were parked: each key's first (by position) goes when nothing is active
         await promote_keys(conn, _keys_of(rows), grace_s=enqueue_grace_s)
     return [Replayed(r["id"], r["target_id"], r["tenant_id"]) for r in rows]
+
+
+async def dead_letters_of_deleted_targets(
+    conn: Conn, tenant_id: str | None, ids: list[str]
+) -> list[str]:
+    """Which of ``ids`` are dead letters (of this tenant; None: any) whose target is deleted."""
+    rows = await conn.fetch(
+        """
+        SELECT d.id FROM deliveries d JOIN targets t ON t.id = d.target_id
+        WHERE d.status = 'dead' AND d.id = ANY($2::text[])
+          AND ($1::text IS NULL OR d.tenant_id = $1) AND t.deleted_at IS NOT NULL
+        ORDER BY d.id
+        """,
+        tenant_id,
+        ids,
+    )
+    return [r["id"] for r in rows]
 
 
 def _keys_of(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
@@ -208,11 +257,11 @@ async def replay_in_batches(
             enqueue_grace_s=enqueue_grace_s,
             after_id=after,
         )
-        if replayed:
-            yield replayed
-            after = max(r.id for r in replayed)
-        if len(replayed) < REPLAY_BATCH:
+        if not replayed:
+            # (a batch may come back short when a target was deleted meanwhile: go on)
             return
+        yield replayed
+        after = max(r.id for r in replayed)
 
 
 async def purge_dead_letters(
@@ -231,7 +280,7 @@ async def purge_dead_letters(
             gone = await conn.fetch(
                 f"""
                 DELETE FROM deliveries WHERE id IN (
-                    SELECT d.id FROM deliveries d WHERE {dead_letter_match(1)} LIMIT $9
+                    SELECT d.id FROM deliveries d WHERE {dead_letter_match(1)} LIMIT ${_NEXT}
                 ) RETURNING target_id, order_key
                 """,
                 *dead_letter_args(

@@ -108,6 +108,10 @@ async def attempts_of(conn: Conn, delivery_id: str) -> list[AttemptRecord]:
     return [AttemptRecord.from_row(r) for r in rows]
 
 
+class TargetDeleted(Exception):
+    """The delivery's target is deleted: it is never sent again."""
+
+
 async def retry_delivery(
     conn: Conn, tenant_id: str, delivery_id: str, *, enqueue_grace_s: float
 ) -> Delivery | None:
@@ -115,8 +119,24 @@ async def retry_delivery(
 
     An ordered delivery re-enters its key's order at its own position: it is
     due at once only if nothing of its key is active (else it waits, parked).
+    Raises TargetDeleted for a deleted target's delivery; its target row is
+    held (FOR SHARE) until commit, so a deletion waits and then makes it dead.
     """
     async with conn.transaction():
+        target = await conn.fetchrow(
+            """
+            SELECT t.deleted_at IS NOT NULL AS deleted
+            FROM targets t JOIN deliveries d ON d.target_id = t.id
+            WHERE d.tenant_id = $1 AND d.id = $2
+            FOR SHARE OF t
+            """,
+            tenant_id,
+            delivery_id,
+        )
+        if target is None:
+            return None
+        if target["deleted"]:
+            raise TargetDeleted(delivery_id)
         row = await conn.fetchrow(
             """
             UPDATE deliveries d

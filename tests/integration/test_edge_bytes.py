@@ -192,3 +192,10 @@ async def test_a_non_utf8_sign_in_form_is_refused_without_a_trace(
         allow_redirects=False,
     )
     assert resp.status == 303, await resp.text()
+
+
+async def test_the_openapi_document_says_every_operation_may_be_400(client: Any) -> None:
+    doc = await (await client.get("/openapi.json")).json()
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            assert "400" in operation["responses"], (method, path)
