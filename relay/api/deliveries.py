@@ -90,6 +90,15 @@ class DeadLetterReplay(pydantic.BaseModel):
     since: Timestamp | None = None
 
 
+class DeletedTargetLetters(errors.ValidationFailed):
+    """Some dead letters to replay are a deleted target's: nothing is replayed."""
+
+    def __init__(self, ids: list[str]) -> None:
+        message = f"dead letters of deleted targets, never sent again: {', '.join(ids)}"
+        super().__init__(f"ids: {message}", details=[{"field": "ids", "message": message}])
+        self.ids = ids
+
+
 async def replay_dead_letters(
     request: web.Request,
     owner: str | None,
@@ -98,11 +107,18 @@ async def replay_dead_letters(
     since: datetime | None,
     ids: list[str] | None,
 ) -> int:
-    """Replay a selection of dead letters (``owner`` None: every tenant's); return the count."""
+    """Replay a selection of dead letters (``owner`` None: every tenant's); return the count.
+
+    A deleted target's dead letters are never replayed: named by ``ids``, they are
+    a 422 naming them (nothing replayed); selected by target or time, not counted.
+    """
     app = request.app
     grace = app[SETTINGS].requeue_after_s
     async with app[POOL].acquire() as conn:
         if ids is not None:
+            gone = await dead_letters.dead_letters_of_deleted_targets(conn, owner, ids)
+            if gone:
+                raise DeletedTargetLetters(gone)
             replayed = await dead_letters.replay_dead_letters_batch(
                 conn,
                 owner,
@@ -118,9 +134,11 @@ async def replay_dead_letters(
         up_to = await dead_letters.newest_dead_letter_id(conn)
         if up_to is None:
             return 0
-        count = await dead_letters.count_dead_letters(
-            conn, owner, DeadLetterFilter(target_id=target_id, since=since, up_to_id=up_to)
+        # what the job will select: a deleted target's dead letters are not replayed
+        selection = DeadLetterFilter(
+            target_id=target_id, since=since, up_to_id=up_to, replayable=True
         )
+        count = await dead_letters.count_dead_letters(conn, owner, selection)
     if count:
         job = {
             "tenant_id": owner,
@@ -162,13 +180,18 @@ async def retry_delivery(request: web.Request) -> web.Response:
     """Send one delivery again, with a fresh schedule."""
     pool = request.app[POOL]
     delivery_id = request.match_info["delivery_id"]
-    async with pool.acquire() as conn:
-        row = await store.retry_delivery(
-            conn,
-            tenant_id(request),
-            delivery_id,
-            enqueue_grace_s=request.app[SETTINGS].requeue_after_s,
-        )
+    try:
+        async with pool.acquire() as conn:
+            row = await store.retry_delivery(
+                conn,
+                tenant_id(request),
+                delivery_id,
+                enqueue_grace_s=request.app[SETTINGS].requeue_after_s,
+            )
+    except store.TargetDeleted:
+        raise errors.ValidationFailed.field(
+            "delivery_id", f"{delivery_id} belongs to a deleted target and is never sent again"
+        ) from None
     if row is None:
         if await store.get_delivery(pool, tenant_id(request), delivery_id) is None:
             raise errors.NotFound("no such delivery")

@@ -324,7 +324,8 @@ ANSWERS: dict[tuple[str, str], Answer] = {
     ("POST", "/v1/events/{event_id}/replay"): Answer(DeliveryIds),
     ("GET", "/v1/deliveries"): Answer(Delivery, page=True),
     ("GET", "/v1/deliveries/{delivery_id}"): Answer(DeliveryWithAttempts),
-    ("POST", "/v1/deliveries/{delivery_id}/retry"): Answer(Delivery, errors=(409,)),
+    # 422: a deleted target's delivery is never sent again
+    ("POST", "/v1/deliveries/{delivery_id}/retry"): Answer(Delivery, errors=(409, 422)),
     ("GET", "/v1/dead-letters"): Answer(Delivery, page=True),
     ("POST", "/v1/dead-letters/replay"): Answer(Replayed),
     ("POST", "/in/{source_id}"): Answer(EventIds, errors=(400, 413, 415, 422, 429)),

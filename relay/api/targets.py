@@ -374,9 +374,11 @@ async def update_target(request: web.Request) -> web.Response:
 
 async def delete_target(request: web.Request) -> web.Response:
     """Delete a target: nothing more is sent to it."""
-    if not await store.delete_target(
-        request.app[POOL], tenant_id(request), request.match_info["target_id"]
-    ):
+    async with request.app[POOL].acquire() as conn:
+        deleted = await store.delete_target(
+            conn, tenant_id(request), request.match_info["target_id"]
+        )
+    if not deleted:
         raise errors.NotFound("no such target")
     request.app[CACHE].forget_tenant(tenant_id(request))
     return no_content()

@@ -94,7 +94,9 @@ async def _replay(conn: Conn, args: argparse.Namespace, console: Console) -> int
         else await store.count_dead_letters(
             conn,
             args.tenant,
-            DeadLetterFilter(target_id=args.target, since=args.since, up_to_id=up_to),
+            DeadLetterFilter(
+                target_id=args.target, since=args.since, up_to_id=up_to, replayable=True
+            ),
         )
     )
     if count and not _confirm(f"Replay {count} dead letters?", args):

@@ -10,6 +10,7 @@ id, at most ``MAX_REPLAY_IDS`` per confirmation.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,7 @@ from typing import Any, Literal
 from aiohttp import web
 from multidict import MultiMapping
 
-from relay.api.deliveries import MAX_REPLAY_IDS, replay_dead_letters
+from relay.api.deliveries import MAX_REPLAY_IDS, DeletedTargetLetters, replay_dead_letters
 from relay.console import forms
 from relay.console.render import PAGE_SIZE, PREFIX, page, see_other
 from relay.console.session import VIEWER, Viewer, flash
@@ -147,8 +148,11 @@ async def plan_replay(
     """Count what a replay will send, exactly as it will select it."""
     pool = request.app[POOL]
     owner, flt = selection.tenant_id, selection.flt
+    # a deleted target's dead letters are never replayed, so never counted as to be sent
     if scope == "selected":
-        count = await dead_letters.count_dead_letters(pool, owner, DeadLetterFilter(ids=ids))
+        count = await dead_letters.count_dead_letters(
+            pool, owner, DeadLetterFilter(ids=ids, replayable=True)
+        )
         return ReplayPlan(count, ids, capped=False)
     if flt.api_selectable:
         up_to = await dead_letters.newest_dead_letter_id(pool)
@@ -158,12 +162,15 @@ async def plan_replay(
             else await dead_letters.count_dead_letters(
                 pool,
                 owner,
-                DeadLetterFilter(target_id=flt.target_id, since=flt.since, up_to_id=up_to),
+                DeadLetterFilter(
+                    target_id=flt.target_id, since=flt.since, up_to_id=up_to, replayable=True
+                ),
             )
         )
         return ReplayPlan(count, None, capped=False)
-    matching = await dead_letters.count_dead_letters(pool, owner, flt)
-    chosen = await dead_letters.dead_letter_ids(pool, owner, flt, limit=MAX_REPLAY_IDS)
+    replayable = dataclasses.replace(flt, replayable=True)
+    matching = await dead_letters.count_dead_letters(pool, owner, replayable)
+    chosen = await dead_letters.dead_letter_ids(pool, owner, replayable, limit=MAX_REPLAY_IDS)
     return ReplayPlan(len(chosen), chosen, capped=matching > len(chosen))
 
 
@@ -200,13 +207,25 @@ class Replay(web.View):
                 },
             )
         plan = await plan_replay(request, selection, scope, chosen)
-        count = await replay_dead_letters(
-            request,
-            selection.tenant_id,
-            target_id=selection.flt.target_id if plan.ids is None else None,
-            since=selection.flt.since if plan.ids is None else None,
-            ids=plan.ids,
-        )
+        try:
+            count = await replay_dead_letters(
+                request,
+                selection.tenant_id,
+                target_id=selection.flt.target_id if plan.ids is None else None,
+                since=selection.flt.since if plan.ids is None else None,
+                ids=plan.ids,
+            )
+        except DeletedTargetLetters as exc:
+            shown = ", ".join(exc.ids[:3]) + (
+                f" and {len(exc.ids) - 3} more" if len(exc.ids) > 3 else ""
+            )
+            await flash(
+                request,
+                f"Nothing was replayed: {shown} belong to deleted targets and are never sent"
+                " again. Leave them out of the selection.",
+                "error",
+            )
+            return see_other(back)
         noun = "dead letter" if count == 1 else "dead letters"
         if not count:
             message = "Nothing was replayed: none of them is a dead letter any more."

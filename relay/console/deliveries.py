@@ -129,14 +129,18 @@ class RetryDelivery(web.View):
         request = self.request
         pool = request.app[POOL]
         delivery = await find_delivery(pool, request[VIEWER], request.match_info["delivery_id"])
-        async with pool.acquire() as conn:
-            row = await delivery_store.retry_delivery(
-                conn,
-                delivery.tenant_id,
-                delivery.id,
-                enqueue_grace_s=request.app[SETTINGS].requeue_after_s,
-            )
         here = f"{PREFIX}/deliveries/{delivery.id}"
+        try:
+            async with pool.acquire() as conn:
+                row = await delivery_store.retry_delivery(
+                    conn,
+                    delivery.tenant_id,
+                    delivery.id,
+                    enqueue_grace_s=request.app[SETTINGS].requeue_after_s,
+                )
+        except delivery_store.TargetDeleted:
+            await flash(request, "Its target was deleted: it is never sent again.", "error")
+            return see_other(here)
         if row is None:
             await flash(request, "An attempt is in flight right now; try again when it ends.")
             return see_other(here)

@@ -90,12 +90,13 @@ def moment(data: Mapping[str, Any], name: str, *, label: str) -> datetime | None
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise BadInput(f"{label} is not a date and time such as 2026-11-28 12:00") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC) - zone_offset(data)
     try:
+        # in the viewer's zone, the first and last days of the calendar can leave it
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC) - zone_offset(data)
         return parsed.astimezone(UTC)
     except OverflowError:
-        raise BadInput(f"{label} is out of range") from None
+        raise BadInput(f"{label} is out of range once in UTC") from None
 
 
 def ids(values: list[str], prefix: str, *, most: int) -> list[str]:
@@ -109,13 +110,21 @@ def ids(values: list[str], prefix: str, *, most: int) -> list[str]:
     return chosen
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def local_path(value: object) -> str | None:
-    """A console path to go back to after a form (never another site)."""
+    """A console path to go back to after a form (never another site).
+
+    It goes into a ``Location`` header: a control character (CR, LF, DEL, VT, tab,
+    C1) would break the answer, so a path holding one is not taken.
+    """
     if (
         isinstance(value, str)
         and value.startswith("/console/")
         and not value.startswith("//")
         and "\\" not in value
+        and not _CONTROL.search(value)
         and strict_json.string_problem(value) is None
         and len(value) <= 2000
     ):

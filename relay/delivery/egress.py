@@ -23,14 +23,7 @@ from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-#: Cloud metadata endpoints that are not inside a private range already.
-_METADATA = {
-    ipaddress.ip_address("169.254.169.254"),
-    ipaddress.ip_address("fd00:ec2::254"),
-    ipaddress.ip_address("100.100.100.200"),
-}
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 RESPONSE_CAP_BYTES = 4096
 
 
@@ -38,47 +31,96 @@ class EgressRefused(Exception):
     """The target's address is not one the relay may call."""
 
 
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-#: Local-use NAT64 (RFC 8215): where the IPv4 sits depends on the operator's prefix.
-_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+#: Every range a delivery never goes to, in one place: IANA's IPv4 and IPv6
+#: Special-Purpose Address Registries (every entry, globally reachable or not: no
+#: receiver lives in an anycast relay or a documentation prefix), IPv4 multicast,
+#: and all of the IPv6 space that is not global unicast (2000::/3) per IANA's IPv6
+#: Address Space registry, so a range Python's ``ipaddress`` does not call private
+#: (``fec0::/10`` site-local, for one) is in it. An address is forbidden when any
+#: range holds it, except that an address in a range of ``EMBEDS_IPV4`` is decided
+#: by the IPv4 address it carries (NAT64 and 6to4 reach that address).
+SPECIAL_PURPOSE: tuple[tuple[str, str], ...] = (
+    # IPv4 (RFC 6890 and successors)
+    ("0.0.0.0/8", "this network"),
+    ("10.0.0.0/8", "private use"),
+    ("100.64.0.0/10", "shared address space (CGNAT)"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link local"),
+    ("172.16.0.0/12", "private use"),
+    ("192.0.0.0/24", "IETF protocol assignments (DS-Lite, PCP, TURN, NAT64 discovery)"),
+    ("192.0.2.0/24", "documentation (TEST-NET-1)"),
+    ("192.31.196.0/24", "AS112-v4"),
+    ("192.52.193.0/24", "AMT"),
+    ("192.88.99.0/24", "deprecated 6to4 relay anycast"),
+    ("192.168.0.0/16", "private use"),
+    ("192.175.48.0/24", "direct delegation AS112"),
+    ("198.18.0.0/15", "benchmarking"),
+    ("198.51.100.0/24", "documentation (TEST-NET-2)"),
+    ("203.0.113.0/24", "documentation (TEST-NET-3)"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
+    ("255.255.255.255/32", "limited broadcast"),
+    ("169.254.169.254/32", "cloud metadata"),
+    ("100.100.100.200/32", "cloud metadata (Alibaba)"),
+    # IPv6 special purpose (RFC 6890 and successors)
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("::ffff:0:0/96", "IPv4-mapped"),
+    ("64:ff9b::/96", "IPv4/IPv6 translation (NAT64)"),
+    ("64:ff9b:1::/48", "local-use IPv4/IPv6 translation"),
+    ("100::/64", "discard only"),
+    ("100:0:0:1::/64", "dummy prefix"),
+    ("2001::/23", "IETF protocol assignments (Teredo, ORCHID, AMT, AS112, benchmarking…)"),
+    ("2001:db8::/32", "documentation"),
+    ("2002::/16", "6to4"),
+    ("2620:4f:8000::/48", "direct delegation AS112"),
+    ("3fff::/20", "documentation"),
+    ("5f00::/16", "segment routing SIDs"),
+    ("fc00::/7", "unique local"),
+    ("fe80::/10", "link-local unicast"),
+    ("fec0::/10", "site-local (deprecated)"),
+    ("ff00::/8", "multicast"),
+    ("fd00:ec2::254/128", "cloud metadata (AWS)"),
+    # IPv6 outside global unicast 2000::/3, reserved by the IETF (IPv4-compatible ::/96 too)
+    ("::/8", "reserved"),
+    ("100::/8", "reserved"),
+    ("200::/7", "reserved"),
+    ("400::/6", "reserved"),
+    ("800::/5", "reserved"),
+    ("1000::/4", "reserved"),
+    ("4000::/3", "reserved"),
+    ("6000::/3", "reserved"),
+    ("8000::/3", "reserved"),
+    ("a000::/3", "reserved"),
+    ("c000::/3", "reserved"),
+    ("e000::/4", "reserved"),
+    ("f000::/5", "reserved"),
+    ("f800::/6", "reserved"),
+    ("fe00::/9", "reserved"),
+)
+#: Ranges whose addresses carry an IPv4 address that decides (RFC 6052 NAT64, RFC 3056 6to4).
+EMBEDS_IPV4 = ("64:ff9b::/96", "2002::/16")
+
+_FORBIDDEN: dict[int, tuple[IPNetwork, ...]] = {
+    version: tuple(
+        network
+        for cidr, _ in SPECIAL_PURPOSE
+        if cidr not in EMBEDS_IPV4 and (network := ipaddress.ip_network(cidr)).version == version
+    )
+    for version in (4, 6)
+}
+_NAT64, _SIXTOFOUR = (ipaddress.IPv6Network(cidr) for cidr in EMBEDS_IPV4)
 _NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 
 
-def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    """The IPv4 addresses an IPv6 address carries: mapped, 6to4, Teredo."""
-    found: list[ipaddress.IPv4Address] = []
-    if address.ipv4_mapped is not None:
-        found.append(address.ipv4_mapped)
-    if address.sixtofour is not None:
-        found.append(address.sixtofour)
-    if address.teredo is not None:
-        found.extend(address.teredo)  # (server, client)
-    return found
-
-
 def is_forbidden_address(address: IPAddress) -> bool:
-    """Loopback, private, link-local, multicast, reserved, unspecified or metadata.
-
-    An IPv6 address that embeds an IPv4 one (mapped, 6to4, Teredo, NAT64) is
-    forbidden when the IPv4 address is.
-    """
+    """True when ``address`` is in a range of ``SPECIAL_PURPOSE`` (see there for NAT64, 6to4)."""
     if isinstance(address, ipaddress.IPv6Address):
-        if address in _NAT64_LOCAL:
-            return True
-        if address in _NAT64:  # reserved as IPv6; what matters is the IPv4 it reaches
+        if address in _NAT64:
             return is_forbidden_address(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-        if any(is_forbidden_address(inner) for inner in _embedded_ipv4(address)):
-            return True
-    return (
-        address.is_loopback
-        or address.is_private
-        or address.is_link_local
-        or address.is_multicast
-        or address.is_reserved
-        or address.is_unspecified
-        or address in _METADATA
-        or (isinstance(address, ipaddress.IPv4Address) and address in _CGNAT)
-    )
+        if address in _SIXTOFOUR and address.sixtofour is not None:
+            return is_forbidden_address(address.sixtofour)
+    return any(address in network for network in _FORBIDDEN[address.version])
 
 
 def parse_host(host: str) -> IPAddress | str:

@@ -28,9 +28,12 @@ def check_pointer(pointer: str) -> str | None:
     if not pointer.startswith("/"):
         return "must be a JSON pointer such as /data/invoice/id (it starts with /)"
     try:
-        jsonpointer.JsonPointer(pointer)
+        parsed = jsonpointer.JsonPointer(pointer)
     except jsonpointer.JsonPointerException as exc:
         return f"not a JSON pointer: {exc}"
+    if "-" in parsed.parts:
+        # RFC 6901: "-" names the element after an array's last, which holds no value
+        return 'a "-" token names the end of an array, which holds no key'
     return None
 
 
@@ -52,11 +55,16 @@ def object_key(object_type: str | None, object_id: str | None) -> str | None:
 
 
 def pointer_key(pointer: str, payload: bytes) -> str | None:
-    """The key at ``pointer`` in the JSON ``payload`` (None if absent or null)."""
+    """The key at ``pointer`` in the JSON ``payload`` (None: absent, null, or not resolvable).
+
+    Whatever the pointer (a target stored before ``check_pointer`` refused "-",
+    an index past the end, a token into a string) and whatever the payload, an
+    event whose key cannot be read is not ordered: this never raises.
+    """
     try:
         value = jsonpointer.resolve_pointer(json.loads(payload), pointer, _MISSING)
-    except jsonpointer.JsonPointerException:
+    except (jsonpointer.JsonPointerException, ValueError, TypeError, LookupError):
         return None  # e.g. a pointer into an array with a non-numeric token
-    if value is _MISSING or value is None:
-        return None
+    if value is _MISSING or value is None or isinstance(value, jsonpointer.EndOfList):
+        return None  # "-": the end of an array holds nothing
     return _bounded(_canonical(value))

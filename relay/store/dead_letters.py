@@ -20,7 +20,8 @@ class DeadLetterFilter:
     ``since``/``until`` bound when the delivery was made (when its event was
     received), as the API's ``since`` does; ``ids`` and ``up_to_id`` pin a
     selection (a replay by ids, a bulk replay stopping at what was dead when it
-    was asked for).
+    was asked for). ``replayable`` keeps only those whose target is not deleted:
+    what a replay selects and counts (a deleted target's stay dead, listed).
     """
 
     target_id: str | None = None
@@ -31,6 +32,7 @@ class DeadLetterFilter:
     error: str | None = None
     ids: list[str] | None = None
     up_to_id: str | None = None
+    replayable: bool = False
 
     @property
     def api_selectable(self) -> bool:
@@ -39,13 +41,15 @@ class DeadLetterFilter:
 
 
 #: How many parameters ``dead_letter_match`` takes.
-DEAD_LETTER_PARAMS = 8
+DEAD_LETTER_PARAMS = 9
+#: The first parameter after those of ``dead_letter_match(1)``.
+_NEXT = DEAD_LETTER_PARAMS + 1
 
 
 def dead_letter_match(first: int) -> str:
     """The one rule of what a dead-letter selection holds, on ``deliveries d``.
 
-    Parameters ``$first`` … ``$first+7``, in the order of ``dead_letter_args``.
+    Parameters ``$first`` … ``$first+8``, in the order of ``dead_letter_args``.
     """
     p = [f"${first + i}" for i in range(DEAD_LETTER_PARAMS)]
     return f"""
@@ -58,6 +62,9 @@ def dead_letter_match(first: int) -> str:
         AND ({p[5]}::text IS NULL OR d.last_error ILIKE {p[5]})
         AND ({p[6]}::text[] IS NULL OR d.id = ANY({p[6]}))
         AND ({p[7]}::text IS NULL OR d.id <= {p[7]})
+        AND (NOT {p[8]}::bool OR EXISTS (
+            SELECT 1 FROM targets t WHERE t.id = d.target_id AND t.deleted_at IS NULL
+        ))
     """
 
 
@@ -72,6 +79,7 @@ def dead_letter_args(tenant_id: str | None, flt: DeadLetterFilter) -> list[Any]:
         None if flt.error is None else _like(flt.error),
         flt.ids,
         flt.up_to_id,
+        flt.replayable,
     ]
 
 
@@ -88,8 +96,8 @@ async def list_dead_letters(
     rows = await conn.fetch(
         f"""
         SELECT {DELIVERY_COLUMNS} FROM deliveries d
-        WHERE {dead_letter_match(1)} AND ($9::text IS NULL OR d.id < $9)
-        ORDER BY d.id DESC LIMIT $10
+        WHERE {dead_letter_match(1)} AND (${_NEXT}::text IS NULL OR d.id < ${_NEXT})
+        ORDER BY d.id DESC LIMIT ${_NEXT + 1}
         """,
         *dead_letter_args(tenant_id, flt),
         cursor,
@@ -112,7 +120,7 @@ async def dead_letter_ids(
 ) -> list[str]:
     """Ids of up to ``limit`` dead letters matching ``flt``, oldest first."""
     rows = await conn.fetch(
-        f"SELECT d.id FROM deliveries d WHERE {dead_letter_match(1)} ORDER BY d.id LIMIT $9",
+        f"SELECT d.id FROM deliveries d WHERE {dead_letter_match(1)} ORDER BY d.id LIMIT ${_NEXT}",
         *dead_letter_args(tenant_id, flt),
         limit,
     )
@@ -141,9 +149,12 @@ async def replay_dead_letters_batch(
 
     Short statements with SKIP LOCKED, so concurrent replays never touch the
     same row and none holds a lock for long. What is already pending is not
-    selected, so replaying twice does not send twice.
+    selected, so replaying twice does not send twice. A deleted target's dead
+    letters are never selected.
     """
-    flt = DeadLetterFilter(target_id=target_id, since=since, ids=ids, up_to_id=up_to_id)
+    flt = DeadLetterFilter(
+        target_id=target_id, since=since, ids=ids, up_to_id=up_to_id, replayable=True
+    )
     replayed, _ = await _replay_batch(
         conn, tenant_id, flt, batch=batch, enqueue_grace_s=enqueue_grace_s, after_id=after_id
     )
@@ -162,15 +173,17 @@ async def _replay_batch(
     """Replay up to ``batch`` dead letters after ``after_id``.
 
     Returns them and the last one selected (None: the selection has no more).
-    The keys' locks are taken before the rows (``key_queues``' lock order).
+    The one lock order: the live targets of the batch (FOR SHARE, in id order,
+    so a deletion waits for the replay and then makes what it put back dead
+    again, or wins and leaves them out), then the keys' locks, then the rows.
     """
     args = dead_letter_args(tenant_id, flt)
     async with conn.transaction():
         picked = await conn.fetch(
             f"""
             SELECT d.id, d.target_id, d.order_key FROM deliveries d
-            WHERE {dead_letter_match(1)} AND ($10::text IS NULL OR d.id > $10)
-            ORDER BY d.id LIMIT $9
+            WHERE {dead_letter_match(1)} AND (${_NEXT + 1}::text IS NULL OR d.id > ${_NEXT + 1})
+            ORDER BY d.id LIMIT ${_NEXT}
             """,
             *args,
             batch,
@@ -178,19 +191,25 @@ async def _replay_batch(
         )
         if not picked:
             return [], None
+        live = await conn.fetch(
+            "SELECT id FROM targets WHERE id = ANY($1::text[]) AND deleted_at IS NULL "
+            "ORDER BY id FOR SHARE",
+            sorted({r["target_id"] for r in picked}),
+        )
         await lock_keys(conn, _keys_of(picked))
         rows = await conn.fetch(
             f"""
             WITH picked AS (
                 SELECT d.id FROM deliveries d
-                WHERE d.id = ANY($9::text[]) AND {dead_letter_match(1)}
+                WHERE d.id = ANY(${_NEXT}::text[]) AND d.target_id = ANY(${_NEXT + 2}::text[])
+                  AND {dead_letter_match(1)}
                 FOR UPDATE SKIP LOCKED
             )
             UPDATE deliveries d
             SET status = 'pending', attempt_count = 0,
                 next_attempt_at = CASE WHEN d.order_key IS NULL THEN now() END,
                 enqueued_until = CASE WHEN d.order_key IS NULL
-                                      THEN now() + make_interval(secs => $10) END,
+                                      THEN now() + make_interval(secs => ${_NEXT + 1}) END,
                 locked_until = NULL, updated_at = now()
             FROM picked WHERE d.id = picked.id
             RETURNING d.id, d.target_id, d.tenant_id, d.order_key
@@ -198,11 +217,29 @@ async def _replay_batch(
             *args,
             [r["id"] for r in picked],
             enqueue_grace_s,
+            [r["id"] for r in live],
         )
         # ordered ones were parked: each key's first (by position) goes when nothing is active
         await promote_keys(conn, _keys_of(rows), grace_s=enqueue_grace_s)
     last = picked[-1]["id"] if len(picked) == batch else None
     return [Replayed(r["id"], r["target_id"], r["tenant_id"]) for r in rows], last
+
+
+async def dead_letters_of_deleted_targets(
+    conn: Conn, tenant_id: str | None, ids: list[str]
+) -> list[str]:
+    """Which of ``ids`` are dead letters (of this tenant; None: any) whose target is deleted."""
+    rows = await conn.fetch(
+        """
+        SELECT d.id FROM deliveries d JOIN targets t ON t.id = d.target_id
+        WHERE d.status = 'dead' AND d.id = ANY($2::text[])
+          AND ($1::text IS NULL OR d.tenant_id = $1) AND t.deleted_at IS NOT NULL
+        ORDER BY d.id
+        """,
+        tenant_id,
+        ids,
+    )
+    return [r["id"] for r in rows]
 
 
 def _keys_of(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
@@ -227,7 +264,7 @@ async def replay_in_batches(
 
     A keyset cursor visits each row once, even if it dies again meanwhile.
     """
-    flt = DeadLetterFilter(target_id=target_id, since=since, up_to_id=up_to_id)
+    flt = DeadLetterFilter(target_id=target_id, since=since, up_to_id=up_to_id, replayable=True)
     after: str | None = None
     while True:
         replayed, last = await _replay_batch(
@@ -265,7 +302,7 @@ async def purge_dead_letters(
             picked = await conn.fetch(
                 f"""
                 SELECT d.id, d.target_id, d.order_key FROM deliveries d
-                WHERE {dead_letter_match(1)} LIMIT $9
+                WHERE {dead_letter_match(1)} LIMIT ${_NEXT}
                 """,
                 *args,
                 batch,
@@ -273,7 +310,8 @@ async def purge_dead_letters(
             await lock_keys(conn, _keys_of(picked))
             gone = await conn.fetch(
                 f"""
-                DELETE FROM deliveries d WHERE d.id = ANY($9::text[]) AND {dead_letter_match(1)}
+                DELETE FROM deliveries d
+                WHERE d.id = ANY(${_NEXT}::text[]) AND {dead_letter_match(1)}
                 RETURNING d.target_id, d.order_key
                 """,
                 *args,

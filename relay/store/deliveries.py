@@ -110,6 +110,10 @@ async def attempts_of(conn: Queries, delivery_id: str) -> list[AttemptRecord]:
     return [AttemptRecord.from_row(r) for r in rows]
 
 
+class TargetDeleted(Exception):
+    """The delivery's target is deleted: it is never sent again."""
+
+
 async def retry_delivery(
     conn: Conn, tenant_id: str, delivery_id: str, *, enqueue_grace_s: float
 ) -> Delivery | None:
@@ -117,18 +121,26 @@ async def retry_delivery(
 
     An ordered delivery re-enters its key's order at its own position: it is
     due at once only if nothing of its key is active (else it waits, parked).
-    Its key's lock is taken before its row (the lock order of ``key_queues``).
-    The lapsed lease goes: a late record of the attempt made under it records
-    nothing over the fresh schedule.
+    The one lock order: its target row (FOR SHARE: a deletion waits and then
+    makes it dead), its key's lock, then its row. Raises TargetDeleted for a
+    deleted target's delivery. The lapsed lease goes: a late record of the
+    attempt made under it records nothing over the fresh schedule.
     """
     async with conn.transaction():
         found = await conn.fetchrow(
-            "SELECT target_id, order_key FROM deliveries WHERE tenant_id = $1 AND id = $2",
+            """
+            SELECT d.target_id, d.order_key, t.deleted_at IS NOT NULL AS deleted
+            FROM targets t JOIN deliveries d ON d.target_id = t.id
+            WHERE d.tenant_id = $1 AND d.id = $2
+            FOR SHARE OF t
+            """,
             tenant_id,
             delivery_id,
         )
         if found is None:
             return None
+        if found["deleted"]:
+            raise TargetDeleted(delivery_id)
         key = None if found["order_key"] is None else (found["target_id"], found["order_key"])
         if key is not None:
             await lock_keys(conn, [key])

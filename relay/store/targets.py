@@ -150,25 +150,37 @@ async def update_target(
     return None if row is None else await get_target(conn, tenant_id, target_id)
 
 
-async def delete_target(conn: Queries, tenant_id: str, target_id: str) -> bool:
-    """Soft-delete: its history stays, and what was still to be sent becomes dead."""
-    deleted = await conn.fetchval(
-        f"""
-        WITH gone AS (
-            UPDATE targets SET deleted_at = now(), updated_at = now(), enabled = false
-            WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING id
-        ), bumped AS ({bump_config("gone")}), dropped AS (
-            UPDATE deliveries d
+async def delete_target(conn: Conn, tenant_id: str, target_id: str) -> bool:
+    """Soft-delete: its history stays, and what was still to be sent becomes dead.
+
+    Two statements: the second reads the deliveries only once the target row is
+    locked, so a replay or retry that held the target (FOR SHARE) and committed
+    first has its deliveries made dead here too; none is left pending.
+    """
+    async with conn.transaction():
+        deleted = await conn.fetchval(
+            f"""
+            WITH gone AS (
+                UPDATE targets SET deleted_at = now(), updated_at = now(), enabled = false
+                WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING id
+            ), bumped AS ({bump_config("gone")})
+            SELECT id FROM gone
+            """,
+            tenant_id,
+            target_id,
+        )
+        if deleted is None:
+            return False
+        await conn.execute(
+            """
+            UPDATE deliveries
             SET status = 'dead', next_attempt_at = NULL, enqueued_until = NULL,
                 last_error = 'the target was deleted', updated_at = now()
-            FROM gone WHERE d.target_id = gone.id AND d.status IN ('pending', 'retrying')
+            WHERE target_id = $1 AND status IN ('pending', 'retrying')
+            """,
+            target_id,
         )
-        SELECT count(*) FROM gone
-        """,
-        tenant_id,
-        target_id,
-    )
-    return bool(deleted)
+    return True
 
 
 async def rotate_target_secret(

@@ -32,6 +32,7 @@ from relay.web.app_keys import (
     SECRETS,
     SETTINGS,
 )
+from relay.web.edge import edge_middleware
 from relay.web.openapi import build_openapi
 from relay.web.server import BodyTimeout, RequestTimeout
 
@@ -145,7 +146,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def create_app(settings: Settings) -> web.Application:
     """The gateway for ``settings``; Postgres and Redis are opened on startup."""
     app = web.Application(
-        middlewares=[error_middleware, body_deadline_middleware],
+        # the edge: what is not UTF-8 is refused before any handler reads it
+        middlewares=[error_middleware, body_deadline_middleware, edge_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -34,7 +34,7 @@ ERROR_SCHEMA = {
     },
 }
 _ERRORS = {
-    400: "Malformed request or JSON",
+    400: "Malformed request or JSON, or a header, query or form that is not UTF-8 (any path)",
     401: "Missing or invalid credentials",
     404: "Not found (or another tenant's)",
     409: "Conflicts with the resource's state",
@@ -185,8 +185,9 @@ def _operation(route: Route, components: dict[str, Any]) -> dict[str, Any]:
             "required": True,
             "content": {"application/json": {"schema": INGEST_BODY}},
         }
-    # the server refuses an oversized request line or headers before any route runs
-    errors: set[int] = set(answer.errors) | {431}
+    # the server refuses an oversized request line or headers before any route runs, and
+    # the edge (relay/web/edge.py) a header or query that is not UTF-8
+    errors: set[int] = set(answer.errors) | {400, 431}
     if route.auth == "operator":
         op["security"] = [{"operatorToken": []}]
     elif route.auth == "tenant":
