@@ -26,10 +26,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing = commands.add_parser("list", parents=[common], help="list dead letters, newest first")
     listing.add_argument("--since", type=parse_since, help="created at or after this time")
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    listing.add_argument(
+        "--wide",
+        action="store_true",
+        help="also the tenant and target columns (needs ~140 columns)",
+    )
     show = commands.add_parser("show", help="one dead letter with its attempts")
     show.add_argument("id")
     show.add_argument("--json", action="store_true")
-    replay = commands.add_parser("replay", parents=[common], help="send dead letters again")
+    replay = commands.add_parser(
+        "replay",
+        parents=[common],
+        help="send dead letters again: these ids, or all that --tenant/--target/--since select",
+    )
+    replay.add_argument("ids", nargs="*", metavar="ID", help="dead letters to replay (dlv_…)")
     replay.add_argument("--since", type=parse_since, help="created at or after this time")
     replay.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     purge = commands.add_parser("purge", parents=[common], help="delete old dead letters")

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -91,19 +91,45 @@ def embedded_redis(data_dir: Path, *, port: int | None = None) -> Iterator[str]:
 @contextlib.contextmanager
 def embedded_postgres(data_dir: Path) -> Iterator[str]:
     """A Postgres server with its data in ``data_dir`` (Unix socket); yields its DSN."""
-    try:
-        import pgserver
-    except ImportError as exc:
-        raise EmbeddedUnavailable("pip install 'relay[embedded]' for an embedded Postgres") from exc
-    data_dir.mkdir(parents=True, exist_ok=True)
+    # pgserver logs every pg_ctl command line at INFO: not news to someone trying the relay
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     with warnings.catch_warnings():
-        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI): harmless here
+        # platformdirs warns (at pgserver's import) when XDG_RUNTIME_DIR is unset
+        # (containers, CI): harmless here
         warnings.simplefilter("ignore")
+        try:
+            import pgserver
+        except ImportError as exc:
+            raise EmbeddedUnavailable(
+                "pip install 'relay[embedded]' for an embedded Postgres"
+            ) from exc
+        data_dir.mkdir(parents=True, exist_ok=True)
         server = pgserver.get_server(data_dir, cleanup_mode="stop")
     try:
         yield str(server.get_uri())
     finally:
         server.cleanup()
+
+
+def dev_data_dir(env: Mapping[str, str]) -> Path:
+    """Where ``relay dev`` keeps its embedded services and secrets (RELAY_DATA_DIR)."""
+    return Path(env.get("RELAY_DATA_DIR") or ".relay").resolve()
+
+
+@contextlib.contextmanager
+def dev_database(data_dir: Path) -> Iterator[str]:
+    """``relay dev``'s embedded Postgres for a command run beside it; yields its DSN.
+
+    pgserver counts the processes holding a server: when ``relay dev`` runs,
+    this attaches to its Postgres and leaves it running; otherwise it starts
+    it for the command and stops it after. Raises FileNotFoundError when
+    ``relay dev`` never ran with this data directory.
+    """
+    postgres = data_dir / "postgres"
+    if not (postgres / "PG_VERSION").exists():
+        raise FileNotFoundError(postgres)
+    with embedded_postgres(postgres) as url:
+        yield url
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 from relay.core.config import (
@@ -32,6 +32,40 @@ def load_settings(required: Collection[str]) -> Settings:
     except ConfigError as exc:
         print(f"relay: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def tool_settings() -> Iterator[Settings]:
+    """Settings for the operators' tools (``relay dlq``, ``relay tenants``).
+
+    With DATABASE_URL unset they use ``relay dev``'s embedded database under
+    RELAY_DATA_DIR (default ./.relay) when there is one, and say so on stderr.
+    """
+    if os.environ.get("DATABASE_URL"):
+        yield load_settings(REQUIRED_FOR_MIGRATE)
+        return
+    from relay.cli.embedded import EmbeddedUnavailable, dev_data_dir, dev_database
+
+    data_dir = dev_data_dir(os.environ)
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(dev_database(data_dir))
+        except FileNotFoundError:
+            print(
+                f"relay: configuration error: DATABASE_URL is not set, and relay dev has no "
+                f"database in {data_dir} (RELAY_DATA_DIR): set DATABASE_URL, "
+                "or run relay dev first",
+                file=sys.stderr,
+            )
+            raise SystemExit(2) from None
+        except EmbeddedUnavailable as exc:
+            print(f"relay: configuration error: DATABASE_URL is not set ({exc})", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(
+            f"relay: DATABASE_URL is not set; using relay dev's database in {data_dir}",
+            file=sys.stderr,
+        )
+        yield Settings.from_env({**os.environ, "DATABASE_URL": url}, required=())
 
 
 async def _migrate(settings: Settings) -> list[str]:
@@ -167,7 +201,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from relay.web.server import run
 
     env = dict(os.environ)
-    data_dir = Path(env.get("RELAY_DATA_DIR") or ".relay").resolve()
+    from relay.cli.embedded import dev_data_dir
+
+    data_dir = dev_data_dir(env)
     data_dir.mkdir(parents=True, exist_ok=True)
     for name, value in _dev_secrets(data_dir).items():
         env.setdefault(name, value)
@@ -233,13 +269,16 @@ async def _create_tenant(settings: Settings, name: str) -> tuple[str, str]:
 
 def cmd_tenants_create(args: argparse.Namespace) -> int:
     """Create a tenant and print its id and API key."""
-    settings = load_settings(REQUIRED_FOR_MIGRATE)
     name = args.name.strip()
     if not 1 <= len(name) <= 200:
         print("relay: a tenant name is 1 to 200 characters", file=sys.stderr)
         return 2
-    tenant_id, api_key = asyncio.run(_create_tenant(settings, name))
-    print(f"tenant_id: {tenant_id}\napi_key:   {api_key}")
+    with tool_settings() as settings:
+        tenant_id, api_key = asyncio.run(_create_tenant(settings, name))
+    if args.json:
+        print(json.dumps({"id": tenant_id, "api_key": api_key}))
+    else:
+        print(f"tenant_id: {tenant_id}\napi_key:   {api_key}")
     return 0
 
 
@@ -247,8 +286,8 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     """Operators' dead-letter tools."""
     from relay.cli import dlq
 
-    settings = load_settings(REQUIRED_FOR_MIGRATE)
-    return asyncio.run(dlq.run(settings, args))
+    with tool_settings() as settings:
+        return asyncio.run(dlq.run(settings, args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True)
     create = tenant_commands.add_parser("create", help="create a tenant, print its API key")
     create.add_argument("name")
+    create.add_argument("--json", action="store_true", help="machine-readable output")
     create.set_defaults(func=cmd_tenants_create)
 
     from relay.cli.dlq_args import add_arguments
