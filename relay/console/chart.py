@@ -38,10 +38,11 @@ class Totals:
 
 
 def _ceiling(value: int) -> int:
-    """A round number at or above ``value`` for the y axis (1, 2, 5, 10, 20, 50…)."""
+    """A round, even number at or above ``value`` for the y axis (2, 4, 10, 20, 40, 100…):
+    its half, the middle grid line's label, is a whole number of deliveries too."""
     step = 1
     while True:
-        for m in (1, 2, 5):
+        for m in (2, 4, 10):
             if step * m >= value:
                 return step * m
         step *= 10

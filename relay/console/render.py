@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -49,8 +50,13 @@ def fragment(request: web.Request, template: str, context: Mapping[str, Any]) ->
     return aiohttp_jinja2.render_template(template, request, dict(context))
 
 
-def error_page(request: web.Request, status: int, message: str) -> web.Response:
-    """An HTML error page (the session is not touched: it may be what failed)."""
+async def error_page(request: web.Request, status: int, message: str) -> web.Response:
+    """An HTML error page; a signed-in viewer keeps the sign-out button (except on a 503:
+    the session may be what failed, so it is not touched then)."""
+    token = None
+    if request.get(VIEWER) is not None and status != 503:
+        with contextlib.suppress(Exception):
+            token = await csrf_token(request)
     titles = {
         401: "Please sign in",
         403: "Refused",
@@ -63,7 +69,7 @@ def error_page(request: web.Request, status: int, message: str) -> web.Response:
     context = {
         "viewer": request.get(VIEWER),
         "csrf_field": CSRF_FIELD,
-        "csrf_token": None,
+        "csrf_token": token,
         "flash": None,
         "idle_minutes": round(request.app[SETTINGS].console_idle_s / 60),
         "path": request.path,

@@ -98,22 +98,26 @@ async def console_errors(request: web.Request, handler: Handler) -> web.StreamRe
         if exc.status < 400:
             response = web.Response(status=exc.status, headers=exc.headers)
         else:
-            response = error_page(request, exc.status, _HTTP_MESSAGES.get(exc.status, exc.reason))
+            response = await error_page(
+                request, exc.status, _HTTP_MESSAGES.get(exc.status, exc.reason)
+            )
             if "Allow" in exc.headers:
                 response.headers["Allow"] = exc.headers["Allow"]
     except errors.RelayError as exc:
         # a 404 reads the same whether the thing is missing or another tenant's
         message = _HTTP_MESSAGES[404] if exc.status == 404 else exc.message
-        response = error_page(request, exc.status, message)
+        response = await error_page(request, exc.status, message)
     except DEPENDENCY_ERRORS as exc:
         log.warning("console: dependency unavailable on %s: %s", request.path, type(exc).__name__)
-        response = error_page(request, 503, "A dependency (Postgres or Redis) is unavailable.")
+        response = await error_page(
+            request, 503, "A dependency (Postgres or Redis) is unavailable."
+        )
     except Exception:
         error_id = new_id("err")
         log.exception(
             "console: unhandled error %s on %s %s", error_id, request.method, request.path
         )
-        response = error_page(
+        response = await error_page(
             request, 500, f"Something went wrong on our side; quote {error_id} to the operator."
         )
     return _secure(request, response)

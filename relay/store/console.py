@@ -315,8 +315,12 @@ async def target_health(
         WITH att AS (
             SELECT d.target_id, count(*) AS n,
                    count(*) FILTER (WHERE a.status_code BETWEEN 200 AND 299) AS ok,
-                   percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms) AS p50,
-                   percentile_cont(0.99) WITHIN GROUP (ORDER BY a.duration_ms) AS p99,
+                   -- latency of the attempts that got an answer (a refused connection's 0 ms
+                   -- says nothing of the receiver's speed)
+                   percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms)
+                       FILTER (WHERE a.status_code IS NOT NULL) AS p50,
+                   percentile_cont(0.99) WITHIN GROUP (ORDER BY a.duration_ms)
+                       FILTER (WHERE a.status_code IS NOT NULL) AS p99,
                    max(a.started_at) AS last_at
             FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
             WHERE a.id >= $3 AND a.started_at >= $4 AND d.target_id = ANY($2::text[])

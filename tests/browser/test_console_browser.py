@@ -129,6 +129,15 @@ async def test_operator_finds_a_dead_letter_fixes_the_receiver_and_replays_it(
         await shots.take(page, "story-02-dead-letters")
         await page.set_viewport_size(PHONE)
         await shots.take(page, "story-03-dead-letters-phone")
+        # on a phone each id stays on one line, and each row's checkbox comes before it
+        for i in range(await page.locator("table.stack a.id").count()):
+            link = page.locator("table.stack a.id").nth(i)
+            box = await link.bounding_box()
+            line = await link.evaluate("e => parseFloat(getComputedStyle(e).lineHeight) || 20")
+            assert box is not None and box["height"] < 1.5 * line, (await link.inner_text(), box)
+            pick = page.locator("table.stack td.pick input").nth(i)
+            pick_box = await pick.bounding_box()
+            assert pick_box is not None and pick_box["y"] + pick_box["height"] <= box["y"] + 1
         await page.set_viewport_size(DESKTOP)
 
         # Its story: three attempts, each a 500 with the receiver's answer
@@ -217,6 +226,8 @@ async def test_a_tenant_cannot_reach_another_tenants_delivery_even_without_javas
             assert resp is not None and resp.status == 404
             await expect(page.locator("h1")).to_have_text("Not found")
             await expect(page.locator("main")).not_to_contain_text("Tenant B")
+            # the tenant is still signed in, and can sign out from here
+            await expect(page.locator("header button:has-text('Sign out')")).to_be_visible()
         await shots.take(page, "isolation-01-other-tenants-delivery-404")
         await page.goto(f"{base}/console/events")
         await expect(page.locator(".empty h2")).to_have_text("No events yet")

@@ -109,3 +109,15 @@ def test_only_target_and_since_are_what_the_api_replay_can_select() -> None:
     assert not DeadLetterFilter(status_code=500).api_selectable
     assert not DeadLetterFilter(error="timeout").api_selectable
     assert not DeadLetterFilter(until=START).api_selectable
+
+
+@pytest.mark.parametrize("peak", [1, 2, 3, 5, 7, 9, 11, 23, 45, 99, 150])
+def test_the_charts_axis_labels_are_whole_numbers_of_deliveries(peak: int) -> None:
+    # Given a window whose busiest minute had `peak` deliveries
+    points = [MinuteOutcomes(START, peak, 0, 0)]
+    # When it is drawn
+    svg = str(outcome_chart(points, START, 180))
+    # Then every y-axis label is a whole number, and the top one is at least the peak
+    labels = re.findall(r'<text class="axis" x="2" y="\d+">([^<]+)</text>', svg)
+    assert labels and all(label.isdigit() for label in labels), labels
+    assert max(int(label) for label in labels) >= peak
