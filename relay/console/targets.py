@@ -27,6 +27,14 @@ from relay.web.app_keys import CACHE, ENQUEUER, POOL, SECRETS, SETTINGS
 
 #: The window of a target's health figures.
 HEALTH_WINDOW = timedelta(hours=1)
+#: Targets the operators' list across tenants shows at most.
+ACROSS_LIMIT = 200
+#: How the operators' list across tenants may be sorted, and what each is called.
+SORTS: dict[store.TargetSort, str] = {
+    "failing": "failing longest",
+    "breaker": "circuit open",
+    "success": "lowest success rate",
+}
 
 
 async def find_target(request: web.Request, viewer: Viewer, target_id: str) -> Target:
@@ -53,8 +61,6 @@ async def chosen_tenant(request: web.Request, viewer: Viewer) -> tuple[str | Non
         picked = forms.object_id(request.query, "tenant", "ten", label="Tenant")
     except forms.BadInput:
         raise errors.NotFound() from None
-    if picked is None and len(rows) == 1:
-        picked = rows[0].id
     return picked, rows
 
 
@@ -75,7 +81,23 @@ class Targets(web.View):
             "cursor": None,
             "health": {},
             "public_url": request.app[SETTINGS].public_url,
+            "across": None,
         }
+        if tenant_id is None and viewer.is_operator:
+            # no tenant chosen: every tenant's targets, the troubled ones first
+            wanted = request.query.get("sort")
+            sort: store.TargetSort = next((s for s in SORTS if s == wanted), "failing")
+            context.update(
+                sort=sort,
+                sorts=SORTS,
+                across=await store.targets_across_tenants(
+                    pool,
+                    sort=sort,
+                    since=datetime.now(UTC) - HEALTH_WINDOW,
+                    limit=ACROSS_LIMIT,
+                ),
+                across_limit=ACROSS_LIMIT,
+            )
         if tenant_id is not None:
             try:
                 cursor = forms.cursor(request.query)

@@ -358,6 +358,74 @@ async def target_health(
     }
 
 
+@dataclass(frozen=True, slots=True)
+class TargetAcross:
+    """A target as the operators' list across tenants shows it."""
+
+    id: str
+    tenant_id: str
+    tenant_name: str
+    url: str
+    enabled: bool
+    disabled_reason: str | None
+    failing_since: datetime | None
+    breaker: str
+    breaker_until: datetime | None
+    #: attempts and successful ones over the window
+    attempts: int
+    succeeded: int
+
+    @property
+    def success_rate(self) -> float | None:
+        """Successful attempts out of all, 0..1 (None: no attempt)."""
+        return self.succeeded / self.attempts if self.attempts else None
+
+
+TargetSort = Literal["failing", "breaker", "success"]
+
+_TARGET_ORDER: dict[TargetSort, str] = {
+    # failing the longest first, then the rest
+    "failing": "t.failing_since ASC NULLS LAST, t.id",
+    # open breakers first (the longest open first), then half-open ones
+    "breaker": "(coalesce(h.breaker, 'closed') = 'open') DESC, "
+    "(coalesce(h.breaker, 'closed') = 'half_open') DESC, h.changed_at ASC NULLS LAST, t.id",
+    # the lowest success rate first; targets without attempts last
+    "success": "(coalesce(att.n, 0) = 0), coalesce(att.ok, 0)::float8 / greatest(att.n, 1), t.id",
+}
+
+
+async def targets_across_tenants(
+    conn: Queries, *, sort: TargetSort, since: datetime, limit: int
+) -> list[TargetAcross]:
+    """Every tenant's live targets (up to ``limit``), sorted, each named with its tenant."""
+    rows = await conn.fetch(
+        f"""
+        WITH att AS (
+            SELECT d.target_id, count(*) AS n,
+                   count(*) FILTER (WHERE a.status_code BETWEEN 200 AND 299) AS ok
+            FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
+            WHERE a.id >= $1 AND a.started_at >= $2
+            GROUP BY d.target_id
+        )
+        SELECT t.id, t.tenant_id, tn.name AS tenant_name, t.url, t.enabled, t.disabled_reason,
+               t.failing_since, coalesce(h.breaker, 'closed') AS breaker,
+               CASE WHEN h.breaker = 'closed' THEN NULL ELSE h.open_until END AS breaker_until,
+               coalesce(att.n, 0) AS attempts, coalesce(att.ok, 0) AS succeeded
+        FROM targets t
+        JOIN tenants tn ON tn.id = t.tenant_id
+        LEFT JOIN target_health h ON h.target_id = t.id
+        LEFT JOIN att ON att.target_id = t.id
+        WHERE t.deleted_at IS NULL
+        ORDER BY {_TARGET_ORDER[sort]}
+        LIMIT $3
+        """,
+        floor_id("att", since),
+        since,
+        limit,
+    )
+    return [TargetAcross(**dict(r)) for r in rows]
+
+
 # --- events ----------------------------------------------------------------------
 
 

@@ -168,6 +168,15 @@ async def test_operator_finds_a_dead_letter_fixes_the_receiver_and_replays_it(
 
         # The other pages, for a person to look at
         await page.click("nav >> text=Targets")
+        # an operator first sees every tenant's targets, the failing ones first
+        across = page.locator("table.across tbody tr")
+        await expect(across).to_have_count(3)
+        await expect(across.first).to_contain_text("Acme Books")
+        await expect(across.first).to_contain_text("127.0.0.1:9/crm/webhooks")
+        await shots.take(page, "story-07-targets-every-tenant")
+        await page.click("a:has-text('circuit open')")
+        await expect(page.locator("strong[aria-current]")).to_have_text("circuit open")
+        await page.click("table.across tbody tr >> nth=0 >> a:has-text('Acme Books')")
         await expect(page.locator(".target-card")).to_have_count(3)
         await shots.take(page, "story-07-targets")
         await page.click(f"a:has-text('{receiver.url('/bills')}')")

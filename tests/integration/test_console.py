@@ -11,6 +11,7 @@ import asyncio
 import re
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -432,3 +433,36 @@ async def test_every_page_renders_for_an_operator_and_a_tenant(
             assert resp.status == 200, (token == ADMIN_TOKEN, path, await resp.text())
             assert expect in await resp.text(), path
     assert ids["event"] not in await (await client.get("/console/events?object_id=4712")).text()
+
+
+async def test_an_operator_sees_every_tenants_targets_the_failing_first(
+    client: Any, tenant: Tenant, other_tenant: Tenant, database_url: str
+) -> None:
+    # Given a target of each of two tenants, the second tenant's failing since an hour ago
+    mine = await (
+        await client.post("/v1/targets", json={"url": "https://a.example/h"}, headers=tenant.auth)
+    ).json()
+    theirs = await (
+        await client.post(
+            "/v1/targets", json={"url": "https://b.example/h"}, headers=other_tenant.auth
+        )
+    ).json()
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE targets SET failing_since = now() - interval '1 hour' WHERE id = $1",
+            theirs["id"],
+        )
+    finally:
+        await conn.close()
+    # When an operator opens the targets page without choosing a tenant
+    await sign_in(client, ADMIN_TOKEN)
+    page = await (await client.get("/console/targets")).text()
+    # Then both are listed with their tenant, the failing one first
+    assert "Every tenant&#39;s targets" in page or "Every tenant's targets" in page
+    assert page.index(theirs["id"]) < page.index(mine["id"])
+    # and a tenant sees only its own page, never the list across tenants
+    client.session.cookie_jar.clear()
+    await sign_in(client, tenant.api_key)
+    own = await (await client.get("/console/targets")).text()
+    assert theirs["id"] not in own and "Every tenant" not in own
