@@ -200,9 +200,10 @@ async def outcomes_by_minute(
             WHERE id >= $2 AND started_at >= $3 AND ($1::text IS NULL OR tenant_id = $1)
             GROUP BY 1
             UNION ALL
-            SELECT date_trunc('minute', updated_at), 0, 0, count(*)
-            FROM deliveries
-            WHERE status = 'dead' AND updated_at >= $3 AND ($1::text IS NULL OR tenant_id = $1)
+            -- deaths when they happened: a replay does not change the past
+            SELECT date_trunc('minute', died_at), 0, 0, count(*)
+            FROM delivery_deaths
+            WHERE died_at >= $3 AND ($1::text IS NULL OR tenant_id = $1)
             GROUP BY 1
         ) x GROUP BY m ORDER BY m
         """,

@@ -67,8 +67,20 @@ async def purge_old_events(
     goes on: its next delivery becomes due, and is returned to be woken
     (``grace_s``: how long the sweeper leaves it to that wake-up). The keys'
     locks are taken before the rows (``key_queues``' lock order).
-    Returns how many events were deleted and the deliveries made due.
+    Returns how many events were deleted and the deliveries made due. The
+    record of when deliveries died (the console's chart) goes with the same
+    retention.
     """
+    await conn.execute(
+        """
+        DELETE FROM delivery_deaths WHERE ctid IN (
+            SELECT ctid FROM delivery_deaths
+            WHERE died_at < now() - make_interval(days => $1) LIMIT $2
+        )
+        """,
+        retention_days,
+        batch,
+    )
     async with conn.transaction():
         picked = await conn.fetch(
             """

@@ -53,3 +53,45 @@ async def test_a_target_whose_attempts_were_all_refused_has_no_latency(
     # Then the attempts count, none succeeded, and no latency is made up from refusals
     assert health.attempts == 3 and health.succeeded == 0
     assert health.p50_ms is None and health.p99_ms is None
+
+
+async def test_the_chart_keeps_a_death_after_its_dead_letter_is_replayed(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    # Given a delivery that died this minute
+    source = await (
+        await client.post(
+            "/v1/sources", json={"name": "s", "auth": {"type": "token"}}, headers=tenant.auth
+        )
+    ).json()
+    await client.post("/v1/targets", json={"url": "https://example.com/h"}, headers=tenant.auth)
+    resp = await client.post(
+        f"/in/{source['id']}",
+        params={"token": source["secret"]},
+        json={"uuid": "u2", "objectType": "Bill", "action": "paid"},
+    )
+    assert resp.status == 202
+    since = datetime.now(UTC) - timedelta(hours=3)
+    conn = await asyncpg.connect(database_url)
+    try:
+        delivery_id = await conn.fetchval(
+            "SELECT id FROM deliveries WHERE tenant_id = $1", tenant.id
+        )
+        await conn.execute(
+            "UPDATE deliveries SET status = 'dead', next_attempt_at = NULL WHERE id = $1",
+            delivery_id,
+        )
+        died = sum(p.died for p in await store.outcomes_by_minute(conn, tenant.id, since=since))
+        assert died == 1
+        # When its dead letter is replayed (it is pending again)
+        replay = await client.post(
+            "/v1/dead-letters/replay", json={"ids": [delivery_id]}, headers=tenant.auth
+        )
+        assert replay.status == 202, await replay.text()
+        status = await conn.fetchval("SELECT status FROM deliveries WHERE id = $1", delivery_id)
+        assert status == "pending"
+        # Then the chart still counts the death in the minute it happened
+        after = sum(p.died for p in await store.outcomes_by_minute(conn, tenant.id, since=since))
+    finally:
+        await conn.close()
+    assert after == 1
