@@ -159,7 +159,13 @@ Headers = Annotated[
 ]
 Description = Annotated[str, pydantic.StringConstraints(max_length=1000)]
 SourceIds = Annotated[
-    list[Annotated[str, pydantic.StringConstraints(max_length=64)]], pydantic.Field(max_length=100)
+    list[Annotated[str, pydantic.StringConstraints(max_length=64)]],
+    pydantic.Field(
+        max_length=100,
+        description="Only events of these sources. Each must name a live source of the "
+        "tenant: an id that names none is 422, naming the field (a schema cannot say which "
+        "ids exist).",
+    ),
 ]
 
 

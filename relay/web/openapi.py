@@ -40,7 +40,8 @@ _ERRORS = {
     409: "Conflicts with the resource's state",
     413: "Body too large",
     415: "Not JSON",
-    422: "Validation error, with details per field",
+    422: "Validation error, with details per field; also a well-formed id that names nothing "
+    "of the tenant's (source_ids, target_ids), or a delivery of a deleted target",
     429: "Rate limited; see Retry-After",
     431: "Request line or headers too large (answered before routing, on any path)",
     503: "A dependency is unavailable; try again shortly",
