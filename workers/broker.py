@@ -80,6 +80,7 @@ class WorkerResources(AsyncIO):
                 timeout_s=settings.delivery_timeout_s,
                 allow_private=settings.allow_private_targets,
                 user_agent=f"Relay/{relay_version()} (+webhook relay)",
+                dns_timeout_s=settings.dns_timeout_s,
             ),
             redis=client,
             limiter=RateLimiter(client),

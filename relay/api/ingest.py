@@ -9,6 +9,10 @@ requests that arrived together (relay/ingest/group_commit.py), the answer is 202
 their targets are woken on the broker once per group (the sweeper covers an
 enqueue that fails).
 
+After the signature check, a ``webhook-id`` or a timestamped hmac signature
+already accepted in the last 10 minutes is 401 (relay/ingest/replay_guard.py);
+it is released again when the request is then refused.
+
 Read your writes: the source and the routes come from this process's cache,
 each with the tenant's ``config_version`` it was read at. A credential that
 fails against a cached source is checked once more against the source read
@@ -32,7 +36,12 @@ from relay.api.routing import Route, is_json_content_type, respond
 from relay.core import errors
 from relay.core.metrics import EVENTS_INGESTED, INGEST_LATENCY, INGEST_REROUTED
 from relay.ingest import replay_guard
-from relay.ingest.auth import PRE_BODY_TYPES, check_before_body, check_with_body
+from relay.ingest.auth import (
+    PRE_BODY_TYPES,
+    check_before_body,
+    check_with_body,
+    timestamped_signature,
+)
 from relay.ingest.parse import ParsedEvent, parse_body
 from relay.ingest.routes import Routes, SourceEntry, count_deliveries
 from relay.store import sources as source_store
@@ -140,6 +149,10 @@ async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response
         )
         if remembered is None:
             raise errors.Unauthorized("this webhook-id was already received")
+    elif (signature := timestamped_signature(source, request.headers)) is not None:
+        remembered = await replay_guard.first_signature(app[REDIS], source.id, signature)
+        if remembered is None:
+            raise errors.Unauthorized("this signature was already received")
     try:
         return await _accept(request, source, raw, context)
     except Exception:

@@ -5,21 +5,29 @@ http/https only, redirects never followed, a total timeout, the response
 read up to a cap, and every address the host resolves to checked *at
 connect time* (by the connector's resolver, so a DNS answer that changes
 between validation and delivery cannot reach a forbidden address).
+
+Names are resolved by :class:`DeliveryResolver`, on threads of its own (not
+asyncio's default executor, which the rest of the process shares), with a
+timeout per lookup shorter than the delivery's, answers and failures cached
+for a while, one lookup at a time per name and a few per zone: a tenant whose
+zone answers slowly ties up its own deliveries, not other tenants' lookups.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import re
 import socket
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -179,28 +187,195 @@ async def host_is_forbidden(host: str, *, resolve_timeout_s: float = 2.0) -> boo
     return any(is_forbidden_address(ipaddress.ip_address(info[4][0])) for info in infos)
 
 
-class GuardedResolver(AbstractResolver):
-    """Resolves like aiohttp's default resolver, refusing forbidden addresses."""
+#: Threads that run lookups for deliveries, per worker process. A lookup blocks
+#: its thread until the system resolver gives up, whatever our timeout says.
+DNS_THREADS = 8
+#: Lookups in flight at once for the names of one zone (below).
+DNS_PER_ZONE = 2
+#: How long an answer, and a failure (no such name, a timeout), is reused.
+DNS_POSITIVE_TTL_S = 60.0
+DNS_NEGATIVE_TTL_S = 5.0
+#: Names whose answer is kept at most; the oldest go first.
+DNS_CACHE_ENTRIES = 10_000
+#: Second-level labels under which, in a two-letter country domain, names are
+#: registered (``example.co.uk``): a zone is then three labels, not two.
+_COUNTRY_SECOND_LEVELS = frozenset(
+    "ac co com edu gov gob go govt ltd mil ne net nic nom or org plc sch".split()
+)
+_NUMERIC_FLAGS = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+_ADDRCONFIG = getattr(socket, "AI_ADDRCONFIG", 0)
 
-    def __init__(self) -> None:
-        self._inner = DefaultResolver()
+_Key = tuple[str, int]
+#: What a lookup gave: the addresses (host, family, proto), or the error to raise.
+_Answer = list[tuple[str, int, int]] | OSError | EgressRefused
+
+
+def dns_zone(name: str) -> str:
+    """The zone a name belongs to, for the per-zone limit: its registrable part, roughly.
+
+    The last two labels (``hooks.example.com`` → ``example.com``), three under
+    a country's second level (``a.example.co.uk`` → ``example.co.uk``), so the
+    names a tenant can make up in its own zone all count as one.
+    """
+    labels = name.rstrip(".").split(".")
+    keep = 2
+    if len(labels) >= 3 and len(labels[-1]) == 2 and labels[-2] in _COUNTRY_SECOND_LEVELS:
+        keep = 3
+    return ".".join(labels[-keep:])
+
+
+def _copy(error: OSError | EgressRefused) -> OSError | EgressRefused:
+    """A fresh exception like a cached one (raising one object again chains tracebacks)."""
+    return type(error)(*error.args)
+
+
+class DeliveryResolver(AbstractResolver):
+    """Resolves target names for deliveries, bounded, cached, one zone kept from another.
+
+    - its own pool of :data:`DNS_THREADS` threads, so lookups never wait behind
+      other work of the process (and other work never behind them);
+    - each caller waits at most ``timeout_s``, then the attempt fails with a
+      connection error naming the lookup (the thread goes on until the system
+      resolver gives up, and its answer is still cached);
+    - one lookup per name at a time (concurrent callers share it), at most
+      :data:`DNS_PER_ZONE` per zone: a slow zone holds that many threads;
+    - answers are reused for :data:`DNS_POSITIVE_TTL_S`, failures (a timeout
+      included) for :data:`DNS_NEGATIVE_TTL_S`;
+    - with ``guard``, every address of an answer, cached or not, is checked
+      against the forbidden ranges (EgressRefused).
+
+    ``getaddrinfo`` is the blocking lookup (default: ``socket.getaddrinfo``, read
+    at each call); tests give a stub.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout_s: float,
+        guard: bool,
+        getaddrinfo: Callable[..., Any] | None = None,
+        threads: int = DNS_THREADS,
+        per_zone: int = DNS_PER_ZONE,
+        positive_ttl_s: float = DNS_POSITIVE_TTL_S,
+        negative_ttl_s: float = DNS_NEGATIVE_TTL_S,
+    ) -> None:
+        self._timeout_s = timeout_s
+        self._guard = guard
+        self._getaddrinfo = getaddrinfo
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="relay-dns")
+        self._per_zone = per_zone
+        self._positive_ttl_s = positive_ttl_s
+        self._negative_ttl_s = negative_ttl_s
+        self._cache: dict[_Key, tuple[float, _Answer]] = {}
+        self._lookups: dict[_Key, asyncio.Task[_Answer]] = {}
+        self._zones: dict[str, tuple[asyncio.Semaphore, int]] = {}
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        """Resolve ``host``; raise EgressRefused if any answer is forbidden."""
-        try:
-            results = await self._inner.resolve(host, port, family)
-        except (UnicodeError, ValueError) as exc:
-            raise EgressRefused(f"{host!r} is not a valid host name") from exc
-        for result in results:
-            if is_forbidden_address(ipaddress.ip_address(result["host"])):
+        """Resolve ``host``; raise EgressRefused if any answer is forbidden, OSError on failure."""
+        parsed = parse_host(host)  # EgressRefused for a name no resolver would take
+        name = parsed if isinstance(parsed, str) else str(parsed)
+        key = (name, int(family))
+        answer = self._cached(key)
+        if answer is None:
+            lookup = self._lookups.get(key)
+            if lookup is None:
+                lookup = asyncio.get_running_loop().create_task(self._lookup(key))
+                self._lookups[key] = lookup
+            try:
+                # the lookup is shared: a caller that gives up does not cancel it
+                answer = await asyncio.wait_for(asyncio.shield(lookup), self._timeout_s)
+            except TimeoutError:
+                answer = OSError(
+                    errno.ETIMEDOUT, f"DNS lookup of {name} timed out after {self._timeout_s:g} s"
+                )
+                self._store(key, answer, replace=False)
+        if isinstance(answer, OSError | EgressRefused):
+            raise _copy(answer)
+        results: list[ResolveResult] = []
+        for address, fam, proto in answer:
+            if self._guard and is_forbidden_address(ipaddress.ip_address(address.split("%")[0])):
                 raise EgressRefused(f"{host} resolves to a forbidden address")
+            results.append(
+                ResolveResult(
+                    hostname=host,
+                    host=address,
+                    port=port,
+                    family=fam,
+                    proto=proto,
+                    flags=_NUMERIC_FLAGS,
+                )
+            )
         return results
 
+    def _cached(self, key: _Key) -> _Answer | None:
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            del self._cache[key]
+            return None
+        return entry[1]
+
+    def _store(self, key: _Key, answer: _Answer, *, replace: bool = True) -> None:
+        if not replace and self._cached(key) is not None:
+            return
+        ttl = self._positive_ttl_s if isinstance(answer, list) else self._negative_ttl_s
+        self._cache.pop(key, None)  # re-inserted last: the oldest entries go first
+        self._cache[key] = (time.monotonic() + ttl, answer)
+        while len(self._cache) > DNS_CACHE_ENTRIES:
+            del self._cache[next(iter(self._cache))]
+
+    async def _lookup(self, key: _Key) -> _Answer:
+        """One lookup of a name on the pool, within its zone's limit; cached."""
+        name, family = key
+        zone = dns_zone(name)
+        semaphore, users = self._zones.get(zone) or (asyncio.Semaphore(self._per_zone), 0)
+        self._zones[zone] = (semaphore, users + 1)
+        try:
+            async with semaphore:  # held until the thread is done, not until callers give up
+                answer = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, self._blocking_lookup, name, family
+                )
+            self._store(key, answer)
+            return answer
+        finally:
+            semaphore, users = self._zones[zone]
+            if users == 1:
+                del self._zones[zone]
+            else:
+                self._zones[zone] = (semaphore, users - 1)
+            self._lookups.pop(key, None)
+
+    def _blocking_lookup(self, name: str, family: int) -> _Answer:
+        """On a pool thread: the system resolver's answer, as addresses, or the error."""
+        getaddrinfo: Callable[..., Any] = self._getaddrinfo or socket.getaddrinfo
+        try:
+            infos = getaddrinfo(name, 0, family, socket.SOCK_STREAM, 0, _ADDRCONFIG)
+        except OSError as exc:
+            return exc
+        except (UnicodeError, ValueError):
+            return EgressRefused(f"{name!r} is not a valid host name")
+        found: list[tuple[str, int, int]] = []
+        for fam, _, proto, _, address in infos:
+            if fam == socket.AF_INET6:
+                if len(address) < 3:  # no IPv6 in this Python or host
+                    continue
+                # a scope id (link-local) must stay with the address
+                host = socket.getnameinfo(address, _NUMERIC_FLAGS)[0] if address[3] else address[0]
+            else:
+                host = address[0]
+            found.append((str(host), int(fam), int(proto)))
+        if not found:
+            return OSError(errno.EHOSTUNREACH, f"{name} has no usable address")
+        return found
+
     async def close(self) -> None:
-        """Release the inner resolver."""
-        await self._inner.close()
+        """Stop the pool (a lookup still running ends on its own)."""
+        for lookup in self._lookups.values():
+            lookup.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass(frozen=True)
@@ -222,6 +397,8 @@ class EgressClient:
         timeout_s: float,
         allow_private: bool,
         user_agent: str,
+        dns_timeout_s: float = 2.0,
+        getaddrinfo: Callable[..., Any] | None = None,
     ) -> None:
         self._allow_private = allow_private
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -231,8 +408,16 @@ class EgressClient:
             # hanging connections hold up every other target's attempts
             limit=0,
             limit_per_host=0,
-            resolver=None if allow_private else GuardedResolver(),
-            ttl_dns_cache=60,
+            # a lookup takes at most half the attempt's time, so a slow zone's
+            # failure is told apart from a slow receiver's
+            resolver=DeliveryResolver(
+                timeout_s=min(dns_timeout_s, timeout_s / 2),
+                guard=not allow_private,
+                getaddrinfo=getaddrinfo,
+            ),
+            # the resolver caches (answers and failures); the connector's cache
+            # would keep answers only, per port
+            use_dns_cache=False,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,

@@ -75,6 +75,25 @@ def hmac_digests(secret: str, body: bytes) -> tuple[str, str]:
     return digest.hex(), base64.b64encode(digest).decode()
 
 
+def timestamped_signature(source: SourceEntry, headers: Mapping[str, str]) -> bytes | None:
+    """The digest an hmac source's timestamped signature carries, to remember; else None.
+
+    Call it once :func:`check_with_body` accepted the request. The digest is read
+    from the hex or base64 form the sender chose, so the same signature written
+    another way is the same. Without a timestamp header there is nothing to
+    remember: a replay cannot be told from a resend (API.md).
+    """
+    if source.auth_type != "hmac" or not source.auth_config.get("timestamp_header"):
+        return None
+    value = headers.get(source.auth_config.get("header", "X-Signature"), "")
+    given = value[len(source.auth_config.get("prefix", "")) :].strip()
+    try:
+        # a verified signature is 64 hex digits or 44 base64 characters
+        return bytes.fromhex(given) if len(given) == 64 else base64.b64decode(given)
+    except (ValueError, binascii.Error):
+        return given.encode("utf-8", "surrogateescape")
+
+
 def check_with_body(
     source: SourceEntry, headers: Mapping[str, str], body: bytes, now: float
 ) -> bool:

@@ -34,6 +34,7 @@ def test_defaults_match_api_md() -> None:
         s.retry_schedule == DEFAULT_RETRY_SCHEDULE == (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
     )
     assert s.delivery_timeout_s == 15
+    assert s.dns_timeout_s == 2
     assert s.max_body_bytes == 1_048_576
     assert s.secret_overlap_s == 86_400
     assert s.secret_key == b"k" * 32
@@ -63,6 +64,8 @@ def test_missing_required_variable_is_named(missing: str) -> None:
         ("RELAY_RETRY_SCHEDULE", "1,x"),
         ("RELAY_RETRY_SCHEDULE", "1,-2"),
         ("RELAY_DELIVERY_TIMEOUT_S", "0"),
+        ("RELAY_DNS_TIMEOUT_S", "0"),
+        ("RELAY_DNS_TIMEOUT_S", "soon"),
         ("RELAY_MAX_BODY_BYTES", "1.5"),
         ("RELAY_ALLOW_PRIVATE_TARGETS", "yes"),
         ("RELAY_PUBLIC_URL", "relay.example.com"),
