@@ -12,10 +12,11 @@ import base64
 import os
 import secrets
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 import redis
@@ -290,3 +291,11 @@ async def gateway(aiohttp_client: Any, stack_settings: Settings) -> TestClient[A
         GatewayTestServer(create_app(stack_settings))
     )
     return result
+
+
+@pytest.fixture
+async def fresh_http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client opening a new connection per request: with SO_REUSEPORT, requests
+    spread over a replica's gateway processes."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        yield s

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,21 @@ class GatewayProcess(WorkerProcess):
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"gateway did not start:\n{self.log()[-3000:]}")
+
+
+@contextlib.contextmanager
+def replicas(
+    env: dict[str, str], tmp_path: Path, *, processes: int = 1, count: int = 2
+) -> Iterator[list[str]]:
+    """``count`` `relay serve` replicas of ``processes`` processes each, on one database;
+    yields their base URLs, and prints the end of each one's log when stopped."""
+    started = [
+        GatewayProcess(env, tmp_path / f"replica-{n}.log", processes=processes).start()
+        for n in range(count)
+    ]
+    try:
+        yield [g.url for g in started]
+    finally:
+        for gateway in started:
+            gateway.stop()
+            print(gateway.log()[-5000:])

@@ -12,10 +12,8 @@ from relay.store import console as store
 from tests.conftest import Tenant
 
 
-async def test_a_target_whose_attempts_were_all_refused_has_no_latency(
-    client: Any, tenant: Tenant, database_url: str
-) -> None:
-    # Given a target with one delivery whose three attempts were all refused (no answer, 0 ms)
+async def one_delivery(client: Any, tenant: Tenant, uuid: str) -> str:
+    """A source, a target and one event to it; the target's id."""
     source = await (
         await client.post(
             "/v1/sources", json={"name": "s", "auth": {"type": "token"}}, headers=tenant.auth
@@ -27,9 +25,18 @@ async def test_a_target_whose_attempts_were_all_refused_has_no_latency(
     resp = await client.post(
         f"/in/{source['id']}",
         params={"token": source["secret"]},
-        json={"uuid": "u1", "objectType": "Bill", "action": "paid"},
+        json={"uuid": uuid, "objectType": "Bill", "action": "paid"},
     )
     assert resp.status == 202
+    target_id: str = target["id"]
+    return target_id
+
+
+async def test_a_target_whose_attempts_were_all_refused_has_no_latency(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    # Given a target with one delivery whose three attempts were all refused (no answer, 0 ms)
+    target = {"id": await one_delivery(client, tenant, "u1")}
     conn = await asyncpg.connect(database_url)
     try:
         delivery_id = await conn.fetchval(
@@ -59,18 +66,7 @@ async def test_the_chart_keeps_a_death_after_its_dead_letter_is_replayed(
     client: Any, tenant: Tenant, database_url: str
 ) -> None:
     # Given a delivery that died this minute
-    source = await (
-        await client.post(
-            "/v1/sources", json={"name": "s", "auth": {"type": "token"}}, headers=tenant.auth
-        )
-    ).json()
-    await client.post("/v1/targets", json={"url": "https://example.com/h"}, headers=tenant.auth)
-    resp = await client.post(
-        f"/in/{source['id']}",
-        params={"token": source["secret"]},
-        json={"uuid": "u2", "objectType": "Bill", "action": "paid"},
-    )
-    assert resp.status == 202
+    await one_delivery(client, tenant, "u2")
     since = datetime.now(UTC) - timedelta(hours=3)
     conn = await asyncpg.connect(database_url)
     try:

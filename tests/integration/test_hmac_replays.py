@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -29,7 +29,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, stack_env
-from tests.services import GatewayProcess
+from tests.services import replicas
 from tests.stack import fetch
 
 pytestmark = pytest.mark.slow
@@ -39,18 +39,13 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture
 def gateways(database_url: str, clean_redis: str, tmp_path: Path) -> Iterator[list[str]]:
-    env = stack_env(database_url, clean_redis)
-    started = [GatewayProcess(env, tmp_path / f"gw-{n}.log").start() for n in ("a", "b")]
-    yield [g.url for g in started]
-    for gateway in started:
-        gateway.stop()
-        print(gateway.log()[-5000:])
+    with replicas(stack_env(database_url, clean_redis), tmp_path) as urls:
+        yield urls
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-        yield s
+def http(fresh_http: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    return fresh_http
 
 
 async def hmac_source(

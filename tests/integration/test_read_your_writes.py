@@ -11,7 +11,7 @@ never a cache's expiry, can make a case pass.
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, stack_env
-from tests.services import GatewayProcess
+from tests.services import replicas as start_replicas
 
 pytestmark = pytest.mark.slow
 
@@ -33,21 +33,13 @@ def replicas(database_url: str, clean_redis: str, tmp_path: Path) -> Iterator[li
     env = stack_env(
         database_url, clean_redis, RELAY_CACHE_TTL_S="300", RELAY_ALLOW_PRIVATE_TARGETS="1"
     )
-    started = [
-        GatewayProcess(env, tmp_path / f"replica-{name}.log", processes=2).start()
-        for name in ("a", "b")
-    ]
-    yield [g.url for g in started]
-    for gateway in started:
-        gateway.stop()
-        print(gateway.log()[-5000:])
+    with start_replicas(env, tmp_path, processes=2) as urls:
+        yield urls
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    # a fresh connection per request: SO_REUSEPORT spreads them over both processes
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-        yield s
+def http(fresh_http: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    return fresh_http
 
 
 class Api:
