@@ -12,6 +12,7 @@ from relay.api.deliveries import Id, Timestamp, render_delivery
 from relay.api.routing import ListQuery, Route, page, read_body, read_query, respond, tenant_id
 from relay.core import errors
 from relay.ingest.parse import ParsedEvent
+from relay.ingest.routes import EventKeys
 from relay.store import deliveries as delivery_store
 from relay.store import events as store
 from relay.store import targets as target_store
@@ -121,7 +122,8 @@ async def replay_event(request: web.Request) -> web.Response:
         tenant_ref=None,
     )
     by_id = {r.id: r for r in routes}
-    keyed = [(t, by_id[t].order_key(parsed)) for t in targets]
+    keys = EventKeys(parsed)  # the payload parsed once, whatever the number of targets
+    keyed = [(t, keys.at(by_id[t])) for t in targets]
     async with pool.acquire() as conn, conn.transaction():
         ids = await store.add_deliveries(
             conn, owner, event.id, keyed, enqueue_grace_s=request.app[SETTINGS].requeue_after_s

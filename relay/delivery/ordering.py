@@ -53,8 +53,17 @@ def object_key(object_type: str | None, object_id: str | None) -> str | None:
 
 def pointer_key(pointer: str, payload: bytes) -> str | None:
     """The key at ``pointer`` in the JSON ``payload`` (None if absent or null)."""
+    return document_key(pointer, json.loads(payload))
+
+
+def document_key(pointer: str, document: Any) -> str | None:
+    """The key at ``pointer`` in an already parsed payload (None if absent or null).
+
+    Ingest parses a body once and resolves each distinct pointer of its targets
+    in that one parse (relay/ingest/routes.py ``EventKeys``).
+    """
     try:
-        value = jsonpointer.resolve_pointer(json.loads(payload), pointer, _MISSING)
+        value = jsonpointer.resolve_pointer(document, pointer, _MISSING)
     except jsonpointer.JsonPointerException:
         return None  # e.g. a pointer into an array with a non-numeric token
     if value is _MISSING or value is None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from relay.core.crypto import new_id
 from relay.ingest.parse import ParsedEvent
-from relay.ingest.routes import TargetRoute
+from relay.ingest.routes import TargetRoute, order_keys
 from relay.store.db import Conn, MaybeCommitted, Queries
 from relay.store.rows import Event
 from relay.store.sql import ORDER_LOCK, holds_key, key_locks, keyset_page
@@ -110,6 +110,20 @@ class IngestRequest:
     #: the tenant's config_version the source and routes were read at; the events are
     #: stored only if it is still the tenant's (None: not checked)
     config_version: int | None = None
+    #: each event's ordering key at each ordered route it matches, by route id
+    #: (``relay.ingest.routes.order_keys``); None: computed here, as the request is
+    #: made. Either way before the group commit, which only looks them up.
+    order_keys: Sequence[Mapping[str, str]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.order_keys is None:
+            keys = order_keys(self.source_id, self.events, self.routes)
+            object.__setattr__(self, "order_keys", keys)
+
+    def keys_of(self, index: int) -> Mapping[str, str]:
+        """The ordering keys of the body's event ``index``, by route id."""
+        assert self.order_keys is not None  # set by __post_init__
+        return self.order_keys[index]
 
 
 @dataclass(frozen=True)
@@ -138,14 +152,17 @@ class _Plan:
     assigned: list[str]
     #: (event id, event) of the first sighting of each uuid in the body
     fresh: list[tuple[str, ParsedEvent]]
+    #: each fresh event's ordering keys, by route id
+    keys: dict[str, Mapping[str, str]]
 
 
 def _plan(request: IngestRequest) -> _Plan:
     # Within the body, a repeated uuid is the first one's duplicate.
     assigned: list[str] = []
     fresh: list[tuple[str, ParsedEvent]] = []
+    keys: dict[str, Mapping[str, str]] = {}
     first_by_uuid: dict[str, str] = {}
-    for event in request.events:
+    for index, event in enumerate(request.events):
         if event.uuid is not None and event.uuid in first_by_uuid:
             assigned.append(first_by_uuid[event.uuid])
             continue
@@ -154,7 +171,8 @@ def _plan(request: IngestRequest) -> _Plan:
             first_by_uuid[event.uuid] = event_id
         assigned.append(event_id)
         fresh.append((event_id, event))
-    return _Plan(request, assigned, fresh)
+        keys[event_id] = request.keys_of(index)
+    return _Plan(request, assigned, fresh, keys)
 
 
 def _version(request: IngestRequest) -> int:
@@ -226,7 +244,13 @@ async def record_event_groups(
                 rows = await conn.fetch(_EXISTING, *_columns(lost, 2))
                 existing = {(r["source_id"], r["upstream_uuid"]): r["id"] for r in rows}
             delivery_rows = [
-                (new_id("dlv"), p.request.tenant_id, event_id, route.id, route.order_key(event))
+                (
+                    new_id("dlv"),
+                    p.request.tenant_id,
+                    event_id,
+                    route.id,
+                    p.keys[event_id].get(route.id),
+                )
                 for p in plans
                 for event_id, event in p.fresh
                 if event_id in inserted
