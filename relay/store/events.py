@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -12,7 +12,7 @@ from relay.ingest.parse import ParsedEvent
 from relay.ingest.routes import TargetRoute, order_keys
 from relay.store.db import Conn, MaybeCommitted, Queries
 from relay.store.rows import Event
-from relay.store.sql import ORDER_LOCK, holds_key, key_locks, keyset_page
+from relay.store.sql import KEY_LOCK_BUCKETS, ORDER_LOCK, holds_key, key_locks, keyset_page
 
 # Read your writes: a request's events are inserted only if its tenant's
 # config_version is still the one its source and routes were read at ($11/$12: each
@@ -114,11 +114,20 @@ class IngestRequest:
     #: (``relay.ingest.routes.order_keys``); None: computed here, as the request is
     #: made. Either way before the group commit, which only looks them up.
     order_keys: Sequence[Mapping[str, str]] | None = None
+    #: the most key locks storing it takes (``KEY_LOCK_BUCKETS`` per ordered target at most)
+    lock_count: int = field(default=0, init=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.order_keys is None:
             keys = order_keys(self.source_id, self.events, self.routes)
             object.__setattr__(self, "order_keys", keys)
+        assert self.order_keys is not None
+        per_target: dict[str, set[str]] = {}
+        for keys_of_event in self.order_keys:
+            for target_id, key in keys_of_event.items():
+                per_target.setdefault(target_id, set()).add(key)
+        locks = sum(min(len(k), KEY_LOCK_BUCKETS) for k in per_target.values())
+        object.__setattr__(self, "lock_count", locks)
 
     def keys_of(self, index: int) -> Mapping[str, str]:
         """The ordering keys of the body's event ``index``, by route id."""
