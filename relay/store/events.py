@@ -371,7 +371,10 @@ async def record_events(
     return result
 
 
-_EVENT_COLUMNS = "id, source_id, received_at, object_type, action, object_id, payload"
+_EVENT_COLUMNS = (
+    "id, source_id, received_at, object_type, action, object_id, payload,"
+    " octet_length(payload) AS payload_size"
+)
 
 
 async def list_events(
@@ -385,19 +388,35 @@ async def list_events(
     action: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    payload_bytes: int,
 ) -> tuple[list[Event], str | None]:
-    """A tenant's events newest first; type and action match case-insensitively."""
+    """A tenant's events newest first; type and action match case-insensitively.
+
+    Payloads are read, newest first, only while the page's total stays within
+    ``payload_bytes``; the others are None (their sizes come from the rows' TOAST
+    headers, without reading them). So a page costs at most ``payload_bytes`` of
+    payload whatever the events' sizes.
+    """
     rows = await conn.fetch(
-        f"""
-        SELECT {_EVENT_COLUMNS} FROM events
-        WHERE tenant_id = $1
-          AND ($2::text IS NULL OR id < $2)
-          AND ($3::text IS NULL OR source_id = $3)
-          AND ($4::text IS NULL OR lower(object_type) = lower($4))
-          AND ($5::text IS NULL OR lower(action) = lower($5))
-          AND ($6::timestamptz IS NULL OR received_at >= $6)
-          AND ($7::timestamptz IS NULL OR received_at < $7)
-        ORDER BY id DESC LIMIT $8
+        """
+        WITH page AS (
+            SELECT id, source_id, received_at, object_type, action, object_id,
+                   octet_length(payload) AS payload_size
+            FROM events
+            WHERE tenant_id = $1
+              AND ($2::text IS NULL OR id < $2)
+              AND ($3::text IS NULL OR source_id = $3)
+              AND ($4::text IS NULL OR lower(object_type) = lower($4))
+              AND ($5::text IS NULL OR lower(action) = lower($5))
+              AND ($6::timestamptz IS NULL OR received_at >= $6)
+              AND ($7::timestamptz IS NULL OR received_at < $7)
+            ORDER BY id DESC LIMIT $8
+        )
+        SELECT p.*,
+               CASE WHEN sum(p.payload_size) OVER (ORDER BY p.id DESC) <= $9
+                    THEN (SELECT e.payload FROM events e WHERE e.id = p.id) END AS payload
+        FROM page p
+        ORDER BY p.id DESC
         """,
         tenant_id,
         cursor,
@@ -407,6 +426,7 @@ async def list_events(
         since,
         until,
         limit + 1,
+        payload_bytes,
     )
     page, next_cursor = keyset_page(rows, limit)
     return [Event.from_row(r) for r in page], next_cursor
