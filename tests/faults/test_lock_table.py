@@ -60,8 +60,11 @@ async def test_a_thousand_keys_to_ten_ordered_targets_take_a_bounded_number_of_l
     aiohttp_client: Any, settings: Settings, tmp_path: Path
 ) -> None:
     # Given a gateway on a Postgres whose lock table is small, and 10 ordered targets
+    # (statements may wait long: one is held on purpose below)
     postgres = await _small_lock_table(tmp_path)
-    client = await aiohttp_client(create_app(settings.with_overrides(database_url=postgres.url)))
+    client = await aiohttp_client(
+        create_app(settings.with_overrides(database_url=postgres.url, db_statement_timeout_s=60.0))
+    )
     tenant = await make_tenant(client)
     source = await make_source(client, tenant)
     for _ in range(TARGETS):
@@ -124,9 +127,10 @@ async def test_a_thousand_keys_to_ten_ordered_targets_take_a_bounded_number_of_l
             )
             return pid
 
-        pid = await eventually(waiting_backend, timeout=4)
+        pid = await eventually(waiting_backend, timeout=30)
         assert pid is not None
         held = await _advisory_locks(conn, pid)
+        print(f"a batch of {KEYS} keys to {TARGETS} ordered targets holds {held} advisory locks")
         await tx.commit()
         await blocker.close()
         resp = await post
