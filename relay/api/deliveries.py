@@ -47,6 +47,9 @@ Timestamp = Annotated[
 Id = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=64)]
 #: Replays by id are done in the request; larger selections by a worker job.
 MAX_REPLAY_IDS = 1000
+#: Attempts a delivery's detail shows at most (its latest); the rest are listed at
+#: ``GET /v1/deliveries/{id}/attempts`` from ``attempts_next_cursor``.
+DETAIL_ATTEMPTS = 100
 
 
 #: The fields a delivery shows: declared once, by the API's model of it (and its OpenAPI
@@ -166,14 +169,36 @@ async def list_deliveries(request: web.Request) -> web.Response:
     return page([render_delivery(r) for r in rows], cursor)
 
 
-async def get_delivery(request: web.Request) -> web.Response:
-    """One delivery with every attempt."""
-    pool = request.app[POOL]
-    row = await store.get_delivery(pool, tenant_id(request), request.match_info["delivery_id"])
+async def _delivery_or_404(request: web.Request) -> Delivery:
+    row = await store.get_delivery(
+        request.app[POOL], tenant_id(request), request.match_info["delivery_id"]
+    )
     if row is None:
         raise errors.NotFound("no such delivery")
-    attempts = await store.attempts_of(pool, row.id)
-    return respond({**render_delivery(row), "attempts": [render_attempt(a) for a in attempts]})
+    return row
+
+
+async def get_delivery(request: web.Request) -> web.Response:
+    """One delivery with its latest attempts (oldest first) and a cursor to the earlier ones."""
+    row = await _delivery_or_404(request)
+    attempts, cursor = await store.attempts_page(request.app[POOL], row.id, limit=DETAIL_ATTEMPTS)
+    return respond(
+        {
+            **render_delivery(row),
+            "attempts": [render_attempt(a) for a in reversed(attempts)],
+            "attempts_next_cursor": cursor,
+        }
+    )
+
+
+async def list_attempts(request: web.Request) -> web.Response:
+    """A delivery's attempts, newest first."""
+    query = read_query(request, ListQuery)
+    row = await _delivery_or_404(request)
+    attempts, cursor = await store.attempts_page(
+        request.app[POOL], row.id, limit=query.limit, cursor=query.cursor
+    )
+    return page([render_attempt(a) for a in attempts], cursor)
 
 
 async def retry_delivery(request: web.Request) -> web.Response:
@@ -230,8 +255,16 @@ ROUTES = [
         "GET",
         "/v1/deliveries/{delivery_id}",
         get_delivery,
-        "Get a delivery and its attempts",
+        "Get a delivery and its latest attempts",
         "tenant",
+    ),
+    Route(
+        "GET",
+        "/v1/deliveries/{delivery_id}/attempts",
+        list_attempts,
+        "List a delivery's attempts",
+        "tenant",
+        query=ListQuery,
     ),
     Route(
         "POST",

@@ -12,11 +12,19 @@ from relay.api.deliveries import Id, Timestamp, render_delivery
 from relay.api.routing import ListQuery, Route, page, read_body, read_query, respond, tenant_id
 from relay.core import errors
 from relay.ingest.parse import ParsedEvent
+from relay.ingest.routes import EventKeys
 from relay.store import deliveries as delivery_store
 from relay.store import events as store
 from relay.store import targets as target_store
 from relay.store.rows import Event
 from relay.web.app_keys import ENQUEUER, POOL, SETTINGS
+
+#: Payload bytes one page of ``GET /v1/events`` carries at most: payloads are included,
+#: newest first, while they fit; the others are null (``GET /v1/events/{id}`` has them).
+LIST_PAYLOAD_BYTES = 1024 * 1024
+#: Deliveries an event's detail shows at most (its latest); the rest are listed at
+#: ``GET /v1/deliveries?event_id=`` from ``deliveries_next_cursor``.
+DETAIL_DELIVERIES = 100
 
 
 class EventsQuery(ListQuery):
@@ -37,7 +45,7 @@ class EventReplay(pydantic.BaseModel):
 
 
 def render_event(row: Event) -> dict[str, Any]:
-    """An event with its payload as JSON."""
+    """An event with its payload as JSON (null: left out of a list) and the payload's size."""
     return {
         "id": row.id,
         "source_id": row.source_id,
@@ -45,7 +53,8 @@ def render_event(row: Event) -> dict[str, Any]:
         "object_type": row.object_type,
         "action": row.action,
         "object_id": row.object_id,
-        "payload": json.loads(bytes(row.payload)),
+        "payload": None if row.payload is None else json.loads(bytes(row.payload)),
+        "payload_size": row.payload_size,
     }
 
 
@@ -62,6 +71,7 @@ async def list_events(request: web.Request) -> web.Response:
         action=query.action,
         since=query.since,
         until=query.until,
+        payload_bytes=LIST_PAYLOAD_BYTES,
     )
     return page([render_event(r) for r in rows], cursor)
 
@@ -76,12 +86,19 @@ async def _event_or_404(request: web.Request) -> Event:
 
 
 async def get_event(request: web.Request) -> web.Response:
-    """One event with its payload and deliveries."""
+    """One event with its payload and latest deliveries (oldest first), and a cursor to the
+    earlier ones."""
     row = await _event_or_404(request)
-    deliveries = await delivery_store.deliveries_of_events(
-        request.app[POOL], tenant_id(request), [row.id]
+    deliveries, cursor = await delivery_store.deliveries_of_event(
+        request.app[POOL], tenant_id(request), row.id, limit=DETAIL_DELIVERIES
     )
-    return respond({**render_event(row), "deliveries": [render_delivery(d) for d in deliveries]})
+    return respond(
+        {
+            **render_event(row),
+            "deliveries": [render_delivery(d) for d in reversed(deliveries)],
+            "deliveries_next_cursor": cursor,
+        }
+    )
 
 
 async def replay_event(request: web.Request) -> web.Response:
@@ -111,6 +128,7 @@ async def replay_event(request: web.Request) -> web.Response:
             if r.matches(event.source_id or "", event.object_type, event.action)
         ]
     # an ordered target's new delivery joins the back of its key's queue
+    assert event.payload is not None  # one event is read with its payload
     parsed = ParsedEvent(
         payload=bytes(event.payload),
         uuid=None,
@@ -121,7 +139,8 @@ async def replay_event(request: web.Request) -> web.Response:
         tenant_ref=None,
     )
     by_id = {r.id: r for r in routes}
-    keyed = [(t, by_id[t].order_key(parsed)) for t in targets]
+    keys = EventKeys(parsed)  # the payload parsed once, whatever the number of targets
+    keyed = [(t, keys.at(by_id[t])) for t in targets]
     async with pool.acquire() as conn, conn.transaction():
         ids = await store.add_deliveries(
             conn, owner, event.id, keyed, enqueue_grace_s=request.app[SETTINGS].requeue_after_s

@@ -42,8 +42,8 @@ from relay.ingest.auth import (
     check_with_body,
     timestamped_signature,
 )
-from relay.ingest.parse import ParsedEvent, parse_body
-from relay.ingest.routes import Routes, SourceEntry, count_deliveries
+from relay.ingest.parse import ParsedEvent, parse_documents
+from relay.ingest.routes import Routes, SourceEntry, count_deliveries, order_keys
 from relay.store import sources as source_store
 from relay.store import targets as target_store
 from relay.store.events import IngestRequest
@@ -166,7 +166,7 @@ async def _accept(
 ) -> web.Response:
     """Parse, rate-limit, commit and enqueue an authenticated request's events."""
     app = request.app
-    events = parse_body(raw)
+    events, documents = parse_documents(raw)
     context["events"] = len(events)
     routes = await _routes(app, source)
     _check_quota(app, source, events, routes)
@@ -183,6 +183,10 @@ async def _accept(
             raise errors.RateLimited(
                 math.ceil(wait), f"over this source's limit of {limit} events/s"
             )
+    # The ordering keys, from the body's one parse, before the group commit (which only
+    # looks them up); the parse is not kept while the commit is waited for.
+    keys = order_keys(source.id, events, routes.targets, documents)
+    del documents
     for _ in range(FRESH_TRIES):
         result = await app[GROUP_COMMIT].commit(
             IngestRequest(
@@ -192,6 +196,7 @@ async def _accept(
                 routes.targets,
                 # the older of the two reads: the request was checked by both
                 min(source.config_version, routes.config_version),
+                keys,
             )
         )
         if not result.stale:
@@ -207,6 +212,7 @@ async def _accept(
             raise errors.Unauthorized("invalid or missing source credentials")
         routes = await _routes(app, source, fresh=True)
         _check_quota(app, source, events, routes)
+        keys = order_keys(source.id, events, routes.targets)  # rare: each payload parsed again
     else:
         raise errors.Unavailable(
             "this source's configuration kept changing while the events were stored; retry"

@@ -186,9 +186,15 @@ class Attempt(pydantic.BaseModel):
 
 
 class DeliveryWithAttempts(Delivery):
-    """A delivery and every attempt."""
+    """A delivery and its latest attempts."""
 
-    attempts: list[Attempt]
+    attempts: list[Attempt] = pydantic.Field(
+        description="Its latest 100 attempts at most, oldest first."
+    )
+    attempts_next_cursor: str | None = pydantic.Field(
+        description="When it has earlier attempts: the cursor that lists them at "
+        "GET /v1/deliveries/{id}/attempts (newest first); null when all are shown."
+    )
 
 
 class DeadLetter(Delivery):
@@ -206,13 +212,24 @@ class Event(pydantic.BaseModel):
     object_type: str | None
     action: str | None
     object_id: str | None
-    payload: Any
+    payload: Any = pydantic.Field(
+        description="The payload as JSON. In a list, null for the events whose payloads "
+        "did not fit in the page's 1 MiB of payloads (newest first): "
+        "GET /v1/events/{id} has it."
+    )
+    payload_size: int = pydantic.Field(description="The payload's size in bytes.")
 
 
 class EventWithDeliveries(Event):
-    """An event and its deliveries."""
+    """An event and its latest deliveries."""
 
-    deliveries: list[Delivery]
+    deliveries: list[Delivery] = pydantic.Field(
+        description="Its latest 100 deliveries at most, oldest first."
+    )
+    deliveries_next_cursor: str | None = pydantic.Field(
+        description="When it has earlier deliveries: the cursor that lists them at "
+        "GET /v1/deliveries?event_id={id} (newest first); null when all are shown."
+    )
 
 
 class Replayed(pydantic.BaseModel):
@@ -324,6 +341,7 @@ ANSWERS: dict[tuple[str, str], Answer] = {
     ("POST", "/v1/events/{event_id}/replay"): Answer(DeliveryIds),
     ("GET", "/v1/deliveries"): Answer(Delivery, page=True),
     ("GET", "/v1/deliveries/{delivery_id}"): Answer(DeliveryWithAttempts),
+    ("GET", "/v1/deliveries/{delivery_id}/attempts"): Answer(Attempt, page=True),
     # 422: a deleted target's delivery is never sent again
     ("POST", "/v1/deliveries/{delivery_id}/retry"): Answer(Delivery, errors=(409, 422)),
     ("GET", "/v1/dead-letters"): Answer(Delivery, page=True),

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from relay.api.deliveries import DETAIL_ATTEMPTS
 from relay.api.events import render_event
 from relay.api.targets import render_target
 from relay.console import forms
@@ -73,13 +74,17 @@ async def _story(request: web.Request, delivery: Delivery) -> dict[str, Any]:
     pool = request.app[POOL]
     owner = delivery.tenant_id
     target = await target_store.get_target(pool, owner, delivery.target_id)
-    attempts = await delivery_store.attempts_of(pool, delivery.id)
+    latest, _ = await delivery_store.attempts_page(pool, delivery.id, limit=DETAIL_ATTEMPTS)
+    attempts = latest[::-1]
+    made = await store.attempts_made(pool, delivery.id) if len(latest) == DETAIL_ATTEMPTS else 0
     label = (await store.target_labels(pool, owner, [delivery.target_id])).get(delivery.target_id)
     return {
         "delivery": delivery,
         "final": delivery.status in FINAL,
         "target": None if target is None else render_target(request, target),
         "target_url": label.url if label else None,
+        #: attempts made before the ones shown (the page shows the latest)
+        "earlier": max(0, made - len(attempts)),
         "attempts": signed_attempts(
             attempts,
             target.secret_rotated_at if target is not None else None,

@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.api.events import render_event
+from relay.api.events import DETAIL_DELIVERIES, render_event
 from relay.console import forms
 from relay.console.render import PAGE_SIZE, page
 from relay.console.session import VIEWER
@@ -78,7 +78,7 @@ class Events(web.View):
 
 
 class EventDetail(web.View):
-    """``/console/events/{id}``: the payload as received and every delivery of it."""
+    """``/console/events/{id}``: the payload as received and its latest deliveries."""
 
     async def get(self) -> web.StreamResponse:
         request = self.request
@@ -91,7 +91,11 @@ class EventDetail(web.View):
         row = None if owner is None else await event_store.get_event(pool, owner, event_id)
         if row is None or owner is None:
             raise errors.NotFound()
-        deliveries = await delivery_store.deliveries_of_events(pool, owner, [row.id])
+        latest, _ = await delivery_store.deliveries_of_event(
+            pool, owner, row.id, limit=DETAIL_DELIVERIES
+        )
+        deliveries = latest[::-1]
+        counts = await store.delivery_counts_of_events(pool, owner, [row.id])
         return await page(
             request,
             "event.html",
@@ -99,6 +103,7 @@ class EventDetail(web.View):
                 "title": f"Event {row.id}",
                 "event": render_event(row),
                 "deliveries": deliveries,
+                "earlier": sum(counts.get(row.id, {}).values()) - len(deliveries),
                 "targets": await store.target_labels(
                     pool, owner, [d.target_id for d in deliveries]
                 ),

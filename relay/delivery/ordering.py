@@ -55,14 +55,26 @@ def object_key(object_type: str | None, object_id: str | None) -> str | None:
 
 
 def pointer_key(pointer: str, payload: bytes) -> str | None:
-    """The key at ``pointer`` in the JSON ``payload`` (None: absent, null, or not resolvable).
+    """The key at ``pointer`` in the JSON ``payload`` (None: absent, null, or not resolvable)."""
+    try:
+        document = json.loads(payload)
+    except ValueError:
+        return None
+    return document_key(pointer, document)
 
-    Whatever the pointer (a target stored before ``check_pointer`` refused "-",
-    an index past the end, a token into a string) and whatever the payload, an
-    event whose key cannot be read is not ordered: this never raises.
+
+def document_key(pointer: str, document: Any) -> str | None:
+    """The key at ``pointer`` in an already parsed payload (None: absent, null, or not
+    resolvable).
+
+    Ingest parses a body once and resolves each distinct pointer of its targets
+    in that one parse (relay/ingest/routes.py ``EventKeys``). Whatever the
+    pointer (a target stored before ``check_pointer`` refused "-", an index past
+    the end, a token into a string) and whatever the payload, an event whose key
+    cannot be read is not ordered: this never raises.
     """
     try:
-        value = jsonpointer.resolve_pointer(json.loads(payload), pointer, _MISSING)
+        value = jsonpointer.resolve_pointer(document, pointer, _MISSING)
     except (jsonpointer.JsonPointerException, ValueError, TypeError, LookupError):
         return None  # e.g. a pointer into an array with a non-numeric token
     if value is _MISSING or value is None or isinstance(value, jsonpointer.EndOfList):

@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 MAX_RUNNING = 4
 #: Events in one transaction at most (a bigger request is a group of its own).
 MAX_GROUP_EVENTS = 2000
+#: Ordered keys' advisory locks one transaction takes at most, so that no group fills
+#: Postgres's shared lock table (a request needing more is a group of its own; one
+#: request takes at most KEY_LOCK_BUCKETS per ordered target).
+MAX_GROUP_KEY_LOCKS = 400
 #: Requests waiting for their commit (queued or in a group in flight) at most.
 MAX_WAITING = 1000
 #: Longest wait for a pooled connection.
@@ -112,11 +116,15 @@ class GroupCommit:
             task.add_done_callback(self._done)
 
     def _take(self) -> list[Waiter]:
-        count, taken = 0, 0
+        count, locks, taken = 0, 0, 0
         for request, _ in self._waiting:
-            if taken and count + len(request.events) > self._max_events:
+            if taken and (
+                count + len(request.events) > self._max_events
+                or locks + request.lock_count > MAX_GROUP_KEY_LOCKS
+            ):
                 break
             count += len(request.events)
+            locks += request.lock_count
             taken += 1
         group, self._waiting = self._waiting[:taken], self._waiting[taken:]
         return group

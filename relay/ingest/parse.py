@@ -70,6 +70,15 @@ def compact(obj: Any) -> bytes:
 
 def parse_body(raw: bytes) -> list[ParsedEvent]:
     """The events of an ingest body; InvalidJSON/InvalidRequest/ValidationFailed if bad."""
+    return parse_documents(raw)[0]
+
+
+def parse_documents(raw: bytes) -> tuple[list[ParsedEvent], list[Any]]:
+    """The events of an ingest body and each one's parsed JSON (the one parse of the body).
+
+    Ordering keys are resolved in the parsed documents (``relay.ingest.routes``), so
+    a body is parsed once however many targets name a JSON pointer into it.
+    """
     try:
         data = strict_json.loads(raw, max_depth=MAX_DEPTH)
     except strict_json.BadString as exc:
@@ -80,7 +89,7 @@ def parse_body(raw: bytes) -> list[ParsedEvent]:
     except strict_json.NotStandardJSON as exc:
         raise errors.InvalidJSON(str(exc)) from None
     if isinstance(data, dict):
-        return [_event(data, raw, "")]
+        return [_event(data, raw, "")], [data]
     if not isinstance(data, list):
         raise errors.InvalidRequest("the body must be a JSON object or an array of objects")
     if not data:
@@ -95,4 +104,4 @@ def parse_body(raw: bytes) -> list[ParsedEvent]:
         if not isinstance(item, dict):
             raise errors.InvalidRequest(f"batch element {index} is not a JSON object")
         events.append(_event(item, compact(item), f"[{index}]."))
-    return events
+    return events, data

@@ -13,12 +13,13 @@ inserted only for targets enabled and live *at insert time*).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from relay.delivery.ordering import object_key, pointer_key
+from relay.delivery.ordering import document_key, object_key
 from relay.ingest.parse import ParsedEvent
 
 K = TypeVar("K")
@@ -67,12 +68,11 @@ class TargetRoute:
         )
 
     def order_key(self, event: ParsedEvent) -> str | None:
-        """The ordering key of ``event`` at this target (None: not ordered)."""
-        if not self.ordered:
-            return None
-        if self.ordering_key is None:
-            return object_key(event.object_type, event.object_id)
-        return pointer_key(self.ordering_key, event.payload)
+        """The ordering key of ``event`` at this target (None: not ordered).
+
+        Parses the payload for a pointer: for several targets, use ``EventKeys``.
+        """
+        return EventKeys(event).at(self)
 
     def matches(self, source_id: str, object_type: str | None, action: str | None) -> bool:
         """True when an event of ``source_id`` with these fields is for this target."""
@@ -81,6 +81,59 @@ class TargetRoute:
         if self.object_types and (object_type or "").lower() not in self.object_types:
             return False
         return not self.actions or (action or "").lower() in self.actions
+
+
+_UNPARSED = object()
+
+
+class EventKeys:
+    """One event's ordering keys at its targets: its payload parsed at most once (or
+    the parse ingest already made given), each distinct pointer resolved once."""
+
+    def __init__(self, event: ParsedEvent, document: Any = _UNPARSED) -> None:
+        self._event = event
+        self._document = document
+        self._by_pointer: dict[str, str | None] = {}
+
+    def at(self, route: TargetRoute) -> str | None:
+        """The event's key at ``route`` (None: not ordered there)."""
+        if not route.ordered:
+            return None
+        pointer = route.ordering_key
+        if pointer is None:
+            return object_key(self._event.object_type, self._event.object_id)
+        if pointer not in self._by_pointer:
+            if self._document is _UNPARSED:
+                self._document = json.loads(self._event.payload)
+            self._by_pointer[pointer] = document_key(pointer, self._document)
+        return self._by_pointer[pointer]
+
+
+def order_keys(
+    source_id: str,
+    events: Sequence[ParsedEvent],
+    routes: Sequence[TargetRoute],
+    documents: Sequence[Any] | None = None,
+) -> list[dict[str, str]]:
+    """For each event, its key at each ordered route it matches, by route id.
+
+    Computed once per request, before its commit (the group commit only looks them
+    up): ``documents``, the body's one parse (``parse_documents``), is resolved
+    once per distinct pointer; without it each event's payload is parsed once.
+    """
+    ordered = [r for r in routes if r.ordered]
+    result: list[dict[str, str]] = []
+    for index, event in enumerate(events):
+        keys: dict[str, str] = {}
+        if ordered:
+            of = EventKeys(event) if documents is None else EventKeys(event, documents[index])
+            for route in ordered:
+                if route.matches(source_id, event.object_type, event.action):
+                    key = of.at(route)
+                    if key is not None:
+                        keys[route.id] = key
+        result.append(keys)
+    return result
 
 
 @dataclass(frozen=True)

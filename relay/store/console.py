@@ -283,6 +283,14 @@ async def delivery_counts_of_events(
     return counts
 
 
+async def attempts_made(conn: Queries, delivery_id: str) -> int:
+    """How many attempts a delivery has recorded (over every retry and replay)."""
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM attempts WHERE delivery_id = $1", delivery_id
+    )
+    return count
+
+
 # --- targets' health ---------------------------------------------------------------
 
 

@@ -77,15 +77,19 @@ class Pool(Queries, Protocol):
 
 #: Faults worth waiting out at start (Postgres still booting, a restart).
 TRANSIENT = (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
-#: Postgres unreachable or going away, as opposed to a fault of the statement: a
-#: connection refused or reset, a Unix socket gone (OSError, TimeoutError), a
-#: backend terminated or a server shutting down.
+#: Postgres unreachable, going away or out of a resource, as opposed to a fault of the
+#: statement: a connection refused or reset, a Unix socket gone (OSError,
+#: TimeoutError), a backend terminated, a server shutting down, out of shared memory
+#: (answered 503 with Retry-After, never 500).
 POSTGRES_DOWN = (
     OSError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.TooManyConnectionsError,
+    # Postgres short of a resource (class 53: out of shared memory, e.g. a full lock
+    # table, out of memory, disk full, too many connections): try again shortly.
+    asyncpg.exceptions.InsufficientResourcesError,
     # A connection whose protocol was left mid-operation: Postgres went away
     # between a query's result and its ReadyForQuery (seen at a fast shutdown).
     asyncpg.InternalClientError,

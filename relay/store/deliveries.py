@@ -83,31 +83,52 @@ async def get_delivery_any_tenant(conn: Queries, delivery_id: str) -> Delivery |
     return Delivery.maybe(row)
 
 
-async def deliveries_of_events(
-    conn: Queries, tenant_id: str, event_ids: list[str]
-) -> list[Delivery]:
-    """The deliveries of some events of this tenant."""
+async def deliveries_of_event(
+    conn: Queries, tenant_id: str, event_id: str, *, limit: int, cursor: str | None = None
+) -> tuple[list[Delivery], str | None]:
+    """A page of an event's deliveries (of this tenant), newest first, after ``cursor``."""
     rows = await conn.fetch(
         f"""
         SELECT {DELIVERY_COLUMNS} FROM deliveries d
-        WHERE d.tenant_id = $1 AND d.event_id = ANY($2::text[]) ORDER BY d.id
+        WHERE d.tenant_id = $1 AND d.event_id = $2 AND ($3::text IS NULL OR d.id < $3)
+        ORDER BY d.id DESC LIMIT $4
         """,
         tenant_id,
-        event_ids,
+        event_id,
+        cursor,
+        limit + 1,
     )
-    return [Delivery.from_row(r) for r in rows]
+    return delivery_page(rows, limit)
+
+
+_ATTEMPT_COLUMNS = "id, started_at, duration_ms, status_code, error, response_body"
 
 
 async def attempts_of(conn: Queries, delivery_id: str) -> list[AttemptRecord]:
-    """A delivery's attempts, oldest first."""
+    """Every attempt of a delivery, oldest first (operators' CLI; the API and console page)."""
     rows = await conn.fetch(
-        """
-        SELECT id, started_at, duration_ms, status_code, error, response_body
-        FROM attempts WHERE delivery_id = $1 ORDER BY id
-        """,
+        f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE delivery_id = $1 ORDER BY id",
         delivery_id,
     )
     return [AttemptRecord.from_row(r) for r in rows]
+
+
+async def attempts_page(
+    conn: Queries, delivery_id: str, *, limit: int, cursor: str | None = None
+) -> tuple[list[AttemptRecord], str | None]:
+    """A page of a delivery's attempts, newest first, after ``cursor``."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {_ATTEMPT_COLUMNS} FROM attempts
+        WHERE delivery_id = $1 AND ($2::text IS NULL OR id < $2)
+        ORDER BY id DESC LIMIT $3
+        """,
+        delivery_id,
+        cursor,
+        limit + 1,
+    )
+    page, next_cursor = keyset_page(rows, limit)
+    return [AttemptRecord.from_row(r) for r in page], next_cursor
 
 
 class TargetDeleted(Exception):

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from relay.core.crypto import new_id
 from relay.ingest.parse import ParsedEvent
-from relay.ingest.routes import TargetRoute
+from relay.ingest.routes import TargetRoute, order_keys
 from relay.store.db import Conn, MaybeCommitted, Queries
 from relay.store.rows import Event
-from relay.store.sql import ORDER_LOCK, holds_key, key_locks, keyset_page
+from relay.store.sql import KEY_LOCK_BUCKETS, ORDER_LOCK, holds_key, key_locks, keyset_page
 
 # Read your writes: a request's events are inserted only if its tenant's
 # config_version is still the one its source and routes were read at ($11/$12: each
@@ -110,6 +110,29 @@ class IngestRequest:
     #: the tenant's config_version the source and routes were read at; the events are
     #: stored only if it is still the tenant's (None: not checked)
     config_version: int | None = None
+    #: each event's ordering key at each ordered route it matches, by route id
+    #: (``relay.ingest.routes.order_keys``); None: computed here, as the request is
+    #: made. Either way before the group commit, which only looks them up.
+    order_keys: Sequence[Mapping[str, str]] | None = None
+    #: the most key locks storing it takes (``KEY_LOCK_BUCKETS`` per ordered target at most)
+    lock_count: int = field(default=0, init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.order_keys is None:
+            keys = order_keys(self.source_id, self.events, self.routes)
+            object.__setattr__(self, "order_keys", keys)
+        assert self.order_keys is not None
+        per_target: dict[str, set[str]] = {}
+        for keys_of_event in self.order_keys:
+            for target_id, key in keys_of_event.items():
+                per_target.setdefault(target_id, set()).add(key)
+        locks = sum(min(len(k), KEY_LOCK_BUCKETS) for k in per_target.values())
+        object.__setattr__(self, "lock_count", locks)
+
+    def keys_of(self, index: int) -> Mapping[str, str]:
+        """The ordering keys of the body's event ``index``, by route id."""
+        assert self.order_keys is not None  # set by __post_init__
+        return self.order_keys[index]
 
 
 @dataclass(frozen=True)
@@ -138,14 +161,17 @@ class _Plan:
     assigned: list[str]
     #: (event id, event) of the first sighting of each uuid in the body
     fresh: list[tuple[str, ParsedEvent]]
+    #: each fresh event's ordering keys, by route id
+    keys: dict[str, Mapping[str, str]]
 
 
 def _plan(request: IngestRequest) -> _Plan:
     # Within the body, a repeated uuid is the first one's duplicate.
     assigned: list[str] = []
     fresh: list[tuple[str, ParsedEvent]] = []
+    keys: dict[str, Mapping[str, str]] = {}
     first_by_uuid: dict[str, str] = {}
-    for event in request.events:
+    for index, event in enumerate(request.events):
         if event.uuid is not None and event.uuid in first_by_uuid:
             assigned.append(first_by_uuid[event.uuid])
             continue
@@ -154,7 +180,8 @@ def _plan(request: IngestRequest) -> _Plan:
             first_by_uuid[event.uuid] = event_id
         assigned.append(event_id)
         fresh.append((event_id, event))
-    return _Plan(request, assigned, fresh)
+        keys[event_id] = request.keys_of(index)
+    return _Plan(request, assigned, fresh, keys)
 
 
 def _version(request: IngestRequest) -> int:
@@ -226,7 +253,13 @@ async def record_event_groups(
                 rows = await conn.fetch(_EXISTING, *_columns(lost, 2))
                 existing = {(r["source_id"], r["upstream_uuid"]): r["id"] for r in rows}
             delivery_rows = [
-                (new_id("dlv"), p.request.tenant_id, event_id, route.id, route.order_key(event))
+                (
+                    new_id("dlv"),
+                    p.request.tenant_id,
+                    event_id,
+                    route.id,
+                    p.keys[event_id].get(route.id),
+                )
                 for p in plans
                 for event_id, event in p.fresh
                 if event_id in inserted
@@ -338,7 +371,10 @@ async def record_events(
     return result
 
 
-_EVENT_COLUMNS = "id, source_id, received_at, object_type, action, object_id, payload"
+_EVENT_COLUMNS = (
+    "id, source_id, received_at, object_type, action, object_id, payload,"
+    " octet_length(payload) AS payload_size"
+)
 
 
 async def list_events(
@@ -352,19 +388,35 @@ async def list_events(
     action: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    payload_bytes: int,
 ) -> tuple[list[Event], str | None]:
-    """A tenant's events newest first; type and action match case-insensitively."""
+    """A tenant's events newest first; type and action match case-insensitively.
+
+    Payloads are read, newest first, only while the page's total stays within
+    ``payload_bytes``; the others are None (their sizes come from the rows' TOAST
+    headers, without reading them). So a page costs at most ``payload_bytes`` of
+    payload whatever the events' sizes.
+    """
     rows = await conn.fetch(
-        f"""
-        SELECT {_EVENT_COLUMNS} FROM events
-        WHERE tenant_id = $1
-          AND ($2::text IS NULL OR id < $2)
-          AND ($3::text IS NULL OR source_id = $3)
-          AND ($4::text IS NULL OR lower(object_type) = lower($4))
-          AND ($5::text IS NULL OR lower(action) = lower($5))
-          AND ($6::timestamptz IS NULL OR received_at >= $6)
-          AND ($7::timestamptz IS NULL OR received_at < $7)
-        ORDER BY id DESC LIMIT $8
+        """
+        WITH page AS (
+            SELECT id, source_id, received_at, object_type, action, object_id,
+                   octet_length(payload) AS payload_size
+            FROM events
+            WHERE tenant_id = $1
+              AND ($2::text IS NULL OR id < $2)
+              AND ($3::text IS NULL OR source_id = $3)
+              AND ($4::text IS NULL OR lower(object_type) = lower($4))
+              AND ($5::text IS NULL OR lower(action) = lower($5))
+              AND ($6::timestamptz IS NULL OR received_at >= $6)
+              AND ($7::timestamptz IS NULL OR received_at < $7)
+            ORDER BY id DESC LIMIT $8
+        )
+        SELECT p.*,
+               CASE WHEN sum(p.payload_size) OVER (ORDER BY p.id DESC) <= $9
+                    THEN (SELECT e.payload FROM events e WHERE e.id = p.id) END AS payload
+        FROM page p
+        ORDER BY p.id DESC
         """,
         tenant_id,
         cursor,
@@ -374,6 +426,7 @@ async def list_events(
         since,
         until,
         limit + 1,
+        payload_bytes,
     )
     page, next_cursor = keyset_page(rows, limit)
     return [Event.from_row(r) for r in page], next_cursor

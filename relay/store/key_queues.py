@@ -10,6 +10,12 @@ a key's next delivery writes a row while the key's lock is held, so a writer
 that held a delivery's row while waiting for its key would deadlock with it
 (a retry holding the parked row, a record promoting that row under the key):
 whoever changes a delivery of an ordered key takes the key's lock first.
+
+A key's lock is its bucket's (``relay.store.sql.key_lock``: ``KEY_LOCK_BUCKETS``
+per target), so a transaction holds a bounded number of locks whatever the
+number of keys; keys of one bucket exclude each other, which costs waiting,
+never order or a deadlock (a transaction locks more keys later only among those
+it already holds).
 """
 
 from __future__ import annotations

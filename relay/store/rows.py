@@ -117,7 +117,7 @@ class Target(Row):
 
 @dataclass(frozen=True, slots=True)
 class Event(Row):
-    """An event as received: what it is about, and its payload's bytes."""
+    """An event as received: what it is about, and its payload's bytes and size."""
 
     id: str
     source_id: str | None
@@ -125,7 +125,9 @@ class Event(Row):
     object_type: str | None
     action: str | None
     object_id: str | None
-    payload: bytes
+    #: None: left out of a list page, whose payloads are bounded in bytes
+    payload: bytes | None
+    payload_size: int
 
 
 class Wake(NamedTuple):

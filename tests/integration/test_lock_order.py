@@ -13,7 +13,7 @@ from relay.store import claims
 from relay.store import deliveries as delivery_store
 from relay.store import targets as target_store
 from relay.store.claims import Attempt
-from relay.store.sql import ORDER_LOCK
+from relay.store.sql import ORDER_LOCK, key_lock
 from tests.conftest import Tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
 from tests.stack import eventually
@@ -111,7 +111,7 @@ async def test_retry_of_a_parked_delivery_while_its_key_is_recorded_does_not_dea
         blocker_tx = blocker.transaction()
         await blocker_tx.start()
         await blocker.execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext($2 || '/' || $3))",
+            f"SELECT pg_advisory_xact_lock($1, {key_lock('$2', '$3')})",
             ORDER_LOCK,
             target["id"],
             claimed.order_key,
