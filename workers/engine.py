@@ -57,7 +57,7 @@ from relay.delivery.outcome import (
 )
 from relay.delivery.wakeups import Enqueuer
 from relay.store import claims
-from relay.store.claims import Attempt, Claimed, SendTarget
+from relay.store.claims import Attempt, BreakerChange, Claimed, SendTarget
 from relay.store.db import POSTGRES_DOWN, Pool
 
 log = logging.getLogger("relay.deliver")
@@ -451,6 +451,7 @@ class Engine:
         breaker = None if clean and healthy else self._breaker_update(sent)
         recorded = await self._record_while_leased(
             target_id,
+            tenant_id,
             [s.attempt for s in sent],
             breaker,
             failing=None if target is None else target.failing,
@@ -482,22 +483,20 @@ class Engine:
         settings = self.settings
 
         def update(before: Breaker) -> Breaker:
-            after = next_breaker(
+            return next_breaker(
                 before,
                 ends,
                 threshold=settings.breaker_threshold,
                 open_s=settings.breaker_open_s,
                 max_open_s=settings.breaker_max_open_s,
             )
-            if after.open_for_s is not None:
-                BREAKER_OPENED.inc()
-            return after
 
         return update
 
     async def _record_while_leased(
         self,
         target_id: str,
+        tenant_id: str,
         attempts: list[Attempt],
         breaker: Callable[[Breaker], Breaker] | None,
         *,
@@ -511,7 +510,8 @@ class Engine:
         each lease) keeps only what is still ours. Any other error (a deadlock, a
         statement Postgres refused) is logged and the record made again the same
         way: it never ends the drainer, whose attempts still in flight would be
-        cut off and sent again. Past the leases, nothing is recorded here.
+        cut off and sent again. Past the leases, nothing is recorded here. A
+        breaker the record opened or closed is logged once it is committed.
         """
         lease_end = min(a.delivery.locked_until for a in attempts)
         remaining_s = max(1.0, (lease_end - datetime.now(UTC)).total_seconds())
@@ -536,6 +536,7 @@ class Engine:
                 reraise=True,
             ):
                 with retry:
+                    changes: list[BreakerChange] = []
                     async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
                         recorded = await claims.record_batch(
                             conn,
@@ -544,8 +545,11 @@ class Engine:
                             breaker=breaker,
                             failing=failing,
                             grace_s=self.settings.requeue_after_s,
+                            on_breaker=changes.append,
                         )
-                        return set(recorded)
+                    for change in changes:
+                        log_breaker_change(change, target_id=target_id, tenant_id=tenant_id)
+                    return set(recorded)
         except Exception as exc:
             # the leases have lapsed: these attempts are made again, as after kill -9
             log.error(
@@ -576,6 +580,30 @@ class Engine:
             due_in = max(due_in or 0.0, (target.open_until - datetime.now(UTC)).total_seconds())
         if due_in is not None and due_in <= SHORT_WAIT_S:
             self.wake_later(target_id, tenant_id, due_in + 0.05)
+
+
+def log_breaker_change(change: BreakerChange, *, target_id: str, tenant_id: str) -> None:
+    """One line per breaker that opened (WARNING: why, until when) or closed (INFO)."""
+    if change.after.open_for_s is not None:
+        BREAKER_OPENED.inc()
+        log.warning(
+            "circuit breaker opened",
+            extra={
+                "target_id": target_id,
+                "tenant_id": tenant_id,
+                "reason": change.after.reason,
+                "until": None if change.until is None else change.until.isoformat(),
+            },
+        )
+    else:
+        log.info(
+            "circuit breaker closed",
+            extra={
+                "target_id": target_id,
+                "tenant_id": tenant_id,
+                "reason": f"an attempt succeeded after it was {change.before.state}",
+            },
+        )
 
 
 def _redact(text: str, values: Iterable[str]) -> str:

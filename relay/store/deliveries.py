@@ -139,7 +139,7 @@ async def retry_delivery(
                 next_attempt_at = CASE WHEN d.order_key IS NULL THEN now() END,
                 enqueued_until = CASE WHEN d.order_key IS NULL
                                       THEN now() + make_interval(secs => $3) END,
-                locked_until = NULL, updated_at = now()
+                locked_until = NULL, round_started_at = now(), updated_at = now()
             WHERE d.tenant_id = $1 AND d.id = $2
               AND (d.locked_until IS NULL OR d.locked_until < now())
             RETURNING d.id
