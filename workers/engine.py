@@ -169,6 +169,9 @@ class _Sent:
     trips: bool | None  # what it says of the target's health (relay.delivery.trips_breaker)
 
 
+#: How long a rate-limit mark outlasts the limiter's wait (waiting_for "rate_limit").
+RATE_MARK_S = 1.0
+
 #: Deliveries a drainer claims first, before it knows the target's own cap.
 FIRST_CLAIM = 10
 
@@ -184,6 +187,8 @@ class Engine:
         self._drainers: dict[str, asyncio.Task[None]] = {}
         self._rewake: set[str] = set()
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
+        #: until when (monotonic) this process marked each target rate-limited
+        self._rate_marked: dict[str, float] = {}
         self._closing = False
 
     # --- waking ---------------------------------------------------------------
@@ -298,6 +303,7 @@ class Engine:
             want, wait_s = await self.ctx.limiter.take(f"tgt:{target_id}", limit, want)
             if want == 0:
                 self.slots.release(tenant_id, slots)
+                await self._mark_rate_limited(target_id, wait_s)
                 if not in_flight:
                     await asyncio.sleep(min(wait_s, 1.0))
                     self._rewake.add(target_id)
@@ -323,6 +329,7 @@ class Engine:
             if taken < len(rows):
                 await self._release(rows[taken:], delay_s=max(wait_s, 0.1))
                 rows = rows[:taken]
+                await self._mark_rate_limited(target_id, wait_s)
                 DELIVERIES.labels("rate-limited").inc()
         self.slots.release(tenant_id, slots - len(rows))
         if rows:
@@ -335,6 +342,26 @@ class Engine:
                 in_flight.add(task)
             ENGINE_IN_FLIGHT.inc(len(rows))
         return fresh, len(rows) == want
+
+    async def _mark_rate_limited(self, target_id: str, wait_s: float) -> None:
+        """Let the API say that due deliveries wait for the rate limit (waiting_for).
+
+        The mark in Postgres lasts until the limiter's window has room plus
+        ``RATE_MARK_S``, renewed while deferrals go on (at most about twice a
+        second per target and process); it lapses by itself. Best effort: a
+        failure costs only what the API shows.
+        """
+        now = time.monotonic()
+        until = now + max(wait_s, 0.0) + RATE_MARK_S
+        if self._rate_marked.get(target_id, 0.0) >= until - RATE_MARK_S / 2:
+            return
+        try:
+            async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                await claims.mark_rate_limited(conn, target_id, for_s=until - now)
+        except Exception as exc:
+            log.warning("rate-limit mark of %s failed: %r", target_id, exc)
+            return
+        self._rate_marked[target_id] = until
 
     def _sealed(self, target: SendTarget) -> tuple[list[str], dict[str, str]]:
         """The target's signing secrets (both during a rotation's overlap) and its headers."""

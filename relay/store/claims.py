@@ -216,6 +216,23 @@ async def release_batch(
     )
 
 
+async def mark_rate_limited(conn: Queries, target_id: str, *, for_s: float) -> None:
+    """Say that a rate limit defers the target's claims for ``for_s`` (waiting_for "rate_limit").
+
+    The mark lapses by itself: the engine renews it while its limiter defers.
+    """
+    await conn.execute(
+        """
+        INSERT INTO target_health AS h (target_id, rate_limited_until)
+        VALUES ($1, now() + make_interval(secs => $2::float8))
+        ON CONFLICT (target_id) DO UPDATE
+        SET rate_limited_until = greatest(h.rate_limited_until, excluded.rate_limited_until)
+        """,
+        target_id,
+        for_s,
+    )
+
+
 async def breaker_of(conn: Queries, target_id: str) -> Breaker:
     """A target's breaker, locked until the transaction ends (closed if it has no row)."""
     row = await conn.fetchrow(
