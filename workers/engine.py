@@ -57,7 +57,7 @@ from relay.delivery.outcome import (
 )
 from relay.delivery.wakeups import Enqueuer
 from relay.store import claims
-from relay.store.claims import Attempt, Claimed, SendTarget
+from relay.store.claims import Attempt, BreakerChange, Claimed, SendTarget
 from relay.store.db import POSTGRES_DOWN, Pool
 
 log = logging.getLogger("relay.deliver")
@@ -169,6 +169,9 @@ class _Sent:
     trips: bool | None  # what it says of the target's health (relay.delivery.trips_breaker)
 
 
+#: How long a rate-limit mark outlasts the limiter's wait (waiting_for "rate_limit").
+RATE_MARK_S = 1.0
+
 #: Deliveries a drainer claims first, before it knows the target's own cap.
 FIRST_CLAIM = 10
 
@@ -184,6 +187,8 @@ class Engine:
         self._drainers: dict[str, asyncio.Task[None]] = {}
         self._rewake: set[str] = set()
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
+        #: until when (monotonic) this process marked each target rate-limited
+        self._rate_marked: dict[str, float] = {}
         self._closing = False
 
     # --- waking ---------------------------------------------------------------
@@ -298,6 +303,7 @@ class Engine:
             want, wait_s = await self.ctx.limiter.take(f"tgt:{target_id}", limit, want)
             if want == 0:
                 self.slots.release(tenant_id, slots)
+                await self._mark_rate_limited(target_id, wait_s)
                 if not in_flight:
                     await asyncio.sleep(min(wait_s, 1.0))
                     self._rewake.add(target_id)
@@ -323,6 +329,7 @@ class Engine:
             if taken < len(rows):
                 await self._release(rows[taken:], delay_s=max(wait_s, 0.1))
                 rows = rows[:taken]
+                await self._mark_rate_limited(target_id, wait_s)
                 DELIVERIES.labels("rate-limited").inc()
         self.slots.release(tenant_id, slots - len(rows))
         if rows:
@@ -335,6 +342,26 @@ class Engine:
                 in_flight.add(task)
             ENGINE_IN_FLIGHT.inc(len(rows))
         return fresh, len(rows) == want
+
+    async def _mark_rate_limited(self, target_id: str, wait_s: float) -> None:
+        """Let the API say that due deliveries wait for the rate limit (waiting_for).
+
+        The mark in Postgres lasts until the limiter's window has room plus
+        ``RATE_MARK_S``, renewed while deferrals go on (at most about twice a
+        second per target and process); it lapses by itself. Best effort: a
+        failure costs only what the API shows.
+        """
+        now = time.monotonic()
+        until = now + max(wait_s, 0.0) + RATE_MARK_S
+        if self._rate_marked.get(target_id, 0.0) >= until - RATE_MARK_S / 2:
+            return
+        try:
+            async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                await claims.mark_rate_limited(conn, target_id, for_s=until - now)
+        except Exception as exc:
+            log.warning("rate-limit mark of %s failed: %r", target_id, exc)
+            return
+        self._rate_marked[target_id] = until
 
     def _sealed(self, target: SendTarget) -> tuple[list[str], dict[str, str]]:
         """The target's signing secrets (both during a rotation's overlap) and its headers."""
@@ -451,6 +478,7 @@ class Engine:
         breaker = None if clean and healthy else self._breaker_update(sent)
         recorded = await self._record_while_leased(
             target_id,
+            tenant_id,
             [s.attempt for s in sent],
             breaker,
             failing=None if target is None else target.failing,
@@ -482,22 +510,20 @@ class Engine:
         settings = self.settings
 
         def update(before: Breaker) -> Breaker:
-            after = next_breaker(
+            return next_breaker(
                 before,
                 ends,
                 threshold=settings.breaker_threshold,
                 open_s=settings.breaker_open_s,
                 max_open_s=settings.breaker_max_open_s,
             )
-            if after.open_for_s is not None:
-                BREAKER_OPENED.inc()
-            return after
 
         return update
 
     async def _record_while_leased(
         self,
         target_id: str,
+        tenant_id: str,
         attempts: list[Attempt],
         breaker: Callable[[Breaker], Breaker] | None,
         *,
@@ -511,7 +537,8 @@ class Engine:
         each lease) keeps only what is still ours. Any other error (a deadlock, a
         statement Postgres refused) is logged and the record made again the same
         way: it never ends the drainer, whose attempts still in flight would be
-        cut off and sent again. Past the leases, nothing is recorded here.
+        cut off and sent again. Past the leases, nothing is recorded here. A
+        breaker the record opened or closed is logged once it is committed.
         """
         lease_end = min(a.delivery.locked_until for a in attempts)
         remaining_s = max(1.0, (lease_end - datetime.now(UTC)).total_seconds())
@@ -536,6 +563,7 @@ class Engine:
                 reraise=True,
             ):
                 with retry:
+                    changes: list[BreakerChange] = []
                     async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
                         recorded = await claims.record_batch(
                             conn,
@@ -544,8 +572,11 @@ class Engine:
                             breaker=breaker,
                             failing=failing,
                             grace_s=self.settings.requeue_after_s,
+                            on_breaker=changes.append,
                         )
-                        return set(recorded)
+                    for change in changes:
+                        log_breaker_change(change, target_id=target_id, tenant_id=tenant_id)
+                    return set(recorded)
         except Exception as exc:
             # the leases have lapsed: these attempts are made again, as after kill -9
             log.error(
@@ -576,6 +607,30 @@ class Engine:
             due_in = max(due_in or 0.0, (target.open_until - datetime.now(UTC)).total_seconds())
         if due_in is not None and due_in <= SHORT_WAIT_S:
             self.wake_later(target_id, tenant_id, due_in + 0.05)
+
+
+def log_breaker_change(change: BreakerChange, *, target_id: str, tenant_id: str) -> None:
+    """One line per breaker that opened (WARNING: why, until when) or closed (INFO)."""
+    if change.after.open_for_s is not None:
+        BREAKER_OPENED.inc()
+        log.warning(
+            "circuit breaker opened",
+            extra={
+                "target_id": target_id,
+                "tenant_id": tenant_id,
+                "reason": change.after.reason,
+                "until": None if change.until is None else change.until.isoformat(),
+            },
+        )
+    else:
+        log.info(
+            "circuit breaker closed",
+            extra={
+                "target_id": target_id,
+                "tenant_id": tenant_id,
+                "reason": f"an attempt succeeded after it was {change.before.state}",
+            },
+        )
 
 
 def _redact(text: str, values: Iterable[str]) -> str:

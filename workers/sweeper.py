@@ -6,7 +6,9 @@ lease, no broker message, no worker's timer: past its ``enqueued_until``), so a
 delivery whose wake-up was lost (Redis flushed, an enqueue that failed after
 commit, a worker killed mid-attempt) is always sent. It wakes targets, not
 deliveries: one message per target, at most once per ``RELAY_REQUEUE_AFTER_S``,
-however deep the target's backlog; the worker drains it from Postgres.
+however deep the target's backlog; the worker drains it from Postgres. It also
+makes dead, each second, the deliveries a target's open breaker holds past their
+retry window (the breaker saves attempts, never lengthens the window).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from relay.core.logs import setup_logging
 from relay.core.metrics import (
     BREAKERS_OPEN,
     DEAD_LETTERS,
+    DELIVERIES,
     DUE_UNSENT,
     STRANDED_KEYS_REPAIRED,
     SWEEPER_LAST_SWEEP,
@@ -79,6 +82,38 @@ class Sweeper:
         SWEPT.inc(total)
         if total:
             log.info("woke %d targets with due deliveries nobody carried", total)
+        return total
+
+    async def end_past_window(self, conn: Conn) -> int:
+        """Make dead the deliveries an open breaker holds past their retry window; how many.
+
+        The breaker saves attempts but never lengthens a delivery's retry window
+        (the schedule's total): run each second, so such a delivery is dead within
+        about a second of its window's end, however long the breaker stays open.
+        """
+        window_s = sum(self.settings.retry_schedule)
+        grace_s = self.settings.requeue_after_s
+        total = 0
+        for _ in range(MAX_BATCHES):
+            ended, promoted = await claims.end_past_window(
+                conn, window_s=window_s, limit=BATCH, grace_s=grace_s
+            )
+            for e in ended:
+                log.info(
+                    "dead: the retry window ended while the circuit was open",
+                    extra={
+                        "delivery_id": e.id,
+                        "target_id": e.target_id,
+                        "tenant_id": e.tenant_id,
+                        "outcome": "dead",
+                    },
+                )
+            DELIVERIES.labels("dead").inc(len(ended))
+            total += len(ended)
+            if promoted:
+                await self.enqueuer.wake({r.wake for r in promoted})
+            if len(ended) < BATCH:
+                break
         return total
 
     async def housekeeping(self, conn: Conn) -> None:
@@ -150,6 +185,7 @@ class Sweeper:
         while not self.stopping.is_set():
             if ticks % HOUSEKEEPING_EVERY == 0:
                 await self.housekeeping(conn)
+            await self.end_past_window(conn)
             await self.sweep_once(conn)
             SWEEPER_LAST_SWEEP.set(time.time())
             ticks += 1

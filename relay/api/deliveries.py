@@ -58,10 +58,12 @@ DELIVERY_FIELDS = tuple(responses.Delivery.model_fields)
 
 
 def render_delivery(row: Delivery) -> dict[str, Any]:
-    """A delivery as API.md shows it (``blocked_by`` only while it waits behind another)."""
+    """A delivery as API.md shows it (``blocked_by`` while it waits behind another,
+    ``waiting_for`` while something holds it)."""
     shown = {name: getattr(row, name) for name in DELIVERY_FIELDS}
-    if shown["blocked_by"] is None:
-        del shown["blocked_by"]
+    for optional in ("blocked_by", "waiting_for"):
+        if shown[optional] is None:
+            del shown[optional]
     return shown
 
 

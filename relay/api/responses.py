@@ -172,6 +172,14 @@ class Delivery(pydantic.BaseModel):
         description="Present while an ordered delivery waits: the delivery of its key "
         "it waits behind.",
     )
+    waiting_for: Literal["circuit", "disabled", "rate_limit", "key"] | None = pydantic.Field(
+        default=None,
+        description="Present while a due delivery is held, saying what holds it: "
+        '"circuit" (its target\'s breaker is open; next_attempt_at is then the '
+        'breaker\'s until), "disabled" (its target is disabled), "rate_limit" (the '
+        'target\'s rate limit defers it) or "key" (it waits behind blocked_by, of its '
+        "ordering key).",
+    )
 
 
 class Attempt(pydantic.BaseModel):

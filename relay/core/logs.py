@@ -24,6 +24,8 @@ CONTEXT_FIELDS = (
     "outcome",
     "deliveries",
     "duplicates",
+    "reason",
+    "until",
 )
 
 

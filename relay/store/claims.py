@@ -19,7 +19,7 @@ from relay.delivery.ordering import OnDead
 from relay.delivery.outcome import CLOSED, Breaker, BreakerState
 from relay.store.db import Conn, Queries
 from relay.store.key_queues import lock_keys, promote_keys
-from relay.store.rows import DeliveryStatus, Wake
+from relay.store.rows import DeliveryStatus, Replayed, Wake
 
 #: First key of the advisory lock that serialises the claims of one target.
 _CLAIM_LOCK = 0x636C61  # "cla"
@@ -75,6 +75,15 @@ class Claimed(NamedTuple):
             row["payload"],
             row["order_key"],
         )
+
+
+class BreakerChange(NamedTuple):
+    """A record opened or closed a target's breaker: what it was, is, and until when."""
+
+    before: Breaker
+    after: Breaker
+    #: when the open period ends (None: closed)
+    until: datetime | None
 
 
 @dataclass(frozen=True)
@@ -207,6 +216,23 @@ async def release_batch(
     )
 
 
+async def mark_rate_limited(conn: Queries, target_id: str, *, for_s: float) -> None:
+    """Say that a rate limit defers the target's claims for ``for_s`` (waiting_for "rate_limit").
+
+    The mark lapses by itself: the engine renews it while its limiter defers.
+    """
+    await conn.execute(
+        """
+        INSERT INTO target_health AS h (target_id, rate_limited_until)
+        VALUES ($1, now() + make_interval(secs => $2::float8))
+        ON CONFLICT (target_id) DO UPDATE
+        SET rate_limited_until = greatest(h.rate_limited_until, excluded.rate_limited_until)
+        """,
+        target_id,
+        for_s,
+    )
+
+
 async def breaker_of(conn: Queries, target_id: str) -> Breaker:
     """A target's breaker, locked until the transaction ends (closed if it has no row)."""
     row = await conn.fetchrow(
@@ -226,9 +252,12 @@ async def breaker_of(conn: Queries, target_id: str) -> Breaker:
     )
 
 
-async def save_breaker(conn: Queries, target_id: str, breaker: Breaker) -> None:
-    """Store a target's breaker (an open period starts now, when ``open_for_s`` is set)."""
-    await conn.execute(
+async def save_breaker(conn: Queries, target_id: str, breaker: Breaker) -> datetime | None:
+    """Store a target's breaker (an open period starts now, when ``open_for_s`` is set).
+
+    Returns when its open period ends (None: closed).
+    """
+    until: datetime | None = await conn.fetchval(
         """
         INSERT INTO target_health AS h (target_id, breaker, consecutive_failures, opened_count,
                                         reason, open_until, changed_at)
@@ -243,6 +272,7 @@ async def save_breaker(conn: Queries, target_id: str, breaker: Breaker) -> None:
                               ELSE h.open_until END,
             changed_at = CASE WHEN h.breaker = excluded.breaker AND $6::float8 IS NULL
                               THEN h.changed_at ELSE now() END
+        RETURNING h.open_until
         """,
         target_id,
         breaker.state,
@@ -251,6 +281,7 @@ async def save_breaker(conn: Queries, target_id: str, breaker: Breaker) -> None:
         breaker.reason,
         breaker.open_for_s,
     )
+    return until
 
 
 # The deliveries' new states and their attempts, in one statement (so atomic):
@@ -299,6 +330,7 @@ async def record_batch(
     breaker: Callable[[Breaker], Breaker] | None,
     failing: bool | None = None,
     grace_s: float = 30.0,
+    on_breaker: Callable[[BreakerChange], None] | None = None,
 ) -> list[str]:
     """Record attempts of one target and their deliveries' new states atomically.
 
@@ -310,6 +342,8 @@ async def record_batch(
     process may have changed it since the claim). An ordered delivery that ended
     (succeeded or dead) lets the next of its key become due, in the same
     transaction (``grace_s``: how long the sweeper leaves it to us).
+    ``on_breaker`` is told, inside the transaction, when the breaker opens
+    (or reopens) or closes; a caller that logs it does so once the record returns.
 
     Lock order, here as everywhere: the target row, then its health, then the
     ended deliveries' key locks, then the deliveries (``delete_target`` and PATCH
@@ -383,7 +417,11 @@ async def record_batch(
             before = await breaker_of(conn, target_id)
             after = breaker(before)
             if after != before:
-                await save_breaker(conn, target_id, after)
+                until = await save_breaker(conn, target_id, after)
+                opened = after.open_for_s is not None
+                closed = after.state == "closed" and before.state != "closed"
+                if on_breaker is not None and (opened or closed):
+                    on_breaker(BreakerChange(before, after, until))
         recorded = await write(None)
         assert recorded is not None
         if recorded and touch_target and succeeded:
@@ -403,6 +441,80 @@ async def record_batch(
                 disable,
             )
     return recorded
+
+
+# The retry window of a delivery began here (its creation, last retry or replay, or
+# when its ordering key let it go).
+_WINDOW_START = "coalesce(d.round_started_at, d.created_at)"
+
+# Deliveries whose retry window ($1 seconds) has ended while their live target's
+# breaker holds them (open, or half_open and they are not the probe): up to $2,
+# one index probe per such target. Read without locks; _END_PAST_WINDOW checks again.
+_PAST_WINDOW = f"""
+SELECT d.id, d.target_id, d.order_key
+FROM target_health h
+JOIN targets t ON t.id = h.target_id AND t.enabled AND t.deleted_at IS NULL
+CROSS JOIN LATERAL (
+    SELECT d.id, d.target_id, d.order_key FROM deliveries d
+    WHERE d.target_id = h.target_id AND d.status IN ('pending', 'retrying')
+      AND d.next_attempt_at IS NOT NULL
+      AND {_WINDOW_START} <= now() - make_interval(secs => $1::float8)
+    ORDER BY {_WINDOW_START}
+    LIMIT $2
+) d
+WHERE h.breaker <> 'closed'
+LIMIT $2
+"""
+
+_END_PAST_WINDOW = f"""
+UPDATE deliveries d
+SET status = 'dead', next_attempt_at = NULL, enqueued_until = NULL, locked_until = NULL,
+    last_error = 'circuit open: the retry window ended while the breaker held it ('
+                 || coalesce(h.reason, 'no reason recorded') || ')',
+    updated_at = now()
+FROM target_health h, targets t
+WHERE d.id = ANY($1::text[]) AND h.target_id = d.target_id AND h.breaker <> 'closed'
+  AND t.id = d.target_id AND t.enabled AND t.deleted_at IS NULL
+  AND d.status IN ('pending', 'retrying') AND d.next_attempt_at IS NOT NULL
+  AND (d.locked_until IS NULL OR d.locked_until < now())
+  AND {_WINDOW_START} <= now() - make_interval(secs => $2::float8)
+RETURNING d.id, d.target_id, d.tenant_id, d.order_key
+"""
+
+
+class Ended(NamedTuple):
+    """A delivery that became dead without another attempt."""
+
+    id: str
+    target_id: str
+    tenant_id: str
+
+
+async def end_past_window(
+    conn: Conn, *, window_s: float, limit: int, grace_s: float
+) -> tuple[list[Ended], list[Replayed]]:
+    """End the deliveries an open breaker holds past their retry window.
+
+    The breaker saves attempts but never lengthens a delivery's retry window
+    (``window_s``: the schedule's total): a delivery whose window ends while
+    its target's breaker is open (or half_open, and it is not the probe) becomes
+    dead at once, without another attempt, ``last_error`` saying the circuit was
+    open. A lease still held (the probe) is left to its record. An ordered key
+    whose delivery ended this way goes on as after any death (``on_dead``); the
+    deliveries made due are returned to be woken (``grace_s``: how long the
+    sweeper leaves them to that wake-up). Keys' locks are taken before the rows.
+    Returns the deliveries ended (up to ``limit``) and those made due.
+    """
+    async with conn.transaction():
+        picked = await conn.fetch(_PAST_WINDOW, window_s, limit)
+        if not picked:
+            return [], []
+        keys = sorted({(r["target_id"], r["order_key"]) for r in picked if r["order_key"]})
+        await lock_keys(conn, keys)
+        rows = await conn.fetch(_END_PAST_WINDOW, [r["id"] for r in picked], window_s)
+        ended_keys = sorted({(r["target_id"], r["order_key"]) for r in rows if r["order_key"]})
+        promoted = await promote_keys(conn, ended_keys, grace_s=grace_s)
+    return [Ended(r["id"], r["target_id"], r["tenant_id"]) for r in rows], promoted
 
 
 async def next_due_in(conn: Queries, target_id: str) -> float | None:

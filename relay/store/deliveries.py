@@ -10,19 +10,44 @@ from relay.store.key_queues import lock_keys, promote_keys
 from relay.store.rows import AttemptRecord, Delivery, DeliveryStatus
 from relay.store.sql import holds_key, key_queue_order, keyset_page
 
+# A delivery that is due and not leased: if something holds it, waiting_for says what.
+_DUE = (
+    "d.status IN ('pending', 'retrying') AND d.next_attempt_at <= now()"
+    " AND (d.locked_until IS NULL OR d.locked_until < now())"
+)
+_PARKED = "d.status = 'pending' AND d.next_attempt_at IS NULL"
+
 # blocked_by: of a parked delivery, the one of its key it waits behind (the
 # key's active one, else the first parked one).
+# waiting_for: what holds a due delivery (API.md), first of: its target is
+# disabled; its breaker is open (or half_open: the probe is out), and then
+# next_attempt_at shows the breaker's until; a rate limit deferred the target's
+# claims (target_health.rate_limited_until, which the engine sets when its
+# limiter defers and which lapses by itself once nothing is deferred); or, for
+# a parked delivery, its key.
 DELIVERY_COLUMNS = f"""
-    d.id, d.tenant_id, d.event_id, d.target_id, d.status, d.attempt_count, d.next_attempt_at,
+    d.id, d.tenant_id, d.event_id, d.target_id, d.status, d.attempt_count,
+    CASE WHEN {_DUE} THEN coalesce((
+        SELECT greatest(d.next_attempt_at, h.open_until)
+        FROM targets t JOIN target_health h ON h.target_id = t.id
+        WHERE t.id = d.target_id AND t.enabled AND h.breaker <> 'closed'
+    ), d.next_attempt_at) ELSE d.next_attempt_at END AS next_attempt_at,
     d.last_status_code, d.last_error, d.created_at, d.updated_at,
-    CASE WHEN d.status = 'pending' AND d.next_attempt_at IS NULL THEN (
+    CASE WHEN {_PARKED} THEN (
         SELECT p.id FROM deliveries p JOIN targets pt ON pt.id = p.target_id
         WHERE p.target_id = d.target_id AND p.order_key = d.order_key AND p.id <> d.id
           AND {holds_key("p", "pt")}
           AND (p.status <> 'pending' OR p.next_attempt_at IS NOT NULL OR p.order_pos < d.order_pos)
         ORDER BY {key_queue_order("p")}
         LIMIT 1
-    ) END AS blocked_by
+    ) END AS blocked_by,
+    CASE WHEN {_PARKED} THEN 'key' WHEN {_DUE} THEN (
+        SELECT CASE WHEN NOT t.enabled THEN 'disabled'
+                    WHEN h.breaker <> 'closed' THEN 'circuit'
+                    WHEN h.rate_limited_until > now() THEN 'rate_limit' END
+        FROM targets t LEFT JOIN target_health h ON h.target_id = t.id
+        WHERE t.id = d.target_id
+    ) END AS waiting_for
 """
 
 
@@ -172,7 +197,7 @@ async def retry_delivery(
                 next_attempt_at = CASE WHEN d.order_key IS NULL THEN now() END,
                 enqueued_until = CASE WHEN d.order_key IS NULL
                                       THEN now() + make_interval(secs => $3) END,
-                locked_until = NULL, updated_at = now()
+                locked_until = NULL, round_started_at = now(), updated_at = now()
             WHERE d.tenant_id = $1 AND d.id = $2
               AND (d.locked_until IS NULL OR d.locked_until < now())
             RETURNING d.id

@@ -34,7 +34,7 @@ _LOCK_KEYS = f"SELECT {key_locks('$1', '$2', '$3')}"
 
 # For each key: when none of its undelivered deliveries is active (due, leased,
 # retrying, or dead while the target blocks on dead letters), the parked one
-# with the lowest position becomes due.
+# with the lowest position becomes due. Its retry window starts then (claims.end_past_window).
 _PROMOTE = f"""
 WITH head AS MATERIALIZED (
     SELECT h.id FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[])) AS k(target_id, key)
@@ -50,7 +50,7 @@ WITH head AS MATERIALIZED (
 )
 UPDATE deliveries d
 SET next_attempt_at = now(), enqueued_until = now() + make_interval(secs => $3::float8),
-    updated_at = now()
+    round_started_at = now(), updated_at = now()
 FROM head
 WHERE d.id = head.id AND d.status = 'pending' AND d.next_attempt_at IS NULL
 RETURNING d.id, d.target_id, d.tenant_id
@@ -150,7 +150,7 @@ async def reorder_target(conn: Conn, target_id: str, *, grace_s: float) -> None:
                 """
                 UPDATE deliveries
                 SET next_attempt_at = now(), enqueued_until = now() + make_interval(secs => $2),
-                    updated_at = now()
+                    round_started_at = now(), updated_at = now()
                 WHERE target_id = $1 AND status = 'pending' AND next_attempt_at IS NULL
                 """,
                 target_id,

@@ -10,6 +10,9 @@ from typing import Any, Literal, NamedTuple, Self
 from relay.delivery.outcome import BreakerState
 
 DeliveryStatus = Literal["pending", "retrying", "succeeded", "dead"]
+#: What holds a due delivery: its target's open breaker, its disabled target, the
+#: target's rate limit, or (parked) another delivery of its ordering key.
+WaitingFor = Literal["circuit", "disabled", "rate_limit", "key"]
 _NAMES: dict[type, tuple[str, ...]] = {}
 _MISSING = object()
 
@@ -166,6 +169,8 @@ class Delivery(Row):
     updated_at: datetime
     #: an ordered delivery waiting: the delivery of its key it waits behind
     blocked_by: str | None = None
+    #: what holds it while it is due (or parked): see ``WaitingFor``
+    waiting_for: WaitingFor | None = None
 
 
 @dataclass(frozen=True, slots=True)

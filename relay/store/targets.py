@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from relay.ingest.routes import Routes, TargetRoute
@@ -10,6 +11,8 @@ from relay.store.key_queues import reorder_target
 from relay.store.rows import Target
 from relay.store.sql import bump_config, keyset_page, set_clause
 from relay.store.tenants import lock_and_count_live
+
+log = logging.getLogger("relay.breaker")
 
 #: The target's columns and its breaker (a target without a health row is healthy).
 _WITH_HEALTH = """
@@ -122,6 +125,7 @@ async def update_target(
     clause, values = set_clause(changes, _UPDATABLE, first_param=3)
     # A new URL, or enabling the target again, starts its breaker afresh.
     reset = "url" in changes or changes.get("enabled") is True
+    closed_breaker = False
     async with conn.transaction():
         row = await conn.fetchrow(
             f"""
@@ -136,17 +140,32 @@ async def update_target(
             *values,
         )
         if row is not None and reset:
-            await conn.execute(
+            was = await conn.fetchval(
                 """
-                UPDATE target_health
-                SET breaker = 'closed', consecutive_failures = 0, opened_count = 0,
-                    open_until = NULL, reason = NULL, changed_at = now()
-                WHERE target_id = $1
+                WITH before AS (
+                    SELECT breaker FROM target_health WHERE target_id = $1 FOR UPDATE
+                ), reset AS (
+                    UPDATE target_health
+                    SET breaker = 'closed', consecutive_failures = 0, opened_count = 0,
+                        open_until = NULL, reason = NULL, changed_at = now()
+                    WHERE target_id = $1
+                )
+                SELECT breaker FROM before
                 """,
                 target_id,
             )
+            closed_breaker = was is not None and was != "closed"
         if row is not None and ({"ordering", "on_dead"} & changes.keys()):
             await reorder_target(conn, target_id, grace_s=grace_s)
+    if closed_breaker:
+        log.info(
+            "circuit breaker closed",
+            extra={
+                "target_id": target_id,
+                "tenant_id": tenant_id,
+                "reason": "its URL changed" if "url" in changes else "it was enabled again",
+            },
+        )
     return None if row is None else await get_target(conn, tenant_id, target_id)
 
 

@@ -7,6 +7,7 @@ the configured broker.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from typing import Any
@@ -118,11 +119,13 @@ async def test_the_breaker_opens_spends_nothing_while_open_probes_once_and_close
     tenant = await make_tenant(gateway)
     source = await make_source(gateway, tenant)
     target = await make_target(gateway, tenant, url=receiver.on("/flaky", flaky), max_in_flight=1)
-    workers.start(
+    # (the last wait makes the retry window, ~5 min, outlast the open periods: the
+    # breaker never lengthens it, and deliveries whose window ends while it is open die)
+    worker = workers.start(
         RELAY_BREAKER_THRESHOLD="3",
         RELAY_BREAKER_OPEN_S="3",
         RELAY_BREAKER_MAX_OPEN_S="60",
-        RELAY_RETRY_SCHEDULE=",".join(["0"] + ["0.2"] * 30),
+        RELAY_RETRY_SCHEDULE=",".join(["0"] + ["0.2"] * 30 + ["300"]),
     )
     await post_token(gateway, source, [{"uuid": f"brk-{i}"} for i in range(4)])
 
@@ -165,8 +168,18 @@ async def test_the_breaker_opens_spends_nothing_while_open_probes_once_and_close
         "SELECT max(attempt_count) AS n FROM deliveries WHERE target_id = $1",
         target["id"],
     )
-    # the schedule allows 31 attempts; the open periods spent none of them
+    # the schedule allows 32 attempts; the open periods spent none of them
     assert rows[0]["n"] <= 6
+    # and the worker logged each opening (WARNING) and the closing (INFO), once each
+    lines = [json.loads(x) for x in worker.log().splitlines() if x.startswith("{")]
+    ours = [x for x in lines if x.get("target_id") == target["id"]]
+    opened_lines = [x for x in ours if x["msg"] == "circuit breaker opened"]
+    closed_lines = [x for x in ours if x["msg"] == "circuit breaker closed"]
+    assert len(opened_lines) >= 2 and {x["level"] for x in opened_lines} == {"warning"}
+    assert all(x["tenant_id"] == tenant.id and x["until"] for x in opened_lines)
+    assert "3 failures in a row" in opened_lines[0]["reason"]
+    assert "probe failed" in opened_lines[1]["reason"]
+    assert len(closed_lines) == 1 and closed_lines[0]["level"] == "info"
 
 
 async def test_a_hanging_tenant_does_not_delay_another_tenants_fresh_event(
