@@ -232,7 +232,15 @@ class Replay(web.View):
         elif plan.ids is None:
             message = f"Replaying {count} {noun}: a worker puts them back to pending in batches."
         else:
-            message = f"Replayed {count} {noun}: back to pending, sent again within seconds."
+            message = f"Replayed {count} {noun}: back to pending"
+            held = await store.holds_of(request.app[POOL], plan.ids)
+            reasons = {
+                "circuit": "their target's circuit breaker is open: they go after a probe succeeds",
+                "disabled": "their target is disabled: they go once it is enabled again",
+                "rate_limit": "their target's rate limit defers them",
+            }
+            waits = [f"{h.deliveries} wait, as {reasons[h.reason]}" for h in held]
+            message += "; " + "; ".join(waits) + "." if waits else ", sent again within seconds."
         await flash(request, message)
         return see_other(back)
 

@@ -29,6 +29,7 @@ class Overview(web.View):
         chart_start = now.replace(second=0, microsecond=0) - timedelta(minutes=CHART_MINUTES - 1)
         points = await store.outcomes_by_minute(pool, viewer.scope, since=chart_start)
         oldest_due = min((t.oldest_due_at for t in per_tenant if t.oldest_due_at), default=None)
+        held = await store.held_deliveries(pool, viewer.scope)
         return await page(
             request,
             "overview.html",
@@ -48,6 +49,7 @@ class Overview(web.View):
                     )
                 },
                 "oldest_due": oldest_due,
+                "held": held,
                 "chart": outcome_chart(points, chart_start, CHART_MINUTES),
                 "chart_totals": totals(points),
                 "chart_hours": CHART_MINUTES // 60,

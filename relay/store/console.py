@@ -21,7 +21,7 @@ from typing import Literal
 from ulid import ULID
 
 from relay.store.db import Queries
-from relay.store.sql import keyset_page
+from relay.store.sql import hold_reason, keyset_page
 
 
 def floor_id(prefix: str, at: datetime) -> str:
@@ -433,6 +433,54 @@ async def targets_across_tenants(
         limit,
     )
     return [TargetAcross(**dict(r)) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """Due deliveries that wait for a reason, and how many targets hold them."""
+
+    reason: str
+    deliveries: int
+    targets: int
+
+
+async def held_deliveries(conn: Queries, tenant_id: str | None) -> list[Held]:
+    """Due deliveries held by their target (disabled, breaker open, rate limit), by reason."""
+    rows = await conn.fetch(
+        f"""
+        SELECT r.reason, count(*) AS deliveries, count(DISTINCT r.target_id) AS targets
+        FROM (
+            SELECT d.target_id, {hold_reason("t", "h")} AS reason
+            FROM deliveries d JOIN targets t ON t.id = d.target_id
+            LEFT JOIN target_health h ON h.target_id = t.id
+            WHERE d.status IN ('pending', 'retrying') AND d.next_attempt_at <= now()
+              AND ($1::text IS NULL OR d.tenant_id = $1)
+        ) r
+        WHERE r.reason IS NOT NULL
+        GROUP BY r.reason ORDER BY r.reason
+        """,
+        tenant_id,
+    )
+    return [Held(r["reason"], r["deliveries"], r["targets"]) for r in rows]
+
+
+async def holds_of(conn: Queries, delivery_ids: Sequence[str]) -> list[Held]:
+    """What holds these deliveries now, by reason (those not held are left out)."""
+    rows = await conn.fetch(
+        f"""
+        SELECT r.reason, count(*) AS deliveries, count(DISTINCT r.target_id) AS targets
+        FROM (
+            SELECT d.target_id, {hold_reason("t", "h")} AS reason
+            FROM deliveries d JOIN targets t ON t.id = d.target_id
+            LEFT JOIN target_health h ON h.target_id = t.id
+            WHERE d.id = ANY($1::text[]) AND d.status IN ('pending', 'retrying')
+        ) r
+        WHERE r.reason IS NOT NULL
+        GROUP BY r.reason ORDER BY r.reason
+        """,
+        list(delivery_ids),
+    )
+    return [Held(r["reason"], r["deliveries"], r["targets"]) for r in rows]
 
 
 # --- events ----------------------------------------------------------------------

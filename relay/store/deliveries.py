@@ -8,7 +8,7 @@ from typing import Any
 from relay.store.db import Conn, Queries
 from relay.store.key_queues import lock_keys, promote_keys
 from relay.store.rows import AttemptRecord, Delivery, DeliveryStatus
-from relay.store.sql import holds_key, key_queue_order, keyset_page
+from relay.store.sql import hold_reason, holds_key, key_queue_order, keyset_page
 
 # A delivery that is due and not leased: if something holds it, waiting_for says what.
 _DUE = (
@@ -42,9 +42,7 @@ DELIVERY_COLUMNS = f"""
         LIMIT 1
     ) END AS blocked_by,
     CASE WHEN {_PARKED} THEN 'key' WHEN {_DUE} THEN (
-        SELECT CASE WHEN NOT t.enabled THEN 'disabled'
-                    WHEN h.breaker <> 'closed' THEN 'circuit'
-                    WHEN h.rate_limited_until > now() THEN 'rate_limit' END
+        SELECT {hold_reason("t", "h")}
         FROM targets t LEFT JOIN target_health h ON h.target_id = t.id
         WHERE t.id = d.target_id
     ) END AS waiting_for

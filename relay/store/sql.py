@@ -92,3 +92,13 @@ def bump_config(changed: str, tenant: str = "$1") -> str:
         f"UPDATE tenants SET config_version = config_version + 1"
         f" WHERE id = {tenant} AND EXISTS (SELECT 1 FROM {changed})"
     )
+
+
+def hold_reason(t: str, h: str) -> str:
+    """Why a due delivery of target ``t`` (its health ``h``, outer-joined) is not sent now:
+    ``'disabled'``, ``'circuit'`` (its breaker is not closed), ``'rate_limit'``, or NULL."""
+    return (
+        f"CASE WHEN NOT {t}.enabled THEN 'disabled'"
+        f" WHEN {h}.breaker <> 'closed' THEN 'circuit'"
+        f" WHEN {h}.rate_limited_until > now() THEN 'rate_limit' END"
+    )

@@ -10,6 +10,7 @@ import asyncpg
 from relay.core.crypto import new_id
 from relay.store import console as store
 from tests.conftest import Tenant
+from tests.integration.test_console import csrf_of, sign_in
 
 
 async def one_delivery(client: Any, tenant: Tenant, uuid: str) -> str:
@@ -91,3 +92,40 @@ async def test_the_chart_keeps_a_death_after_its_dead_letter_is_replayed(
     finally:
         await conn.close()
     assert after == 1
+
+
+async def test_the_console_says_what_holds_due_deliveries_and_replays(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    # Given a dead letter of a target whose breaker is open
+    target_id = await one_delivery(client, tenant, "u3")
+    conn = await asyncpg.connect(database_url)
+    try:
+        delivery_id = await conn.fetchval(
+            "SELECT id FROM deliveries WHERE target_id = $1", target_id
+        )
+        await conn.execute(
+            "UPDATE deliveries SET status = 'dead', next_attempt_at = NULL WHERE id = $1",
+            delivery_id,
+        )
+        await conn.execute(
+            "INSERT INTO target_health (target_id, breaker, consecutive_failures, opened_count,"
+            " reason, open_until, changed_at)"
+            " VALUES ($1, 'open', 5, 1, 'HTTP 503', now() + interval '10 minutes', now())",
+            target_id,
+        )
+    finally:
+        await conn.close()
+    await sign_in(client, tenant.api_key)
+    # When it is replayed from the console
+    csrf = await csrf_of(client, "/console/dead-letters")
+    resp = await client.post(
+        "/console/dead-letters/replay",
+        data={"csrf_token": csrf, "ids": delivery_id, "scope": "selected", "confirm": "yes"},
+    )
+    page = await resp.text()
+    # Then the confirmation says it waits for the breaker, not that it goes within seconds
+    assert "circuit breaker is open" in page and "within seconds" not in page
+    # and the overview says what holds the due backlog
+    overview = await (await client.get("/console/")).text()
+    assert "1 held by 1 open breaker" in overview
