@@ -275,3 +275,46 @@ async def test_a_form_posted_without_its_csrf_token_is_refused(
         assert target["enabled"] is False
     finally:
         await context.close()
+
+
+async def test_a_held_delivery_says_what_holds_it(
+    gateway: Any, browser: Any, shots: Screenshots, database_url: str
+) -> None:
+    import asyncpg
+    from playwright.async_api import expect
+
+    # Given a due delivery whose target's breaker is open for ten more minutes
+    base = str(gateway.make_url("")).rstrip("/")
+    tenant, source = await tenant_with_source(gateway, "Held Books")
+    target_id = await add_target(gateway, tenant, "http://127.0.0.1:9/held")
+    event_id = await ingest(gateway, source, uuid="held-1", objectType="Bill", action="paid")
+    event = await (await gateway.get(f"/v1/events/{event_id}", headers=tenant.auth)).json()
+    [delivery] = event["deliveries"]
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO target_health (target_id, breaker, consecutive_failures, opened_count,"
+            " reason, open_until, changed_at)"
+            " VALUES ($1, 'open', 5, 1, 'HTTP 503 five times in a row',"
+            " now() + interval '10 minutes', now())",
+            target_id,
+        )
+    finally:
+        await conn.close()
+    context = await browser.new_context(viewport=DESKTOP, timezone_id="Europe/Berlin")
+    page = await context.new_page()
+    try:
+        # When the tenant opens the delivery's page
+        await sign_in(page, base, tenant.api_key)
+        await page.goto(f"{base}/console/deliveries/{delivery['id']}")
+        # Then it says what holds it and until when, not that it goes within seconds
+        held = page.locator("p.held")
+        await expect(held).to_contain_text("circuit breaker is open until")
+        await expect(page.locator("main")).not_to_contain_text("within seconds")
+        await shots.take(page, "held-01-delivery-behind-open-breaker")
+        # and the overview says why the due backlog does not move
+        await page.goto(f"{base}/console/")
+        await expect(page.locator(".held")).to_contain_text("1 held by 1 open breaker")
+        await shots.take(page, "held-02-overview")
+    finally:
+        await context.close()
