@@ -58,8 +58,7 @@ def loggable(path: str) -> str:
 
 
 class ReadOnlySession(errors.RelayError):
-    """This is a read-only portal session: it shows everything and changes nothing (no replay,
-    purge, retry, secret rotation, enabling, disabling or test event)."""
+    """This is a read-only portal session: it shows everything and changes nothing."""
 
     status, code = 403, "forbidden"
 
@@ -67,7 +66,10 @@ class ReadOnlySession(errors.RelayError):
 def refuse_writes(request: web.Request, viewer: Viewer) -> None:
     """A read-only session may post nothing but sign-out."""
     if viewer.read_only and request.method == "POST" and request.path != f"{PREFIX}/logout":
-        raise ReadOnlySession()
+        raise ReadOnlySession(
+            "This is a read-only portal session: it shows everything and changes nothing "
+            "(no replay, purge, retry, secret rotation, enabling, disabling or test event)."
+        )
 
 
 async def _refused(request: web.Request, why: Refusal) -> web.Response:
