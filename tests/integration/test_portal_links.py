@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
+from relay.console.portal import loggable
 from relay.core.config import Settings
 from relay.web.app import create_app
 from tests.conftest import OPERATOR, GatewayTestServer, Tenant, assert_error, stack_env
@@ -284,6 +285,13 @@ async def test_a_portal_session_sees_only_its_tenant(
         for their_id in theirs.values():
             assert their_id not in page, (path, their_id)
         assert "Tenant B" not in page  # (a tenant id typed into the query is only echoed back)
+
+
+def test_a_links_token_never_reaches_a_log_line() -> None:
+    # the console's error middleware logs the path of a failed request through this
+    token = "rpl_" + "A" * 43
+    assert token not in loggable(f"/console/portal/{token}")
+    assert loggable("/console/targets/tgt_1") == "/console/targets/tgt_1"
 
 
 # --- read-only ----------------------------------------------------------------------------
