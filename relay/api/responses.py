@@ -289,6 +289,20 @@ class TargetHeaders(pydantic.BaseModel):
     headers: dict[str, str]
 
 
+class PortalLinkCreated(pydantic.BaseModel):
+    """A portal link, shown once: its URL signs one browser into the console as the tenant."""
+
+    id: str
+    url: str = pydantic.Field(
+        description="Opens the console as the tenant, once, until expires_at; hand it to one "
+        "person instead of an API key."
+    )
+    expires_at: datetime = pydantic.Field(
+        description="After this the link is refused, and the session it made has ended."
+    )
+    read_only: bool
+
+
 class Health(pydantic.BaseModel):
     """The process is alive."""
 
@@ -326,6 +340,7 @@ ANSWERS: dict[tuple[str, str], Answer] = {
     ("GET", "/v1/tenants/{tenant_id}/api-keys"): Answer(ApiKey, page=True),
     ("POST", "/v1/tenants/{tenant_id}/api-keys"): Answer(ApiKeyCreated),
     ("DELETE", "/v1/tenants/{tenant_id}/api-keys/{key_id}"): Answer(),
+    ("POST", "/v1/tenants/{tenant_id}/portal-links"): Answer(PortalLinkCreated),
     ("GET", "/v1/admin/dead-letters"): Answer(DeadLetter, page=True),
     ("POST", "/v1/admin/dead-letters/replay"): Answer(Replayed),
     ("GET", "/v1/admin/stats"): Answer(Stats),
@@ -354,5 +369,6 @@ ANSWERS: dict[tuple[str, str], Answer] = {
     ("POST", "/v1/deliveries/{delivery_id}/retry"): Answer(Delivery, errors=(409, 422)),
     ("GET", "/v1/dead-letters"): Answer(Delivery, page=True),
     ("POST", "/v1/dead-letters/replay"): Answer(Replayed),
+    ("POST", "/v1/portal-links"): Answer(PortalLinkCreated),
     ("POST", "/in/{source_id}"): Answer(EventIds, errors=(400, 413, 415, 422, 429)),
 }

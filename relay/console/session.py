@@ -7,6 +7,9 @@ the admin token (changing the token ends every operator session), a tenant's
 the id of the API key it signed in with (revoking the key ends its sessions).
 Sign-out also writes the session's id to Redis for as long as the cookie could
 otherwise live, so a copy of the cookie taken before sign-out is refused too.
+A portal session (opened with a portal link, ``relay/console/portal.py``) holds
+the link's id: it is a tenant's session, read-only if the link was, and it
+ends at the link's ``expires_at`` at the latest, whatever the idle setting.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 import redis.exceptions
@@ -29,6 +33,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from relay.core.config import Settings
 from relay.core.crypto import constant_time_equals, hash_api_key
 from relay.store import console as store
+from relay.store import portal_links
+from relay.store.portal_links import PortalGrant
 from relay.web.app_keys import POOL, REDIS, SETTINGS
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,12 @@ class Viewer:
     kind: Literal["operator", "tenant"]
     tenant_id: str | None = None
     tenant_name: str | None = None
+    #: Signed in with a portal link rather than an API key.
+    portal: bool = False
+    #: Sees everything, changes nothing (a read-only portal link).
+    read_only: bool = False
+    #: When the session ends whatever happens (a portal session: its link's expires_at).
+    ends_at: datetime | None = None
 
     @property
     def is_operator(self) -> bool:
@@ -129,6 +141,35 @@ async def sign_in(request: web.Request, token: str) -> Viewer | None:
     return viewer
 
 
+def portal_viewer(grant: PortalGrant) -> Viewer:
+    """The tenant a portal link signs in as, flagged as a portal session."""
+    return Viewer(
+        "tenant",
+        grant.tenant_id,
+        grant.tenant_name,
+        portal=True,
+        read_only=grant.read_only,
+        ends_at=grant.expires_at,
+    )
+
+
+async def sign_in_portal(request: web.Request, grant: PortalGrant) -> Viewer:
+    """Start a portal session for a link just used (``portal_links.use_portal_link``)."""
+    session = await new_session(request)
+    session.update(
+        {
+            "who": "portal",
+            "link": grant.id,
+            "tenant": grant.tenant_id,
+            "ends": grant.expires_at.timestamp(),
+            "sid": secrets.token_urlsafe(16),
+            "seen": time.time(),
+        }
+    )
+    session["csrf"] = secrets.token_urlsafe(32)
+    return portal_viewer(grant)
+
+
 async def sign_out(request: web.Request) -> None:
     """End the session here and for any copy of its cookie."""
     session = await get_session(request)
@@ -142,25 +183,31 @@ async def sign_out(request: web.Request) -> None:
     session.invalidate()
 
 
-SessionState = Literal["none", "expired", "ended"]
+#: Why there is no viewer: never signed in, idle, ended (signed out, key revoked), or a
+#: portal session that ended (its link expired, or idle).
+SessionState = Literal["none", "expired", "ended", "portal_ended"]
 
 
 async def current_viewer(request: web.Request) -> Viewer | SessionState:
     """The viewer of a live session; else why there is none (never signed in, idle, ended)."""
     session = await get_session(request)
     who = session.get("who")
-    if who not in ("operator", "tenant"):
+    if who not in ("operator", "tenant", "portal"):
         return "none"
     settings = request.app[SETTINGS]
     now = time.time()
     seen = session.get("seen")
+    ends = session.get("ends") if who == "portal" else None
+    if who == "portal" and (not isinstance(ends, int | float) or now >= ends):
+        session.invalidate()
+        return "portal_ended"
     if not isinstance(seen, int | float) or now - seen > settings.console_idle_s:
         session.invalidate()
-        return "expired"
+        return "portal_ended" if who == "portal" else "expired"
     viewer = await _still_valid(request, session)
     if viewer is None or await _signed_out(request, session.get("sid")):
         session.invalidate()
-        return "ended"
+        return "portal_ended" if who == "portal" else "ended"
     if now - seen >= _SEEN_RESOLUTION_S:
         session["seen"] = now
     return viewer
@@ -173,6 +220,14 @@ async def _still_valid(request: web.Request, session: Session) -> Viewer | None:
         current = _admin_fingerprint(settings.admin_token) if settings.admin_token else None
         ok = isinstance(admin, str) and current is not None and constant_time_equals(admin, current)
         return OPERATOR if ok else None
+    if session.get("who") == "portal":
+        link_id = session.get("link")
+        if not isinstance(link_id, str):
+            return None
+        grant = await portal_links.portal_session_grant(request.app[POOL], link_id)
+        if grant is None or grant.tenant_id != session.get("tenant"):
+            return None
+        return portal_viewer(grant)
     key_id = session.get("key")
     if not isinstance(key_id, str):
         return None

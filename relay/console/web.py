@@ -25,7 +25,7 @@ import redis.exceptions
 from aiohttp import web
 from aiohttp_session import session_middleware
 
-from relay.console import dead_letters, deliveries, events, overview, signin, targets
+from relay.console import dead_letters, deliveries, events, overview, portal, signin, targets
 from relay.console.render import FILTERS, GLOBALS, PREFIX, error_page, see_other
 from relay.console.session import VIEWER, csrf_ok, current_viewer, session_storage
 from relay.core import errors
@@ -108,14 +108,21 @@ async def console_errors(request: web.Request, handler: Handler) -> web.StreamRe
         message = _HTTP_MESSAGES[404] if exc.status == 404 else exc.message
         response = await error_page(request, exc.status, message)
     except DEPENDENCY_ERRORS as exc:
-        log.warning("console: dependency unavailable on %s: %s", request.path, type(exc).__name__)
+        log.warning(
+            "console: dependency unavailable on %s: %s",
+            portal.loggable(request.path),
+            type(exc).__name__,
+        )
         response = await error_page(
             request, 503, "A dependency (Postgres or Redis) is unavailable."
         )
     except Exception:
         error_id = new_id("err")
         log.exception(
-            "console: unhandled error %s on %s %s", error_id, request.method, request.path
+            "console: unhandled error %s on %s %s",
+            error_id,
+            request.method,
+            portal.loggable(request.path),
         )
         response = await error_page(
             request, 500, f"Something went wrong on our side; quote {error_id} to the operator."
@@ -143,14 +150,18 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         return await handler(request)
     if request.method == "POST" and not await csrf_ok(request):
         raise CsrfRefused()
-    if path in PUBLIC:
+    if path in PUBLIC or portal.is_public(path):
         return await handler(request)
     state = await current_viewer(request)
     if not isinstance(state, str):
         request[VIEWER] = state
+        portal.refuse_writes(request, state)
         return await handler(request)
     if request.headers.get("X-Relay-Fragment"):
         raise errors.Unauthorized("your session has ended; reload the page to sign in")
+    if state == "portal_ended":
+        # a portal user has no key to sign in with: say the session ended, and why
+        return see_other(portal.ENDED_PATH)
     params = [] if state == "none" else [f"reason={state}"]
     if request.method == "GET":
         params.append("next=" + quote(request.rel_url.path_qs, safe=""))
@@ -223,6 +234,7 @@ def setup(app: web.Application) -> None:
     deliveries.add_views(router)
     targets.add_views(router)
     events.add_views(router)
+    portal.add_views(router)
 
     async def share(_: web.Application) -> AsyncIterator[None]:
         # the gateway's cleanup contexts ran first: its pool, Redis and broker are open

@@ -5,7 +5,8 @@ AES-256-GCM ciphertexts under RELAY_SECRET_KEY, each bound to its row id
 by the associated data, so a
 ciphertext copied onto another row does not decrypt. Tenant API keys are
 random 256-bit strings stored only as their SHA-256: they are unguessable,
-so a slow password hash would buy nothing and cost every request.
+so a slow password hash would buy nothing and cost every request. Portal
+links' tokens are kept the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ulid import ULID
 
 _NONCE_BYTES = 12
 API_KEY_PREFIX = "rly_"
+PORTAL_TOKEN_PREFIX = "rpl_"
 
 
 class SecretBox:
@@ -58,6 +60,16 @@ def new_api_key() -> str:
 def hash_api_key(key: str) -> bytes:
     """What is stored for an API key."""
     return hashlib.sha256(key.encode()).digest()
+
+
+def new_portal_token() -> str:
+    """The secret of a portal link (the last part of its URL): 256 random bits, URL-safe."""
+    return PORTAL_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_portal_token(token: str) -> bytes:
+    """What is stored for a portal link's token (its SHA-256, as for API keys)."""
+    return hashlib.sha256(token.encode()).digest()
 
 
 def new_webhook_secret() -> str:

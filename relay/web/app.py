@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import StreamReader, web
 
-from relay.api import admin, deliveries, events, health, ingest, sources, targets, tenants
+from relay.api import admin, deliveries, events, health, ingest, portal, sources, targets, tenants
 from relay.api.routing import Route, add_routes, respond
 from relay.console import setup as setup_console
 from relay.core import errors
@@ -66,6 +66,7 @@ def all_routes() -> list[Route]:
         *targets.ROUTES,
         *events.ROUTES,
         *deliveries.ROUTES,
+        *portal.ROUTES,
         *ingest.ROUTES,
     ]
 
