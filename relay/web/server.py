@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 KEEPALIVE_TIMEOUT_S = 75.0
 #: How long a refused connection may take to read its 503 before it is closed.
 REFUSAL_LINGER_S = 1.0
+#: After answering a request whose body was not read to its end, how long the rest
+#: is still received (and thrown away unparsed, never inflated) before the connection
+#: is closed: closing at once could reset the connection before the client read its
+#: answer. aiohttp's ``lingering_time``, which would otherwise read and inflate it.
+DISCARD_LINGER_S = 2.0
 
 
 class HeadersTooLarge(errors.RelayError):
@@ -223,6 +228,28 @@ class GatewayRequestHandler(web.RequestHandler):
         response.force_close()
         return response
 
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """Write the answer; a body left unread is then discarded, never parsed or inflated.
+
+        aiohttp would read the rest of an unread body after the answer ("lingering"),
+        inflating a compressed one: 1 MB of gzip makes 1 GB to inflate, on any route,
+        without a credential. So the answer closes the connection, and what still
+        arrives is received and dropped as raw bytes (``close()`` makes aiohttp ignore
+        incoming data) until the client is done or DISCARD_LINGER_S have passed.
+        """
+        unread = not request.content.is_eof()
+        if unread:
+            resp.force_close()  # "Connection: close", unless the answer is already out
+        result = await super().finish_response(request, resp, start_time)
+        if unread:
+            self.close()
+            transport = self.transport
+            if transport is not None and not transport.is_closing() and transport.can_write_eof():
+                transport.write_eof()  # the answer is complete: the client need not wait
+        return result
+
     def log_exception(self, *args: Any, **kw: Any) -> None:
         """A client's broken or slow body is not a server error, and its text is not logged."""
         exc = kw.get("exc_info")
@@ -280,6 +307,7 @@ class GatewayRunner(web.AppRunner):
     def __init__(self, app: web.Application, **kwargs: Any) -> None:
         kwargs.setdefault("access_log", None)  # the ingest log line is the access log
         kwargs.setdefault("keepalive_timeout", KEEPALIVE_TIMEOUT_S)
+        kwargs.setdefault("lingering_time", DISCARD_LINGER_S)
         super().__init__(app, **kwargs)
         self._server_kwargs = {k: v for k, v in kwargs.items() if k not in RUNNER_OPTIONS}
 
@@ -328,6 +356,7 @@ def check_aiohttp_internals() -> None:
     for owner, names in (
         (web.RequestHandler, ("connection_made", "data_received", "connection_lost")),
         (web.RequestHandler, ("force_close", "handle_error", "log_exception", "transport")),
+        (web.RequestHandler, ("close", "finish_response")),
         (web.Server, ("connections",)),
         (web.BaseRequest, ("protocol",)),
         (web.BaseRunner, ("server",)),
