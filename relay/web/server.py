@@ -4,8 +4,9 @@ aiohttp answers requests it cannot parse itself, before any route runs: in plain
 text that echoes up to 100 bytes of the request (a ``?token=`` included), with
 an ERROR traceback holding the same bytes. :class:`GatewayRequestHandler` answers
 them in API.md's error shape with a fixed message, logs only the error's type,
-and adds what aiohttp lacks: a deadline on request heads and a cap on open
-connections. `relay serve`, `relay dev` and the tests' gateway all run
+and adds what aiohttp lacks: a deadline on request heads, a cap on open
+connections (for which the longest idle kept-alive connection makes room), and
+a body left unread dropped unparsed instead of read and inflated after the answer. `relay serve`, `relay dev` and the tests' gateway all run
 :class:`GatewayRunner`.
 
 What aiohttp offers publicly is used as is: its options (``keepalive_timeout``,
@@ -45,7 +46,7 @@ from aiohttp.web_request import BaseRequest
 
 from relay.core import errors
 from relay.core.config import Settings
-from relay.core.metrics import CONNECTIONS_REFUSED, HEAD_DEADLINE_ERRORS
+from relay.core.metrics import CONNECTIONS_REFUSED, HEAD_DEADLINE_ERRORS, IDLE_CLOSED
 from relay.web.app_keys import SETTINGS
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,11 @@ class GatewayRequestHandler(web.RequestHandler):
         self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Refuse over the cap; else serve, with a deadline for the first head."""
-        if len(self._gateway.connections) >= self._max_connections:
+        """At the cap, close the oldest idle connection or refuse; then serve, with a deadline."""
+        if (
+            len(self._gateway.connections) >= self._max_connections
+            and not self._gateway.close_oldest_idle()
+        ):
             self._refuse(transport)
             return
         super().connection_made(transport)
@@ -163,12 +167,15 @@ class GatewayRequestHandler(web.RequestHandler):
         """Parse ``data``; a head that starts arriving gets a deadline."""
         if self._refused:
             return
+        if data:
+            self._gateway.idle.pop(self, None)  # a next head is arriving: no longer idle
         super().data_received(data)
         if self._head_timer is None and not self._handling:
             self._arm_head_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """Drop the deadline with the connection."""
+        self._gateway.idle.pop(self, None)
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -178,6 +185,7 @@ class GatewayRequestHandler(web.RequestHandler):
         """A request's head has arrived and its handler runs (:class:`GatewayServer`)."""
         self._heads_seen += 1
         self._handling = True
+        self._gateway.idle.pop(self, None)
 
     def request_ended(self) -> None:
         """Its handler has returned; bytes that arrive now start the next head."""
@@ -243,11 +251,13 @@ class GatewayRequestHandler(web.RequestHandler):
         if unread:
             resp.force_close()  # "Connection: close", unless the answer is already out
         result = await super().finish_response(request, resp, start_time)
+        transport = self.transport
         if unread:
             self.close()
-            transport = self.transport
             if transport is not None and not transport.is_closing() and transport.can_write_eof():
                 transport.write_eof()  # the answer is complete: the client need not wait
+        elif resp.keep_alive and transport is not None and not transport.is_closing():
+            self._gateway.mark_idle(self)  # until its next head starts arriving
         return result
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
@@ -277,6 +287,29 @@ class GatewayServer(web.Server):
         self._gateway_loop = loop
         #: what each connection's RequestHandler is given
         self._connection_kwargs = kwargs
+        #: kept-alive connections waiting for their next request, the longest idle first
+        self.idle: dict[GatewayRequestHandler, None] = {}
+
+    def mark_idle(self, connection: GatewayRequestHandler) -> None:
+        """``connection`` answered its request and waits for the next one."""
+        self.idle.pop(connection, None)
+        self.idle[connection] = None
+
+    def close_oldest_idle(self) -> bool:
+        """Close the connection idle the longest, to make room for a new one; False if none.
+
+        The cap protects against many connections, not against a few idle ones: a
+        kept-alive connection waiting for its next request gives its place to a new
+        client (as aiohttp's keep-alive timeout would later), never one in a request.
+        """
+        if not self.idle:
+            return False
+        oldest = next(iter(self.idle))
+        del self.idle[oldest]
+        IDLE_CLOSED.inc()
+        log.debug("closed the longest idle kept-alive connection to make room for a new one")
+        oldest.force_close()
+        return True
 
     def __call__(self) -> GatewayRequestHandler:
         """A new connection's protocol."""
