@@ -6,7 +6,8 @@ an ERROR traceback holding the same bytes. :class:`GatewayRequestHandler` answer
 them in API.md's error shape with a fixed message, logs only the error's type,
 and adds what aiohttp lacks: a deadline on request heads, a cap on open
 connections (for which the longest idle kept-alive connection makes room), and
-a body left unread dropped unparsed instead of read and inflated after the answer. `relay serve`, `relay dev` and the tests' gateway all run
+a body left unread dropped unparsed instead of read and inflated after the
+answer. `relay serve`, `relay dev` and the tests' gateway all run
 :class:`GatewayRunner`.
 
 What aiohttp offers publicly is used as is: its options (``keepalive_timeout``,
