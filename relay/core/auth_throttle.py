@@ -42,6 +42,11 @@ Kind = Literal["console", "operator", "api_key", "source"]
 MANAGEMENT = "management"
 #: Delays stop doubling after this many failures (16 times the first).
 _MAX_DOUBLINGS = 4
+#: The longest a request waits for Redis here: a hung Redis must not slow every
+#: authenticated request (the client's own socket timeout is 2 s).
+REDIS_WAIT_S = 0.5
+#: What a Redis that does not answer in time raises here.
+_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError)
 
 # KEYS[1]: the address's count at a door. ARGV[1]: the window in ms.
 # Counts one failure; returns {failures in the window, ms until the window ends}.
@@ -112,8 +117,10 @@ class AuthThrottle:
         """Raise 429 if ``remote`` is locked out of ``door``; else return at once."""
         address = client_address(remote)
         try:
-            wait_ms = int(await self._locked(keys=[self._key(door, address)], args=[self._limit]))
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            async with asyncio.timeout(REDIS_WAIT_S):
+                locked = await self._locked(keys=[self._key(door, address)], args=[self._limit])
+            wait_ms = int(locked)
+        except _UNAVAILABLE as exc:
             log.warning("credential throttle unavailable, admitting: %s", type(exc).__name__)
             return
         if wait_ms > 0:
@@ -128,11 +135,10 @@ class AuthThrottle:
         address = client_address(remote)
         AUTH_FAILURES.labels(kind).inc()
         try:
-            failures, ttl_ms = await self._fail(
-                keys=[self._key(door, address)], args=[self._window_ms]
-            )
-            failures, ttl_ms = int(failures), int(ttl_ms)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            async with asyncio.timeout(REDIS_WAIT_S):
+                counted = await self._fail(keys=[self._key(door, address)], args=[self._window_ms])
+            failures, ttl_ms = int(counted[0]), int(counted[1])
+        except _UNAVAILABLE as exc:
             log.warning("credential throttle unavailable: %s", type(exc).__name__)
             failures, ttl_ms = 1, self._window_ms
         if failures == 1:
