@@ -47,7 +47,16 @@ from relay.ingest.routes import Routes, SourceEntry, count_deliveries, order_key
 from relay.store import sources as source_store
 from relay.store import targets as target_store
 from relay.store.events import IngestRequest
-from relay.web.app_keys import CACHE, GROUP_COMMIT, LIMITER, POOL, REDIS, SECRETS, SETTINGS
+from relay.web.app_keys import (
+    CACHE,
+    GROUP_COMMIT,
+    LIMITER,
+    POOL,
+    REDIS,
+    SECRETS,
+    SETTINGS,
+    THROTTLE,
+)
 
 log = logging.getLogger("relay.ingest")
 
@@ -128,20 +137,31 @@ async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response
     source = await _source(app, source_id)
     context["tenant_id"] = source.tenant_id
     now = time.time()
+    throttle, door = app[THROTTLE], f"source:{source_id}"
     if not _authentic_before_body(source, request, now):
-        # the secret may have been rotated through another process a moment ago
+        # the secret may have been rotated through another process a moment ago; a
+        # locked-out guesser gets its 429 first, without that read
+        await throttle.admit("source", door, request.remote)
         source = await _source(app, source_id, fresh=True)
         if not _authentic_before_body(source, request, now):
+            await throttle.failed("source", door, request.remote)
             raise errors.Unauthorized("invalid or missing source credentials")
+    if source.auth_type in PRE_BODY_TYPES:
+        # decided only now: from a locked-out address even the right credential is refused
+        await throttle.admit("source", door, request.remote)
     if not is_json_content_type(request):
         raise errors.UnsupportedMediaType()
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise errors.PayloadTooLarge(f"the body is larger than {settings.max_body_bytes} bytes")
     raw = await request.read()  # aiohttp stops at client_max_size while reading: 413
     if not _authentic_with_body(source, request, raw, now):
+        await throttle.admit("source", door, request.remote)
         source = await _source(app, source_id, fresh=True)
         if not _authentic_with_body(source, request, raw, now):
+            await throttle.failed("source", door, request.remote)
             raise errors.Unauthorized("invalid or missing signature")
+    if source.auth_type not in PRE_BODY_TYPES:
+        await throttle.admit("source", door, request.remote)
     remembered = None
     if source.auth_type == "standard-webhooks":
         remembered = await replay_guard.first_sighting(

@@ -17,9 +17,10 @@ import pydantic
 from aiohttp import web
 
 from relay.core import errors, strict_json
+from relay.core.auth_throttle import MANAGEMENT
 from relay.core.crypto import constant_time_equals, hash_api_key
 from relay.store import tenants as tenant_store
-from relay.web.app_keys import POOL, SETTINGS, TENANT_ID
+from relay.web.app_keys import POOL, SETTINGS, TENANT_ID, THROTTLE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Every id the relay makes: a type prefix and a ULID (relay.crypto.new_id).
@@ -79,8 +80,12 @@ def _with_auth(route: Route) -> Handler:
         async def operator(request: web.Request) -> web.StreamResponse:
             token = _bearer(request)
             expected = request.app[SETTINGS].admin_token
+            throttle = request.app[THROTTLE]
             if token is None or not expected or not constant_time_equals(token, expected):
+                if token is not None:  # a value was tried: it costs the guesser
+                    await throttle.failed("operator", MANAGEMENT, request.remote)
                 raise errors.Unauthorized("a valid operator token is required")
+            await throttle.admit("operator", MANAGEMENT, request.remote)
             return await handler(request)
 
         return operator
@@ -91,8 +96,11 @@ def _with_auth(route: Route) -> Handler:
             if token is None:
                 raise errors.Unauthorized("a tenant API key is required")
             tenant_id = await tenant_store.tenant_for_key(request.app[POOL], hash_api_key(token))
+            throttle = request.app[THROTTLE]
             if tenant_id is None:
+                await throttle.failed("api_key", MANAGEMENT, request.remote)
                 raise errors.Unauthorized("invalid or revoked API key")
+            await throttle.admit("api_key", MANAGEMENT, request.remote)
             request[TENANT_ID] = tenant_id
             return await handler(request)
 

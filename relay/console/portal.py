@@ -17,12 +17,13 @@ from typing import Literal
 
 from aiohttp import web
 
-from relay.console.render import PREFIX, page, see_other
+from relay.console.render import PREFIX, error_page, page, see_other
 from relay.console.session import Viewer, sign_in_portal
 from relay.core import errors
+from relay.core.auth_throttle import MANAGEMENT
 from relay.core.crypto import PORTAL_TOKEN_PREFIX, hash_portal_token
 from relay.store import portal_links as store
-from relay.web.app_keys import POOL
+from relay.web.app_keys import POOL, THROTTLE
 
 #: Where links open (``/console/portal/<token>``) and where an ended portal session lands.
 LINK_PREFIX = f"{PREFIX}/portal/"
@@ -82,6 +83,21 @@ async def _refused(request: web.Request, why: Refusal) -> web.Response:
     )
 
 
+async def _guessed(request: web.Request, why: Refusal) -> web.Response:
+    """A link that opens nothing: counted like a failed sign-in (a growing delay, then 429)."""
+    try:
+        await request.app[THROTTLE].failed("console", MANAGEMENT, request.remote)
+    except errors.RateLimited as exc:
+        return await _throttled(request, exc)
+    return await _refused(request, why)
+
+
+async def _throttled(request: web.Request, exc: errors.RateLimited) -> web.Response:
+    response = await error_page(request, exc.status, exc.message)
+    response.headers.update(exc.headers)
+    return response
+
+
 class PortalLink(web.View):
     """``/console/portal/{token}``: GET shows the button, POST uses the link and signs in."""
 
@@ -89,10 +105,10 @@ class PortalLink(web.View):
         request = self.request
         token = request.match_info["token"]
         if not _TOKEN.fullmatch(token):
-            return await _refused(request, "unknown")
+            return await _guessed(request, "unknown")
         found = await store.look_up_portal_link(request.app[POOL], hash_portal_token(token))
         if found is None:
-            return await _refused(request, "unknown")
+            return await _guessed(request, "unknown")
         grant, state = found
         if state != "open":
             return await _refused(request, state)
@@ -111,13 +127,18 @@ class PortalLink(web.View):
         request = self.request
         token = request.match_info["token"]
         if not _TOKEN.fullmatch(token):
-            return await _refused(request, "unknown")
+            return await _guessed(request, "unknown")
+        try:
+            # from a locked-out address even a good link waits (it stays unused)
+            await request.app[THROTTLE].admit("console", MANAGEMENT, request.remote)
+        except errors.RateLimited as exc:
+            return await _throttled(request, exc)
         token_hash = hash_portal_token(token)
         grant = await store.use_portal_link(request.app[POOL], token_hash)
         if grant is None:
             found = await store.look_up_portal_link(request.app[POOL], token_hash)
             # found and "open": used and expired in the same instant; say it was used
-            return await _refused(
+            return await _guessed(
                 request, "unknown" if found is None else found[1] if found[1] != "open" else "used"
             )
         await sign_in_portal(request, grant)

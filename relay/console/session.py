@@ -121,17 +121,31 @@ async def csrf_ok(request: web.Request) -> bool:
     )
 
 
-async def sign_in(request: web.Request, token: str) -> Viewer | None:
-    """Start a session for the admin token or a live API key; None if it is neither."""
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Whom a token names, and what their session will hold (never the token)."""
+
+    viewer: Viewer
+    data: dict[str, str]
+
+
+async def identify(request: web.Request, token: str) -> Identity | None:
+    """The admin token or a live API key's owner; None if ``token`` is neither."""
     settings = request.app[SETTINGS]
     if settings.admin_token and constant_time_equals(token, settings.admin_token):
-        viewer, data = OPERATOR, {"who": "operator", "admin": _admin_fingerprint(token)}
-    else:
-        owner = await store.key_owner_by_hash(request.app[POOL], hash_api_key(token))
-        if owner is None:
-            return None
-        viewer = Viewer("tenant", owner.tenant_id, owner.tenant_name)
-        data = {"who": "tenant", "key": owner.key_id, "tenant": owner.tenant_id}
+        return Identity(OPERATOR, {"who": "operator", "admin": _admin_fingerprint(token)})
+    owner = await store.key_owner_by_hash(request.app[POOL], hash_api_key(token))
+    if owner is None:
+        return None
+    return Identity(
+        Viewer("tenant", owner.tenant_id, owner.tenant_name),
+        {"who": "tenant", "key": owner.key_id, "tenant": owner.tenant_id},
+    )
+
+
+async def sign_in(request: web.Request, identity: Identity) -> Viewer:
+    """Start a session for ``identity`` (see :func:`identify`)."""
+    viewer, data = identity.viewer, identity.data
     # a fresh session (new id, new CSRF token): nothing of the signed-out one carries over
     session = await new_session(request)
     session.update(

@@ -6,7 +6,10 @@ from aiohttp import web
 
 from relay.console.forms import local_path
 from relay.console.render import PREFIX, page, see_other
-from relay.console.session import current_viewer, sign_in, sign_out
+from relay.console.session import current_viewer, identify, sign_in, sign_out
+from relay.core import errors
+from relay.core.auth_throttle import MANAGEMENT
+from relay.web.app_keys import THROTTLE
 
 #: Why the sign-in page is shown, in words (``?reason=``).
 REASONS = {
@@ -14,6 +17,8 @@ REASONS = {
     "ended": "Your session has ended (signed out, or its key was revoked). Sign in again.",
     "signed_out": "You are signed out.",
 }
+
+NEITHER = "That is neither the admin token nor a live API key."
 
 
 class SignIn(web.View):
@@ -38,22 +43,35 @@ class SignIn(web.View):
         request = self.request
         form = await request.post()
         token = form.get("token")
-        viewer = None
-        if isinstance(token, str) and token.strip():
-            viewer = await sign_in(request, token.strip())
-        if viewer is None:
-            return await page(
-                request,
-                "login.html",
-                {
-                    "title": "Sign in",
-                    "notice": None,
-                    "error": "That is neither the admin token nor a live API key.",
-                    "next": local_path(form.get("next")) or "",
-                },
-                status=401,
-            )
+        throttle = request.app[THROTTLE]
+        tried = token.strip() if isinstance(token, str) else ""
+        identity = await identify(request, tried) if tried else None
+        try:
+            if identity is None:
+                if tried:  # a value was tried: it costs the guesser (a growing delay, then 429)
+                    await throttle.failed("console", MANAGEMENT, request.remote)
+                return await self._again(form.get("next"), NEITHER)
+            # decided only now: from a locked-out address even the right token is refused
+            await throttle.admit("console", MANAGEMENT, request.remote)
+        except errors.RateLimited as exc:
+            refused = await self._again(form.get("next"), exc.message, status=exc.status)
+            refused.headers.update(exc.headers)
+            return refused
+        await sign_in(request, identity)
         return see_other(local_path(form.get("next")) or f"{PREFIX}/")
+
+    async def _again(self, next_path: object, error: str, status: int = 401) -> web.Response:
+        return await page(
+            self.request,
+            "login.html",
+            {
+                "title": "Sign in",
+                "notice": None,
+                "error": error,
+                "next": local_path(next_path) or "",
+            },
+            status=status,
+        )
 
 
 class SignOut(web.View):

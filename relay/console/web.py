@@ -31,7 +31,7 @@ from relay.console.session import VIEWER, csrf_ok, current_viewer, session_stora
 from relay.core import errors
 from relay.core.crypto import new_id
 from relay.store.db import POSTGRES_DOWN
-from relay.web.app_keys import CACHE, ENQUEUER, POOL, REDIS, SECRETS, SETTINGS
+from relay.web.app_keys import CACHE, ENQUEUER, POOL, REDIS, SECRETS, SETTINGS, THROTTLE
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,15 @@ def asset_version() -> str:
 
 
 #: Keys of the gateway the console reads (and the API helpers it calls read) on its requests.
-_SHARED_KEYS: tuple[web.AppKey[Any], ...] = (SETTINGS, POOL, REDIS, SECRETS, CACHE, ENQUEUER)
+_SHARED_KEYS: tuple[web.AppKey[Any], ...] = (
+    SETTINGS,
+    POOL,
+    REDIS,
+    SECRETS,
+    CACHE,
+    ENQUEUER,
+    THROTTLE,
+)
 
 
 def setup(app: web.Application) -> None:

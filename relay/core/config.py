@@ -85,6 +85,12 @@ class Settings:
     breaker_max_open_s: float = 600.0
     #: A console session ends after this long without a request (sign in again).
     console_idle_s: float = 1800.0
+    #: Failed credentials from one address: the limit-th within the window is
+    #: answered 429 (and everything from it until the window ends); each failure
+    #: before waits delay_s, doubling with each failure (up to 16 times delay_s).
+    auth_failure_limit: int = 10
+    auth_failure_window_s: float = 60.0
+    auth_failure_delay_s: float = 0.2
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, required: Collection[str] = ()) -> Settings:
@@ -178,6 +184,16 @@ class Settings:
             values["breaker_max_open_s"] = _positive(v, "RELAY_BREAKER_MAX_OPEN_S")
         if (v := get("RELAY_CONSOLE_IDLE_S")) is not None:
             values["console_idle_s"] = _positive(v, "RELAY_CONSOLE_IDLE_S")
+        if (v := get("RELAY_AUTH_FAILURE_LIMIT")) is not None:
+            values["auth_failure_limit"] = int(
+                _positive(v, "RELAY_AUTH_FAILURE_LIMIT", integer=True)
+            )
+        if (v := get("RELAY_AUTH_FAILURE_WINDOW_S")) is not None:
+            values["auth_failure_window_s"] = _positive(v, "RELAY_AUTH_FAILURE_WINDOW_S")
+        if (v := get("RELAY_AUTH_FAILURE_DELAY_S")) is not None:
+            values["auth_failure_delay_s"] = _positive(
+                v, "RELAY_AUTH_FAILURE_DELAY_S", allow_zero=True
+            )
         if (v := get("RELAY_LOG_LEVEL")) is not None:
             if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
                 raise ConfigError("RELAY_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")

@@ -48,6 +48,20 @@ CONNECTIONS_REFUSED = Counter(
     "relay_connections_refused_total",
     "Connections the gateway refused because RELAY_MAX_CONNECTIONS were open.",
 )
+AUTH_FAILURES = Counter(
+    "relay_auth_failures_total",
+    "Failed credentials: console sign-ins, admin tokens, API keys, source credentials.",
+    ["kind"],
+)
+AUTH_THROTTLED = Counter(
+    "relay_auth_throttled_total",
+    "Requests answered 429 because their address failed too many credentials.",
+    ["kind"],
+)
+IDLE_CLOSED = Counter(
+    "relay_idle_connections_closed_total",
+    "Idle kept-alive connections closed to make room for a new one at RELAY_MAX_CONNECTIONS.",
+)
 HEAD_DEADLINE_ERRORS = Counter(
     "relay_head_deadline_errors_total",
     "Request-head deadlines that failed when they fired (the connection was closed anyway).",

@@ -14,6 +14,7 @@ from relay.api import admin, deliveries, events, health, ingest, portal, sources
 from relay.api.routing import Route, add_routes, respond
 from relay.console import setup as setup_console
 from relay.core import errors
+from relay.core.auth_throttle import AuthThrottle
 from relay.core.config import Settings
 from relay.core.crypto import SecretBox, new_id
 from relay.core.ratelimit import RateLimiter
@@ -31,6 +32,7 @@ from relay.web.app_keys import (
     REDIS,
     SECRETS,
     SETTINGS,
+    THROTTLE,
 )
 from relay.web.edge import edge_middleware
 from relay.web.openapi import build_openapi
@@ -183,6 +185,13 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     client = aioredis.from_url(app[SETTINGS].redis_url, socket_timeout=2, socket_connect_timeout=2)
     app[REDIS] = client
     app[LIMITER] = RateLimiter(client)
+    settings = app[SETTINGS]
+    app[THROTTLE] = AuthThrottle(
+        client,
+        limit=settings.auth_failure_limit,
+        window_s=settings.auth_failure_window_s,
+        delay_s=settings.auth_failure_delay_s,
+    )
     yield
     await client.aclose()
 

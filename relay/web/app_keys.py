@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from relay.core.auth_throttle import AuthThrottle
     from relay.core.config import Settings
     from relay.core.crypto import SecretBox
     from relay.core.ratelimit import RateLimiter
@@ -22,6 +23,7 @@ SECRETS: web.AppKey[SecretBox] = web.AppKey("secrets")
 CACHE: web.AppKey[RoutingCache] = web.AppKey("cache")
 ENQUEUER: web.AppKey[Enqueuer] = web.AppKey("enqueuer")
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")
+THROTTLE: web.AppKey[AuthThrottle] = web.AppKey("auth_throttle")
 GROUP_COMMIT: web.AppKey[GroupCommit] = web.AppKey("group_commit")
 #: The OpenAPI document, built once from the route table.
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")

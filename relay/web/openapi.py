@@ -196,7 +196,8 @@ def _operation(route: Route, components: dict[str, Any]) -> dict[str, Any]:
     elif route.auth == "source":
         op["security"] = [{"sourceToken": []}, {"sourceBasic": []}, {}]
     if route.auth != "none":
-        errors |= {401, 503}
+        # 429: an address that failed too many credentials (relay/core/auth_throttle.py)
+        errors |= {401, 429, 503}
     if path_params:
         errors.add(404)
     if route.body is not None:

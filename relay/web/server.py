@@ -4,8 +4,10 @@ aiohttp answers requests it cannot parse itself, before any route runs: in plain
 text that echoes up to 100 bytes of the request (a ``?token=`` included), with
 an ERROR traceback holding the same bytes. :class:`GatewayRequestHandler` answers
 them in API.md's error shape with a fixed message, logs only the error's type,
-and adds what aiohttp lacks: a deadline on request heads and a cap on open
-connections. `relay serve`, `relay dev` and the tests' gateway all run
+and adds what aiohttp lacks: a deadline on request heads, a cap on open
+connections (for which the longest idle kept-alive connection makes room), and
+a body left unread dropped unparsed instead of read and inflated after the
+answer. `relay serve`, `relay dev` and the tests' gateway all run
 :class:`GatewayRunner`.
 
 What aiohttp offers publicly is used as is: its options (``keepalive_timeout``,
@@ -45,7 +47,7 @@ from aiohttp.web_request import BaseRequest
 
 from relay.core import errors
 from relay.core.config import Settings
-from relay.core.metrics import CONNECTIONS_REFUSED, HEAD_DEADLINE_ERRORS
+from relay.core.metrics import CONNECTIONS_REFUSED, HEAD_DEADLINE_ERRORS, IDLE_CLOSED
 from relay.web.app_keys import SETTINGS
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,11 @@ log = logging.getLogger(__name__)
 KEEPALIVE_TIMEOUT_S = 75.0
 #: How long a refused connection may take to read its 503 before it is closed.
 REFUSAL_LINGER_S = 1.0
+#: After answering a request whose body was not read to its end, how long the rest
+#: is still received (and thrown away unparsed, never inflated) before the connection
+#: is closed: closing at once could reset the connection before the client read its
+#: answer. aiohttp's ``lingering_time``, which would otherwise read and inflate it.
+DISCARD_LINGER_S = 2.0
 
 
 class HeadersTooLarge(errors.RelayError):
@@ -137,8 +144,11 @@ class GatewayRequestHandler(web.RequestHandler):
         self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Refuse over the cap; else serve, with a deadline for the first head."""
-        if len(self._gateway.connections) >= self._max_connections:
+        """At the cap, close the oldest idle connection or refuse; then serve, with a deadline."""
+        if (
+            len(self._gateway.connections) >= self._max_connections
+            and not self._gateway.close_oldest_idle()
+        ):
             self._refuse(transport)
             return
         super().connection_made(transport)
@@ -158,12 +168,15 @@ class GatewayRequestHandler(web.RequestHandler):
         """Parse ``data``; a head that starts arriving gets a deadline."""
         if self._refused:
             return
+        if data:
+            self._gateway.idle.pop(self, None)  # a next head is arriving: no longer idle
         super().data_received(data)
         if self._head_timer is None and not self._handling:
             self._arm_head_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """Drop the deadline with the connection."""
+        self._gateway.idle.pop(self, None)
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -173,6 +186,7 @@ class GatewayRequestHandler(web.RequestHandler):
         """A request's head has arrived and its handler runs (:class:`GatewayServer`)."""
         self._heads_seen += 1
         self._handling = True
+        self._gateway.idle.pop(self, None)
 
     def request_ended(self) -> None:
         """Its handler has returned; bytes that arrive now start the next head."""
@@ -223,6 +237,30 @@ class GatewayRequestHandler(web.RequestHandler):
         response.force_close()
         return response
 
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """Write the answer; a body left unread is then discarded, never parsed or inflated.
+
+        aiohttp would read the rest of an unread body after the answer ("lingering"),
+        inflating a compressed one: 1 MB of gzip makes 1 GB to inflate, on any route,
+        without a credential. So the answer closes the connection, and what still
+        arrives is received and dropped as raw bytes (``close()`` makes aiohttp ignore
+        incoming data) until the client is done or DISCARD_LINGER_S have passed.
+        """
+        unread = not request.content.is_eof()
+        if unread:
+            resp.force_close()  # "Connection: close", unless the answer is already out
+        result = await super().finish_response(request, resp, start_time)
+        transport = self.transport
+        if unread:
+            self.close()
+            if transport is not None and not transport.is_closing() and transport.can_write_eof():
+                transport.write_eof()  # the answer is complete: the client need not wait
+        elif resp.keep_alive and transport is not None and not transport.is_closing():
+            self._gateway.mark_idle(self)  # until its next head starts arriving
+        return result
+
     def log_exception(self, *args: Any, **kw: Any) -> None:
         """A client's broken or slow body is not a server error, and its text is not logged."""
         exc = kw.get("exc_info")
@@ -250,6 +288,29 @@ class GatewayServer(web.Server):
         self._gateway_loop = loop
         #: what each connection's RequestHandler is given
         self._connection_kwargs = kwargs
+        #: kept-alive connections waiting for their next request, the longest idle first
+        self.idle: dict[GatewayRequestHandler, None] = {}
+
+    def mark_idle(self, connection: GatewayRequestHandler) -> None:
+        """``connection`` answered its request and waits for the next one."""
+        self.idle.pop(connection, None)
+        self.idle[connection] = None
+
+    def close_oldest_idle(self) -> bool:
+        """Close the connection idle the longest, to make room for a new one; False if none.
+
+        The cap protects against many connections, not against a few idle ones: a
+        kept-alive connection waiting for its next request gives its place to a new
+        client (as aiohttp's keep-alive timeout would later), never one in a request.
+        """
+        if not self.idle:
+            return False
+        oldest = next(iter(self.idle))
+        del self.idle[oldest]
+        IDLE_CLOSED.inc()
+        log.debug("closed the longest idle kept-alive connection to make room for a new one")
+        oldest.force_close()
+        return True
 
     def __call__(self) -> GatewayRequestHandler:
         """A new connection's protocol."""
@@ -280,6 +341,7 @@ class GatewayRunner(web.AppRunner):
     def __init__(self, app: web.Application, **kwargs: Any) -> None:
         kwargs.setdefault("access_log", None)  # the ingest log line is the access log
         kwargs.setdefault("keepalive_timeout", KEEPALIVE_TIMEOUT_S)
+        kwargs.setdefault("lingering_time", DISCARD_LINGER_S)
         super().__init__(app, **kwargs)
         self._server_kwargs = {k: v for k, v in kwargs.items() if k not in RUNNER_OPTIONS}
 
@@ -328,6 +390,7 @@ def check_aiohttp_internals() -> None:
     for owner, names in (
         (web.RequestHandler, ("connection_made", "data_received", "connection_lost")),
         (web.RequestHandler, ("force_close", "handle_error", "log_exception", "transport")),
+        (web.RequestHandler, ("close", "finish_response")),
         (web.Server, ("connections",)),
         (web.BaseRequest, ("protocol",)),
         (web.BaseRunner, ("server",)),

@@ -510,3 +510,20 @@ async def test_two_processes_opening_one_link_at_once_sign_in_one_browser(
     finally:
         for browser in browsers:
             await browser.close()
+
+
+async def test_guessing_portal_links_is_throttled_like_sign_in(
+    aiohttp_client: Any, settings: Settings
+) -> None:
+    # Given a gateway whose failed sign-ins wait only a moment
+    client = await aiohttp_client(
+        GatewayTestServer(create_app(settings.with_overrides(auth_failure_delay_s=0.01)))
+    )
+    # When one address opens links that do not exist, again and again
+    statuses = []
+    for n in range(10):
+        resp = await client.get(f"/console/portal/{'B' * 42}{n}", allow_redirects=False)
+        statuses.append(resp.status)
+    # Then each costs it like a failed sign-in, and the tenth is refused 429 with Retry-After
+    assert statuses[:9] == [404] * 9
+    assert statuses[9] == 429 and resp.headers.get("Retry-After")

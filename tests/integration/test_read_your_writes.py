@@ -31,7 +31,15 @@ BILL = {"date": "2026-11-28T12:00:00Z", "objectType": "Bill", "action": "paid", 
 @pytest.fixture
 def replicas(database_url: str, clean_redis: str, tmp_path: Path) -> Iterator[list[str]]:
     env = stack_env(
-        database_url, clean_redis, RELAY_CACHE_TTL_S="300", RELAY_ALLOW_PRIVATE_TARGETS="1"
+        database_url,
+        clean_redis,
+        RELAY_CACHE_TTL_S="300",
+        RELAY_ALLOW_PRIVATE_TARGETS="1",
+        # revoked keys and old secrets are refused here on purpose, 20 times in a row from
+        # one address: the credential throttle (tests/integration/test_credential_guessing.py)
+        # would answer 429 from the tenth
+        RELAY_AUTH_FAILURE_LIMIT="1000",
+        RELAY_AUTH_FAILURE_DELAY_S="0",
     )
     with start_replicas(env, tmp_path, processes=2) as urls:
         yield urls
