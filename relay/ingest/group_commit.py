@@ -17,6 +17,13 @@ events without a uuid would otherwise be stored twice. Once a group has
 committed, its targets are woken on the broker, each once (the sweeper covers a
 wake-up that is lost).
 
+Two lanes, so that one tenant's heavy requests never hold up another's light
+ones: a request that takes ordered keys' locks or stores more than
+``LIGHT_EVENTS`` events goes in the heavy lane, every other in the light lane.
+Each lane forms its own groups with its own transactions in flight (a light
+request never shares a transaction with, nor waits for a slot behind, a heavy
+one that waits on key locks or writes ten thousand rows).
+
 A stalled Postgres (a lock wait, a full disk) is not waited for: a pooled
 connection is waited for at most ``acquire_timeout_s``, a statement at most the
 pool's command timeout, and at most ``max_waiting`` requests wait in a process;
@@ -26,6 +33,7 @@ one more is answered 503 at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,8 +45,10 @@ from relay.store.events import IngestRequest, IngestResult, record_event_groups
 
 log = logging.getLogger(__name__)
 
-#: Transactions of groups in flight at once; arrivals meanwhile form the next group.
+#: Transactions of groups in flight at once, per lane; arrivals meanwhile form the next group.
 MAX_RUNNING = 4
+#: A request of at most this many events and no ordered key goes in the light lane.
+LIGHT_EVENTS = 100
 #: Events in one transaction at most (a bigger request is a group of its own).
 MAX_GROUP_EVENTS = 2000
 #: Ordered keys' advisory locks one transaction takes at most, so that no group fills
@@ -51,6 +61,21 @@ MAX_WAITING = 1000
 ACQUIRE_TIMEOUT_S = 5.0
 
 Waiter = tuple[IngestRequest, "asyncio.Future[IngestResult]"]
+
+
+class _Lane:
+    """Requests of one weight waiting to be grouped, and their groups in flight."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.waiting: list[Waiter] = []
+        self.scheduled = False
+        self.running: set[asyncio.Task[None]] = set()
+
+
+def is_light(request: IngestRequest) -> bool:
+    """A request that takes no ordered key's lock and stores few events."""
+    return request.lock_count == 0 and len(request.events) <= LIGHT_EVENTS
 
 
 class GroupCommit:
@@ -79,9 +104,7 @@ class GroupCommit:
         self._acquire_timeout_s = acquire_timeout_s
         #: requests handed to commit() and not answered yet
         self._unanswered = 0
-        self._waiting: list[Waiter] = []
-        self._scheduled = False
-        self._running: set[asyncio.Task[None]] = set()
+        self._light, self._heavy = _Lane("light"), _Lane("heavy")
 
     async def commit(self, request: IngestRequest) -> IngestResult:
         """Store ``request``'s events; return once they are committed (or raise its error).
@@ -94,10 +117,11 @@ class GroupCommit:
                 "too many requests are waiting for the database; try again shortly"
             )
         future: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
-        self._waiting.append((request, future))
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._start)
+        lane = self._light if is_light(request) else self._heavy
+        lane.waiting.append((request, future))
+        if not lane.scheduled:
+            lane.scheduled = True
+            asyncio.get_running_loop().call_soon(self._start, lane)
         self._unanswered += 1
         INGEST_WAITING.inc()
         try:
@@ -106,18 +130,19 @@ class GroupCommit:
             self._unanswered -= 1
             INGEST_WAITING.dec()
 
-    def _start(self) -> None:
-        """Start groups of what waits, while fewer than ``max_running`` are in flight."""
-        self._scheduled = False
-        while self._waiting and len(self._running) < self._max_running:
-            group = self._take()
+    def _start(self, lane: _Lane) -> None:
+        """Start groups of what waits in ``lane``, while fewer than ``max_running`` of its
+        groups are in flight."""
+        lane.scheduled = False
+        while lane.waiting and len(lane.running) < self._max_running:
+            group = self._take(lane)
             task = asyncio.ensure_future(self._run(group))
-            self._running.add(task)
-            task.add_done_callback(self._done)
+            lane.running.add(task)
+            task.add_done_callback(functools.partial(self._done, lane))
 
-    def _take(self) -> list[Waiter]:
+    def _take(self, lane: _Lane) -> list[Waiter]:
         count, locks, taken = 0, 0, 0
-        for request, _ in self._waiting:
+        for request, _ in lane.waiting:
             if taken and (
                 count + len(request.events) > self._max_events
                 or locks + request.lock_count > MAX_GROUP_KEY_LOCKS
@@ -126,14 +151,14 @@ class GroupCommit:
             count += len(request.events)
             locks += request.lock_count
             taken += 1
-        group, self._waiting = self._waiting[:taken], self._waiting[taken:]
+        group, lane.waiting = lane.waiting[:taken], lane.waiting[taken:]
         return group
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        if self._waiting and not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._start)
+    def _done(self, lane: _Lane, task: asyncio.Task[None]) -> None:
+        lane.running.discard(task)
+        if lane.waiting and not lane.scheduled:
+            lane.scheduled = True
+            asyncio.get_running_loop().call_soon(self._start, lane)
 
     async def _run(self, group: list[Waiter]) -> None:
         failure = await self._attempt(group)
@@ -215,11 +240,12 @@ class GroupCommit:
 
     async def close(self) -> None:
         """Wait for the groups in flight (the server has stopped taking requests)."""
-        while self._running or self._waiting:
-            if self._running:
-                await asyncio.wait(set(self._running))
-            else:
-                self._start()
+        for lane in (self._light, self._heavy):
+            while lane.running or lane.waiting:
+                if lane.running:
+                    await asyncio.wait(set(lane.running))
+                else:
+                    self._start(lane)
 
 
 def _unavailable(exc: Exception) -> Exception:

@@ -1,0 +1,188 @@
+"""A noisy tenant does not starve a quiet one (issue 21's scenario), on the real stack.
+
+A gateway (`relay serve`) and a worker (`relay worker`) run as processes. A noisy
+tenant's process (tests/faults/noise.py) sends, for 20 s on many connections:
+gzip bombs to an unauthenticated route, ~900 KB events to ten ordered targets,
+batches of 1,000 events with distinct ordering keys, and lists of those 1 MB
+events at limit=500. Meanwhile a quiet tenant posts one small event every
+100 ms to its one target. None of the quiet tenant's requests is refused (its
+light requests commit in their own lane, never behind the noisy tenant's key
+locks: before, the quiet tenant got 503 after the 5 s statement timeout), every
+one of its events arrives within seconds, nothing is a 500, and the gateway's
+memory stays bounded (RSS under 300 MiB). The quiet tenant's ingest and
+delivery latencies are printed, not asserted (speed is for bench/; on a
+2-core machine that also runs Postgres, the worker and the noise they are
+still above the 100 ms p99 the issue asks for). Slow DNS is the one noise not
+made here:
+the worker resolves through its own bounded pool, tested with a stubbed
+resolver in tests/integration/test_egress_dns.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import ADMIN_TOKEN, stack_env
+from tests.services import GatewayProcess
+from tests.stack import Receiver, WorkerProcess, eventually
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+ROOT = Path(__file__).resolve().parents[2]
+NOISE_S = 20
+QUIET_EVENTS = 120
+QUIET_EVERY_S = 0.1
+
+
+def group_rss_mib(leader: int) -> float:
+    """The largest resident set of a process in ``leader``'s process group, in MiB."""
+    largest = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != leader:
+                continue
+            status = (stat.parent / "status").read_text()
+        except (OSError, IndexError, ValueError):
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                largest = max(largest, int(line.split()[1]) / 1024)
+    return largest
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+async def test_a_noisy_tenant_does_not_starve_a_quiet_one(
+    database_url: str, clean_redis: str, tmp_path: Path
+) -> None:
+    receiver = await Receiver().start()
+    env = stack_env(
+        database_url,
+        clean_redis,
+        RELAY_ALLOW_PRIVATE_TARGETS="1",
+        RELAY_LOG_LEVEL="WARNING",
+    )
+    gateway = GatewayProcess(env, tmp_path / "gateway.log", processes=1).start()
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    base = gateway.url
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    noise: subprocess.Popen[bytes] | None = None
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+
+            async def call(method: str, path: str, key: str | None, body: Any = None) -> Any:
+                headers = admin if key is None else {"Authorization": f"Bearer {key}"}
+                async with http.request(method, base + path, json=body, headers=headers) as r:
+                    assert r.status in (200, 201), (path, r.status, await r.text())
+                    return await r.json()
+
+            # Given a quiet tenant with one target, and a noisy one with ten ordered targets
+            quiet = (await call("POST", "/v1/tenants", None, {"name": "Quiet"}))["api_key"]
+            noisy = (await call("POST", "/v1/tenants", None, {"name": "Noisy"}))["api_key"]
+            quiet_source = await call(
+                "POST", "/v1/sources", quiet, {"name": "q", "auth": {"type": "token"}}
+            )
+            await call("POST", "/v1/targets", quiet, {"url": receiver.url("/quiet")})
+            noisy_source = await call(
+                "POST", "/v1/sources", noisy, {"name": "n", "auth": {"type": "token"}}
+            )
+            for i in range(10):
+                await call(
+                    "POST",
+                    "/v1/targets",
+                    noisy,
+                    {
+                        "url": receiver.url(f"/noisy/{i}"),
+                        "ordering": "object",
+                        "ordering_key": "/data/invoice/id",
+                        "max_in_flight": 50,
+                    },
+                )
+            # When the noisy tenant's process makes all its noise for NOISE_S seconds
+            config = {
+                "base": base,
+                "host": "127.0.0.1",
+                "port": gateway.port,
+                "source": noisy_source["id"],
+                "token": noisy_source["secret"],
+                "key": noisy,
+                "seconds": NOISE_S,
+            }
+            noise = subprocess.Popen(
+                [sys.executable, "-m", "tests.faults.noise", json.dumps(config)],
+                cwd=ROOT,
+                env={**os.environ},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            await asyncio.sleep(3)  # the noise is up to speed
+
+            # and the quiet tenant posts one event every 100 ms, watching its memory too
+            ingest_ms: list[float] = []
+            posted: dict[str, float] = {}
+            rss: list[float] = []
+            url = f"{base}/in/{quiet_source['id']}?token={quiet_source['secret']}"
+            for n in range(QUIET_EVENTS):
+                started = time.monotonic()
+                async with http.post(
+                    url, json={"uuid": f"quiet-{n}", "objectType": "Bill", "action": "paid"}
+                ) as r:
+                    answer = await r.json()
+                    assert r.status == 202, answer
+                ingest_ms.append((time.monotonic() - started) * 1000)
+                posted[answer["event_ids"][0]] = started
+                if n % 5 == 0:
+                    assert gateway.proc is not None
+                    rss.append(await asyncio.to_thread(group_rss_mib, gateway.proc.pid))
+                await asyncio.sleep(max(0.0, QUIET_EVERY_S - (time.monotonic() - started)))
+
+            # Then every quiet event arrives, and fast
+            async def arrived() -> bool:
+                return len(receiver.at("/quiet")) >= QUIET_EVENTS
+
+            await eventually(arrived, timeout=60)
+            delivery_ms = [
+                (r.at - posted[r.headers["webhook-id"]]) * 1000
+                for r in receiver.at("/quiet")
+                if r.headers["webhook-id"] in posted
+            ]
+        out, _ = await asyncio.to_thread(noise.communicate, timeout=NOISE_S + 60)
+        noise_counts = json.loads(out.decode().strip().splitlines()[-1])
+    finally:
+        if noise is not None and noise.poll() is None:
+            noise.kill()
+        worker.stop()
+        gateway.stop()
+        await receiver.close()
+    figures = {
+        "quiet ingest p50/p99 ms": (sorted(ingest_ms)[len(ingest_ms) // 2], p99(ingest_ms)),
+        "quiet delivery p50/p99 ms": (
+            sorted(delivery_ms)[len(delivery_ms) // 2],
+            p99(delivery_ms),
+        ),
+        "gateway max RSS MiB": max(rss),
+        "noise": noise_counts,
+        "noisy deliveries received": sum(len(receiver.at(f"/noisy/{i}")) for i in range(10)),
+    }
+    print(json.dumps(figures, indent=1))
+    # the noise really was made (the stack was loaded), and nothing of it was a 500
+    assert noise_counts.get("bomb", 0) > 0 and noise_counts.get("keys-202", 0) > 0
+    assert noise_counts.get("big-202", 0) > 0 and noise_counts.get("list-200", 0) > 0
+    assert not any(k.endswith("-500") for k in noise_counts), noise_counts
+    assert len(delivery_ms) == QUIET_EVENTS
+    assert max(delivery_ms) < 10_000, figures
+    assert max(rss) < 300, figures
