@@ -233,7 +233,9 @@ class Replay(web.View):
             message = f"Replaying {count} {noun}: a worker puts them back to pending in batches."
         else:
             message = f"Replayed {count} {noun}: back to pending"
-            held = await store.holds_of(request.app[POOL], plan.ids)
+            held = await store.held_deliveries(
+                request.app[POOL], selection.tenant_id, delivery_ids=plan.ids
+            )
             reasons = {
                 "circuit": "their target's circuit breaker is open: they go after a probe succeeds",
                 "disabled": "their target is disabled: they go once it is enabled again",

@@ -444,8 +444,11 @@ class Held:
     targets: int
 
 
-async def held_deliveries(conn: Queries, tenant_id: str | None) -> list[Held]:
-    """Due deliveries held by their target (disabled, breaker open, rate limit), by reason."""
+async def held_deliveries(
+    conn: Queries, tenant_id: str | None, *, delivery_ids: Sequence[str] | None = None
+) -> list[Held]:
+    """Due deliveries held by their target (disabled, breaker open, rate limit), by reason:
+    a tenant's (None: every tenant's), or of ``delivery_ids`` only (due or not yet)."""
     rows = await conn.fetch(
         f"""
         SELECT r.reason, count(*) AS deliveries, count(DISTINCT r.target_id) AS targets
@@ -453,32 +456,16 @@ async def held_deliveries(conn: Queries, tenant_id: str | None) -> list[Held]:
             SELECT d.target_id, {hold_reason("t", "h")} AS reason
             FROM deliveries d JOIN targets t ON t.id = d.target_id
             LEFT JOIN target_health h ON h.target_id = t.id
-            WHERE d.status IN ('pending', 'retrying') AND d.next_attempt_at <= now()
+            WHERE d.status IN ('pending', 'retrying')
               AND ($1::text IS NULL OR d.tenant_id = $1)
+              AND CASE WHEN $2::text[] IS NULL THEN d.next_attempt_at <= now()
+                       ELSE d.id = ANY($2::text[]) END
         ) r
         WHERE r.reason IS NOT NULL
         GROUP BY r.reason ORDER BY r.reason
         """,
         tenant_id,
-    )
-    return [Held(r["reason"], r["deliveries"], r["targets"]) for r in rows]
-
-
-async def holds_of(conn: Queries, delivery_ids: Sequence[str]) -> list[Held]:
-    """What holds these deliveries now, by reason (those not held are left out)."""
-    rows = await conn.fetch(
-        f"""
-        SELECT r.reason, count(*) AS deliveries, count(DISTINCT r.target_id) AS targets
-        FROM (
-            SELECT d.target_id, {hold_reason("t", "h")} AS reason
-            FROM deliveries d JOIN targets t ON t.id = d.target_id
-            LEFT JOIN target_health h ON h.target_id = t.id
-            WHERE d.id = ANY($1::text[]) AND d.status IN ('pending', 'retrying')
-        ) r
-        WHERE r.reason IS NOT NULL
-        GROUP BY r.reason ORDER BY r.reason
-        """,
-        list(delivery_ids),
+        None if delivery_ids is None else list(delivery_ids),
     )
     return [Held(r["reason"], r["deliveries"], r["targets"]) for r in rows]
 
