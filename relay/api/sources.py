@@ -26,7 +26,10 @@ from relay.store.rows import Source
 from relay.web.app_keys import CACHE, POOL, SECRETS, SETTINGS
 
 Name = Annotated[
-    str, pydantic.StringConstraints(strip_whitespace=True, min_length=1, max_length=200)
+    str,
+    pydantic.StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\x00]*[^\x00\s][^\x00]*$"
+    ),  # a name is not only whitespace (it is stripped), and holds no NUL
 ]
 HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}$")
 

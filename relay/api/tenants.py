@@ -15,7 +15,10 @@ from relay.store.rows import ApiKey, Tenant
 from relay.web.app_keys import POOL
 
 Name = Annotated[
-    str, pydantic.StringConstraints(strip_whitespace=True, min_length=1, max_length=200)
+    str,
+    pydantic.StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\x00]*[^\x00\s][^\x00]*$"
+    ),  # a name is not only whitespace (it is stripped), and holds no NUL
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -162,3 +163,22 @@ async def test_source_list_paginates(client: Any, tenant: Tenant) -> None:
     assert third["next_cursor"] is None
     got = [s["id"] for p in (first, second, third) for s in p["data"]]
     assert got == list(reversed(ids))
+
+
+async def test_a_blank_name_is_refused_and_the_schema_says_so(client: Any, tenant: Tenant) -> None:
+    # A name of spaces only is refused (names are stripped)...
+    resp = await client.post(
+        "/v1/sources", json={"name": " ", "auth": {"type": "token"}}, headers=tenant.auth
+    )
+    await assert_error(resp, 422, "validation_error")
+    # ...and the OpenAPI document says so, for every such name (sources and tenants)
+    spec = await (await client.get("/openapi.json")).json()
+    names = [
+        s["properties"]["name"]
+        for s in spec["components"]["schemas"].values()
+        if "name" in s.get("properties", {}) and s["properties"]["name"].get("maxLength") == 200
+    ]
+    assert names
+    for name in names:
+        assert "pattern" in name and re.search(name["pattern"], " ") is None, name
+        assert re.search(name["pattern"], "a\x00") is None and re.search(name["pattern"], " a ")
