@@ -203,13 +203,11 @@ async def test_sign_in_itself_needs_the_csrf_token(client: Any) -> None:
     assert not await signed_in_page(client, "/console/")
 
 
-async def test_a_tenant_gets_404_for_another_tenants_objects(
-    client: Any, tenant: Tenant, other_tenant: Tenant, database_url: str
+async def assert_sees_only_its_own(
+    client: TestClient[Any, Any], mine: dict[str, str], theirs: dict[str, str]
 ) -> None:
-    mine = await tenant_objects(client, tenant)
-    theirs = await tenant_objects(client, other_tenant)
-    await make_dead(database_url, [theirs["delivery"]])
-    await sign_in(client, tenant.api_key)
+    """The signed-in tenant's pages of its delivery, event and target answer 200; the other
+    tenant's (and a malformed id) a 404 page that does not say which it is."""
     for path in (
         f"/console/deliveries/{mine['delivery']}",
         f"/console/events/{mine['event']}",
@@ -226,6 +224,16 @@ async def test_a_tenant_gets_404_for_another_tenants_objects(
         resp = await client.get(path)
         assert resp.status == 404, path
         assert "nothing here, or it belongs to another tenant" in await resp.text()
+
+
+async def test_a_tenant_gets_404_for_another_tenants_objects(
+    client: Any, tenant: Tenant, other_tenant: Tenant, database_url: str
+) -> None:
+    mine = await tenant_objects(client, tenant)
+    theirs = await tenant_objects(client, other_tenant)
+    await make_dead(database_url, [theirs["delivery"]])
+    await sign_in(client, tenant.api_key)
+    await assert_sees_only_its_own(client, mine, theirs)
     csrf = await csrf_of(client, "/console/dead-letters")
     for path in (
         f"/console/targets/{theirs['target']}/disable",
