@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -110,7 +110,9 @@ async def _routes(app: web.Application, source: SourceEntry, *, fresh: bool = Fa
     if fresh:
         cache.forget_tenant(source.tenant_id)
     routes = await cache.targets.get(source.tenant_id, lambda: load_routes(app, source.tenant_id))
-    if routes.config_version != source.config_version and not fresh:
+    # routes older than the source are read again; newer ones mean the source is stale,
+    # which the commit's version check answers (a second read of the routes would not)
+    if routes.config_version < source.config_version and not fresh:
         cache.forget_tenant(source.tenant_id)
         routes = await cache.targets.get(
             source.tenant_id, lambda: load_routes(app, source.tenant_id)
@@ -128,6 +130,36 @@ def _authentic_with_body(source: SourceEntry, request: web.Request, raw: bytes, 
     return source.auth_type in PRE_BODY_TYPES or check_with_body(source, request.headers, raw, now)
 
 
+async def _authenticated(
+    request: web.Request,
+    source: SourceEntry,
+    authentic: Callable[[SourceEntry], bool],
+    *,
+    pre_body: bool,
+    refusal: str,
+) -> SourceEntry:
+    """The source once the request passed ``authentic`` (the check before the body, or the
+    one with it), counted by the credential throttle at the source's own door.
+
+    A check that fails against the cached source is made once more against the source
+    read afresh (its secret may have been rotated through another process a moment
+    ago); a locked-out guesser gets its 429 first, without that read. The source's own
+    phase (``pre_body`` for token and basic) decides after a success: from a locked-out
+    address even the right credential is refused.
+    """
+    app = request.app
+    throttle, door = app[THROTTLE], f"source:{source.id}"
+    if not authentic(source):
+        await throttle.admit("source", door, request.remote)
+        source = await _source(app, source.id, fresh=True)
+        if not authentic(source):
+            await throttle.failed("source", door, request.remote)
+            raise errors.Unauthorized(refusal)
+    if (source.auth_type in PRE_BODY_TYPES) == pre_body:
+        await throttle.admit("source", door, request.remote)
+    return source
+
+
 async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
@@ -137,31 +169,25 @@ async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response
     source = await _source(app, source_id)
     context["tenant_id"] = source.tenant_id
     now = time.time()
-    throttle, door = app[THROTTLE], f"source:{source_id}"
-    if not _authentic_before_body(source, request, now):
-        # the secret may have been rotated through another process a moment ago; a
-        # locked-out guesser gets its 429 first, without that read
-        await throttle.admit("source", door, request.remote)
-        source = await _source(app, source_id, fresh=True)
-        if not _authentic_before_body(source, request, now):
-            await throttle.failed("source", door, request.remote)
-            raise errors.Unauthorized("invalid or missing source credentials")
-    if source.auth_type in PRE_BODY_TYPES:
-        # decided only now: from a locked-out address even the right credential is refused
-        await throttle.admit("source", door, request.remote)
+    source = await _authenticated(
+        request,
+        source,
+        lambda s: _authentic_before_body(s, request, now),
+        pre_body=True,
+        refusal="invalid or missing source credentials",
+    )
     if not is_json_content_type(request):
         raise errors.UnsupportedMediaType()
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise errors.PayloadTooLarge(f"the body is larger than {settings.max_body_bytes} bytes")
     raw = await request.read()  # aiohttp stops at client_max_size while reading: 413
-    if not _authentic_with_body(source, request, raw, now):
-        await throttle.admit("source", door, request.remote)
-        source = await _source(app, source_id, fresh=True)
-        if not _authentic_with_body(source, request, raw, now):
-            await throttle.failed("source", door, request.remote)
-            raise errors.Unauthorized("invalid or missing signature")
-    if source.auth_type not in PRE_BODY_TYPES:
-        await throttle.admit("source", door, request.remote)
+    source = await _authenticated(
+        request,
+        source,
+        lambda s: _authentic_with_body(s, request, raw, now),
+        pre_body=False,
+        refusal="invalid or missing signature",
+    )
     remembered = None
     if source.auth_type == "standard-webhooks":
         remembered = await replay_guard.first_sighting(
