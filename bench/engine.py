@@ -3,9 +3,10 @@
     python bench/engine.py [--quick]
 
 Needs Postgres (DATABASE_URL, default postgresql://root@127.0.0.1:5432/test: each
-scenario gets its own database, dropped at the end) and Redis db 12 (flushed before
-each scenario). Every process it starts is in its own process group and is killed
-at the end, error or not. Prints the figures and appends them to bench/RESULTS.md.
+scenario gets its own database, dropped at the end) and Redis db 12, or
+BENCH_REDIS_URL (flushed before each scenario). Every process it starts is in its
+own process group and is killed at the end, error or not. Prints the figures and
+appends them to bench/RESULTS.md.
 
 1. Ceiling: a bare aiohttp client (this process, 64 requests in flight) POSTing a
    ~200-byte JSON body to the bare receiver (another process, answers 200 at once),
@@ -64,7 +65,7 @@ from yarl import URL
 
 HERE = Path(__file__).resolve().parent
 ADMIN_DSN = os.environ.get("DATABASE_URL", "postgresql://root@127.0.0.1:5432/test")
-REDIS_URL = "redis://127.0.0.1:6379/12"
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 TOKEN = "bench-" + secrets.token_hex(16)
 JSON = {"Content-Type": "application/json"}
 RELAY_CMD = re.compile(rb"relay\.cli|workers\.broker|bin/relay\x00")

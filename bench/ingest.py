@@ -4,8 +4,8 @@
 
 Prints figures; asserts nothing. Needs Postgres at postgresql://root@127.0.0.1:5432/test
 (a fresh database relay_bench_<hex> is created and dropped at the end, error or not),
-Redis db 13 at 127.0.0.1:6379 (flushed at the start and at the end) and wrk on the
-PATH. Every process it starts has its own session and is killed at the end. A default
+Redis db 13 at 127.0.0.1:6379 or BENCH_REDIS_URL (flushed at the start and at the end)
+and wrk on the PATH. Every process it starts has its own session and is killed at the end. A default
 run takes under a minute on 2 cores.
 
 1. Setup: migrate; a gateway creates tenant A (one token source, no target) and
@@ -73,7 +73,7 @@ from engine import free_port, stop, wait_port
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ADMIN_DSN = "postgresql://root@127.0.0.1:5432/test"
-REDIS_URL = "redis://127.0.0.1:6379/13"
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
 JSON = {"Content-Type": "application/json"}
 EVENT = (
     '{"date":"2026-11-28T12:00:00Z","objectType":"Bill","action":"paid",'

@@ -4,7 +4,7 @@
 
 Prints figures; asserts nothing. Needs Postgres (DATABASE_URL, default
 postgresql://root@127.0.0.1:5432/test: each run gets a fresh database
-relay_bench_ord_<hex>, dropped at the end, error or not) and Redis db 11 at
+relay_bench_ord_<hex>, dropped at the end, error or not) and Redis db 11 (or BENCH_REDIS_URL) at
 127.0.0.1:6379 (flushed before and after each run). Reuses bench/engine.py (its
 Stack, processes, SQL and percentile helpers). Every process it starts has its own
 session and is killed at the end; the relay's output is kept in a temporary
@@ -77,7 +77,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import engine  # noqa: E402  (bench/engine.py: importable, no side effects)
 
-REDIS_URL = "redis://127.0.0.1:6379/11"
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
 RETRY_SCHEDULE = "0,1,1,1,5"
 STUCK = "stuck"  # objectId of the key whose receiver fails its first attempts
 FAILS = 3  # attempts of each of its events answered 500
