@@ -195,7 +195,15 @@ TargetKind = Annotated[
 class TargetCreate(pydantic.BaseModel):
     """Body of POST /v1/targets."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    model_config = pydantic.ConfigDict(
+        extra="forbid",
+        strict=True,
+        # an operational target receives the relay's events: not ordered, no sources
+        json_schema_extra={
+            "if": {"properties": {"kind": {"const": "operational"}}, "required": ["kind"]},
+            "then": {"properties": {"ordering": {"const": "none"}, "source_ids": {"type": "null"}}},
+        },
+    )
     url: TargetUrl
     kind: TargetKind = "events"
     description: Description | None = None
