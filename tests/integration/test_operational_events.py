@@ -380,3 +380,27 @@ async def test_the_list_pages_filters_and_refuses_bad_input(
         "validation_error",
     )
     await assert_error(await gateway.get("/v1/operational-events"), 401, "unauthorized")
+
+
+async def test_the_console_shows_a_tenants_own_on_the_overview_and_the_targets_page(
+    client: Any, tenant: Tenant, other_tenant: Tenant, database_url: str
+) -> None:
+    from tests.conftest import ADMIN_TOKEN
+    from tests.integration.test_console import make_dead, sign_in, tenant_objects
+
+    mine = await tenant_objects(client, tenant)
+    theirs = await tenant_objects(client, other_tenant)
+    await make_dead(database_url, [mine["delivery"], theirs["delivery"]])
+    await sign_in(client, tenant.api_key)
+    overview = await (await client.get("/console/")).text()
+    assert "Operational events" in overview
+    assert "Delivery dead" in overview and mine["delivery"] in overview
+    assert "dead after 3 attempts (HTTP 500)" in overview
+    assert theirs["delivery"] not in overview
+    page = await (await client.get(f"/console/targets/{mine['target']}")).text()
+    assert mine["delivery"] in page and "Delivery dead" in page
+    # an operator sees every tenant's
+    client.session.cookie_jar.clear()
+    await sign_in(client, ADMIN_TOKEN)
+    overview = await (await client.get("/console/")).text()
+    assert mine["delivery"] in overview and theirs["delivery"] in overview
