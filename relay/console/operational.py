@@ -51,7 +51,8 @@ def _summary(action: str, data: dict[str, Any]) -> str:
     if action == "dead":
         code = data.get("last_status_code")
         last = f"HTTP {code}" if code is not None else (data.get("last_error") or "no answer")
-        return f"dead after {data.get('attempts')} attempts ({last})"
+        n = data.get("attempts")
+        return f"dead after {n} attempt{'' if n == 1 else 's'} ({last})"
     return json.dumps(data)[:200]
 
 

@@ -404,3 +404,50 @@ async def test_the_console_shows_a_tenants_own_on_the_overview_and_the_targets_p
     await sign_in(client, ADMIN_TOKEN)
     overview = await (await client.get("/console/")).text()
     assert mine["delivery"] in overview and theirs["delivery"] in overview
+
+
+async def test_a_burst_of_deaths_makes_one_delivery_dead_each_and_a_deletion_none(
+    gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    tenant = await make_tenant(gateway)
+    source = await make_source(gateway, tenant)
+    ops = await _operational(gateway, tenant, receiver, "/ops", max_in_flight=3)
+    target = await make_target(gateway, tenant, url=receiver.url("/t"))
+    doomed = await make_target(gateway, tenant, url=receiver.url("/doomed"))
+    batch = [{"uuid": f"burst-{i}"} for i in range(500)]
+    assert (await post_token(gateway, source, batch)).status == 202
+    kill = """
+        UPDATE deliveries SET status = 'dead', next_attempt_at = NULL, last_error = 'x'
+        WHERE target_id = $1
+    """
+    conn = await asyncpg.connect(database_url)
+    try:
+        # 500 deaths in one statement: one Delivery dead each, and one delivery of each
+        await conn.execute(kill, target["id"])
+        # (the same rows "dying" again change nothing)
+        await conn.execute(kill, target["id"])
+        rows = await conn.fetch(
+            """
+            SELECT e.object_id, count(d.id) AS sent, min(d.target_id) AS to
+            FROM events e LEFT JOIN deliveries d ON d.event_id = e.id
+            WHERE e.tenant_id = $1 AND e.operational GROUP BY e.id, e.object_id
+            """,
+            tenant.id,
+        )
+        dead = await conn.fetch("SELECT id FROM deliveries WHERE target_id = $1", target["id"])
+        assert sorted(r["object_id"] for r in rows) == sorted(r["id"] for r in dead)
+        assert {(r["sent"], r["to"]) for r in rows} == {(1, ops["id"])}
+        # a deleted target's deliveries die without telling (the tenant did it)
+        resp = await gateway.delete(f"/v1/targets/{doomed['id']}", headers=tenant.auth)
+        assert resp.status == 204
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM deliveries WHERE target_id = $1 AND status = 'dead'",
+                doomed["id"],
+            )
+            == 500
+        )
+        told = "SELECT count(*) FROM events WHERE tenant_id = $1 AND operational"
+        assert await conn.fetchval(told, tenant.id) == 500
+    finally:
+        await conn.close()
