@@ -451,3 +451,77 @@ async def test_a_burst_of_deaths_makes_one_delivery_dead_each_and_a_deletion_non
         assert await conn.fetchval(told, tenant.id) == 500
     finally:
         await conn.close()
+
+
+async def test_a_target_failing_for_disable_after_s_is_told_disabled(
+    workers: Workers, gateway: Any, receiver: Receiver
+) -> None:
+    tenant = await make_tenant(gateway)
+    source = await make_source(gateway, tenant)
+    ops = await _operational(gateway, tenant, receiver, "/ops", filter={"action": ["disabled"]})
+    down = await make_target(gateway, tenant, url=receiver.on("/down", status(503)))
+    workers.start(RELAY_RETRY_SCHEDULE="0,1,1,1,1,1", RELAY_DISABLE_AFTER_S="1")
+    assert (await post_token(gateway, source, SOFTLEDGER)).status == 202
+    [told] = await _received(receiver, "/ops", ops["secret"], "Target", "disabled")
+    assert told["objectId"] == down["id"]
+    shown = await (await gateway.get(f"/v1/targets/{down['id']}", headers=tenant.auth)).json()
+    assert shown["enabled"] is False
+    assert told["data"] == {"url": down["url"], "reason": shown["disabled_reason"]}
+    assert "410" not in told["data"]["reason"]
+
+
+async def test_an_operational_event_replays_to_the_operational_targets_only(
+    gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    tenant = await make_tenant(gateway)
+    ops = await _operational(gateway, tenant, receiver, "/ops")
+    plain = await make_target(gateway, tenant, url=receiver.url("/plain"))
+    conn = await asyncpg.connect(database_url)
+    try:
+        event_id = await conn.fetchval(
+            "SELECT emit_operational($1, 'Target', 'circuit_closed', $2, '{}'::jsonb)",
+            tenant.id,
+            plain["id"],
+        )
+    finally:
+        await conn.close()
+    shown = await (await gateway.get(f"/v1/events/{event_id}", headers=tenant.auth)).json()
+    assert shown["source_id"] is None and shown["payload"]["objectType"] == "Target"
+    assert [d["target_id"] for d in shown["deliveries"]] == [ops["id"]]
+    resp = await gateway.post(f"/v1/events/{event_id}/replay", headers=tenant.auth)
+    assert resp.status == 202
+    [again] = (await resp.json())["delivery_ids"]
+    [row] = await fetch(database_url, "SELECT target_id FROM deliveries WHERE id = $1", again)
+    assert row["target_id"] == ops["id"]
+    resp = await gateway.post(
+        f"/v1/events/{event_id}/replay", json={"target_ids": [plain["id"]]}, headers=tenant.auth
+    )
+    await assert_error(resp, 422, "validation_error")
+
+
+async def test_the_sweepers_disabling_is_told_in_its_statement(
+    gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    from relay.store.housekeeping import disable_failing_targets
+
+    tenant = await make_tenant(gateway)
+    ops = await _operational(gateway, tenant, receiver, "/ops")
+    stale = await make_target(gateway, tenant, url=receiver.url("/stale"))
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE targets SET failing_since = now() - interval '1 hour' "
+            "WHERE id = ANY($1::text[])",
+            [stale["id"], ops["id"]],
+        )
+        disabled = await disable_failing_targets(conn, 60)
+        assert {stale["id"], ops["id"]} <= set(disabled)
+    finally:
+        await conn.close()
+    [told] = await _listed(gateway, tenant)
+    assert (told["object_type"], told["action"], told["object_id"]) == (
+        "Target",
+        "disabled",
+        stale["id"],
+    )
+    assert told["data"]["reason"].startswith("every attempt failed since")
