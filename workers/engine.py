@@ -573,6 +573,7 @@ class Engine:
                             failing=failing,
                             grace_s=self.settings.requeue_after_s,
                             on_breaker=changes.append,
+                            recovered_after_s=self.settings.recovered_after_s,
                         )
                     for change in changes:
                         log_breaker_change(change, target_id=target_id, tenant_id=tenant_id)

@@ -17,6 +17,7 @@ from relay.store import deliveries as delivery_store
 from relay.store import events as store
 from relay.store import targets as target_store
 from relay.store.rows import Event
+from relay.store.targets import TargetKind
 from relay.web.app_keys import ENQUEUER, POOL, SETTINGS
 
 #: Payload bytes one page of ``GET /v1/events`` carries at most: payloads are included,
@@ -107,7 +108,9 @@ async def replay_event(request: web.Request) -> web.Response:
     event = await _event_or_404(request)
     owner = tenant_id(request)
     pool = request.app[POOL]
-    routes = (await target_store.routable_targets(pool, owner)).targets
+    # an operational event goes to the operational targets, an upstream one to the others
+    kind: TargetKind = "operational" if event.operational else "events"
+    routes = (await target_store.routable_targets(pool, owner, kind=kind)).targets
     if body.target_ids is not None:
         wanted = list(dict.fromkeys(body.target_ids))
         live = {r.id for r in routes}
@@ -116,7 +119,11 @@ async def replay_event(request: web.Request) -> web.Response:
             known = [
                 t for t in unknown if await target_store.get_target(pool, owner, t) is not None
             ]
-            reason = "disabled" if known else "unknown"
+            reason = (
+                ("disabled or not operational" if event.operational else "disabled or operational")
+                if known
+                else "unknown"
+            )
             raise errors.ValidationFailed.field(
                 "target_ids", f"{reason} targets: {', '.join(unknown)}"
             )

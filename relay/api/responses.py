@@ -107,6 +107,10 @@ class Target(pydantic.BaseModel):
     """A target (no secret)."""
 
     id: str
+    kind: Literal["events", "operational"] = pydantic.Field(
+        description='"events": upstream events; "operational": the relay\'s events about the '
+        "tenant's targets and deliveries (set at creation)."
+    )
     url: str
     description: str | None
     filter: FilterShown
@@ -240,6 +244,21 @@ class EventWithDeliveries(Event):
     )
 
 
+class OperationalEvent(pydantic.BaseModel):
+    """An event of the relay about the tenant's own targets and deliveries."""
+
+    id: str = pydantic.Field(description="The event's id: the webhook-id its receivers get.")
+    uuid: str = pydantic.Field(description="The body's uuid, unique per operational event.")
+    object_type: Literal["Target", "Delivery"]
+    action: str = pydantic.Field(
+        description="Target: disabled, circuit_opened, circuit_closed, recovered, "
+        "key_blocked; Delivery: dead."
+    )
+    object_id: str = pydantic.Field(description="The target's or the delivery's id.")
+    data: dict[str, Any] = pydantic.Field(description="What the body's data says.")
+    created_at: datetime
+
+
 class Replayed(pydantic.BaseModel):
     """How many dead letters went back to pending."""
 
@@ -362,6 +381,7 @@ ANSWERS: dict[tuple[str, str], Answer] = {
     ("GET", "/v1/events"): Answer(Event, page=True),
     ("GET", "/v1/events/{event_id}"): Answer(EventWithDeliveries),
     ("POST", "/v1/events/{event_id}/replay"): Answer(DeliveryIds),
+    ("GET", "/v1/operational-events"): Answer(OperationalEvent, page=True),
     ("GET", "/v1/deliveries"): Answer(Delivery, page=True),
     ("GET", "/v1/deliveries/{delivery_id}"): Answer(DeliveryWithAttempts),
     ("GET", "/v1/deliveries/{delivery_id}/attempts"): Answer(Attempt, page=True),

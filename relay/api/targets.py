@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 from aiohttp import web
@@ -181,11 +181,31 @@ class TargetFilter(pydantic.BaseModel):
     )
 
 
+TargetKind = Annotated[
+    Literal["events", "operational"],
+    pydantic.Field(
+        description='"events": the tenant\'s upstream events; "operational": the relay\'s '
+        "events about the tenant's targets and deliveries (Target disabled, circuit_opened, "
+        "circuit_closed, recovered, key_blocked; Delivery dead), never an upstream event. "
+        "Set at creation. An operational target is not ordered and names no sources."
+    ),
+]
+
+
 class TargetCreate(pydantic.BaseModel):
     """Body of POST /v1/targets."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    model_config = pydantic.ConfigDict(
+        extra="forbid",
+        strict=True,
+        # an operational target receives the relay's events: not ordered, no sources
+        json_schema_extra={
+            "if": {"properties": {"kind": {"const": "operational"}}, "required": ["kind"]},
+            "then": {"properties": {"ordering": {"const": "none"}, "source_ids": {"type": "null"}}},
+        },
+    )
     url: TargetUrl
+    kind: TargetKind = "events"
     description: Description | None = None
     filter: TargetFilter | None = None
     source_ids: SourceIds | None = None
@@ -204,6 +224,8 @@ class TargetPatch(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", strict=True)
     # null is refused for url, filter, headers and enabled (422): the schema says so.
     url: TargetUrl | SkipJsonSchema[None] = None
+    #: set at creation: the target's own kind is accepted (and changes nothing), another is 422
+    kind: TargetKind | SkipJsonSchema[None] = None
     description: Description | None = None
     filter: TargetFilter | SkipJsonSchema[None] = None
     source_ids: SourceIds | None = None
@@ -224,6 +246,7 @@ def render_target(request: web.Request, row: Target) -> dict[str, Any]:
     headers = open_headers(request.app[SECRETS], row.id, row.headers_enc)
     return {
         "id": row.id,
+        "kind": row.kind,
         "url": row.url,
         "description": row.description,
         "filter": {"objectType": row.filter_object_types, "action": row.filter_actions},
@@ -272,9 +295,24 @@ async def _check_sources(request: web.Request, source_ids: list[str] | None) -> 
     return unique
 
 
+def _check_operational(kind: str, ordering: str, source_ids: list[str] | None) -> None:
+    """An operational target receives the relay's events: no ordering key, no sources."""
+    if kind != "operational":
+        return
+    if ordering != "none":
+        raise errors.ValidationFailed.field(
+            "ordering", 'an operational target is not ordered: "none" only'
+        )
+    if source_ids is not None:
+        raise errors.ValidationFailed.field(
+            "source_ids", "an operational target receives no upstream event: no sources"
+        )
+
+
 async def create_target(request: web.Request) -> web.Response:
     """Create a target; its signing secret is in this answer."""
     body = await read_body(request, TargetCreate)
+    _check_operational(body.kind, body.ordering, body.source_ids)
     await _check_destination(request, body.url)
     source_ids = await _check_sources(request, body.source_ids)
     target_id = new_id("tgt")
@@ -285,6 +323,7 @@ async def create_target(request: web.Request) -> web.Response:
         tenant_id(request),
         target_id=target_id,
         max_live=request.app[SETTINGS].max_targets_per_tenant,
+        kind=body.kind,
         url=body.url,
         description=body.description,
         filter_object_types=flt.object_type,
@@ -338,6 +377,15 @@ async def update_target(request: web.Request) -> web.Response:
     for required in ("url", "filter", "headers", "enabled", "max_in_flight", "ordering", "on_dead"):
         if required in fields and getattr(body, required) is None:
             raise errors.ValidationFailed.field(required, "may not be null")
+    if "kind" in fields and body.kind != current.kind:
+        raise errors.ValidationFailed.field(
+            "kind", f'is set at creation: this target is "{current.kind}"'
+        )
+    _check_operational(
+        current.kind,
+        body.ordering or current.ordering,
+        body.source_ids if "source_ids" in fields else current.source_ids,
+    )
     if body.url is not None:
         await _check_destination(request, body.url)
         changes["url"] = body.url

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from aiohttp import web
 
 from relay.console.chart import outcome_chart, totals
+from relay.console.operational import items
 from relay.console.render import page
 from relay.console.session import VIEWER
 from relay.store import console as store
@@ -15,6 +16,8 @@ from relay.web.app_keys import POOL, SETTINGS
 #: The window of the figures, and of the chart.
 FIGURES_WINDOW = timedelta(hours=24)
 CHART_MINUTES = 180
+#: The latest operational events the overview lists.
+OPERATIONAL_SHOWN = 10
 
 
 class Overview(web.View):
@@ -30,6 +33,7 @@ class Overview(web.View):
         points = await store.outcomes_by_minute(pool, viewer.scope, since=chart_start)
         oldest_due = min((t.oldest_due_at for t in per_tenant if t.oldest_due_at), default=None)
         held = await store.held_deliveries(pool, viewer.scope)
+        operational = await store.operational_events(pool, viewer.scope, limit=OPERATIONAL_SHOWN)
         return await page(
             request,
             "overview.html",
@@ -50,6 +54,7 @@ class Overview(web.View):
                 },
                 "oldest_due": oldest_due,
                 "held": held,
+                "operational": items(operational),
                 "chart": outcome_chart(points, chart_start, CHART_MINUTES),
                 "chart_totals": totals(points),
                 "chart_hours": CHART_MINUTES // 60,

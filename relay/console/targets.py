@@ -13,6 +13,7 @@ from aiohttp import web
 
 from relay.api.targets import render_target, test_payload
 from relay.console import forms
+from relay.console.operational import items
 from relay.console.render import PAGE_SIZE, PREFIX, page, see_other
 from relay.console.session import VIEWER, Viewer, flash
 from relay.core import errors
@@ -144,6 +145,9 @@ class TargetDetail(web.View):
                 "secret_rotated_at": row.secret_rotated_at,
                 "health": health.get(row.id, store.NO_TRAFFIC),
                 "recent": recent,
+                "operational": items(
+                    await store.operational_events(pool, owner, target_id=row.id, limit=10)
+                ),
                 "events": await store.event_labels(pool, owner, [d.event_id for d in recent]),
                 "tenant_name": (await store.tenant_names(pool, [owner])).get(owner)
                 if viewer.is_operator

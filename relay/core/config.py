@@ -47,6 +47,9 @@ class Settings:
     max_body_bytes: int = 1_048_576
     secret_overlap_s: float = 86_400.0
     disable_after_s: float = 5 * 86_400.0
+    #: A target whose attempts failed for at least this long, then succeeded, is
+    #: "recovered" (an operational event).
+    recovered_after_s: float = 300.0
     retention_days: int = 30
     #: How long an enqueued-but-unclaimed delivery is left to the broker
     #: before the sweeper enqueues it again (the message may have been lost).
@@ -138,6 +141,8 @@ class Settings:
             values["secret_overlap_s"] = _positive(v, "RELAY_SECRET_OVERLAP_S", allow_zero=True)
         if (v := get("RELAY_DISABLE_AFTER_S")) is not None:
             values["disable_after_s"] = _positive(v, "RELAY_DISABLE_AFTER_S")
+        if (v := get("RELAY_RECOVERED_AFTER_S")) is not None:
+            values["recovered_after_s"] = _positive(v, "RELAY_RECOVERED_AFTER_S", allow_zero=True)
         if (v := get("RELAY_RETENTION_DAYS")) is not None:
             values["retention_days"] = int(_positive(v, "RELAY_RETENTION_DAYS", integer=True))
         if (v := get("RELAY_REQUEUE_AFTER_S")) is not None:

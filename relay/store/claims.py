@@ -317,6 +317,32 @@ SELECT (SELECT failing FROM target) AS failing, array(SELECT id FROM done) AS id
 """
 
 
+# A success ends the target's failing streak; when it had lasted $2 seconds or more,
+# Target recovered (an operational event, in this transaction; none about an
+# operational target). The row is locked by the record already.
+_RECOVERED = """
+WITH before AS (
+    SELECT tenant_id, url, kind, failing_since FROM targets WHERE id = $1
+), cleared AS (
+    UPDATE targets SET failing_since = NULL WHERE id = $1
+)
+SELECT emit_operational(
+    b.tenant_id, 'Target', 'recovered', $1,
+    jsonb_build_object('url', b.url, 'failing_since', relay_rfc3339(b.failing_since))
+)
+FROM before b
+WHERE b.kind = 'events' AND b.failing_since <= now() - make_interval(secs => $2::float8)
+"""
+
+# The record disables a live target ($2: why): Target disabled, in its transaction.
+_DISABLED = """
+SELECT emit_operational(
+    tenant_id, 'Target', 'disabled', id, jsonb_build_object('url', url, 'reason', $2::text)
+)
+FROM targets WHERE id = $1 AND kind = 'events' AND enabled AND deleted_at IS NULL
+"""
+
+
 def _touches_target(failing: bool, succeeded: bool, disable: str | None) -> bool:
     """Whether a batch changes the target row: its failing state, or disabling it."""
     return (failing and succeeded) or (not succeeded and (not failing or disable is not None))
@@ -331,6 +357,7 @@ async def record_batch(
     failing: bool | None = None,
     grace_s: float = 30.0,
     on_breaker: Callable[[BreakerChange], None] | None = None,
+    recovered_after_s: float = 300.0,
 ) -> list[str]:
     """Record attempts of one target and their deliveries' new states atomically.
 
@@ -344,6 +371,10 @@ async def record_batch(
     transaction (``grace_s``: how long the sweeper leaves it to us).
     ``on_breaker`` is told, inside the transaction, when the breaker opens
     (or reopens) or closes; a caller that logs it does so once the record returns.
+    The operational events the record causes are written in its transaction:
+    Target ``disabled`` (a 410, or failing too long), Target ``recovered`` (a
+    success after attempts failed for ``recovered_after_s`` or more); the
+    breaker's and the deaths' come from triggers on the rows (migration 0010).
 
     Lock order, here as everywhere: the target row, then its health, then the
     ended deliveries' key locks, then the deliveries (``delete_target`` and PATCH
@@ -425,8 +456,10 @@ async def record_batch(
         recorded = await write(None)
         assert recorded is not None
         if recorded and touch_target and succeeded:
-            await conn.execute("UPDATE targets SET failing_since = NULL WHERE id = $1", target_id)
+            await conn.execute(_RECOVERED, target_id, recovered_after_s)
         elif recorded and touch_target:
+            if disable is not None:
+                await conn.execute(_DISABLED, target_id, disable)
             await conn.execute(
                 """
                 UPDATE targets

@@ -118,6 +118,7 @@ async def figures_by_tenant(
         WITH ev AS (
             SELECT tenant_id, count(*) AS n FROM events
             WHERE id >= $2 AND received_at >= $4 AND ($1::text IS NULL OR tenant_id = $1)
+              AND NOT operational
             GROUP BY tenant_id
         ), att AS (
             SELECT tenant_id,
@@ -508,7 +509,7 @@ async def search_events(
         SELECT id, tenant_id, source_id, received_at, object_type, action, object_id,
                upstream_uuid
         FROM events
-        WHERE ($1::text IS NULL OR tenant_id = $1)
+        WHERE ($1::text IS NULL OR tenant_id = $1) AND NOT operational
           AND ($2::text IS NULL OR id < $2)
           AND ($3::text IS NULL OR lower(object_type) = lower($3))
           AND ($4::text IS NULL OR lower(action) = lower($4))
@@ -530,3 +531,44 @@ async def search_events(
     )
     page, next_cursor = keyset_page(rows, limit)
     return [EventRow(**dict(r)) for r in page], next_cursor
+
+
+@dataclass(frozen=True)
+class OperationalRow:
+    """An operational event as the console lists it."""
+
+    id: str
+    tenant_id: str
+    received_at: datetime
+    object_type: str
+    action: str
+    object_id: str
+    #: the body's ``data`` (JSON text)
+    data: str
+    #: the target it is about (a Target event's object, a dead delivery's target)
+    target_id: str | None
+
+
+async def operational_events(
+    conn: Queries, tenant_id: str | None, *, target_id: str | None = None, limit: int = 10
+) -> list[OperationalRow]:
+    """The latest operational events, newest first; ``target_id``: those about that target."""
+    rows = await conn.fetch(
+        """
+        SELECT e.id, e.tenant_id, e.received_at, e.object_type, e.action, e.object_id,
+               (convert_from(e.payload, 'UTF8')::jsonb -> 'data')::text AS data,
+               CASE WHEN e.object_type = 'Target' THEN e.object_id
+                    ELSE convert_from(e.payload, 'UTF8')::jsonb -> 'data' ->> 'target_id'
+               END AS target_id
+        FROM events e
+        WHERE e.operational AND ($1::text IS NULL OR e.tenant_id = $1)
+          AND ($2::text IS NULL OR (e.object_type = 'Target' AND e.object_id = $2)
+               OR (e.object_type = 'Delivery' AND EXISTS (
+                   SELECT 1 FROM deliveries d WHERE d.id = e.object_id AND d.target_id = $2)))
+        ORDER BY e.id DESC LIMIT $3
+        """,
+        tenant_id,
+        target_id,
+        limit,
+    )
+    return [OperationalRow(**dict(r)) for r in rows]

@@ -373,7 +373,7 @@ async def record_events(
 
 _EVENT_COLUMNS = (
     "id, source_id, received_at, object_type, action, object_id, payload,"
-    " octet_length(payload) AS payload_size"
+    " octet_length(payload) AS payload_size, operational"
 )
 
 
@@ -392,6 +392,8 @@ async def list_events(
 ) -> tuple[list[Event], str | None]:
     """A tenant's events newest first; type and action match case-insensitively.
 
+    Operational events (the relay's own) are listed apart: ``list_operational_events``.
+
     Payloads are read, newest first, only while the page's total stays within
     ``payload_bytes``; the others are None (their sizes come from the rows' TOAST
     headers, without reading them). So a page costs at most ``payload_bytes`` of
@@ -403,7 +405,7 @@ async def list_events(
             SELECT id, source_id, received_at, object_type, action, object_id,
                    octet_length(payload) AS payload_size
             FROM events
-            WHERE tenant_id = $1
+            WHERE tenant_id = $1 AND NOT operational
               AND ($2::text IS NULL OR id < $2)
               AND ($3::text IS NULL OR source_id = $3)
               AND ($4::text IS NULL OR lower(object_type) = lower($4))
@@ -427,6 +429,44 @@ async def list_events(
         until,
         limit + 1,
         payload_bytes,
+    )
+    page, next_cursor = keyset_page(rows, limit)
+    return [Event.from_row(r) for r in page], next_cursor
+
+
+async def list_operational_events(
+    conn: Queries,
+    tenant_id: str,
+    *,
+    limit: int,
+    cursor: str | None = None,
+    object_type: str | None = None,
+    since: datetime | None = None,
+    target_id: str | None = None,
+) -> tuple[list[Event], str | None]:
+    """A tenant's operational events newest first, with their (small) payloads.
+
+    ``object_type`` matches case-insensitively; ``target_id``: those about this
+    target (a Target event of it, or the death of one of its deliveries).
+    """
+    rows = await conn.fetch(
+        f"""
+        SELECT {_EVENT_COLUMNS} FROM events e
+        WHERE e.tenant_id = $1 AND e.operational
+          AND ($2::text IS NULL OR e.id < $2)
+          AND ($3::text IS NULL OR lower(e.object_type) = lower($3))
+          AND ($4::timestamptz IS NULL OR e.received_at >= $4)
+          AND ($5::text IS NULL OR (e.object_type = 'Target' AND e.object_id = $5)
+               OR (e.object_type = 'Delivery' AND EXISTS (
+                   SELECT 1 FROM deliveries d WHERE d.id = e.object_id AND d.target_id = $5)))
+        ORDER BY e.id DESC LIMIT $6
+        """,
+        tenant_id,
+        cursor,
+        object_type,
+        since,
+        target_id,
+        limit + 1,
     )
     page, next_cursor = keyset_page(rows, limit)
     return [Event.from_row(r) for r in page], next_cursor

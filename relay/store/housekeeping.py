@@ -40,16 +40,27 @@ async def stats(conn: Queries) -> dict[str, Any]:
 
 
 async def disable_failing_targets(conn: Queries, failing_for_s: float) -> list[str]:
-    """Disable targets whose every attempt has failed for ``failing_for_s``; return their ids."""
+    """Disable targets whose every attempt has failed for ``failing_for_s``; return their ids.
+
+    Each one disabled is told to its tenant's operational targets (Target disabled).
+    """
     rows = await conn.fetch(
         """
-        UPDATE targets
-        SET enabled = false, updated_at = now(),
-            disabled_reason = 'every attempt failed since ' ||
-                to_char(failing_since AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
-        WHERE enabled AND deleted_at IS NULL AND failing_since IS NOT NULL
-          AND failing_since < now() - make_interval(secs => $1)
-        RETURNING id
+        WITH off AS (
+            UPDATE targets
+            SET enabled = false, updated_at = now(),
+                disabled_reason = 'every attempt failed since ' ||
+                    to_char(failing_since AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+            WHERE enabled AND deleted_at IS NULL AND failing_since IS NOT NULL
+              AND failing_since < now() - make_interval(secs => $1)
+            RETURNING id, tenant_id, url, kind, disabled_reason
+        )
+        -- Target disabled, in the same statement (none about an operational target)
+        SELECT id, CASE WHEN kind = 'events' THEN emit_operational(
+            tenant_id, 'Target', 'disabled', id,
+            jsonb_build_object('url', url, 'reason', disabled_reason)
+        ) END AS told
+        FROM off
         """,
         failing_for_s,
     )

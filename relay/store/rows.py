@@ -107,6 +107,8 @@ class Target(Row):
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None = None
+    #: "events": upstream events; "operational": the relay's events about the tenant's own
+    kind: Literal["events", "operational"] = "events"
     # from target_health (a target without a health row is healthy)
     breaker: BreakerState = "closed"
     breaker_reason: str | None = None
@@ -131,6 +133,8 @@ class Event(Row):
     #: None: left out of a list page, whose payloads are bounded in bytes
     payload: bytes | None
     payload_size: int
+    #: an operational event (the relay's own, about the tenant's resources)
+    operational: bool = False
 
 
 class Wake(NamedTuple):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from relay.ingest.routes import Routes, TargetRoute
 from relay.store.db import Conn, Pool, Queries
@@ -13,6 +13,8 @@ from relay.store.sql import bump_config, keyset_page, set_clause
 from relay.store.tenants import lock_and_count_live
 
 log = logging.getLogger("relay.breaker")
+
+TargetKind = Literal["events", "operational"]
 
 #: The target's columns and its breaker (a target without a health row is healthy).
 _WITH_HEALTH = """
@@ -220,18 +222,24 @@ async def rotate_target_secret(
     return Target.maybe(row)
 
 
-async def routable_targets(conn: Queries, tenant_id: str) -> Routes:
+async def routable_targets(conn: Queries, tenant_id: str, *, kind: TargetKind = "events") -> Routes:
     """The enabled, live targets of a tenant, as routing sees them, with the tenant's
-    config_version in the same snapshot (read your writes: relay/store/events.py)."""
+    config_version in the same snapshot (read your writes: relay/store/events.py).
+
+    ``kind``: those that receive upstream events (ingest's routes), or the
+    operational ones (a replay of an operational event).
+    """
     rows = await conn.fetch(
         """
         SELECT t.config_version, r.id, r.filter_object_types, r.filter_actions, r.source_ids,
                r.ordering, r.ordering_key
         FROM tenants t
         LEFT JOIN targets r ON r.tenant_id = t.id AND r.enabled AND r.deleted_at IS NULL
+                           AND r.kind = $2
         WHERE t.id = $1
         """,
         tenant_id,
+        kind,
     )
     version = rows[0]["config_version"] if rows else 0
     return Routes(version, tuple(TargetRoute.from_row(r) for r in rows if r["id"] is not None))

@@ -10,7 +10,18 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import StreamReader, web
 
-from relay.api import admin, deliveries, events, health, ingest, portal, sources, targets, tenants
+from relay.api import (
+    admin,
+    deliveries,
+    events,
+    health,
+    ingest,
+    operational,
+    portal,
+    sources,
+    targets,
+    tenants,
+)
 from relay.api.routing import Route, add_routes, respond
 from relay.console import setup as setup_console
 from relay.core import errors
@@ -67,6 +78,7 @@ def all_routes() -> list[Route]:
         *sources.ROUTES,
         *targets.ROUTES,
         *events.ROUTES,
+        *operational.ROUTES,
         *deliveries.ROUTES,
         *portal.ROUTES,
         *ingest.ROUTES,

@@ -40,6 +40,14 @@ async def test_housekeeping_purges_old_events_with_their_deliveries_and_attempts
         await conn.execute(
             "UPDATE deliveries SET status = 'retrying' WHERE event_id = $1", unfinished
         )
+        # (the death told the tenant: an operational event, as old as the others here, and
+        # purged with the same retention)
+        told = await conn.fetchval(
+            "UPDATE events SET received_at = now() - interval '31 days' "
+            "WHERE tenant_id = $1 AND operational RETURNING id",
+            tenant.id,
+        )
+        assert told is not None
         await conn.execute(
             "INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms) "
             "SELECT 'att_' || id, tenant_id, id, now(), 1 FROM deliveries WHERE event_id = ANY($1)",
