@@ -144,7 +144,7 @@ WITH picked AS (
     UPDATE deliveries d
     SET locked_until = now() + make_interval(secs => $4::float8),
         enqueued_until = now() + make_interval(secs => $4::float8), updated_at = now()
-    FROM allowed WHERE d.id = allowed.id
+    FROM allowed WHERE d.id = allowed.id AND d.status IN ('pending', 'retrying')
     RETURNING d.id, d.event_id, d.attempt_count, d.locked_until, d.order_key
 )
 SELECT c.id, c.event_id, c.attempt_count, c.locked_until, c.order_key, e.payload
@@ -207,7 +207,7 @@ async def release_batch(
             enqueued_until = now() + make_interval(secs => $3 + coalesce($4::float8, 0)),
             updated_at = now()
         FROM unnest($1::text[], $2::timestamptz[]) AS r(id, lease)
-        WHERE d.id = r.id AND d.locked_until = r.lease
+        WHERE d.id = r.id AND d.locked_until = r.lease AND d.status IN ('pending', 'retrying')
         """,
         [c.id for c in claimed],
         [c.locked_until for c in claimed],

@@ -198,6 +198,8 @@ async def retry_delivery(
                 locked_until = NULL, round_started_at = now(), updated_at = now()
             WHERE d.tenant_id = $1 AND d.id = $2
               AND (d.locked_until IS NULL OR d.locked_until < now())
+              -- its event may be gone past retention (a delivery made later than it)
+              AND EXISTS (SELECT 1 FROM events e WHERE e.id = d.event_id)
             RETURNING d.id
             """,
             tenant_id,
