@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, cast
 from relay.core.crypto import new_id
 from relay.delivery.ordering import OnDead
 from relay.delivery.outcome import CLOSED, Breaker, BreakerState
-from relay.store.db import Conn, Queries
+from relay.store.db import Conn, Queries, fetch_past_moves
 from relay.store.key_queues import lock_keys, promote_keys
 from relay.store.rows import DeliveryStatus, Replayed, Wake
 
@@ -511,7 +511,7 @@ async def end_past_window(
             return [], []
         keys = sorted({(r["target_id"], r["order_key"]) for r in picked if r["order_key"]})
         await lock_keys(conn, keys)
-        rows = await conn.fetch(_END_PAST_WINDOW, [r["id"] for r in picked], window_s)
+        rows = await fetch_past_moves(conn, _END_PAST_WINDOW, [r["id"] for r in picked], window_s)
         ended_keys = sorted({(r["target_id"], r["order_key"]) for r in rows if r["order_key"]})
         promoted = await promote_keys(conn, ended_keys, grace_s=grace_s)
     return [Ended(r["id"], r["target_id"], r["tenant_id"]) for r in rows], promoted

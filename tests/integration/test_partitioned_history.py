@@ -280,3 +280,40 @@ async def test_concurrent_posts_of_one_uuid_to_two_gateway_connections_make_one_
     finally:
         for c in conns:
             await c.close()
+
+
+async def test_deleting_a_target_while_its_delivery_succeeds_answers_204(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    # Given a target with a delivery that a worker is recording as succeeded (its row
+    # moves from deliveries_open to deliveries_sent; the transaction is not yet committed)
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant)
+    [event_id] = (await (await post_token(client, source, {"n": 1})).json())["event_ids"]
+    worker = await asyncpg.connect(database_url)
+    try:
+        recording = worker.transaction()
+        await recording.start()
+        await worker.execute(
+            "UPDATE deliveries SET status = 'succeeded', next_attempt_at = NULL "
+            "WHERE event_id = $1",
+            event_id,
+        )
+
+        # When the tenant deletes the target meanwhile (it waits for that row), and the
+        # record commits
+        deleting = asyncio.create_task(
+            client.delete(f"/v1/targets/{target['id']}", headers=tenant.auth)
+        )
+        await asyncio.sleep(0.5)
+        await recording.commit()
+        resp = await deleting
+
+        # Then the deletion is answered 204 and the delivery stays succeeded
+        assert resp.status == 204, await resp.text()
+        status = await worker.fetchval(
+            "SELECT status FROM deliveries WHERE event_id = $1", event_id
+        )
+        assert status == "succeeded"
+    finally:
+        await worker.close()
