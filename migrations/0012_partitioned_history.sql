@@ -103,6 +103,9 @@ BEGIN
     EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I CHECK (id >= %L AND id < %L)',
                    part, part || '_range', lo, hi);
     IF to_regclass(parent || '_default') IS NOT NULL THEN
+        -- no row may land in the DEFAULT partition between the move and the attach
+        -- (inserts that go there wait; those to other partitions go on)
+        EXECUTE format('LOCK TABLE %I IN EXCLUSIVE MODE', parent || '_default');
         EXECUTE format('WITH moved AS (DELETE FROM %I WHERE id >= %L AND id < %L RETURNING *)'
                        ' INSERT INTO %I SELECT * FROM moved',
                        parent || '_default', lo, hi, part);

@@ -480,8 +480,19 @@ async def add_deliveries(
     """New pending deliveries of an event to live, enabled targets of this tenant.
 
     ``targets``: (target id, ordering key or None). Call inside a transaction
-    when a key is given (its lock is held to the commit).
+    (a key's lock, and the event's partition's, are held to the commit). None are
+    made if the event is gone (past retention).
     """
+    # The event may have been dropped past retention since it was read: its row is
+    # read again here, and its partition's lock held to the commit, so retention
+    # (which takes it) either waits for these deliveries, and keeps the event for
+    # them, or has dropped it first, and nothing is made.
+    if not await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM events WHERE id = $1 AND tenant_id = $2)",
+        event_id,
+        tenant_id,
+    ):
+        return []
     rows = [(new_id("dlv"), tenant_id, event_id, t, key) for t, key in targets]
     created = await _insert_deliveries(
         conn, rows, enqueue_grace_s=enqueue_grace_s, first_delay_s=0.0

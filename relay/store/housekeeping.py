@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time as clock
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
@@ -196,6 +197,7 @@ async def _drop_partition(conn: Conn, parent: str, prefix: str, day: date) -> in
             # the parent's lock first (DROP takes it): no reader holds the parent
             # while waiting for the partition behind us
             await conn.execute(f"LOCK TABLE {parent} IN ACCESS EXCLUSIVE MODE")
+            locked = clock.perf_counter()
             kept_rows = _KEPT[parent].format(part=part, lo=lo, hi=hi)
             await conn.execute(f"CREATE TEMP TABLE relay_kept ON COMMIT DROP AS {kept_rows}")
             await conn.execute(f"DROP TABLE {part}")
@@ -205,6 +207,14 @@ async def _drop_partition(conn: Conn, parent: str, prefix: str, day: date) -> in
             )
     except asyncpg.LockNotAvailableError:
         return None
+    log.info(
+        "retention: dropped %s (%d rows, %d kept) holding %s for %.0f ms",
+        part,
+        total - kept,
+        kept,
+        parent,
+        (clock.perf_counter() - locked) * 1000,
+    )
     return total - kept
 
 
