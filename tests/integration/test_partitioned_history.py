@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from relay.ingest.parse import ParsedEvent
-from relay.store.events import record_events
+from relay.store.events import add_deliveries, record_events
 from relay.store.migrations import load_migrations, migrate
 from tests.conftest import Tenant, _admin, with_database
 from tests.history import aged_id, backdate
@@ -317,3 +317,32 @@ async def test_deleting_a_target_while_its_delivery_succeeds_answers_204(
         assert status == "succeeded"
     finally:
         await worker.close()
+
+
+async def test_a_replay_of_an_event_dropped_past_retention_makes_no_delivery(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    # Given an event read by a replay, then dropped past retention before the replay
+    # stores its deliveries
+    target = await make_target(client, tenant)
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            # When the replay stores them
+            made = await add_deliveries(
+                conn,
+                tenant.id,
+                "evt_01GONE0000000000000000000",
+                [(target["id"], None)],
+                enqueue_grace_s=30,
+            )
+        # Then none is made (it would wait for ever for an event it cannot send)
+        assert made == []
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM deliveries WHERE target_id = $1", target["id"]
+            )
+            == 0
+        )
+    finally:
+        await conn.close()
