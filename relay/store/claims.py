@@ -138,7 +138,8 @@ WITH picked AS (
 ), allowed AS MATERIALIZED (
     SELECT id FROM picked ORDER BY next_attempt_at
     LIMIT greatest(0, $3::int - (
-        SELECT count(*) FROM deliveries WHERE target_id = $1 AND locked_until > now()
+        SELECT count(*) FROM deliveries
+        WHERE target_id = $1 AND status IN ('pending', 'retrying') AND locked_until > now()
     )::int)
 ), claimed AS (
     UPDATE deliveries d
@@ -147,10 +148,13 @@ WITH picked AS (
     FROM allowed WHERE d.id = allowed.id AND d.status IN ('pending', 'retrying')
     RETURNING d.id, d.event_id, d.attempt_count, d.locked_until, d.order_key
 )
-SELECT c.id, c.event_id, c.attempt_count, c.locked_until, c.order_key, e.payload
-FROM claimed c JOIN events e ON e.id = c.event_id
+SELECT c.id, c.event_id, c.attempt_count, c.locked_until, c.order_key FROM claimed c
 ORDER BY c.id
 """
+
+# The claimed deliveries' payloads: read by the events' ids, given as values, so that
+# Postgres opens (and locks) only the partitions of those events, not every day's.
+_PAYLOADS = "SELECT id, payload FROM events WHERE id = ANY($1::text[])"
 
 
 async def read_target(conn: Queries, target_id: str) -> SendTarget | None:
@@ -182,13 +186,22 @@ async def claim_batch(
         probing = target.breaker != "closed"
         cap = 1 if probing else target.max_in_flight
         rows = await conn.fetch(_CLAIM, target_id, min(want, cap), cap, lease_s)
+        payloads = {}
+        if rows:
+            events = sorted({r["event_id"] for r in rows})
+            payloads = {r["id"]: r["payload"] for r in await conn.fetch(_PAYLOADS, events)}
         if rows and target.breaker == "open":
             await conn.execute(
                 "UPDATE target_health SET breaker = 'half_open', changed_at = now() "
                 "WHERE target_id = $1",
                 target_id,
             )
-    return target, [Claimed.from_row(r) for r in rows]
+    # (a delivery whose event is gone, which retention never leaves, is not attempted)
+    return target, [
+        Claimed.from_row({**r, "payload": payloads[r["event_id"]]})
+        for r in rows
+        if r["event_id"] in payloads
+    ]
 
 
 async def release_batch(

@@ -18,10 +18,11 @@ import asyncpg
 import pytest
 
 from relay.ingest.parse import ParsedEvent
+from relay.store import claims
 from relay.store.events import add_deliveries, record_events
 from relay.store.migrations import load_migrations, migrate
 from tests.conftest import Tenant, _admin, with_database
-from tests.history import aged_id, backdate
+from tests.history import aged_id, backdate, make_partitions
 from tests.integration.test_ingest import make_source, make_target, post_token
 
 PARTITIONED = 12
@@ -344,5 +345,39 @@ async def test_a_replay_of_an_event_dropped_past_retention_makes_no_delivery(
             )
             == 0
         )
+    finally:
+        await conn.close()
+
+
+async def test_a_claim_locks_the_same_few_relations_however_many_days_are_kept(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    # Given 40 days of partitions (as with RELAY_RETENTION_DAYS 40) and a due delivery
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant)
+    await post_token(client, source, {"n": 1})
+    conn = await asyncpg.connect(database_url)
+    try:
+        for days in range(1, 41):
+            await make_partitions(conn, datetime.now(UTC) - timedelta(days=days))
+
+        # When a worker claims it (its locks held to the end of the transaction)
+        async with conn.transaction():
+            _, claimed = await claims.claim_batch(conn, target["id"], want=10, lease_s=30)
+            locked = [
+                r["name"]
+                for r in await conn.fetch(
+                    "SELECT relation::regclass::text AS name FROM pg_locks"
+                    " WHERE pid = pg_backend_pid() AND relation IS NOT NULL"
+                )
+            ]
+
+        # Then it got its payload, and locked its event's partition only, not every
+        # day's (Postgres's lock table is shared: 100s of locks per claim would fill it)
+        assert [c.payload for c in claimed] == [b'{"n": 1}']
+        today = f"events_p{datetime.now(UTC):%Y%m%d}"
+        days = {n.split("_")[1] for n in locked if n.startswith(("events_p", "deliveries_sent"))}
+        assert days <= {today.split("_")[1]}, sorted(days)
+        assert len(locked) < 100, len(locked)
     finally:
         await conn.close()
