@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, cast
 from relay.core.crypto import new_id
 from relay.delivery.ordering import OnDead
 from relay.delivery.outcome import CLOSED, Breaker, BreakerState
-from relay.store.db import Conn, Queries
+from relay.store.db import Conn, Queries, fetch_past_moves
 from relay.store.key_queues import lock_keys, promote_keys
 from relay.store.rows import DeliveryStatus, Replayed, Wake
 
@@ -138,19 +138,23 @@ WITH picked AS (
 ), allowed AS MATERIALIZED (
     SELECT id FROM picked ORDER BY next_attempt_at
     LIMIT greatest(0, $3::int - (
-        SELECT count(*) FROM deliveries WHERE target_id = $1 AND locked_until > now()
+        SELECT count(*) FROM deliveries
+        WHERE target_id = $1 AND status IN ('pending', 'retrying') AND locked_until > now()
     )::int)
 ), claimed AS (
     UPDATE deliveries d
     SET locked_until = now() + make_interval(secs => $4::float8),
         enqueued_until = now() + make_interval(secs => $4::float8), updated_at = now()
-    FROM allowed WHERE d.id = allowed.id
+    FROM allowed WHERE d.id = allowed.id AND d.status IN ('pending', 'retrying')
     RETURNING d.id, d.event_id, d.attempt_count, d.locked_until, d.order_key
 )
-SELECT c.id, c.event_id, c.attempt_count, c.locked_until, c.order_key, e.payload
-FROM claimed c JOIN events e ON e.id = c.event_id
+SELECT c.id, c.event_id, c.attempt_count, c.locked_until, c.order_key FROM claimed c
 ORDER BY c.id
 """
+
+# The claimed deliveries' payloads: read by the events' ids, given as values, so that
+# Postgres opens (and locks) only the partitions of those events, not every day's.
+_PAYLOADS = "SELECT id, payload FROM events WHERE id = ANY($1::text[])"
 
 
 async def read_target(conn: Queries, target_id: str) -> SendTarget | None:
@@ -182,13 +186,22 @@ async def claim_batch(
         probing = target.breaker != "closed"
         cap = 1 if probing else target.max_in_flight
         rows = await conn.fetch(_CLAIM, target_id, min(want, cap), cap, lease_s)
+        payloads = {}
+        if rows:
+            events = sorted({r["event_id"] for r in rows})
+            payloads = {r["id"]: r["payload"] for r in await conn.fetch(_PAYLOADS, events)}
         if rows and target.breaker == "open":
             await conn.execute(
                 "UPDATE target_health SET breaker = 'half_open', changed_at = now() "
                 "WHERE target_id = $1",
                 target_id,
             )
-    return target, [Claimed.from_row(r) for r in rows]
+    # (a delivery whose event is gone, which retention never leaves, is not attempted)
+    return target, [
+        Claimed.from_row({**r, "payload": payloads[r["event_id"]]})
+        for r in rows
+        if r["event_id"] in payloads
+    ]
 
 
 async def release_batch(
@@ -207,7 +220,7 @@ async def release_batch(
             enqueued_until = now() + make_interval(secs => $3 + coalesce($4::float8, 0)),
             updated_at = now()
         FROM unnest($1::text[], $2::timestamptz[]) AS r(id, lease)
-        WHERE d.id = r.id AND d.locked_until = r.lease
+        WHERE d.id = r.id AND d.locked_until = r.lease AND d.status IN ('pending', 'retrying')
         """,
         [c.id for c in claimed],
         [c.locked_until for c in claimed],
@@ -544,7 +557,7 @@ async def end_past_window(
             return [], []
         keys = sorted({(r["target_id"], r["order_key"]) for r in picked if r["order_key"]})
         await lock_keys(conn, keys)
-        rows = await conn.fetch(_END_PAST_WINDOW, [r["id"] for r in picked], window_s)
+        rows = await fetch_past_moves(conn, _END_PAST_WINDOW, [r["id"] for r in picked], window_s)
         ended_keys = sorted({(r["target_id"], r["order_key"]) for r in rows if r["order_key"]})
         promoted = await promote_keys(conn, ended_keys, grace_s=grace_s)
     return [Ended(r["id"], r["target_id"], r["tenant_id"]) for r in rows], promoted

@@ -179,3 +179,28 @@ async def connect(
             await _init_connection(conn)
             return conn
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+#: How many times a statement that met a moved row is made again.
+MOVED_TRIES = 5
+
+
+async def fetch_past_moves(conn: Conn, query: str, *args: Any) -> list[Record]:
+    """``conn.fetch(query, *args)`` in a savepoint, made again if it met a moved row.
+
+    A delivery that succeeds moves from deliveries_open to deliveries_sent
+    (migration 0012). A statement waiting for such a row's lock is not given the
+    row as it is after the move (as for an UPDATE in place): Postgres raises
+    serialization_failure. Made again, in read committed, the statement sees
+    where the row went (and, as a rule, that it no longer matches). Call with
+    the statements that may wait for a delivery being recorded.
+    """
+    for attempt in range(MOVED_TRIES):
+        try:
+            async with conn.transaction():
+                return await conn.fetch(query, *args)
+        except asyncpg.SerializationError:
+            if attempt == MOVED_TRIES - 1:
+                raise
+            log.info("a delivery moved under the statement; making it again")
+    raise AssertionError("unreachable")

@@ -211,7 +211,7 @@ async def _replay_batch(
                 enqueued_until = CASE WHEN d.order_key IS NULL
                                       THEN now() + make_interval(secs => ${_NEXT + 1}) END,
                 locked_until = NULL, round_started_at = now(), updated_at = now()
-            FROM picked WHERE d.id = picked.id
+            FROM picked WHERE d.id = picked.id AND d.status = 'dead'
             RETURNING d.id, d.target_id, d.tenant_id, d.order_key
             """,
             *args,

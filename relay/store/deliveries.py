@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from relay.store.db import Conn, Queries
+from relay.store.db import Conn, Queries, fetch_past_moves
 from relay.store.key_queues import lock_keys, promote_keys
 from relay.store.rows import AttemptRecord, Delivery, DeliveryStatus
 from relay.store.sql import hold_reason, holds_key, key_queue_order, keyset_page
@@ -188,7 +188,8 @@ async def retry_delivery(
         key = None if found["order_key"] is None else (found["target_id"], found["order_key"])
         if key is not None:
             await lock_keys(conn, [key])
-        row = await conn.fetchrow(
+        moved = await fetch_past_moves(
+            conn,
             """
             UPDATE deliveries d
             SET status = 'pending', attempt_count = 0,
@@ -198,13 +199,15 @@ async def retry_delivery(
                 locked_until = NULL, round_started_at = now(), updated_at = now()
             WHERE d.tenant_id = $1 AND d.id = $2
               AND (d.locked_until IS NULL OR d.locked_until < now())
+              -- its event may be gone past retention (a delivery made later than it)
+              AND EXISTS (SELECT 1 FROM events e WHERE e.id = d.event_id)
             RETURNING d.id
             """,
             tenant_id,
             delivery_id,
             enqueue_grace_s,
         )
-        if row is None:
+        if not moved:
             return None
         if key is not None:
             await promote_keys(conn, [key], grace_s=enqueue_grace_s)

@@ -18,27 +18,51 @@ from relay.store.sql import KEY_LOCK_BUCKETS, ORDER_LOCK, holds_key, key_locks, 
 # config_version is still the one its source and routes were read at ($11/$12: each
 # (tenant, version) of the group, -1 for "not checked"; $13: each event's version).
 # The pairs that passed come back with the inserted ids, in one round trip.
+# De-duplication: an event whose uuid its source already has (stored, or earlier
+# in this statement) is not inserted. events is partitioned by id, so no unique
+# index can say it: the uuids' locks (_LOCK_UUIDS), taken before this statement,
+# make the check and the insert one step for each (source, uuid).
 _INSERT_EVENTS = """
 WITH fresh AS MATERIALIZED (
     SELECT v.tenant_id, v.version FROM unnest($11::text[], $12::int8[]) AS v(tenant_id, version)
     JOIN tenants t ON t.id = v.tenant_id
     WHERE v.version = -1 OR t.config_version = v.version
+), incoming AS (
+    SELECT e.*, row_number() OVER (PARTITION BY e.source_id, e.uuid ORDER BY e.n) AS nth
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                $7::text[], $8::text[], $9::text[], $10::bytea[], $13::int8[]) WITH ORDINALITY
+         AS e(id, tenant_id, source_id, uuid, date, object_type, action, object_id, tenant_ref,
+              payload, version, n)
+    WHERE (e.tenant_id, e.version) IN (SELECT tenant_id, version FROM fresh)
 ), inserted AS (
     INSERT INTO events (id, tenant_id, source_id, upstream_uuid, upstream_date, object_type,
                         action, object_id, upstream_tenant_id, payload)
     SELECT e.id, e.tenant_id, e.source_id, e.uuid, e.date, e.object_type, e.action,
            e.object_id, e.tenant_ref, e.payload
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                $7::text[], $8::text[], $9::text[], $10::bytea[], $13::int8[])
-         AS e(id, tenant_id, source_id, uuid, date, object_type, action, object_id, tenant_ref,
-              payload, version)
-    WHERE (e.tenant_id, e.version) IN (SELECT tenant_id, version FROM fresh)
-    ON CONFLICT (source_id, upstream_uuid) DO NOTHING
+    FROM incoming e
+    WHERE e.uuid IS NULL OR (e.nth = 1 AND NOT EXISTS (
+        SELECT 1 FROM events x WHERE x.source_id = e.source_id AND x.upstream_uuid = e.uuid
+    ))
     RETURNING id
 )
 SELECT id, NULL AS fresh_tenant, NULL::int8 AS fresh_version FROM inserted
 UNION ALL
 SELECT NULL, tenant_id, version FROM fresh
+"""
+
+#: First key of the advisory locks of (source, uuid) buckets ("uid").
+UUID_LOCK = 0x756964
+#: Buckets per source: a transaction takes at most this many uuid locks per source.
+UUID_LOCK_BUCKETS = 16
+
+# The locks of the (source, uuid bucket)s of a group's events, in one order
+# everywhere (sorted), held to the commit; taken before any key lock.
+_LOCK_UUIDS = f"""
+SELECT count(pg_advisory_xact_lock($3, k.h)) FROM (
+    SELECT DISTINCT hashtext(w.source_id || '/' || (hashtext(w.uuid) & {UUID_LOCK_BUCKETS - 1}))
+           AS h
+    FROM unnest($1::text[], $2::text[]) AS w(source_id, uuid) ORDER BY 1
+) k
 """
 
 _EXISTING = """
@@ -232,6 +256,9 @@ async def record_event_groups(
     committing = False
     try:
         async with conn.transaction():
+            uuids = sorted({(r[2], r[3]) for r in event_rows if r[3] is not None})
+            if uuids:
+                await conn.execute(_LOCK_UUIDS, *_columns(uuids, 2), UUID_LOCK)
             rows = await conn.fetch(
                 _INSERT_EVENTS,
                 *_columns(event_rows, 10),
@@ -493,8 +520,19 @@ async def add_deliveries(
     """New pending deliveries of an event to live, enabled targets of this tenant.
 
     ``targets``: (target id, ordering key or None). Call inside a transaction
-    when a key is given (its lock is held to the commit).
+    (a key's lock, and the event's partition's, are held to the commit). None are
+    made if the event is gone (past retention).
     """
+    # The event may have been dropped past retention since it was read: its row is
+    # read again here, and its partition's lock held to the commit, so retention
+    # (which takes it) either waits for these deliveries, and keeps the event for
+    # them, or has dropped it first, and nothing is made.
+    if not await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM events WHERE id = $1 AND tenant_id = $2)",
+        event_id,
+        tenant_id,
+    ):
+        return []
     rows = [(new_id("dlv"), tenant_id, event_id, t, key) for t, key in targets]
     created = await _insert_deliveries(
         conn, rows, enqueue_grace_s=enqueue_grace_s, first_delay_s=0.0

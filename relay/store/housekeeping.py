@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time as clock
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
+import asyncpg
+
+from relay.store.console import floor_id
 from relay.store.db import Conn, Queries
 from relay.store.key_queues import lock_keys, promote_keys
 from relay.store.rows import Replayed
+
+log = logging.getLogger(__name__)
 
 
 async def stats(conn: Queries) -> dict[str, Any]:
@@ -67,21 +76,201 @@ async def disable_failing_targets(conn: Queries, failing_for_s: float) -> list[s
     return [r["id"] for r in rows]
 
 
+#: The history partitioned by id, one partition per UTC day: (table, id prefix).
+#: deliveries_sent holds the succeeded deliveries; what is still to be sent, and dead
+#: letters, are in deliveries_open (migration 0012).
+HISTORY = (("events", "evt"), ("deliveries_sent", "dlv"), ("attempts", "att"))
+#: The advisory lock of the partition manager: one at a time (sweepers, `relay migrate`).
+PARTITION_LOCK = 0x70617274  # "part"
+#: Days of partitions made ahead of today.
+DAYS_AHEAD = 3
+#: How long dropping a partition waits for its table's lock before it tries again
+#: later: never long, so the ingest and the engine never queue behind it for long.
+LOCK_TIMEOUT = "200ms"
+#: How many times a drop whose lock timed out is tried again in one pass.
+LOCK_TRIES = 5
+
+_ENSURE = """
+SELECT h.parent || '_p' || to_char(d, 'YYYYMMDD') AS name
+FROM unnest($1::text[], $2::text[]) AS h(parent, prefix)
+CROSS JOIN generate_series((now() AT TIME ZONE 'UTC')::date,
+                           (now() AT TIME ZONE 'UTC')::date + $3::int, interval '1 day') AS d
+WHERE relay_ensure_partition(h.parent, h.prefix, d::date)
+"""
+
+# The daily partitions of the history whose whole day is past the retention, oldest first.
+_EXPIRED = """
+SELECT to_date(right(c.relname, 8), 'YYYYMMDD') AS day
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+JOIN pg_class p ON p.oid = i.inhparent
+WHERE p.relname = ANY($1::text[]) AND c.relname ~ '_p[0-9]{8}$'
+  AND (to_date(right(c.relname, 8), 'YYYYMMDD') + 1)::timestamp AT TIME ZONE 'UTC'
+      <= now() - make_interval(days => $2)
+GROUP BY 1 ORDER BY 1
+"""
+
+# What of a partition about to be dropped is kept (moved to the DEFAULT partition):
+# events with a delivery still to be sent or a dead letter (their dead letters, of
+# an event past retention, went first), and attempts of deliveries still to be sent.
+# Each reads the few rows of deliveries_open, never the partition's whole.
+_KEPT = {
+    "events": """
+        SELECT * FROM {part} WHERE id IN (
+            SELECT event_id FROM deliveries_open WHERE event_id >= '{lo}' AND event_id < '{hi}'
+        )""",
+    "attempts": """
+        SELECT * FROM {part} WHERE delivery_id IN (
+            SELECT id FROM deliveries_open WHERE status IN ('pending', 'retrying')
+        )""",
+    "deliveries_sent": "SELECT * FROM {part} WHERE false",
+}
+
+# Dead letters of events past retention: their keys go on (on_dead "block").
+_OLD_DEAD = """
+SELECT d.id, d.target_id, d.order_key FROM deliveries d
+WHERE d.status = 'dead' AND d.event_id < relay_ulid_floor('evt', now() - make_interval(days => $1))
+LIMIT $2
+"""
+
+# The DEFAULT partitions' rows past retention: what was kept and has finished since
+# (and anything made before the partitions of its day). Few rows: deleted one by one.
+_PURGE_DEFAULTS = """
+WITH cut AS MATERIALIZED (
+    SELECT now() - make_interval(days => $1) AS at
+), events_gone AS (
+    DELETE FROM events_default e WHERE e.ctid IN (
+        SELECT x.ctid FROM events_default x
+        WHERE x.id < relay_ulid_floor('evt', (SELECT at FROM cut))
+          AND NOT EXISTS (SELECT 1 FROM deliveries_open d WHERE d.event_id = x.id)
+        LIMIT $2
+    ) RETURNING 1
+), sent_gone AS (
+    DELETE FROM deliveries_sent_default s WHERE s.ctid IN (
+        SELECT x.ctid FROM deliveries_sent_default x
+        WHERE x.id < relay_ulid_floor('dlv', (SELECT at FROM cut)) LIMIT $2
+    ) RETURNING 1
+), attempts_gone AS (
+    DELETE FROM attempts_default a WHERE a.ctid IN (
+        SELECT x.ctid FROM attempts_default x
+        WHERE x.id < relay_ulid_floor('att', (SELECT at FROM cut))
+          AND NOT EXISTS (
+              SELECT 1 FROM deliveries_open d
+              WHERE d.id = x.delivery_id AND d.status IN ('pending', 'retrying')
+          )
+        LIMIT $2
+    ) RETURNING 1
+)
+SELECT (SELECT count(*) FROM events_gone) AS events,
+       (SELECT count(*) FROM sent_gone) + (SELECT count(*) FROM attempts_gone) AS others
+"""
+
+
+async def ensure_partitions(conn: Conn, *, days_ahead: int = DAYS_AHEAD) -> list[str]:
+    """Make the history's partitions of today and ``days_ahead`` days ahead; the names made.
+
+    Safe from any number of processes at once (``PARTITION_LOCK``). An insert never
+    fails for want of a partition: the DEFAULT partitions catch what has none, and
+    making a day's partition moves its rows there.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
+        rows = await conn.fetch(
+            _ENSURE, [t for t, _ in HISTORY], [p for _, p in HISTORY], days_ahead
+        )
+    return [r["name"] for r in rows]
+
+
+async def _drop_partition(conn: Conn, parent: str, prefix: str, day: date) -> int | None:
+    """Drop ``parent``'s partition of ``day``, keeping what ``_KEPT`` says; rows dropped.
+
+    None: its lock was not free within ``LOCK_TIMEOUT`` (nothing done: try again).
+    """
+    part = f"{parent}_p{day:%Y%m%d}"
+    lo = floor_id(prefix, datetime.combine(day, time(), UTC))
+    hi = floor_id(prefix, datetime.combine(day + timedelta(days=1), time(), UTC))
+    # counted before the lock (rows rarely move into an old day: a late success)
+    try:
+        total: int = await conn.fetchval(f"SELECT count(*) FROM {part}")
+    except asyncpg.UndefinedTableError:
+        return 0  # another sweeper dropped it
+    try:
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
+            # (pg_class read anew: to_regclass may answer from a cache not yet told)
+            if not await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_class WHERE relname = $1"
+                " AND relnamespace = current_schema()::regnamespace)",
+                part,
+            ):
+                return 0  # another sweeper dropped it
+            # the parent's lock first (DROP takes it): no reader holds the parent
+            # while waiting for the partition behind us
+            await conn.execute(f"LOCK TABLE {parent} IN ACCESS EXCLUSIVE MODE")
+            locked = clock.perf_counter()
+            kept_rows = _KEPT[parent].format(part=part, lo=lo, hi=hi)
+            await conn.execute(f"CREATE TEMP TABLE relay_kept ON COMMIT DROP AS {kept_rows}")
+            await conn.execute(f"DROP TABLE {part}")
+            kept: int = await conn.fetchval(
+                f"WITH moved AS (INSERT INTO {parent} SELECT * FROM relay_kept RETURNING 1) "
+                "SELECT count(*) FROM moved"
+            )
+    except asyncpg.LockNotAvailableError:
+        return None
+    log.info(
+        "retention: dropped %s (%d rows, %d kept) holding %s for %.0f ms",
+        part,
+        total - kept,
+        kept,
+        parent,
+        (clock.perf_counter() - locked) * 1000,
+    )
+    return total - kept
+
+
+async def drop_expired_partitions(conn: Conn, retention_days: int) -> dict[str, int]:
+    """Drop each day of the history entirely past the retention; rows dropped per table.
+
+    A day's attempts go first, then its sent deliveries, then its events, each in
+    its own short transaction: what is still to be sent (a delivery in
+    deliveries_open, its event, its attempts) moves to the DEFAULT partition.
+    """
+    dropped = {parent: 0 for parent, _ in HISTORY}
+    for row in await conn.fetch(_EXPIRED, [t for t, _ in HISTORY], retention_days):
+        for parent, prefix in (HISTORY[2], HISTORY[1], HISTORY[0]):
+            for attempt in range(LOCK_TRIES):
+                n = await _drop_partition(conn, parent, prefix, row["day"])
+                if n is not None:
+                    dropped[parent] += n
+                    break
+                await asyncio.sleep(0.05 * (attempt + 1))
+            else:
+                log.warning(
+                    "retention: %s of %s stays until the next pass (busy)", parent, row["day"]
+                )
+                return dropped
+    return dropped
+
+
 async def purge_old_events(
     conn: Conn, retention_days: int, batch: int = 1000, *, grace_s: float = 30.0
 ) -> tuple[int, list[Replayed]]:
-    """Delete up to ``batch`` events older than the retention (deliveries and attempts cascade).
+    """Retention: remove the history past ``retention_days``; the sweeper's one entry point.
 
-    An event with a delivery still to be sent (pending or retrying, e.g. behind a
-    target disabled for longer than the retention) is kept until it finishes.
-    A key that waited behind a dead letter deleted here (``on_dead: "block"``)
-    goes on: its next delivery becomes due, and is returned to be woken
-    (``grace_s``: how long the sweeper leaves it to that wake-up). The keys'
-    locks are taken before the rows (``key_queues``' lock order).
-    Returns how many events were deleted and the deliveries made due. The
-    record of when deliveries died (the console's chart) goes with the same
-    retention.
+    Makes the partitions of the days ahead, then removes dead letters of events
+    past the retention (a key that waited behind one, ``on_dead: "block"``, goes
+    on: its next delivery becomes due and is returned to be woken; ``grace_s``:
+    how long the sweeper leaves it to that wake-up), then drops every day of
+    events, sent deliveries and attempts entirely past the retention, whole
+    partitions at a time; what is still to be sent (a pending or retrying
+    delivery, its event and attempts) is kept until it finishes. The few rows
+    kept that way are deleted ``batch`` at a time once past retention and
+    finished. The record of when deliveries died (the console's chart) goes
+    with the same retention. Returns how many events were removed, and the
+    deliveries made due. Everything past the retention is removed by one call.
     """
+    await ensure_partitions(conn)
     await conn.execute(
         """
         DELETE FROM delivery_deaths WHERE ctid IN (
@@ -92,47 +281,31 @@ async def purge_old_events(
         retention_days,
         batch,
     )
-    async with conn.transaction():
-        picked = await conn.fetch(
-            """
-            WITH old AS (
-                SELECT e.id FROM events e
-                WHERE e.received_at < now() - make_interval(days => $1)
-                  AND NOT EXISTS (
-                      SELECT 1 FROM deliveries d
-                      WHERE d.event_id = e.id AND d.status IN ('pending', 'retrying')
-                  )
-                LIMIT $2
+    removed = 0
+    promoted: list[Replayed] = []
+    while True:
+        async with conn.transaction():
+            picked = await conn.fetch(_OLD_DEAD, retention_days, batch)
+            if not picked:
+                break
+            keys = sorted({(r["target_id"], r["order_key"]) for r in picked if r["order_key"]})
+            await lock_keys(conn, keys)
+            await conn.execute(
+                "DELETE FROM deliveries d WHERE d.id = ANY($1::text[]) AND d.status = 'dead'",
+                [r["id"] for r in picked],
             )
-            SELECT old.id, k.target_id, k.order_key FROM old
-            LEFT JOIN LATERAL (
-                SELECT d.target_id, d.order_key FROM deliveries d
-                WHERE d.event_id = old.id AND d.status = 'dead' AND d.order_key IS NOT NULL
-            ) k ON true
-            """,
-            retention_days,
-            batch,
-        )
-        if not picked:
-            return 0, []
-        keys = sorted({(r["target_id"], r["order_key"]) for r in picked if r["order_key"]})
-        await lock_keys(conn, keys)
-        deleted: int = await conn.fetchval(
-            """
-            WITH gone AS (
-                DELETE FROM events e
-                WHERE e.id = ANY($1::text[])
-                  AND NOT EXISTS (
-                      SELECT 1 FROM deliveries d
-                      WHERE d.event_id = e.id AND d.status IN ('pending', 'retrying')
-                  )
-                RETURNING 1
-            ) SELECT count(*) FROM gone
-            """,
-            list({r["id"] for r in picked}),
-        )
-        promoted = await promote_keys(conn, keys, grace_s=grace_s)
-    return deleted, promoted
+            promoted += await promote_keys(conn, keys, grace_s=grace_s)
+        if len(picked) < batch:
+            break
+    dropped = await drop_expired_partitions(conn, retention_days)
+    removed += dropped["events"]
+    while True:
+        row = await conn.fetchrow(_PURGE_DEFAULTS, retention_days, batch)
+        assert row is not None
+        removed += row["events"]
+        if row["events"] < batch and row["others"] < batch:
+            break
+    return removed, promoted
 
 
 async def backlog(conn: Queries) -> tuple[int, int, int]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from relay.core.config import ConfigError
 from relay.core.crypto import SecretBox, seal_headers
 from relay.store.db import Conn, Queries
+from relay.store.housekeeping import ensure_partitions
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,9 @@ async def migrate(
                 )
             log.info("applied migration %s", migration.name)
             applied.append(migration.name)
+        if await conn.fetchval("SELECT to_regproc('relay_ensure_partition') IS NOT NULL"):
+            # the history's partitions of the days ahead (0012; the sweeper makes them too)
+            await ensure_partitions(conn)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     return applied

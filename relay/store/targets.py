@@ -6,7 +6,7 @@ import logging
 from typing import Any, Literal
 
 from relay.ingest.routes import Routes, TargetRoute
-from relay.store.db import Conn, Pool, Queries
+from relay.store.db import Conn, Pool, Queries, fetch_past_moves
 from relay.store.key_queues import reorder_target
 from relay.store.rows import Target
 from relay.store.sql import bump_config, keyset_page, set_clause
@@ -192,7 +192,9 @@ async def delete_target(conn: Conn, tenant_id: str, target_id: str) -> bool:
         )
         if deleted is None:
             return False
-        await conn.execute(
+        # (past moves: one of them may succeed meanwhile, and move)
+        await fetch_past_moves(
+            conn,
             """
             UPDATE deliveries
             SET status = 'dead', next_attempt_at = NULL, enqueued_until = NULL,

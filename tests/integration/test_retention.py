@@ -1,77 +1,209 @@
-"""Retention: the sweeper's housekeeping purges what is past RELAY_RETENTION_DAYS, only that."""
+"""Retention: the sweeper's housekeeping removes what is past RELAY_RETENTION_DAYS, only that.
+
+The history is partitioned by day (migration 0012): a day past the retention is
+dropped whole, and what is still to be sent is kept (moved to the DEFAULT
+partitions) until it finishes.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
 from relay.core.config import Settings
 from relay.delivery.wakeups import Enqueuer, make_broker
+from relay.store import housekeeping
 from tests.conftest import Tenant
+from tests.history import backdate, partition_exists
 from tests.integration.test_ingest import make_source, make_target, post_token
 from workers.sweeper import Sweeper
 
 
-async def test_housekeeping_purges_old_events_with_their_deliveries_and_attempts(
-    client: Any, tenant: Tenant, settings: Settings, database_url: str
-) -> None:
+def _sweeper(settings: Settings) -> Sweeper:
+    return Sweeper(settings, Enqueuer(make_broker(settings.broker_url, middleware=[])))
+
+
+async def _old_history(client: Any, tenant: Tenant, conn: asyncpg.Connection) -> dict[str, Any]:
+    """Six events: three old and finished (one dead), one old and unfinished, two recent.
+
+    The old ones are 31 days old, in their day's partitions, each delivery with
+    an attempt. Returns their ids (after ageing).
+    """
     source = await make_source(client, tenant)
     await make_target(client, tenant)
     ids = (await (await post_token(client, source, [{"n": i} for i in range(6)])).json())[
         "event_ids"
     ]
+    old, unfinished, recent = ids[:3], ids[3], ids[4:]
+    await conn.execute(
+        "UPDATE deliveries SET status = CASE WHEN event_id = $2 THEN 'dead' ELSE 'succeeded' "
+        "END, next_attempt_at = NULL WHERE event_id = ANY($1)",
+        old,
+        old[0],
+    )
+    await conn.execute("UPDATE deliveries SET status = 'retrying' WHERE event_id = $1", unfinished)
+    await conn.execute(
+        "INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms) "
+        "SELECT 'att_' || substr(id, 5), tenant_id, id, now(), 1 FROM deliveries "
+        "WHERE event_id = ANY($1)",
+        [*old, unfinished],
+    )
+    moved = await backdate(conn, [*old, unfinished], days=31)
+    return {
+        "old": [moved[i] for i in old],
+        "unfinished": moved[unfinished],
+        "recent": recent,
+        "at": datetime.now(UTC) - timedelta(days=31),
+    }
+
+
+async def _count(conn: asyncpg.Connection, query: str, *args: Any) -> int:
+    return int(await conn.fetchval(query, *args))
+
+
+async def test_housekeeping_drops_the_days_past_retention_and_keeps_what_is_unsent(
+    client: Any, tenant: Tenant, settings: Settings, database_url: str
+) -> None:
     conn = await asyncpg.connect(database_url)
+    sweeper = _sweeper(settings)
     try:
         # Given three old events whose deliveries finished, one old event whose delivery
         # is still to be sent (its target was disabled for longer than the retention),
         # and two recent ones
-        old, unfinished, recent = ids[:3], ids[3], ids[4:]
-        await conn.execute(
-            "UPDATE events SET received_at = now() - interval '31 days' WHERE id = ANY($1)",
-            [*old, unfinished],
-        )
-        await conn.execute(
-            "UPDATE deliveries SET status = CASE WHEN event_id = $2 THEN 'dead' ELSE 'succeeded' "
-            "END, next_attempt_at = NULL WHERE event_id = ANY($1)",
-            old,
-            old[0],
-        )
-        await conn.execute(
-            "UPDATE deliveries SET status = 'retrying' WHERE event_id = $1", unfinished
-        )
-        # (the death told the tenant: an operational event, as old as the others here, and
-        # purged with the same retention)
-        told = await conn.fetchval(
-            "UPDATE events SET received_at = now() - interval '31 days' "
-            "WHERE tenant_id = $1 AND operational RETURNING id",
-            tenant.id,
-        )
-        assert told is not None
-        await conn.execute(
-            "INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms) "
-            "SELECT 'att_' || id, tenant_id, id, now(), 1 FROM deliveries WHERE event_id = ANY($1)",
-            old,
-        )
-        sweeper = Sweeper(settings, Enqueuer(make_broker(settings.broker_url, middleware=[])))
+        h = await _old_history(client, tenant, conn)
+        assert await partition_exists(conn, "events", h["at"])
+
+        # When the sweeper's housekeeping runs
         await sweeper.housekeeping(conn)
+
+        # Then the old day's partitions are gone, whole
+        for parent in ("events", "deliveries_sent", "attempts"):
+            assert not await partition_exists(conn, parent, h["at"]), parent
+        # and only the finished old events are gone, with their deliveries and attempts;
+        # the unfinished one stays with its delivery and attempt
         left = {
             r["id"]
             for r in await conn.fetch("SELECT id FROM events WHERE tenant_id = $1", tenant.id)
         }
-        # Then only the finished old events are gone; the unfinished one stays
-        assert left == {unfinished, *recent}
+        assert left == {h["unfinished"], *h["recent"]}
         assert (
-            await conn.fetchval("SELECT count(*) FROM deliveries WHERE event_id = ANY($1)", old)
+            await _count(conn, "SELECT count(*) FROM deliveries WHERE event_id = ANY($1)", h["old"])
             == 0
         )
-        assert await conn.fetchval("SELECT count(*) FROM attempts WHERE id LIKE 'att_dlv%'") == 0
+        kept = await conn.fetch(
+            "SELECT d.id, d.status, (SELECT count(*) FROM attempts a WHERE a.delivery_id = d.id)"
+            " AS attempts FROM deliveries d WHERE d.event_id = $1",
+            h["unfinished"],
+        )
+        assert [(r["status"], r["attempts"]) for r in kept] == [("retrying", 1)]
         assert (
-            await conn.fetchval(
-                "SELECT count(*) FROM deliveries WHERE event_id = ANY($1)", [unfinished, *recent]
+            await _count(
+                conn,
+                "SELECT count(*) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id "
+                "WHERE d.event_id = ANY($1)",
+                h["old"],
+            )
+            == 0
+        )
+        assert (
+            await _count(
+                conn,
+                "SELECT count(*) FROM deliveries WHERE event_id = ANY($1)",
+                [h["unfinished"], *h["recent"]],
             )
             == 3
         )
+
+        # When the kept delivery finishes, the next housekeeping removes it with its event
+        await conn.execute(
+            "UPDATE deliveries SET status = 'succeeded', next_attempt_at = NULL "
+            "WHERE event_id = $1",
+            h["unfinished"],
+        )
+        await sweeper.housekeeping(conn)
+        assert await _count(conn, "SELECT count(*) FROM events WHERE id = $1", h["unfinished"]) == 0
+        assert (
+            await _count(
+                conn, "SELECT count(*) FROM deliveries WHERE event_id = $1", h["unfinished"]
+            )
+            == 0
+        )
+        assert (
+            await _count(
+                conn, "SELECT count(*) FROM attempts WHERE delivery_id = $1", kept[0]["id"]
+            )
+            == 0
+        )
+        assert (
+            await _count(conn, "SELECT count(*) FROM events WHERE id = ANY($1)", h["recent"]) == 2
+        )
+    finally:
         await sweeper.enqueuer.close()
+        await conn.close()
+
+
+async def test_two_sweepers_at_once_drop_each_day_once_and_keep_the_unsent_once(
+    client: Any, tenant: Tenant, settings: Settings, database_url: str
+) -> None:
+    conn = await asyncpg.connect(database_url)
+    others = [await asyncpg.connect(database_url) for _ in range(2)]
+    try:
+        h = await _old_history(client, tenant, conn)
+
+        # When two processes run the retention at the same instant
+        results = await asyncio.gather(
+            *(housekeeping.purge_old_events(c, settings.retention_days, grace_s=30) for c in others)
+        )
+
+        # Then between them the three old events went, once; the unfinished one is kept once
+        assert sum(n for n, _ in results) == 3
+        assert not await partition_exists(conn, "events", h["at"])
+        assert await _count(conn, "SELECT count(*) FROM events WHERE id = $1", h["unfinished"]) == 1
+        assert (
+            await _count(
+                conn, "SELECT count(*) FROM deliveries WHERE event_id = $1", h["unfinished"]
+            )
+            == 1
+        )
+        assert (
+            await _count(
+                conn,
+                "SELECT count(*) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id "
+                "WHERE d.event_id = $1",
+                h["unfinished"],
+            )
+            == 1
+        )
+    finally:
+        for c in (conn, *others):
+            await c.close()
+
+
+async def test_a_row_of_a_day_without_partition_is_kept_and_moved_when_the_day_is_made(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    source = await make_source(client, tenant)
+    await make_target(client, tenant)
+    [event_id] = (await (await post_token(client, source, {"n": 1})).json())["event_ids"]
+    conn = await asyncpg.connect(database_url)
+    try:
+        # Given an event whose id falls on a day ten days ahead, which has no partition
+        moved = await backdate(conn, [event_id], days=-10, partitions=False)
+        ahead = datetime.now(UTC) + timedelta(days=10)
+        assert not await partition_exists(conn, "events", ahead)
+        # Then it was stored all the same (the DEFAULT partition caught it)
+        where = "SELECT tableoid::regclass::text FROM events WHERE id = $1"
+        assert await conn.fetchval(where, moved[event_id]) == "events_default"
+
+        # When the partition manager makes the days ahead (here: eleven days)
+        made = await housekeeping.ensure_partitions(conn, days_ahead=11)
+
+        # Then that day's partition holds it, and making them again makes nothing
+        assert f"events_p{ahead:%Y%m%d}" in made
+        assert await conn.fetchval(where, moved[event_id]) == f"events_p{ahead:%Y%m%d}"
+        assert await housekeeping.ensure_partitions(conn, days_ahead=11) == []
     finally:
         await conn.close()

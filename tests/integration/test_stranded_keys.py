@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 from relay.core.config import Settings
 from relay.delivery.wakeups import Enqueuer, make_broker
 from tests.conftest import Tenant
+from tests.history import backdate
 from tests.integration.test_ingest import make_source, make_target, post_token
 from tests.integration.test_ordering import event
 from workers.sweeper import Sweeper
@@ -65,11 +66,8 @@ async def test_retention_of_the_dead_letter_a_key_blocks_on_lets_the_key_go_on(
             """,
             first,
         )
-        await conn.execute(
-            "UPDATE events SET received_at = now() - interval '31 days' "
-            "WHERE id = (SELECT event_id FROM deliveries WHERE id = $1)",
-            first,
-        )
+        event_id = await conn.fetchval("SELECT event_id FROM deliveries WHERE id = $1", first)
+        first = (await backdate(conn, [event_id], days=31))[first]
         waiting = await _delivery(client, tenant, second)
         assert waiting["blocked_by"] == first and waiting["next_attempt_at"] is None
 

@@ -1,0 +1,96 @@
+"""Old history for retention tests.
+
+events, deliveries and attempts are partitioned by the time in their ids
+(migration 0012): a row is as old as its id says. ``backdate`` moves events,
+with their deliveries and attempts, into the past by giving them the ids they
+would have had then (same random part), into that day's partitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from relay.store.console import floor_id
+from relay.store.housekeeping import HISTORY
+
+
+def aged_id(row_id: str, at: datetime) -> str:
+    """The id ``row_id`` would have had if made at ``at`` (its random part kept)."""
+    prefix = row_id.split("_", 1)[0]
+    return floor_id(prefix, at)[: len(prefix) + 11] + row_id[-16:]
+
+
+async def make_partitions(conn: asyncpg.Connection, at: datetime) -> None:
+    """The history's partitions of the UTC day of ``at``."""
+    for parent, prefix in HISTORY:
+        await conn.execute(
+            "SELECT relay_ensure_partition($1, $2, $3::date)", parent, prefix, at.date()
+        )
+
+
+async def backdate(
+    conn: asyncpg.Connection, event_ids: Sequence[str], days: float, *, partitions: bool = True
+) -> dict[str, str]:
+    """Make events ``days`` old, with their deliveries and attempts; {old id: new id}.
+
+    ``partitions``: make that day's partitions first (else the rows land in the
+    DEFAULT partitions).
+    """
+    at = datetime.now(UTC) - timedelta(days=days)
+    if partitions:
+        await make_partitions(conn, at)
+    deliveries = await conn.fetch(
+        "SELECT id FROM deliveries WHERE event_id = ANY($1::text[])", list(event_ids)
+    )
+    attempts = await conn.fetch(
+        "SELECT id FROM attempts WHERE delivery_id = ANY($1::text[])",
+        [r["id"] for r in deliveries],
+    )
+    moved = {
+        i: aged_id(i, at)
+        for i in [*event_ids, *(r["id"] for r in deliveries), *(r["id"] for r in attempts)]
+    }
+    old, new = list(moved), list(moved.values())
+    async with conn.transaction():
+        await conn.execute(
+            """
+            UPDATE attempts a SET id = m.new, started_at = $3,
+                delivery_id = coalesce((SELECT n.new FROM unnest($1::text[], $2::text[])
+                                        AS n(old, new) WHERE n.old = a.delivery_id),
+                                       a.delivery_id)
+            FROM unnest($1::text[], $2::text[]) AS m(old, new) WHERE a.id = m.old
+            """,
+            old,
+            new,
+            at,
+        )
+        await conn.execute(
+            """
+            UPDATE deliveries d SET id = m.new, created_at = $3,
+                event_id = (SELECT n.new FROM unnest($1::text[], $2::text[]) AS n(old, new)
+                            WHERE n.old = d.event_id)
+            FROM unnest($1::text[], $2::text[]) AS m(old, new) WHERE d.id = m.old
+            """,
+            old,
+            new,
+            at,
+        )
+        await conn.execute(
+            """
+            UPDATE events e SET id = m.new, received_at = $3
+            FROM unnest($1::text[], $2::text[]) AS m(old, new) WHERE e.id = m.old
+            """,
+            old,
+            new,
+            at,
+        )
+    return moved
+
+
+async def partition_exists(conn: asyncpg.Connection, parent: str, at: datetime) -> bool:
+    """Whether ``parent`` has its partition of the UTC day of ``at``."""
+    name = f"{parent}_p{at:%Y%m%d}"
+    return bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name))

@@ -1,0 +1,383 @@
+"""The partitioned history (migration 0012) keeps every guarantee of the tables it replaced.
+
+A database of the previous schema, filled with rows, is migrated and checked
+row for row; uuid de-duplication holds across days (partitions) and after the
+migration; ordering positions go on from where they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from relay.ingest.parse import ParsedEvent
+from relay.store import claims
+from relay.store.events import add_deliveries, record_events
+from relay.store.migrations import load_migrations, migrate
+from tests.conftest import Tenant, _admin, with_database
+from tests.history import aged_id, backdate, make_partitions
+from tests.integration.test_ingest import make_source, make_target, post_token
+
+PARTITIONED = 12
+
+
+@pytest.fixture
+async def old_db(services: dict[str, str], tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """A database migrated up to the migration before 0012, and that migration's directory."""
+    name = f"relay_p_{uuid.uuid4().hex[:12]}"
+    admin = services["postgres"]
+    await _admin(admin, f'CREATE DATABASE "{name}"')
+    old = tmp_path / "old"
+    old.mkdir()
+    for migration in load_migrations():
+        if migration.version < PARTITIONED:
+            (old / migration.name).write_text(migration.sql)
+    url = with_database(admin, name)
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn, old)
+    finally:
+        await conn.close()
+    yield url, old
+    await _admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _ids(prefix: str, n: int, days: int) -> list[str]:
+    """``n`` ids of type ``prefix`` spread over the last ``days`` days, oldest first."""
+    now = datetime.now(UTC)
+    return [
+        aged_id(f"{prefix}_{'0' * 10}{uuid.uuid4().hex[:16].upper()}", now - timedelta(days=d))
+        for d in [days * (n - 1 - i) / max(n - 1, 1) for i in range(n)]
+    ]
+
+
+async def _fill(conn: asyncpg.Connection) -> None:
+    """Rows of the previous schema over 5 days, with what other migrations may have added:
+    a column with a default on events, and a trigger of their own on attempts."""
+    await conn.execute(
+        """
+        INSERT INTO tenants (id, name) VALUES ('ten_1', 'Old');
+        INSERT INTO sources (id, tenant_id, name, auth_type, secret_enc)
+            VALUES ('src_1', 'ten_1', 's', 'token', '\\x00');
+        INSERT INTO targets (id, tenant_id, url, secret_enc, ordering)
+            VALUES ('tgt_1', 'ten_1', 'https://a.example/', '\\x00', 'object');
+        ALTER TABLE events ADD COLUMN extra text NOT NULL DEFAULT 'kept';
+        CREATE TABLE attempt_log (attempt_id text);
+        CREATE FUNCTION log_attempt() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO attempt_log VALUES (NEW.id); RETURN NULL; END $$;
+        CREATE TRIGGER attempts_logged AFTER INSERT ON attempts
+            FOR EACH ROW EXECUTE FUNCTION log_attempt();
+        """
+    )
+    events = _ids("evt", 40, days=5)
+    deliveries = [f"dlv_{e[4:]}" for e in events]  # made with their events
+    await conn.execute(
+        """
+        INSERT INTO events (id, tenant_id, source_id, upstream_uuid, payload, received_at)
+        SELECT e.id, 'ten_1', 'src_1', 'u-' || e.n, convert_to('{"n":' || e.n || '}', 'UTF8'),
+               now()
+        FROM unnest($1::text[]) WITH ORDINALITY AS e(id, n)
+        """,
+        events,
+    )
+    # statuses: most succeeded, some dead, the newest pending (parked behind the one before)
+    await conn.execute(
+        """
+        INSERT INTO deliveries (id, tenant_id, event_id, target_id, status, next_attempt_at,
+                                enqueued_until, order_key, order_pos, attempt_count)
+        SELECT d.id, 'ten_1', e.id, 'tgt_1',
+               CASE WHEN d.n > 38 THEN 'pending' WHEN d.n % 10 = 0 THEN 'dead'
+                    ELSE 'succeeded' END,
+               CASE WHEN d.n = 39 THEN now() END, CASE WHEN d.n = 39 THEN now() END,
+               'Bill/' || (d.n % 3), nextval('deliveries_order_pos_seq'), 1
+        FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS d(id, event_id, n)
+        JOIN events e ON e.id = d.event_id
+        ORDER BY d.n
+        """,
+        deliveries,
+        events,
+    )
+    await conn.execute(
+        """
+        INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms, status_code)
+        SELECT 'att_' || substr(id, 5), tenant_id, id, now(), 5, 200 FROM deliveries
+        """
+    )
+
+
+_ROWS = {
+    "events": "SELECT row_to_json(x)::text FROM events x ORDER BY id",
+    "deliveries": "SELECT row_to_json(x)::text FROM deliveries x ORDER BY id",
+    "attempts": "SELECT row_to_json(x)::text FROM attempts x ORDER BY id",
+}
+
+
+async def _snapshot(conn: asyncpg.Connection) -> dict[str, list[str]]:
+    return {t: [r[0] for r in await conn.fetch(q)] for t, q in _ROWS.items()}
+
+
+async def test_migration_converts_a_database_with_data(old_db: tuple[str, Path]) -> None:
+    url, _ = old_db
+    conn = await asyncpg.connect(url)
+    try:
+        # Given a database of the previous schema with 5 days of history
+        await _fill(conn)
+        before = await _snapshot(conn)
+        last_pos = await conn.fetchval("SELECT last_value FROM deliveries_order_pos_seq")
+
+        # When it is migrated
+        assert await migrate(conn) == ["0012_partitioned_history.sql"]
+
+        # Then every row is there, unchanged, each in its day's partition
+        assert await _snapshot(conn) == before
+        assert len(before["events"]) == 40 and len(before["attempts"]) == 40
+        misplaced = await conn.fetchval(
+            """
+            SELECT count(*) FROM events
+            WHERE tableoid::regclass::text
+                  <> 'events_p' || to_char(relay_ulid_time(id) AT TIME ZONE 'UTC', 'YYYYMMDD')
+            """
+        )
+        assert misplaced == 0
+        where = await conn.fetch(
+            "SELECT status, tableoid::regclass::text AS part FROM deliveries GROUP BY 1, 2"
+        )
+        for r in where:
+            if r["status"] == "succeeded":
+                assert r["part"].startswith("deliveries_sent_p"), r
+            else:
+                assert r["part"] == "deliveries_open", r
+        # and the days ahead have their partitions
+        ahead = datetime.now(UTC) + timedelta(days=3)
+        assert await conn.fetchval("SELECT to_regclass($1)", f"events_p{ahead:%Y%m%d}")
+
+        # And the triggers are on the new tables: the death record and the other one
+        triggers = {
+            (r["tgname"], r["tgrelid"])
+            for r in await conn.fetch(
+                "SELECT tgname, tgrelid::regclass::text AS tgrelid FROM pg_trigger "
+                "WHERE NOT tgisinternal AND tgparentid = 0"
+            )
+        }
+        assert {("deliveries_death", "deliveries"), ("attempts_logged", "attempts")} <= triggers
+        pending = await conn.fetchval("SELECT id FROM deliveries WHERE status = 'pending' LIMIT 1")
+        await conn.execute(
+            "UPDATE deliveries SET status = 'dead', next_attempt_at = NULL WHERE id = $1",
+            pending,
+        )
+        assert await conn.fetchval(
+            "SELECT count(*) FROM delivery_deaths WHERE delivery_id = $1", pending
+        )
+        await conn.execute(
+            "INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms) "
+            "VALUES ('att_01NEW', 'ten_1', $1, now(), 1)",
+            pending,
+        )
+        assert await conn.fetchval(
+            "SELECT count(*) FROM attempt_log WHERE attempt_id = 'att_01NEW'"
+        )
+        # the column another migration added carried its values and its default
+        assert await conn.fetchval("SELECT count(*) FROM events WHERE extra = 'kept'") == 40
+
+        # And the keys to tenants, sources and targets hold; positions go on
+        with pytest.raises(asyncpg.ForeignKeyViolationError):
+            await conn.execute(
+                "INSERT INTO events (id, tenant_id, source_id, payload) "
+                "VALUES ('evt_x', 'ten_none', 'src_1', '\\x00')"
+            )
+        assert await conn.fetchval("SELECT nextval('deliveries_order_pos_seq')") > last_pos
+
+        # And a uuid seen before the migration is still a duplicate
+        first = before["events"][0]
+        old_id = first.split('"id":"')[1].split('"')[0]
+        result = await record_events(
+            conn,
+            "ten_1",
+            "src_1",
+            [ParsedEvent(b"{}", "u-1", None, None, None, None, None)],
+            [],
+            enqueue_grace_s=30,
+        )
+        assert result.event_ids == [old_id] and result.duplicates == 1
+    finally:
+        await conn.close()
+
+
+async def test_a_uuid_is_a_duplicate_across_days_while_its_event_is_kept(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    source = await make_source(client, tenant)
+    await make_target(client, tenant)
+    conn = await asyncpg.connect(database_url)
+    try:
+        # Given an event stored yesterday (yesterday's partition), and one ten days
+        # ago whose day has no partition (the DEFAULT partition holds it)
+        body = [{"uuid": "across-days"}, {"uuid": "in-default"}]
+        first = await (await post_token(client, source, body)).json()
+        yesterday, old = first["event_ids"]
+        moved = await backdate(conn, [yesterday], days=1)
+        moved.update(await backdate(conn, [old], days=10, partitions=False))
+
+        # When the same uuids come again today
+        again = await post_token(client, source, [*body, {"uuid": "fresh"}])
+
+        # Then they are duplicates: the stored events' ids, no new delivery
+        answer = await again.json()
+        assert answer["event_ids"][:2] == [moved[yesterday], moved[old]]
+        assert answer.get("duplicates", 2) == 2
+        n = await conn.fetchval(
+            "SELECT count(*) FROM events WHERE source_id = $1 AND upstream_uuid = ANY($2)",
+            source["id"],
+            ["across-days", "in-default"],
+        )
+        assert n == 2
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM deliveries d JOIN events e ON e.id = d.event_id "
+                "WHERE e.source_id = $1",
+                source["id"],
+            )
+            == 3
+        )
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_posts_of_one_uuid_to_two_gateway_connections_make_one_event(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    # Given two connections storing events of one source
+    source = await make_source(client, tenant)
+    await make_target(client, tenant)
+    conns = [await asyncpg.connect(database_url) for _ in range(2)]
+    try:
+        # When both store the same uuid of one source at once, many times over
+        async def store(conn: asyncpg.Connection, n: int) -> list[str]:
+            result = await record_events(
+                conn,
+                tenant.id,
+                source["id"],
+                [ParsedEvent(b"{}", f"race-{n}", None, None, None, None, None)],
+                [],
+                enqueue_grace_s=30,
+            )
+            return result.event_ids
+
+        for n in range(20):
+            a, b = await asyncio.gather(*(store(c, n) for c in conns))
+            # Then both get the one event
+            assert a == b
+        stored = await conns[0].fetchval(
+            "SELECT count(*) FROM events WHERE source_id = $1", source["id"]
+        )
+        assert stored == 20
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_deleting_a_target_while_its_delivery_succeeds_answers_204(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    # Given a target with a delivery that a worker is recording as succeeded (its row
+    # moves from deliveries_open to deliveries_sent; the transaction is not yet committed)
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant)
+    [event_id] = (await (await post_token(client, source, {"n": 1})).json())["event_ids"]
+    worker = await asyncpg.connect(database_url)
+    try:
+        recording = worker.transaction()
+        await recording.start()
+        await worker.execute(
+            "UPDATE deliveries SET status = 'succeeded', next_attempt_at = NULL "
+            "WHERE event_id = $1",
+            event_id,
+        )
+
+        # When the tenant deletes the target meanwhile (it waits for that row), and the
+        # record commits
+        deleting = asyncio.create_task(
+            client.delete(f"/v1/targets/{target['id']}", headers=tenant.auth)
+        )
+        await asyncio.sleep(0.5)
+        await recording.commit()
+        resp = await deleting
+
+        # Then the deletion is answered 204 and the delivery stays succeeded
+        assert resp.status == 204, await resp.text()
+        status = await worker.fetchval(
+            "SELECT status FROM deliveries WHERE event_id = $1", event_id
+        )
+        assert status == "succeeded"
+    finally:
+        await worker.close()
+
+
+async def test_a_replay_of_an_event_dropped_past_retention_makes_no_delivery(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    # Given an event read by a replay, then dropped past retention before the replay
+    # stores its deliveries
+    target = await make_target(client, tenant)
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            # When the replay stores them
+            made = await add_deliveries(
+                conn,
+                tenant.id,
+                "evt_01GONE0000000000000000000",
+                [(target["id"], None)],
+                enqueue_grace_s=30,
+            )
+        # Then none is made (it would wait for ever for an event it cannot send)
+        assert made == []
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM deliveries WHERE target_id = $1", target["id"]
+            )
+            == 0
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_claim_locks_the_same_few_relations_however_many_days_are_kept(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    # Given 40 days of partitions (as with RELAY_RETENTION_DAYS 40) and a due delivery
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant)
+    await post_token(client, source, {"n": 1})
+    conn = await asyncpg.connect(database_url)
+    try:
+        for days in range(1, 41):
+            await make_partitions(conn, datetime.now(UTC) - timedelta(days=days))
+
+        # When a worker claims it (its locks held to the end of the transaction)
+        async with conn.transaction():
+            _, claimed = await claims.claim_batch(conn, target["id"], want=10, lease_s=30)
+            locked = [
+                r["name"]
+                for r in await conn.fetch(
+                    "SELECT relation::regclass::text AS name FROM pg_locks"
+                    " WHERE pid = pg_backend_pid() AND relation IS NOT NULL"
+                )
+            ]
+
+        # Then it got its payload, and locked its event's partition only, not every
+        # day's (Postgres's lock table is shared: 100s of locks per claim would fill it)
+        assert [c.payload for c in claimed] == [b'{"n": 1}']
+        today = f"events_p{datetime.now(UTC):%Y%m%d}"
+        days = {n.split("_")[1] for n in locked if n.startswith(("events_p", "deliveries_sent"))}
+        assert days <= {today.split("_")[1]}, sorted(days)
+        assert len(locked) < 100, len(locked)
+    finally:
+        await conn.close()
