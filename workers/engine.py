@@ -18,10 +18,11 @@ most the time one of its attempts takes to end. A target's circuit breaker
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -58,7 +59,7 @@ from relay.delivery.outcome import (
 from relay.delivery.wakeups import Enqueuer
 from relay.store import claims
 from relay.store.claims import Attempt, BreakerChange, Claimed, SendTarget
-from relay.store.db import POSTGRES_DOWN, Pool
+from relay.store.db import POSTGRES_DOWN, Conn, Pool
 
 log = logging.getLogger("relay.deliver")
 
@@ -75,6 +76,10 @@ GATHER_S = 0.005
 POOL_SIZE = 10
 #: The longest a worker waits for a pooled connection before it gives up the round.
 ACQUIRE_TIMEOUT_S = 5.0
+#: The most of a process's connections one tenant's drainers hold at once: another
+#: tenant's claim never waits behind a tenant whose records all wait (on its keys' locks,
+#: held by its own long ingest), only for its turn (round robin, as attempt slots).
+TENANT_CONNECTION_SHARE = 0.7
 
 
 @dataclass
@@ -183,6 +188,8 @@ class Engine:
         self.ctx = ctx
         self.settings = ctx.settings
         self.slots = FairSlots(ctx.settings.worker_concurrency)
+        #: the pool's connections, shared by tenants as attempt slots are
+        self.connections = FairSlots(POOL_SIZE, tenant_share=TENANT_CONNECTION_SHARE)
         self.lease_s = ctx.settings.delivery_timeout_s + LEASE_MARGIN_S
         self._drainers: dict[str, asyncio.Task[None]] = {}
         self._rewake: set[str] = set()
@@ -241,6 +248,19 @@ class Engine:
             _, late = await asyncio.wait(drainers, timeout=timeout_s)
             for task in late:
                 task.cancel()  # their leases lapse; the sweeper resends them
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, tenant_id: str) -> AsyncIterator[Conn]:
+        """A pooled connection, in the tenant's turn and within its share; TimeoutError
+        after ACQUIRE_TIMEOUT_S (the tenant's turn and the pool's wait together)."""
+        async with asyncio.timeout(ACQUIRE_TIMEOUT_S) as deadline:
+            granted = await self.connections.acquire(tenant_id, 1)
+        try:
+            remaining = max(0.001, (deadline.when() or 0.0) - asyncio.get_running_loop().time())
+            async with self.ctx.pool.acquire(timeout=remaining) as conn:
+                yield conn
+        finally:
+            self.connections.release(tenant_id, granted)
 
     # --- one target -------------------------------------------------------------
 
@@ -303,7 +323,7 @@ class Engine:
             want, wait_s = await self.ctx.limiter.take(f"tgt:{target_id}", limit, want)
             if want == 0:
                 self.slots.release(tenant_id, slots)
-                await self._mark_rate_limited(target_id, wait_s)
+                await self._mark_rate_limited(tenant_id, target_id, wait_s)
                 if not in_flight:
                     await asyncio.sleep(min(wait_s, 1.0))
                     self._rewake.add(target_id)
@@ -311,7 +331,7 @@ class Engine:
                 return target, False
         claimed_at = time.monotonic()
         try:
-            async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+            async with self._connection(tenant_id) as conn:
                 fresh, rows = await claims.claim_batch(
                     conn, target_id, want=want, lease_s=self.lease_s
                 )
@@ -327,9 +347,9 @@ class Engine:
                 f"tgt:{target_id}", fresh.rate_limit, len(rows)
             )
             if taken < len(rows):
-                await self._release(rows[taken:], delay_s=max(wait_s, 0.1))
+                await self._release(tenant_id, rows[taken:], delay_s=max(wait_s, 0.1))
                 rows = rows[:taken]
-                await self._mark_rate_limited(target_id, wait_s)
+                await self._mark_rate_limited(tenant_id, target_id, wait_s)
                 DELIVERIES.labels("rate-limited").inc()
         self.slots.release(tenant_id, slots - len(rows))
         if rows:
@@ -343,7 +363,7 @@ class Engine:
             ENGINE_IN_FLIGHT.inc(len(rows))
         return fresh, len(rows) == want
 
-    async def _mark_rate_limited(self, target_id: str, wait_s: float) -> None:
+    async def _mark_rate_limited(self, tenant_id: str, target_id: str, wait_s: float) -> None:
         """Let the API say that due deliveries wait for the rate limit (waiting_for).
 
         The mark in Postgres lasts until the limiter's window has room plus
@@ -356,7 +376,7 @@ class Engine:
         if self._rate_marked.get(target_id, 0.0) >= until - RATE_MARK_S / 2:
             return
         try:
-            async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+            async with self._connection(tenant_id) as conn:
                 await claims.mark_rate_limited(conn, target_id, for_s=until - now)
         except Exception as exc:
             log.warning("rate-limit mark of %s failed: %r", target_id, exc)
@@ -465,7 +485,7 @@ class Engine:
             # started too late to end within the lease (a stalled loop or Postgres)
             log.warning("%d claims of %s given back unsent", len(skipped), target_id)
             try:
-                await self._release(skipped, delay_s=0.0)
+                await self._release(tenant_id, skipped, delay_s=0.0)
             except Exception as exc:  # their leases lapse: the sweeper wakes them
                 log.warning("release of %s failed: %r", target_id, exc)
             self._rewake.add(target_id)
@@ -564,7 +584,7 @@ class Engine:
             ):
                 with retry:
                     changes: list[BreakerChange] = []
-                    async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                    async with self._connection(tenant_id) as conn:
                         recorded = await claims.record_batch(
                             conn,
                             target_id,
@@ -590,8 +610,8 @@ class Engine:
             return set()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _release(self, rows: list[Claimed], *, delay_s: float) -> None:
-        async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+    async def _release(self, tenant_id: str, rows: list[Claimed], *, delay_s: float) -> None:
+        async with self._connection(tenant_id) as conn:
             await claims.release_batch(
                 conn, rows, delay_s=delay_s, carried_for_s=self.settings.requeue_after_s
             )
@@ -599,7 +619,7 @@ class Engine:
     async def _time_next(self, target_id: str, tenant_id: str) -> None:
         """Leave a timer for the target's next waiting delivery, if it falls due soon."""
         try:
-            async with self.ctx.pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+            async with self._connection(tenant_id) as conn:
                 target = await claims.read_target(conn, target_id)
                 due_in = await claims.next_due_in(conn, target_id)
         except (*POSTGRES_DOWN, TimeoutError):

@@ -9,8 +9,18 @@ import pydantic
 from aiohttp import web
 
 from relay.api.deliveries import Id, Timestamp, render_delivery
-from relay.api.routing import ListQuery, Route, page, read_body, read_query, respond, tenant_id
-from relay.core import errors
+from relay.api.routing import (
+    ListQuery,
+    Route,
+    dumps,
+    encoded_page,
+    read_body,
+    read_query,
+    respond,
+    respond_encoded,
+    tenant_id,
+)
+from relay.core import errors, offload
 from relay.ingest.parse import ParsedEvent
 from relay.ingest.routes import EventKeys
 from relay.store import deliveries as delivery_store
@@ -45,6 +55,37 @@ class EventReplay(pydantic.BaseModel):
     target_ids: Annotated[list[Id], pydantic.Field(min_length=1, max_length=100)] | None = None
 
 
+def encode_event(row: Event) -> bytes:
+    """``render_event(row)`` as JSON text, its payload the stored JSON text itself.
+
+    A payload is stored as JSON (the body as received, or a batch element made
+    compact), so a list sends it as it is: parsing up to 1 MB of payloads to encode
+    them again took a list of 500 events tens of milliseconds of the event loop.
+    """
+    head = dumps(
+        {
+            "id": row.id,
+            "source_id": row.source_id,
+            "received_at": row.received_at,
+            "object_type": row.object_type,
+            "action": row.action,
+            "object_id": row.object_id,
+        }
+    ).encode()
+    payload = b"null" if row.payload is None else bytes(row.payload)
+    size = dumps(row.payload_size).encode()
+    return head[:-1] + b',"payload":' + payload + b',"payload_size":' + size + b"}"
+
+
+def _encode_list(rows: list[Event], cursor: str | None) -> bytes:
+    return encoded_page([encode_event(r) for r in rows], cursor)
+
+
+#: Events of a page encoded on the event loop; a bigger page is encoded in a thread
+#: (relay/core/offload.py).
+ENCODE_ON_LOOP = 50
+
+
 def render_event(row: Event) -> dict[str, Any]:
     """An event with its payload as JSON (null: left out of a list) and the payload's size."""
     return {
@@ -74,7 +115,9 @@ async def list_events(request: web.Request) -> web.Response:
         until=query.until,
         payload_bytes=LIST_PAYLOAD_BYTES,
     )
-    return page([render_event(r) for r in rows], cursor)
+    if len(rows) <= ENCODE_ON_LOOP:
+        return respond_encoded(_encode_list(rows, cursor))
+    return respond_encoded(await offload.run(_encode_list, rows, cursor))
 
 
 async def _event_or_404(request: web.Request) -> Event:

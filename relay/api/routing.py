@@ -221,6 +221,18 @@ def page(data: list[Any], next_cursor: str | None) -> web.Response:
     return respond({"data": data, "next_cursor": next_cursor})
 
 
+def encoded_page(items: list[bytes], next_cursor: str | None) -> bytes:
+    """The JSON text of ``page``'s answer, its items already encoded."""
+    return (
+        b'{"data":[' + b",".join(items) + b'],"next_cursor":' + dumps(next_cursor).encode() + b"}"
+    )
+
+
+def respond_encoded(body: bytes) -> web.Response:
+    """A 200 JSON answer whose text is ``body`` (as ``respond`` would send it)."""
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
+
+
 def no_content() -> web.Response:
     """204."""
     return web.Response(status=204)

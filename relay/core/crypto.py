@@ -17,10 +17,11 @@ import hmac
 import json
 import os
 import secrets
+import threading
+import time
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from ulid import ULID
 
 _NONCE_BYTES = 12
 API_KEY_PREFIX = "rly_"
@@ -47,9 +48,82 @@ class SecretBox:
             raise ValueError("secret does not decrypt under RELAY_SECRET_KEY") from exc
 
 
+#: Crockford's base 32, as ULIDs are written; every pair of its digits, by 10-bit value.
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)
+_RANDOM_BITS = 80
+_MAX_RANDOM = (1 << _RANDOM_BITS) - 1
+
+
+class _Ulids:
+    """ULIDs, strictly increasing in this process (as python-ulid's ``ULID()``: within one
+    millisecond the random part counts up), written out with a table of digit pairs.
+
+    python-ulid builds a ``ULID`` object and encodes it a digit at a time, ~6 µs an id:
+    a batch of 1,000 events to 10 targets (11,000 ids) held the gateway's event loop
+    for ~70 ms. A batch's ids share their millisecond: its time is written once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ms = 0
+        self._random = 0
+
+    def take(self, count: int) -> tuple[int, int]:
+        """A millisecond and the first of ``count`` consecutive random parts, all unused."""
+        with self._lock:
+            ms = time.time_ns() // 1_000_000
+            if ms <= self._ms:  # the same millisecond (or the clock stepped back)
+                ms, first = self._ms, self._random + 1
+            else:
+                first = int.from_bytes(os.urandom(10), "big")
+            if first + count - 1 > _MAX_RANDOM:  # no room left: the next millisecond
+                ms, first = ms + 1, int.from_bytes(os.urandom(10), "big") >> 1
+            self._ms, self._random = ms, first + count - 1
+            return ms, first
+
+
+_ULIDS = _Ulids()
+
+
+def _time_part(ms: int, pairs: tuple[str, ...] = _PAIRS) -> str:
+    """The 48-bit millisecond as 10 digits."""
+    return (
+        pairs[ms >> 40]
+        + pairs[ms >> 30 & 1023]
+        + pairs[ms >> 20 & 1023]
+        + pairs[ms >> 10 & 1023]
+        + pairs[ms & 1023]
+    )
+
+
+def _random_part(r: int, pairs: tuple[str, ...] = _PAIRS) -> str:
+    """The 80 random bits as 16 digits."""
+    return (
+        pairs[r >> 70]
+        + pairs[r >> 60 & 1023]
+        + pairs[r >> 50 & 1023]
+        + pairs[r >> 40 & 1023]
+        + pairs[r >> 30 & 1023]
+        + pairs[r >> 20 & 1023]
+        + pairs[r >> 10 & 1023]
+        + pairs[r & 1023]
+    )
+
+
 def new_id(prefix: str) -> str:
     """A time-sortable identifier such as ``tgt_01JD…`` (ULID)."""
-    return f"{prefix}_{ULID()}"
+    ms, r = _ULIDS.take(1)
+    return f"{prefix}_{_time_part(ms)}{_random_part(r)}"
+
+
+def new_ids(prefix: str, count: int) -> list[str]:
+    """``count`` identifiers as :func:`new_id` makes them, in increasing order."""
+    if count <= 0:
+        return []
+    ms, first = _ULIDS.take(count)
+    head = f"{prefix}_{_time_part(ms)}"
+    return [head + _random_part(r) for r in range(first, first + count)]
 
 
 def new_api_key() -> str:

@@ -43,6 +43,7 @@ from aiohttp.http_exceptions import (
     LineTooLong,
     PayloadEncodingError,
 )
+from aiohttp.streams import StreamReader
 from aiohttp.web_request import BaseRequest
 
 from relay.core import errors
@@ -142,6 +143,8 @@ class GatewayRequestHandler(web.RequestHandler):
         self._heads_seen = 0
         self._handling = False
         self._refused = False
+        #: the body of the last request, left unread and being discarded (finish_response)
+        self._discarding: StreamReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """At the cap, close the oldest idle connection or refuse; then serve, with a deadline."""
@@ -175,12 +178,23 @@ class GatewayRequestHandler(web.RequestHandler):
             self._arm_head_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        """Drop the deadline with the connection."""
+        """Drop the deadline with the connection, and stop discarding a body: the client
+        is gone."""
         self._gateway.idle.pop(self, None)
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
         super().connection_lost(exc)
+        self._stop_discarding()
+
+    def _stop_discarding(self) -> None:
+        # aiohttp waits up to lingering_time for the rest of an unread body, even once the
+        # connection is lost (nothing wakes that wait), and the server counts the connection
+        # until then: a client sending gzip bombs on new connections filled the cap, and
+        # other clients were refused 503. The end of the body ends the wait.
+        body, self._discarding = self._discarding, None
+        if body is not None and not body.is_eof():
+            body.feed_eof()
 
     def request_started(self) -> None:
         """A request's head has arrived and its handler runs (:class:`GatewayServer`)."""
@@ -255,6 +269,9 @@ class GatewayRequestHandler(web.RequestHandler):
         transport = self.transport
         if unread:
             self.close()
+            self._discarding = request.content
+            if transport is None:  # the connection was lost meanwhile
+                self._stop_discarding()
             if transport is not None and not transport.is_closing() and transport.can_write_eof():
                 transport.write_eof()  # the answer is complete: the client need not wait
         elif resp.keep_alive and transport is not None and not transport.is_closing():

@@ -7,7 +7,8 @@ For ``seconds`` it does, on several connections at once, everything a tenant
 route, ~900 KB events to ten ordered targets, batches of 1,000 events with
 distinct ordering keys, and lists of 1 MB events at ``limit=500``. It prints
 one JSON line of counts when done. Every request is bounded in time, and the
-whole run stops by itself.
+whole run stops by itself. ``kinds`` (default all four: bomb, big, keys, list)
+picks which noises are made, so a benchmark can tell them apart.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from collections import Counter
 from typing import Any
 
 import aiohttp
+
+#: Every noise this process can make.
+KINDS = ("bomb", "big", "keys", "list")
 
 
 def gzip_bomb(inflated_mib: int) -> bytes:
@@ -118,17 +122,19 @@ async def main(config: dict[str, Any]) -> None:
             ]
         ).encode()
 
+    kinds = set(config.get("kinds", KINDS))
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=timeout) as http:
-        tasks = [
-            *(bombs(config["host"], config["port"], bomb, until, counts) for _ in range(4)),
-            *(posts(http, ingest, big, until, counts, "big") for _ in range(3)),
-            *(posts(http, ingest, many_keys, until, counts, "keys") for _ in range(2)),
-            *(
-                lists(http, f"{config['base']}/v1/events?limit=500", config["key"], until, counts)
-                for _ in range(2)
-            ),
-        ]
+        tasks = []
+        if "bomb" in kinds:
+            tasks += [bombs(config["host"], config["port"], bomb, until, counts) for _ in range(4)]
+        if "big" in kinds:
+            tasks += [posts(http, ingest, big, until, counts, "big") for _ in range(3)]
+        if "keys" in kinds:
+            tasks += [posts(http, ingest, many_keys, until, counts, "keys") for _ in range(2)]
+        if "list" in kinds:
+            listed = f"{config['base']}/v1/events?limit=500"
+            tasks += [lists(http, listed, config["key"], until, counts) for _ in range(2)]
         await asyncio.gather(*tasks)
     print(json.dumps(counts), flush=True)
 

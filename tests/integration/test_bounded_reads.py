@@ -272,3 +272,21 @@ async def test_the_console_shows_a_bounded_part_of_long_stories(
     shown = re.findall(r'href="/console/deliveries/(dlv_\w+)"', html)
     assert shown == ids[-100:]
     assert f"{len(ids) - 100} earlier deliveries" in html
+
+
+async def test_a_listed_event_is_its_detail_payload_and_all(client: Any, tenant: Tenant) -> None:
+    # Given an event sent alone (stored as received: spaces, escapes, nesting) and a batch
+    source = await make_source(client, tenant)
+    alone = b'{ "uuid": "alone",  "objectType": "Bill", "n": [1, 2.5, {"\\u00e9": null}] }'
+    assert (await post_token(client, source, alone)).status == 202
+    batch = [{"uuid": "b-1", "text": "caf\u00e9 \u2603", "ok": True}, {"uuid": "b-2"}]
+    assert (await post_token(client, source, batch)).status == 202
+
+    # When they are listed, each is what its own page shows (payload included)
+    listed = await (await client.get("/v1/events?limit=500", headers=tenant.auth)).json()
+    assert [e["payload"]["uuid"] for e in listed["data"]] == ["b-2", "b-1", "alone"]
+    for event in listed["data"]:
+        detail = await (await client.get(f"/v1/events/{event['id']}", headers=tenant.auth)).json()
+        assert event == {k: v for k, v in detail.items() if not k.startswith("deliveries")}
+    assert listed["data"][2]["payload"]["n"] == [1, 2.5, {"\u00e9": None}]
+    assert listed["next_cursor"] is None

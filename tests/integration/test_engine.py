@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from relay.store import claims
+from relay.store.key_queues import lock_keys
 from tests.conftest import Tenant, make_tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
 from tests.stack import Receiver, Workers, eventually, fetch, hang
@@ -215,6 +216,61 @@ async def test_a_hanging_tenant_does_not_delay_another_tenants_fresh_event(
 
 async def _received(receiver: Receiver, path: str) -> bool:
     return bool(receiver.at(path))
+
+
+async def test_a_tenant_whose_records_wait_on_locks_leaves_connections_to_another_tenant(
+    workers: Workers, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    # Given tenant A with more ordered targets than a worker process has Postgres
+    # connections (10), one event to each, held open by A's receivers
+    a = await make_tenant(gateway, "Tenant A")
+    a_source = await make_source(gateway, a)
+    release = asyncio.Event()
+
+    async def held(request: web.Request, count: int) -> web.StreamResponse:
+        await release.wait()
+        return web.Response(status=200)
+
+    a_targets = [
+        await make_target(
+            gateway, a, url=receiver.on(f"/a-{n}", held), ordering="object", ordering_key="/k"
+        )
+        for n in range(12)
+    ]
+    resp = await post_token(gateway, a_source, {"uuid": "a-1", "k": "k1"})
+    assert resp.status == 202
+    workers.start()
+
+    async def all_sent() -> bool:
+        return all(receiver.at(f"/a-{n}") for n in range(12))
+
+    await eventually(all_sent, timeout=30)
+    # and every key of A's locked by another transaction (as a long ingest of A's holds
+    # them), so that recording A's attempts waits, each on a connection of its own
+    locker = await asyncpg.connect(database_url)
+    try:
+        locked = locker.transaction()
+        await locked.start()
+        await lock_keys(locker, [(t["id"], "k1") for t in a_targets])
+        release.set()
+        await asyncio.sleep(1)  # A's records are waiting for the locks
+
+        # When tenant B sends an event to its healthy target
+        b = await make_tenant(gateway, "Tenant B")
+        b_source = await make_source(gateway, b)
+        await make_target(gateway, b, url=receiver.url("/b-healthy"))
+        assert (await post_token(gateway, b_source, {"uuid": "b-1"})).status == 202
+
+        # Then it arrives while A's records still wait (before, B's claim waited for a
+        # connection that A's stalled records all held, until they ended)
+        await eventually(lambda: _received(receiver, "/b-healthy"), timeout=15)
+        assert await _statuses(database_url, a_targets[0]["id"]) != {"succeeded": 1}
+        await locked.rollback()
+    finally:
+        await locker.close()
+    # and A's attempts are recorded once the locks are free
+    for target in a_targets:
+        await eventually(lambda t=target: _all_succeeded(database_url, t["id"], 1), timeout=30)
 
 
 async def test_two_worker_processes_attempt_each_delivery_once(

@@ -195,3 +195,39 @@ async def test_a_management_body_that_inflates_past_the_cap_is_413(
     )
     status, _ = await send_body(gateway.port, head, body)
     assert status == 413
+
+
+async def test_a_client_that_left_with_its_body_unread_frees_its_place_at_once(
+    database_url: str, clean_redis: str, tmp_path: Path
+) -> None:
+    # Given `relay serve` with a cap of 5 connections, and twice as many clients, one
+    # after the other, that each send a body the route does not read (a gzip bomb on
+    # /healthz, say), read their answer and leave a moment later
+    env = stack_env(database_url, clean_redis, RELAY_MAX_CONNECTIONS="5")
+    gateway = GatewayProcess(env, tmp_path / "gw.log").start()
+    try:
+        for _ in range(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writer.write(
+                b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n" + b"x" * 1000
+            )
+            async with asyncio.timeout(10):
+                status, headers, _ = parse(await reader.readuntil(b"\r\n\r\n"))
+                await reader.readexactly(int(headers["content-length"]))
+            assert status == 200
+            await asyncio.sleep(0.05)  # the gateway discards the rest of the body meanwhile
+            writer.close()
+            await writer.wait_closed()
+
+        # When a new client comes right after
+        await asyncio.sleep(0.1)
+        status, _ = await send_body(gateway.port, "GET /healthz HTTP/1.1\r\nHost: x\r\n", b"")
+
+        # Then it is served: a client that left holds no place (before, each held one
+        # for the 2 s the gateway went on waiting for the rest of its body, and a
+        # noisy client's gzip bombs got a quiet tenant's requests 503)
+        assert status == 200
+    finally:
+        gateway.stop()
+        print(gateway.log()[-3000:])

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import time
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from ulid import ULID
 
-from relay.core.crypto import SecretBox, hash_api_key, new_api_key, new_id
+from relay.core.crypto import SecretBox, hash_api_key, new_api_key, new_id, new_ids
 from relay.delivery.egress import is_forbidden_address
 
 
@@ -30,6 +32,19 @@ def test_ids_are_prefixed_and_time_sortable() -> None:
     ids = [new_id("evt") for _ in range(50)]
     assert all(re.fullmatch(r"evt_[0-9A-Z]{26}", i) for i in ids)
     assert len(set(ids)) == 50
+
+
+def test_ids_are_ulids_of_now_strictly_increasing_in_one_process() -> None:
+    before = time.time()
+    ids = [new_id("dlv") for _ in range(2000)] + new_ids("dlv", 5000) + [new_id("dlv")]
+    after = time.time()
+    # each is a ULID (Crockford base32) whose time is now, in the order made, none twice
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    for i in ids[:50] + ids[-50:]:
+        parsed = ULID.from_str(i.removeprefix("dlv_"))
+        assert str(parsed) == i[4:]
+        assert before - 0.001 <= parsed.timestamp <= after + 0.001
+    assert new_ids("evt", 0) == []
 
 
 def test_api_keys_are_long_random_and_hashed() -> None:
