@@ -205,7 +205,7 @@ CREATE TRIGGER deliveries_count_delete AFTER DELETE ON deliveries
 CREATE FUNCTION fold_rollups() RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     moved bigint := 0;
-    n bigint;
+    folded bigint;
 BEGIN
     -- another folder is at it: its work is this one's
     IF NOT pg_try_advisory_xact_lock(125822885983600) THEN  -- "rollup"
@@ -218,8 +218,8 @@ BEGIN
         SELECT * FROM s ORDER BY 1, 2, 3
         ON CONFLICT (tenant_id, target_id, status) DO UPDATE SET n = c.n + excluded.n
         RETURNING 1
-    ) SELECT count(*) INTO n FROM up;
-    moved := moved + n;
+    ) SELECT count(*) INTO folded FROM up;
+    moved := moved + folded;
     WITH gone AS (DELETE FROM tenant_minute_deltas RETURNING *), s AS (
         SELECT tenant_id, minute, sum(events) AS events, sum(ok) AS ok, sum(failed) AS failed,
                sum(died) AS died
@@ -231,8 +231,8 @@ BEGIN
         SET events = m.events + excluded.events, ok = m.ok + excluded.ok,
             failed = m.failed + excluded.failed, died = m.died + excluded.died
         RETURNING 1
-    ) SELECT count(*) INTO n FROM up;
-    moved := moved + n;
+    ) SELECT count(*) INTO folded FROM up;
+    moved := moved + folded;
     WITH gone AS (DELETE FROM target_minute_deltas RETURNING *), s AS (
         SELECT target_id, minute, min(tenant_id) AS tenant_id, sum(ok) AS ok,
                sum(failed) AS failed, max(last_attempt_at) AS last_attempt_at
@@ -245,8 +245,8 @@ BEGIN
         SET ok = m.ok + excluded.ok, failed = m.failed + excluded.failed,
             last_attempt_at = greatest(m.last_attempt_at, excluded.last_attempt_at)
         RETURNING 1
-    ) SELECT count(*) INTO n FROM up;
-    moved := moved + n;
+    ) SELECT count(*) INTO folded FROM up;
+    moved := moved + folded;
     WITH gone AS (DELETE FROM target_latency_minute_deltas RETURNING *), s AS (
         SELECT target_id, minute, bucket, sum(n) AS n FROM gone GROUP BY 1, 2, 3
     ), up AS (
@@ -254,8 +254,8 @@ BEGIN
         SELECT * FROM s ORDER BY 1, 2, 3
         ON CONFLICT (target_id, minute, bucket) DO UPDATE SET n = m.n + excluded.n
         RETURNING 1
-    ) SELECT count(*) INTO n FROM up;
-    RETURN moved + n;
+    ) SELECT count(*) INTO folded FROM up;
+    RETURN moved + folded;
 END
 $$;
 
