@@ -13,7 +13,9 @@ process group and is killed at the end.
    3650, so the sweeper purges nothing by itself); tenant H (one token source, two
    targets on a local receiver that answers 200 at once), tenant I (a source, no
    target: the ingest figure), tenant D (a source, one target: the drain figure).
-2. The figures, measured on the empty database, then again with history:
+2. The figures, measured on the empty database (but for a seed of 1,000 events of
+   history, so every list has a page of rows), then again with history, writes
+   first:
    - e2e: 300 single events/s to H for --seconds, open loop, POST start to the
      receiver's receipt, p50/p99;
    - ingest: wrk -t1 -c64 POSTing a single event to I for --seconds, events/s;
@@ -25,7 +27,7 @@ process group and is killed at the end.
    - retention: the sweeper's own entry point (housekeeping.purge_old_events,
      batch after batch until a batch is short, then purge_old_rollups when the
      checkout has it) with a retention of 30 days, so the oldest 10 of the 40
-     days of history go; on the empty database it has nothing to delete.
+     days of history go (on the empty database, the seed's oldest quarter).
 3. The history, between the two: --events events to H (default 2,000,000), filled
    with set-based SQL (generate_series) in chunks, spread evenly over the 40 days
    up to a minute ago, each with 2 deliveries (one per target) and one attempt per
@@ -69,6 +71,7 @@ CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 DAYS = 40
 RETENTION_DAYS = 30
 CHUNK = 250_000  # events per fill statement
+SEED = 1_000  # events of the "empty" database: a page of each list
 
 
 @dataclass
@@ -115,7 +118,9 @@ def ident(prefix: str, serial: str) -> str:
     return f"'{prefix}_' || tp || upper(lpad(to_hex({serial}), 16, '0'))"
 
 
-async def fill(dsn: str, tenant_id: str, viewer: Viewer, events: int) -> float:
+async def fill(
+    dsn: str, tenant_id: str, viewer: Viewer, events: int, *, quiet: bool = False
+) -> float:
     """``events`` events of history to the tenant, with their deliveries and attempts."""
     started = time.perf_counter()
     conn = await asyncpg.connect(dsn)
@@ -194,7 +199,8 @@ async def fill(dsn: str, tenant_id: str, viewer: Viewer, events: int) -> float:
                     t1,
                     t2,
                 )
-            print(f"    filled {last:,} of {events:,} events", flush=True)
+            if not quiet:
+                print(f"    filled {last:,} of {events:,} events", flush=True)
         await conn.execute("ANALYZE")
         await conn.execute("CHECKPOINT")
     finally:
@@ -262,36 +268,9 @@ Figures = dict[str, tuple[float, ...]]
 async def measure(
     relay: Relay, h: Viewer, i: Viewer, d: tuple[str, Viewer], args: argparse.Namespace
 ) -> Figures:
-    """Every figure once, in order: reads first, then e2e, ingest, drain."""
+    """Every figure once, in order: e2e, ingest, drain, then the reads (pages hold rows)."""
     stack = relay.stack
     out: Figures = {}
-    n = args.requests
-    api = {"Authorization": f"Bearer {h.key}"}
-    async with aiohttp.ClientSession() as plain:
-        for name, path in (
-            ("deliveries", "/v1/deliveries"),
-            ("events", "/v1/events"),
-            ("dead letters", "/v1/dead-letters"),
-        ):
-            ms = await timed_gets(plain, stack.base + path, n, api)
-            out[f"API list {name} p50/p99"] = (pct(ms, 50), pct(ms, 99))
-        admin = {"Authorization": f"Bearer {TOKEN}"}
-        ms = await timed_gets(plain, stack.base + "/v1/admin/stats", n, admin)
-        out["GET /v1/admin/stats p50/p99"] = (pct(ms, 50), pct(ms, 99))
-    for who, token in (("operator", TOKEN), ("tenant", h.key)):
-        session = await console_session(stack.base, token)
-        try:
-            ms = await timed_gets(session, stack.base + "/console/", n)
-            out[f"console overview ({who}) p50/p99"] = (pct(ms, 50), pct(ms, 99))
-            if who == "tenant":
-                for name, path in (
-                    ("targets", "/console/targets"),
-                    ("dead letters", "/console/dead-letters"),
-                ):
-                    ms = await timed_gets(session, stack.base + path, n)
-                    out[f"console {name} (tenant) p50/p99"] = (pct(ms, 50), pct(ms, 99))
-        finally:
-            await session.close()
     # e2e at 300/s
     paced = await send_paced(h.ingest_url, args.seconds * 300, 300)
     got = [v * 1000 for v in await latencies(stack, paced.sent)]
@@ -320,6 +299,33 @@ async def measure(
     out[f"drain of a {args.drain:,} backlog dlv/s"] = (
         args.drain / (time.perf_counter() - started),
     )
+    n = args.requests
+    api = {"Authorization": f"Bearer {h.key}"}
+    async with aiohttp.ClientSession() as plain:
+        for name, path in (
+            ("deliveries", "/v1/deliveries"),
+            ("events", "/v1/events"),
+            ("dead letters", "/v1/dead-letters"),
+        ):
+            ms = await timed_gets(plain, stack.base + path, n, api)
+            out[f"API list {name} p50/p99"] = (pct(ms, 50), pct(ms, 99))
+        admin = {"Authorization": f"Bearer {TOKEN}"}
+        ms = await timed_gets(plain, stack.base + "/v1/admin/stats", n, admin)
+        out["GET /v1/admin/stats p50/p99"] = (pct(ms, 50), pct(ms, 99))
+    for who, token in (("operator", TOKEN), ("tenant", h.key)):
+        session = await console_session(stack.base, token)
+        try:
+            ms = await timed_gets(session, stack.base + "/console/", n)
+            out[f"console overview ({who}) p50/p99"] = (pct(ms, 50), pct(ms, 99))
+            if who == "tenant":
+                for name, path in (
+                    ("targets", "/console/targets"),
+                    ("dead letters", "/console/dead-letters"),
+                ):
+                    ms = await timed_gets(session, stack.base + path, n)
+                    out[f"console {name} (tenant) p50/p99"] = (pct(ms, 50), pct(ms, 99))
+        finally:
+            await session.close()
     return out
 
 
@@ -386,8 +392,12 @@ async def run(args: argparse.Namespace, logdir: Path) -> list[tuple[str, str, st
         h_id, h = await make_tenant(stack, "h", 2)
         _, i = await make_tenant(stack, "i", 0)
         d = await make_tenant(stack, "d", 1)
+        # a page's worth of every list, so the empty run's pages hold rows too
+        relay.stop_worker()
+        await fill(stack.dsn, h_id, h, SEED, quiet=True)
+        relay.worker = await stack.worker()
         await latencies(stack, (await send_paced(h.ingest_url, 1, 1)).sent, wait=60)  # warm
-        print("  empty database:", flush=True)
+        print(f"  empty database (a seed of {SEED:,} events over {DAYS} days):", flush=True)
         empty = await measure(relay, h, i, d, args)
         empty["retention of 10 days"] = await retention(stack.dsn)
         for name, value in empty.items():
