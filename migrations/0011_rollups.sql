@@ -115,11 +115,15 @@ $$;
 
 CREATE FUNCTION rollup_attempts_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- each attempt's target by the deliveries' primary key (a scalar subquery: the
+    -- transition table has no statistics, and a join could scan every delivery)
     WITH a AS MATERIALIZED (
-        SELECT a.tenant_id, d.target_id, date_trunc('minute', a.started_at) AS minute,
+        SELECT a.tenant_id,
+               (SELECT d.target_id FROM deliveries d WHERE d.id = a.delivery_id) AS target_id,
+               date_trunc('minute', a.started_at) AS minute,
                a.started_at, a.duration_ms, a.status_code,
                coalesce(a.status_code BETWEEN 200 AND 299, false) AS ok
-        FROM new_rows a JOIN deliveries d ON d.id = a.delivery_id
+        FROM new_rows a
     ), per_target AS (
         INSERT INTO target_minute_deltas (target_id, minute, tenant_id, ok, failed,
                                           last_attempt_at)
