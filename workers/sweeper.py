@@ -143,6 +143,8 @@ class Sweeper:
                 break
         if purged:
             log.info("purged %d events past retention", purged)
+        await housekeeping.purge_old_rollups(conn, self.settings.retention_days)
+        await housekeeping.vacuum_rollup_deltas(conn)
         await self.repair_stranded_keys(conn)
 
     async def repair_stranded_keys(self, conn: Conn) -> int:
@@ -187,6 +189,8 @@ class Sweeper:
                 await self.housekeeping(conn)
             await self.end_past_window(conn)
             await self.sweep_once(conn)
+            # the figures' deltas of this tick, so what the console reads stays small
+            await housekeeping.fold_rollups(conn)
             SWEEPER_LAST_SWEEP.set(time.time())
             ticks += 1
             await self._pause()

@@ -91,6 +91,7 @@ class DeadLetters(web.View):
             "rows": [],
             "next_cursor": None,
             "matching": 0,
+            "matching_capped": False,
             "problem": None,
             "cursor": None,
             "max_ids": MAX_REPLAY_IDS,
@@ -108,13 +109,15 @@ class DeadLetters(web.View):
         rows, next_cursor = await dead_letters.list_dead_letters(
             pool, selection.tenant_id, selection.flt, limit=PAGE_SIZE, cursor=cursor
         )
+        matching, capped = await dead_letters.count_dead_letters_shown(
+            pool, selection.tenant_id, selection.flt
+        )
         context.update(
             rows=rows,
             next_cursor=next_cursor,
             cursor=cursor,
-            matching=await dead_letters.count_dead_letters(
-                pool, selection.tenant_id, selection.flt
-            ),
+            matching=matching,
+            matching_capped=capped,
             targets=await store.target_labels(pool, viewer.scope, [r.target_id for r in rows]),
             events=await store.event_labels(pool, viewer.scope, [r.event_id for r in rows]),
             tenant_names=(

@@ -115,6 +115,41 @@ async def count_dead_letters(conn: Queries, tenant_id: str | None, flt: DeadLett
     return count
 
 
+#: The most a dead-letter page counts of a selection the counters cannot answer.
+COUNT_CAP = 1000
+
+
+async def count_dead_letters_shown(
+    conn: Queries, tenant_id: str | None, flt: DeadLetterFilter, *, cap: int = COUNT_CAP
+) -> tuple[int, bool]:
+    """How many dead letters match ``flt``, for a page: (count, capped).
+
+    A tenant's or a target's dead letters (or all) are counted exactly from the
+    counters (migration 0011); a narrower selection (time, status, error) is
+    counted up to ``cap`` (capped True: more than ``cap`` match), so a page
+    never reads more than that, whatever the history.
+    """
+    plain = DeadLetterFilter(target_id=flt.target_id)
+    if flt == plain:
+        exact = await conn.fetchval(
+            """
+            SELECT coalesce(sum(n), 0)::bigint FROM delivery_counts_now
+            WHERE status = 'dead' AND ($1::text IS NULL OR tenant_id = $1)
+              AND ($2::text IS NULL OR target_id = $2)
+            """,
+            tenant_id,
+            flt.target_id,
+        )
+        return int(exact), False
+    count: int = await conn.fetchval(
+        f"SELECT count(*) FROM (SELECT 1 FROM deliveries d WHERE {dead_letter_match(1)} "
+        f"LIMIT ${_NEXT}) x",
+        *dead_letter_args(tenant_id, flt),
+        cap + 1,
+    )
+    return min(count, cap), count > cap
+
+
 async def dead_letter_ids(
     conn: Queries, tenant_id: str | None, flt: DeadLetterFilter, *, limit: int
 ) -> list[str]:

@@ -19,10 +19,16 @@ log = logging.getLogger(__name__)
 
 
 async def stats(conn: Queries) -> dict[str, Any]:
-    """Deliveries by status, the oldest due delivery's age, dead letters per tenant."""
+    """Deliveries by status, the oldest due delivery's age, dead letters per tenant.
+
+    Counts come from the counters (migration 0011); the ages read only the
+    deliveries waiting, by index, never the history.
+    """
     by_status = {
-        r["status"]: r["n"]
-        for r in await conn.fetch("SELECT status, count(*) AS n FROM deliveries GROUP BY status")
+        r["status"]: int(r["n"])
+        for r in await conn.fetch(
+            "SELECT status, sum(n) AS n FROM delivery_counts_now GROUP BY status"
+        )
     }
     oldest_due = await conn.fetchval(
         """
@@ -35,8 +41,8 @@ async def stats(conn: Queries) -> dict[str, Any]:
         "WHERE status IN ('pending', 'retrying')"
     )
     dead = await conn.fetch(
-        "SELECT tenant_id, count(*) AS n FROM deliveries WHERE status = 'dead' "
-        "GROUP BY tenant_id ORDER BY n DESC LIMIT 100"
+        "SELECT tenant_id, sum(n)::bigint AS n FROM delivery_counts_now WHERE status = 'dead' "
+        "GROUP BY tenant_id HAVING sum(n) > 0 ORDER BY n DESC, tenant_id LIMIT 100"
     )
     return {
         "deliveries": {
@@ -46,6 +52,58 @@ async def stats(conn: Queries) -> dict[str, Any]:
         "oldest_pending_age_s": float(oldest_pending) if oldest_pending is not None else None,
         "dead_letters_by_tenant": [{"tenant_id": r["tenant_id"], "count": r["n"]} for r in dead],
     }
+
+
+async def fold_rollups(conn: Queries) -> int:
+    """Move the figures' deltas into their keyed rows (one folder at a time); how many rows.
+
+    The triggers of migration 0011 append a delta per statement; folding them
+    keeps what a figure reads bounded by the keys and minutes it shows.
+    """
+    moved: int = await conn.fetchval("SELECT fold_rollups()")
+    return moved
+
+
+#: Where the triggers append, emptied by every fold.
+_DELTA_TABLES = (
+    "delivery_count_deltas",
+    "tenant_minute_deltas",
+    "target_minute_deltas",
+    "target_latency_minute_deltas",
+)
+
+
+async def vacuum_rollup_deltas(conn: Queries) -> None:
+    """Vacuum the deltas' tables: each fold empties them, and readers scan them whole, so
+    their dead rows are reclaimed every few seconds rather than at autovacuum's pace.
+
+    Outside a transaction (VACUUM cannot run in one); a table another holds is skipped.
+    """
+    await conn.execute(f"VACUUM (SKIP_LOCKED) {', '.join(_DELTA_TABLES)}")
+
+
+#: The per-minute figures, trimmed by ``purge_old_rollups``.
+_MINUTE_TABLES = ("tenant_minutes", "target_minutes", "target_latency_minutes")
+
+
+async def purge_old_rollups(conn: Queries, retention_days: int, batch: int = 10000) -> int:
+    """Delete up to ``batch`` per-minute figures (of each kind) older than the retention."""
+    total = 0
+    for table in _MINUTE_TABLES:
+        deleted: int = await conn.fetchval(
+            f"""
+            WITH gone AS (
+                DELETE FROM {table} WHERE ctid IN (
+                    SELECT ctid FROM {table}
+                    WHERE minute < now() - make_interval(days => $1) LIMIT $2
+                ) RETURNING 1
+            ) SELECT count(*) FROM gone
+            """,
+            retention_days,
+            batch,
+        )
+        total += deleted
+    return total
 
 
 async def disable_failing_targets(conn: Queries, failing_for_s: float) -> list[str]:
@@ -125,6 +183,15 @@ _KEPT = {
         )""",
     "deliveries_sent": "SELECT * FROM {part} WHERE false",
 }
+
+# The tables whose rows the counters of deliveries by status count, and the statement
+# that takes a partition's rows out of them before it is dropped (the rows kept and
+# inserted again are counted again by the insert's trigger).
+_COUNTED = frozenset({"deliveries_sent"})
+_UNCOUNT = """
+INSERT INTO delivery_count_deltas (tenant_id, target_id, status, n)
+SELECT tenant_id, target_id, status, -count(*) FROM {part} GROUP BY 1, 2, 3
+"""
 
 # Dead letters of events past retention: their keys go on (on_dead "block").
 _OLD_DEAD = """
@@ -211,6 +278,10 @@ async def _drop_partition(conn: Conn, parent: str, prefix: str, day: date) -> in
             locked = clock.perf_counter()
             kept_rows = _KEPT[parent].format(part=part, lo=lo, hi=hi)
             await conn.execute(f"CREATE TEMP TABLE relay_kept ON COMMIT DROP AS {kept_rows}")
+            if parent in _COUNTED:
+                # a DROP fires no trigger: the counters of deliveries by status
+                # (migration 0011) are told, in the same transaction, what goes
+                await conn.execute(_UNCOUNT.format(part=part))
             await conn.execute(f"DROP TABLE {part}")
             kept: int = await conn.fetchval(
                 f"WITH moved AS (INSERT INTO {parent} SELECT * FROM relay_kept RETURNING 1) "
@@ -309,13 +380,16 @@ async def purge_old_events(
 
 
 async def backlog(conn: Queries) -> tuple[int, int, int]:
-    """(due but unsent, dead) deliveries and targets whose breaker is not closed."""
+    """(due but unsent, dead) deliveries and targets whose breaker is not closed.
+
+    The due ones are read by their index (as many as are due); the dead are counted.
+    """
     row = await conn.fetchrow(
         """
         SELECT
           (SELECT count(*) FROM deliveries WHERE status IN ('pending', 'retrying')
              AND next_attempt_at <= now()) AS due,
-          (SELECT count(*) FROM deliveries WHERE status = 'dead') AS dead,
+          (SELECT coalesce(sum(n), 0) FROM delivery_counts_now WHERE status = 'dead') AS dead,
           (SELECT count(*) FROM target_health WHERE breaker <> 'closed') AS open_breakers
         """
     )
