@@ -525,3 +525,104 @@ async def test_the_sweepers_disabling_is_told_in_its_statement(
         stale["id"],
     )
     assert told["data"]["reason"].startswith("every attempt failed since")
+
+
+def _slow_counting(seconds: float, peak: list[int]) -> Any:
+    """Answer 200 after ``seconds``; ``peak[0]`` is the most requests held at once."""
+    import asyncio
+
+    held = [0]
+
+    async def answer(request: web.Request, count: int) -> web.StreamResponse:
+        held[0] += 1
+        peak[0] = max(peak[0], held[0])
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            held[0] -= 1
+        return web.Response(status=200)
+
+    return answer
+
+
+async def test_a_burst_reaches_an_operational_target_within_its_max_in_flight(
+    workers: Workers, gateway: Any, receiver: Receiver
+) -> None:
+    tenant = await make_tenant(gateway)
+    source = await make_source(gateway, tenant)
+    peak = [0]
+    ops = await make_target(
+        gateway,
+        tenant,
+        url=receiver.on("/ops", _slow_counting(0.3, peak)),
+        kind="operational",
+        max_in_flight=2,
+    )
+    down = await make_target(gateway, tenant, url=receiver.on("/down", status(500)))
+    # one attempt each: every delivery to /down dies at its first 500, all at once
+    workers.start(processes=2, RELAY_RETRY_SCHEDULE="0")
+    batch = [{"uuid": f"burst-{i}"} for i in range(20)]
+    assert (await post_token(gateway, source, batch)).status == 202
+
+    async def all_told() -> list[dict[str, Any]]:
+        got = _bodies(receiver, "/ops", ops["secret"])
+        return got if len(got) >= 20 else []
+
+    told = await eventually(all_told, timeout=30)
+    assert len(told) == 20
+    assert {(b["objectType"], b["action"]) for b in told} == {("Delivery", "dead")}
+    assert len({b["objectId"] for b in told}) == 20
+    assert {b["data"]["target_id"] for b in told} == {down["id"]}
+    # the burst waited its turn: never more than max_in_flight at the receiver at once
+    assert 1 <= peak[0] <= 2, peak
+
+
+async def test_an_operational_target_refusing_connections_opens_its_own_breaker_silently(
+    workers: Workers, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tenant = await make_tenant(gateway)
+    source = await make_source(gateway, tenant)
+    ops = await make_target(gateway, tenant, url=f"http://127.0.0.1:{port}/ops", kind="operational")
+    listening = await _operational(gateway, tenant, receiver, "/listening")
+    down = await make_target(gateway, tenant, url=receiver.on("/down", status(500)))
+    workers.start(
+        RELAY_RETRY_SCHEDULE="0",
+        RELAY_BREAKER_THRESHOLD="3",
+        RELAY_BREAKER_OPEN_S="30",
+        RELAY_BREAKER_MAX_OPEN_S="30",
+    )
+    # 5 deaths at /down (whose own breaker opens too): a Delivery dead each, and a
+    # circuit_opened, to both operational targets; /ops refuses every one
+    batch = [{"uuid": f"refused-{i}"} for i in range(5)]
+    assert (await post_token(gateway, source, batch)).status == 202
+
+    async def opened() -> dict[str, Any] | None:
+        resp = await gateway.get(f"/v1/targets/{ops['id']}", headers=tenant.auth)
+        shown: dict[str, Any] = await resp.json()
+        return shown if shown["circuit"]["state"] == "open" else None
+
+    shown = await eventually(opened, timeout=15)
+    assert shown["circuit"]["until"] and shown["enabled"] is True
+
+    async def told_and_ended() -> list[dict[str, Any]]:
+        listed = await _listed(gateway, tenant)
+        rows = await fetch(
+            database_url, "SELECT status FROM deliveries WHERE target_id = $1", ops["id"]
+        )
+        heard = _bodies(receiver, "/listening", listening["secret"])
+        ended = all(r["status"] == "dead" for r in rows)
+        if len(listed) >= 5 and len(rows) == len(heard) == len(listed) and ended:
+            return listed
+        return []
+
+    listed = await eventually(told_and_ended, timeout=15)
+    # the operational events are about /down only: nothing names the operational
+    # target, neither its breaker opening nor its deliveries dying
+    assert ops["id"] not in json.dumps(listed), listed
+    about = {e["object_id"] for e in listed if e["object_type"] == "Target"}
+    assert about <= {down["id"]}
+    dead = [e for e in listed if e["object_type"] == "Delivery"]
+    assert len(dead) == 5 and {e["data"]["target_id"] for e in dead} == {down["id"]}
