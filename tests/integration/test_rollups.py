@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from yarl import URL
 
 from relay.store import console, dead_letters, housekeeping
 from relay.store.migrations import load_migrations, migrate
@@ -236,7 +237,8 @@ async def test_an_upgraded_database_shows_the_figures_of_its_existing_rows(
     name = f"upgrade_{datetime.now(UTC).strftime('%H%M%S%f')}"
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
-    url = database_url.rsplit("/", 1)[0] + "/" + name
+    base = URL(database_url)
+    url = str(base.with_path("/" + name).with_query(base.query))  # ?host= of embedded Postgres
     before = tmp_path / "before"
     before.mkdir()
     every = load_migrations()
