@@ -23,7 +23,7 @@ from typing import Literal
 from ulid import ULID
 
 from relay.store.db import Queries
-from relay.store.sql import hold_reason, keyset_page
+from relay.store.sql import about_target, hold_reason, keyset_page
 
 
 def floor_id(prefix: str, at: datetime) -> str:
@@ -575,7 +575,7 @@ async def operational_events(
 ) -> list[OperationalRow]:
     """The latest operational events, newest first; ``target_id``: those about that target."""
     rows = await conn.fetch(
-        """
+        f"""
         SELECT e.id, e.tenant_id, e.received_at, e.object_type, e.action, e.object_id,
                (convert_from(e.payload, 'UTF8')::jsonb -> 'data')::text AS data,
                CASE WHEN e.object_type = 'Target' THEN e.object_id
@@ -583,9 +583,7 @@ async def operational_events(
                END AS target_id
         FROM events e
         WHERE e.operational AND ($1::text IS NULL OR e.tenant_id = $1)
-          AND ($2::text IS NULL OR (e.object_type = 'Target' AND e.object_id = $2)
-               OR (e.object_type = 'Delivery' AND EXISTS (
-                   SELECT 1 FROM deliveries d WHERE d.id = e.object_id AND d.target_id = $2)))
+          AND {about_target("e", "$2")}
         ORDER BY e.id DESC LIMIT $3
         """,
         tenant_id,

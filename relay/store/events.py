@@ -13,7 +13,14 @@ from relay.ingest.parse import ParsedEvent
 from relay.ingest.routes import TargetRoute, order_keys
 from relay.store.db import Conn, MaybeCommitted, Queries
 from relay.store.rows import Event
-from relay.store.sql import KEY_LOCK_BUCKETS, ORDER_LOCK, holds_key, key_locks, keyset_page
+from relay.store.sql import (
+    KEY_LOCK_BUCKETS,
+    ORDER_LOCK,
+    about_target,
+    holds_key,
+    key_locks,
+    keyset_page,
+)
 
 # Read your writes: a request's events are inserted only if its tenant's
 # config_version is still the one its source and routes were read at ($11/$12: each
@@ -510,9 +517,7 @@ async def list_operational_events(
           AND ($2::text IS NULL OR e.id < $2)
           AND ($3::text IS NULL OR lower(e.object_type) = lower($3))
           AND ($4::timestamptz IS NULL OR e.received_at >= $4)
-          AND ($5::text IS NULL OR (e.object_type = 'Target' AND e.object_id = $5)
-               OR (e.object_type = 'Delivery' AND EXISTS (
-                   SELECT 1 FROM deliveries d WHERE d.id = e.object_id AND d.target_id = $5)))
+          AND {about_target("e", "$5")}
         ORDER BY e.id DESC LIMIT $6
         """,
         tenant_id,

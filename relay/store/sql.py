@@ -80,6 +80,14 @@ def key_queue_order(p: str) -> str:
     return f"({p}.status = 'pending' AND {p}.next_attempt_at IS NULL), {p}.order_pos"
 
 
+def about_target(e: str, target: str) -> str:
+    """Operational event ``e`` is about target ``target`` (NULL: any): the target's own, or
+    the death of one of its deliveries."""
+    return f"""({target}::text IS NULL OR ({e}.object_type = 'Target' AND {e}.object_id = {target})
+        OR ({e}.object_type = 'Delivery' AND EXISTS (
+            SELECT 1 FROM deliveries d WHERE d.id = {e}.object_id AND d.target_id = {target})))"""
+
+
 def bump_config(changed: str, tenant: str = "$1") -> str:
     """A statement (for a WITH) that bumps the tenant's ``config_version`` if ``changed`` has rows.
 
