@@ -11,7 +11,10 @@ never be told right while the address is locked out.
 
 A success is decided only after its credential was checked *and* the count was
 read: a burst of guesses sent at once is evaluated, but those checked after the
-failures that locked the address out are refused like any other.
+failures that locked the address out are refused like any other. The reads of
+the requests a process checks meanwhile go to Redis together, one call per
+batch (like the group commit): a request waits for the read that starts after
+its credential was checked, never for one already on its way.
 
 Doors: the management API and the console share one (the admin token and API keys
 are guessed alike); each source is its own, since one upstream (and its address)
@@ -60,14 +63,22 @@ end
 return {n, ttl}
 """
 
-# KEYS[1] as above; ARGV[1]: the limit. Returns 0, or the ms until the lockout ends.
+# KEYS: addresses' counts at doors. ARGV[1]: the limit. Returns, for each key, 0 or
+# the ms until its lockout ends.
 _LOCKED = """
-local n = tonumber(redis.call('GET', KEYS[1]) or '0')
-if n < tonumber(ARGV[1]) then
-  return 0
+local out = {}
+for i, key in ipairs(KEYS) do
+  local n = tonumber(redis.call('GET', key) or '0')
+  if n < tonumber(ARGV[1]) then
+    out[i] = 0
+  else
+    out[i] = math.max(redis.call('PTTL', key), 1)
+  end
 end
-return math.max(redis.call('PTTL', KEYS[1]), 1)
+return out
 """
+#: The most keys one read of lockouts carries (the rest go in the next).
+READ_BATCH = 256
 
 
 def client_address(remote: str | None) -> str:
@@ -104,6 +115,9 @@ class AuthThrottle:
         self._namespace = namespace
         self._fail = client.register_script(_FAIL)
         self._locked = client.register_script(_LOCKED)
+        #: keys whose lockout the next read asks for, with their waiters
+        self._asked: dict[str, asyncio.Future[int]] = {}
+        self._reader: asyncio.Future[None] | None = None
 
     def _key(self, door: str, address: str) -> str:
         return f"{self._namespace}:{door}:{address}"
@@ -115,17 +129,50 @@ class AuthThrottle:
 
     async def admit(self, kind: Kind, door: str, remote: str | None) -> None:
         """Raise 429 if ``remote`` is locked out of ``door``; else return at once."""
-        address = client_address(remote)
-        try:
-            async with asyncio.timeout(REDIS_WAIT_S):
-                locked = await self._locked(keys=[self._key(door, address)], args=[self._limit])
-            wait_ms = int(locked)
-        except _UNAVAILABLE as exc:
-            log.warning("credential throttle unavailable, admitting: %s", type(exc).__name__)
-            return
+        wait_ms = await self._lockout_ms(self._key(door, client_address(remote)))
         if wait_ms > 0:
             AUTH_THROTTLED.labels(kind).inc()
             raise _refusal(wait_ms)
+
+    async def _lockout_ms(self, key: str) -> int:
+        """The ms until ``key``'s lockout ends (0: none), read after this call began."""
+        asked = self._asked.get(key)
+        if asked is None:
+            asked = self._asked[key] = asyncio.get_running_loop().create_future()
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read_lockouts())
+        # shielded: one caller that goes away must not cancel the others' answer
+        return await asyncio.shield(asked)
+
+    async def _read_lockouts(self) -> None:
+        """Read what is asked, in batches, until nothing is; one Redis call a batch."""
+        try:
+            while self._asked:
+                keys = list(self._asked)[:READ_BATCH]
+                batch = {key: self._asked.pop(key) for key in keys}
+                try:
+                    async with asyncio.timeout(REDIS_WAIT_S):
+                        read = await self._locked(keys=keys, args=[self._limit])
+                    answers = [int(answer) for answer in read]
+                except _UNAVAILABLE as exc:
+                    log.warning(
+                        "credential throttle unavailable, admitting: %s", type(exc).__name__
+                    )
+                    answers = [0] * len(keys)
+                except Exception as exc:  # every waiter of the batch learns of it
+                    for waiter in batch.values():
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                    continue
+                except BaseException:
+                    for waiter in batch.values():
+                        waiter.cancel()
+                    raise
+                for waiter, answer in zip(batch.values(), answers, strict=True):
+                    if not waiter.done():
+                        waiter.set_result(answer)
+        finally:
+            self._reader = None
 
     async def failed(self, kind: Kind, door: str, remote: str | None) -> None:
         """Count a failed credential: wait the failure's delay, or raise 429 at the limit.

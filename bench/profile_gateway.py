@@ -1,0 +1,175 @@
+"""Where the gateway's time goes under durable_ratio.py's ingest load, by py-spy.
+
+    python bench/profile_gateway.py [--seconds 8] [--top 40] [--out DIR]
+
+Starts `relay serve --processes 1` on a fresh database (a token source, 2 matching
+targets, no worker: durable_ratio.py's ingest stack), drives it with wrk -t1 -c64 of
+single events, and records the serving process with py-spy meanwhile (every thread,
+idle ones left out). Prints the rate, then the functions with the largest share of
+the samples, inclusive (the function or what it called) and self, and writes the
+collapsed stacks and a speedscope file under --out. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+PG = "postgresql://root@127.0.0.1:5432"
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+counter = 0
+request = function()
+  counter = counter + 1
+  local b = string.format('{"uuid":"%d-%d","date":"2026-11-28T12:00:00Z","objectType":"Bill",'
+    .. '"action":"paid","objectId":4711,"tenantId":42}', math.random(1,1e9), counter)
+  return wrk.format(nil, nil, nil, b)
+end
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_port(port: int, limit: float = 30) -> None:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"profile: nothing listens on {port}")
+
+
+def _call(base: str, path: str, token: str, body: dict[str, object]) -> dict[str, object]:
+    request = urllib.request.Request(
+        base + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request) as answer:
+        result: dict[str, object] = json.load(answer)
+        return result
+
+
+def _shares(collapsed: str, top: int) -> None:
+    inclusive: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        total += count
+        frames = [f.split(" (")[0] + " " + f.split("/")[-1].rstrip(")") for f in stack.split(";")]
+        for frame in set(frames):
+            inclusive[frame] += count
+        own[frames[-1]] += count
+    print(f"{total} samples")
+    print("inclusive:")
+    for frame, count in inclusive.most_common(top):
+        print(f"  {100 * count / total:5.1f} %  {frame}")
+    print("self:")
+    for frame, count in own.most_common(top):
+        print(f"  {100 * count / total:5.1f} %  {frame}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--out", default=tempfile.mkdtemp(prefix="relay-profile-"))
+    args = parser.parse_args()
+    database = f"bench_profile_{os.getpid()}"
+    subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "root", database], check=True)
+    redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "BROKER_URL"},
+        "DATABASE_URL": f"{PG}/{database}",
+        "REDIS_URL": redis_url,
+        "RELAY_ADMIN_TOKEN": "profile-admin-token-0123456789abcd",
+        "RELAY_ALLOW_PRIVATE_TARGETS": "1",
+        "RELAY_SECRET_KEY": base64.b64encode(os.urandom(32)).decode(),
+        "RELAY_LOG_LEVEL": "WARNING",
+    }
+    gateway = None
+    try:
+        subprocess.run(["relay", "migrate"], env=env, check=True, capture_output=True)
+        port = _free_port()
+        gateway = subprocess.Popen(
+            ["relay", "serve", "--processes", "1", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        _wait_port(port)
+        base = f"http://127.0.0.1:{port}"
+        key = str(_call(base, "/v1/tenants", env["RELAY_ADMIN_TOKEN"], {"name": "p"})["api_key"])
+        source = _call(base, "/v1/sources", key, {"name": "s", "auth": {"type": "token"}})
+        for name in ("a", "b"):
+            _call(base, "/v1/targets", key, {"url": f"http://127.0.0.1:9/{name}"})
+        time.sleep(1.5)
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+            script.write(LUA)
+        url = f"{base}/in/{source['id']}?token={source['secret']}"
+        subprocess.run(["wrk", "-t1", "-c64", "-d2s", "-s", script.name, url], capture_output=True)
+        collapsed = os.path.join(args.out, "gateway.collapsed")
+        spy = subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "--subprocesses",
+                "-p",
+                str(gateway.pid),
+                "-d",
+                str(args.seconds),
+                "-r",
+                "250",
+                "-f",
+                "raw",
+                "-o",
+                collapsed,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        out = subprocess.run(
+            ["wrk", "-t1", "-c64", f"-d{args.seconds}s", "-s", script.name, url],
+            capture_output=True,
+            text=True,
+        ).stdout
+        spy.wait(30)
+        os.unlink(script.name)
+        rate = [line for line in out.splitlines() if "Requests/sec" in line or "Non-2xx" in line]
+        print("\n".join(line.strip() for line in rate))
+        with open(collapsed) as f:
+            _shares(f.read(), args.top)
+        print(f"collapsed stacks: {collapsed}")
+    finally:
+        if gateway is not None:
+            os.killpg(gateway.pid, signal.SIGTERM)
+            gateway.wait(15)
+        subprocess.run(["dropdb", "-h", "127.0.0.1", "-U", "root", "--force", database])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
