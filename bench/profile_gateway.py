@@ -69,6 +69,28 @@ def _call(base: str, path: str, token: str, body: dict[str, object]) -> dict[str
         return result
 
 
+def _commits(database: str) -> int:
+    """Transactions committed in ``database`` so far (the statistics lag by up to 0.5 s)."""
+    time.sleep(0.6)
+    out = subprocess.run(
+        [
+            "psql",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "root",
+            "-d",
+            database,
+            "-Atc",
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out.strip())
+
+
 def _shares(collapsed: str, top: int) -> None:
     inclusive: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
@@ -132,6 +154,7 @@ def main() -> None:
             script.write(LUA)
         url = f"{base}/in/{source['id']}?token={source['secret']}"
         subprocess.run(["wrk", "-t1", "-c64", "-d2s", "-s", script.name, url], capture_output=True)
+        commits_before = _commits(database)
         collapsed = os.path.join(args.out, "gateway.collapsed")
         spy = subprocess.Popen(
             [
@@ -159,8 +182,14 @@ def main() -> None:
         ).stdout
         spy.wait(30)
         os.unlink(script.name)
+        commits = _commits(database) - commits_before
         rate = [line for line in out.splitlines() if "Requests/sec" in line or "Non-2xx" in line]
         print("\n".join(line.strip() for line in rate))
+        requests = [line for line in out.splitlines() if "requests in" in line]
+        if requests:
+            served = int(requests[0].split()[0])
+            per = served / max(commits, 1)
+            print(f"{commits:,} transactions for {served:,} requests: {per:.1f} a commit")
         with open(collapsed) as f:
             _shares(f.read(), args.top)
         print(f"collapsed stacks: {collapsed}")

@@ -24,6 +24,7 @@ from dramatiq.common import q_name
 from dramatiq.middleware import Middleware
 from dramatiq.middleware.asyncio import AsyncIO
 
+from relay.core import loops
 from relay.core.config import REQUIRED_FOR_WORKER, Settings
 from relay.core.crypto import SecretBox
 from relay.core.logs import setup_logging
@@ -102,7 +103,8 @@ class WorkerResources(AsyncIO):
         await worker.context.redis.aclose()
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
-        """Start the event loop, then open the resources on it."""
+        """Start the event loop (uvloop's), then open the resources on it."""
+        loops.use_for_new_loops()
         super().before_worker_boot(broker, worker)  # type: ignore[no-untyped-call]
         get_event_loop_thread().run_coroutine(self._open(broker))  # type: ignore[union-attr]
 

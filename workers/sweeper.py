@@ -21,6 +21,7 @@ import time
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
+from relay.core import loops
 from relay.core.config import REQUIRED_FOR_WORKER, Settings
 from relay.core.logs import setup_logging
 from relay.core.metrics import (
@@ -282,5 +283,5 @@ def main() -> int:
     """Entry point (a Dramatiq fork function of ``relay worker``)."""
     settings = Settings.from_env(os.environ, required=REQUIRED_FOR_WORKER)
     setup_logging(settings.log_level)
-    asyncio.run(_main(settings))
+    loops.run(_main(settings))
     return 0

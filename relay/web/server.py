@@ -46,7 +46,7 @@ from aiohttp.http_exceptions import (
 from aiohttp.streams import StreamReader
 from aiohttp.web_request import BaseRequest
 
-from relay.core import errors
+from relay.core import errors, loops
 from relay.core.config import Settings
 from relay.core.metrics import CONNECTIONS_REFUSED, HEAD_DEADLINE_ERRORS, IDLE_CLOSED
 from relay.web.app_keys import SETTINGS
@@ -459,5 +459,5 @@ def run(
     *,
     reuse_port: bool = False,
 ) -> None:
-    """``web.run_app`` for the gateway: the same, with :class:`GatewayRunner`."""
-    asyncio.run(serve(app, host, port, announce, reuse_port=reuse_port))
+    """``web.run_app`` for the gateway: the same, with :class:`GatewayRunner` (on uvloop)."""
+    loops.run(serve(app, host, port, announce, reuse_port=reuse_port))
