@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -463,6 +463,33 @@ async def latency(stack: Stack, seconds: int, rate: int = 500) -> tuple[Paced, l
 # --- the run ---------------------------------------------------------------------------
 
 
+def latency_runs(
+    rate: int, runs: int, seconds: int
+) -> Callable[[Path], Coroutine[Any, Any, list[tuple[str, str, str]]]]:
+    """Figure 4 alone at ``rate`` events/s, ``runs`` times, each on a fresh stack."""
+
+    async def go(logdir: Path) -> list[tuple[str, str, str]]:
+        rows = []
+        busy = cpu_busy()
+        print(f"  before: CPU {busy:.0%} busy")
+        for n in range(1, runs + 1):
+            async with Stack(f"latency{n}", logdir) as stack:
+                paced, got = await latency(stack, seconds, rate)
+            ms = [v * 1000 for v in got]
+            missing = len(paced.sent) - len(got)
+            row = (
+                f"4. latency run {n}, {rate:,} events/s for {seconds} s, p50/p99",
+                f"{pct(ms, 50):,.1f}/{pct(ms, 99):,.1f} ms",
+                f"answered {paced.rate:,.0f}/s; targets < 10/50 ms"
+                + (f"; {missing} never arrived" if missing else ""),
+            )
+            print(f"  {row[0]:<52} {row[1]:>16}   {row[2]}", flush=True)
+            rows.append(row)
+        return rows
+
+    return go
+
+
 def machine() -> str:
     git = ["git", "rev-parse", "--short", "HEAD"]
     rev = subprocess.run(git, capture_output=True, text=True, cwd=HERE).stdout.strip()
@@ -531,6 +558,13 @@ def _read(path: Path) -> bytes:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts, labelled quick")
+    parser.add_argument(
+        "--latency-only",
+        type=int,
+        metavar="RATE",
+        help="only figure 4, at RATE events/s, --runs times (issue 24: 1,000/s, three runs)",
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs of --latency-only")
     args = parser.parse_args()
     for signum in (signal.SIGINT, signal.SIGTERM):  # clean up (finally) on either
         signal.signal(signum, signal.default_int_handler)
@@ -538,7 +572,11 @@ def main() -> None:
     print(f"Relay delivery engine: {header}")
     try:
         with tempfile.TemporaryDirectory(prefix="bench-engine-") as logdir:
-            rows = asyncio.run(run(args.quick, Path(logdir)))
+            if args.latency_only:
+                runs = latency_runs(args.latency_only, args.runs, 5 if args.quick else 20)
+                rows = asyncio.run(runs(Path(logdir)))
+            else:
+                rows = asyncio.run(run(args.quick, Path(logdir)))
     except KeyboardInterrupt:
         sys.exit("interrupted: every process stopped, databases dropped")
     finally:

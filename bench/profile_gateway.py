@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import glob
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -67,6 +67,22 @@ def _call(base: str, path: str, token: str, body: dict[str, object]) -> dict[str
     with urllib.request.urlopen(request) as answer:
         result: dict[str, object] = json.load(answer)
         return result
+
+
+def _cpu_seconds(root: int) -> float:
+    """User and system CPU seconds of ``root`` and its children, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(stat.split("/")[2]), int(fields[1])
+        if root in (pid, ppid):
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def _commits(database: str) -> int:
@@ -118,6 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--no-spy", action="store_true", help="no profile: rate and CPU only")
     parser.add_argument("--out", default=tempfile.mkdtemp(prefix="relay-profile-"))
     args = parser.parse_args()
     database = f"bench_profile_{os.getpid()}"
@@ -156,31 +173,38 @@ def main() -> None:
         subprocess.run(["wrk", "-t1", "-c64", "-d2s", "-s", script.name, url], capture_output=True)
         commits_before = _commits(database)
         collapsed = os.path.join(args.out, "gateway.collapsed")
-        spy = subprocess.Popen(
-            [
-                "py-spy",
-                "record",
-                "--subprocesses",
-                "-p",
-                str(gateway.pid),
-                "-d",
-                str(args.seconds),
-                "-r",
-                "250",
-                "-f",
-                "raw",
-                "-o",
-                collapsed,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        cpu_before = _cpu_seconds(gateway.pid)
+        spy = (
+            None
+            if args.no_spy
+            else subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "--subprocesses",
+                    "-p",
+                    str(gateway.pid),
+                    "-d",
+                    str(args.seconds),
+                    "-r",
+                    "250",
+                    "-f",
+                    "raw",
+                    "-o",
+                    collapsed,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         )
         out = subprocess.run(
             ["wrk", "-t1", "-c64", f"-d{args.seconds}s", "-s", script.name, url],
             capture_output=True,
             text=True,
         ).stdout
-        spy.wait(30)
+        cpu = _cpu_seconds(gateway.pid) - cpu_before
+        if spy is not None:
+            spy.wait(30)
         os.unlink(script.name)
         commits = _commits(database) - commits_before
         rate = [line for line in out.splitlines() if "Requests/sec" in line or "Non-2xx" in line]
@@ -190,9 +214,11 @@ def main() -> None:
             served = int(requests[0].split()[0])
             per = served / max(commits, 1)
             print(f"{commits:,} transactions for {served:,} requests: {per:.1f} a commit")
-        with open(collapsed) as f:
-            _shares(f.read(), args.top)
-        print(f"collapsed stacks: {collapsed}")
+            print(f"gateway CPU: {cpu:.2f} s, {1e6 * cpu / max(served, 1):.0f} us a request")
+        if spy is not None:
+            with open(collapsed) as f:
+                _shares(f.read(), args.top)
+            print(f"collapsed stacks: {collapsed}")
     finally:
         if gateway is not None:
             os.killpg(gateway.pid, signal.SIGTERM)
@@ -201,4 +227,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

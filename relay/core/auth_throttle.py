@@ -28,6 +28,7 @@ unreachable lets requests through (as the rate limiter does), with the first del
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import math
@@ -81,6 +82,7 @@ return out
 READ_BATCH = 256
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every authenticated request
 def client_address(remote: str | None) -> str:
     """Who is guessing: the peer's IPv4 address, or its IPv6 /64 (one subscriber's block)."""
     if not remote:
