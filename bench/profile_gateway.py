@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import contextlib
 import glob
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -70,18 +72,25 @@ def _call(base: str, path: str, token: str, body: dict[str, object]) -> dict[str
 
 
 def _cpu_seconds(root: int) -> float:
-    """User and system CPU seconds of ``root`` and its children, from /proc."""
+    """User and system CPU seconds of ``root`` and its descendants alive now, from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    parent, spent = {}, {}
     for stat in glob.glob("/proc/[0-9]*/stat"):
         try:
             with open(stat) as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        pid, ppid = int(stat.split("/")[2]), int(fields[1])
-        if root in (pid, ppid):
-            total += (int(fields[11]) + int(fields[12])) / tick
+        pid = int(stat.split("/")[2])
+        parent[pid] = int(fields[1])
+        spent[pid] = (int(fields[11]) + int(fields[12])) / tick
+    total = 0.0
+    for pid, used in spent.items():
+        ancestor = pid
+        while ancestor not in (root, 0, 1) and ancestor in parent:
+            ancestor = parent[ancestor]
+        if ancestor == root:
+            total += used
     return total
 
 
@@ -130,11 +139,98 @@ def _shares(collapsed: str, top: int) -> None:
         print(f"  {100 * count / total:5.1f} %  {frame}")
 
 
+def _drain(
+    args: argparse.Namespace, env: dict[str, str], ingest: str, database: str
+) -> subprocess.Popen[bytes]:
+    """Ingest 10,000 events (2 deliveries each), start the worker, profile it; the worker."""
+    events = 10_000
+    for i in range(events // 100):
+        batch = [
+            {
+                "uuid": f"w{i}-{j}",
+                "date": "2026-11-28T12:00:00Z",
+                "objectType": "Bill",
+                "action": "paid",
+                "objectId": 4711,
+                "tenantId": 42,
+            }
+            for j in range(100)
+        ]
+        request = urllib.request.Request(
+            ingest, data=json.dumps(batch).encode(), headers={"content-type": "application/json"}
+        )
+        urllib.request.urlopen(request).read()
+    time.sleep(1)
+    worker = subprocess.Popen(
+        ["relay", "worker", "--processes", "2"],
+        env={**env, "RELAY_WORKER_METRICS_PORT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    started = time.monotonic()
+    collapsed = os.path.join(args.out, "worker.collapsed")
+    spy = None
+    if not args.no_spy:
+        spy = subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "--subprocesses",
+                "-p",
+                str(worker.pid),
+                "-d",
+                str(args.seconds),
+                "-r",
+                "250",
+                "-f",
+                "raw",
+                "-o",
+                collapsed,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    done = 0
+    while time.monotonic() - started < 180:
+        done = int(_psql(database, "SELECT count(*) FROM deliveries WHERE status = 'succeeded'"))
+        if done >= 2 * events:
+            break
+        time.sleep(0.25)
+    took = time.monotonic() - started
+    cpu = _cpu_seconds(worker.pid)
+    print(
+        f"{done:,} deliveries succeeded in {took:.1f} s from the worker's start: "
+        f"{done / took:,.0f}/s (the start included)"
+    )
+    print(f"worker CPU: {cpu:.2f} s, {1e6 * cpu / max(done, 1):.0f} us a delivery")
+    if spy is not None:
+        spy.wait(60)
+        with open(collapsed) as f:
+            _shares(f.read(), args.top)
+        print(f"collapsed stacks: {collapsed}")
+    return worker
+
+
+def _psql(database: str, sql: str) -> str:
+    return subprocess.run(
+        ["psql", "-h", "127.0.0.1", "-U", "root", "-d", database, "-Atc", sql],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--no-spy", action="store_true", help="no profile: rate and CPU only")
+    parser.add_argument(
+        "--delivery",
+        action="store_true",
+        help="profile `relay worker --processes 2` draining 10,000 events x 2 targets instead",
+    )
     parser.add_argument("--out", default=tempfile.mkdtemp(prefix="relay-profile-"))
     args = parser.parse_args()
     database = f"bench_profile_{os.getpid()}"
@@ -150,6 +246,7 @@ def main() -> None:
         "RELAY_LOG_LEVEL": "WARNING",
     }
     gateway = None
+    others: list[subprocess.Popen[bytes]] = []
     try:
         subprocess.run(["relay", "migrate"], env=env, check=True, capture_output=True)
         port = _free_port()
@@ -164,9 +261,27 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         key = str(_call(base, "/v1/tenants", env["RELAY_ADMIN_TOKEN"], {"name": "p"})["api_key"])
         source = _call(base, "/v1/sources", key, {"name": "s", "auth": {"type": "token"}})
+        sink = 0
+        if args.delivery:
+            sink = _free_port()
+            receiver = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine.py")
+            others.append(
+                subprocess.Popen(
+                    [sys.executable, receiver, "receiver", str(sink), str(_free_port())],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+            _wait_port(sink)
         for name in ("a", "b"):
-            _call(base, "/v1/targets", key, {"url": f"http://127.0.0.1:9/{name}"})
+            target = {"url": f"http://127.0.0.1:{sink or 9}/{name}", "max_in_flight": 32}
+            _call(base, "/v1/targets", key, target)
         time.sleep(1.5)
+        if args.delivery:
+            ingest = f"{base}/in/{source['id']}?token={source['secret']}"
+            others.append(_drain(args, env, ingest, database))
+            return
         with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
             script.write(LUA)
         url = f"{base}/in/{source['id']}?token={source['secret']}"
@@ -220,9 +335,10 @@ def main() -> None:
                 _shares(f.read(), args.top)
             print(f"collapsed stacks: {collapsed}")
     finally:
-        if gateway is not None:
-            os.killpg(gateway.pid, signal.SIGTERM)
-            gateway.wait(15)
+        for process in [*others, *([gateway] if gateway else [])]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            process.wait(15)
         subprocess.run(["dropdb", "-h", "127.0.0.1", "-U", "root", "--force", database])
 
 
