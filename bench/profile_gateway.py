@@ -142,7 +142,7 @@ def _shares(collapsed: str, top: int) -> None:
 def _drain(
     args: argparse.Namespace, env: dict[str, str], ingest: str, database: str
 ) -> subprocess.Popen[bytes]:
-    """Ingest 10,000 events (2 deliveries each), start the worker, profile it; the worker."""
+    """Ingest 10,000 events (a delivery per target each), start the worker, profile it."""
     events = 10_000
     for i in range(events // 100):
         batch = [
@@ -165,7 +165,7 @@ def _drain(
         ["relay", "worker", "--processes", "2"],
         env={**env, "RELAY_WORKER_METRICS_PORT": "0"},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=open(os.path.join(args.out, "worker.log"), "wb"),
         start_new_session=True,
     )
     started = time.monotonic()
@@ -194,7 +194,7 @@ def _drain(
     done = 0
     while time.monotonic() - started < 180:
         done = int(_psql(database, "SELECT count(*) FROM deliveries WHERE status = 'succeeded'"))
-        if done >= 2 * events:
+        if done >= args.targets * events:
             break
         time.sleep(0.25)
     took = time.monotonic() - started
@@ -231,6 +231,8 @@ def main() -> None:
         action="store_true",
         help="profile `relay worker --processes 2` draining 10,000 events x 2 targets instead",
     )
+    parser.add_argument("--targets", type=int, default=2, help="matching targets (default 2)")
+    parser.add_argument("--max-in-flight", type=int, default=32, help="each target's (32)")
     parser.add_argument("--out", default=tempfile.mkdtemp(prefix="relay-profile-"))
     args = parser.parse_args()
     database = f"bench_profile_{os.getpid()}"
@@ -274,8 +276,9 @@ def main() -> None:
                 )
             )
             _wait_port(sink)
-        for name in ("a", "b"):
-            target = {"url": f"http://127.0.0.1:{sink or 9}/{name}", "max_in_flight": 32}
+        for name in "abcdefghijklmnopqrstuvwxyz"[: args.targets]:
+            url = f"http://127.0.0.1:{sink or 9}/{name}"
+            target = {"url": url, "max_in_flight": args.max_in_flight}
             _call(base, "/v1/targets", key, target)
         time.sleep(1.5)
         if args.delivery:
@@ -338,7 +341,13 @@ def main() -> None:
         for process in [*others, *([gateway] if gateway else [])]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
-            process.wait(15)
+        for process in [*others, *([gateway] if gateway else [])]:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:  # a worker may wait for its attempts
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
         subprocess.run(["dropdb", "-h", "127.0.0.1", "-U", "root", "--force", database])
 
 

@@ -126,7 +126,12 @@ _LOCKED_TARGET = (
 # The LIMIT the planner sees is the plain $2 (a computed one made it expect hundreds
 # of rows and scan whole tables once statistics existed); the cap trims after it.
 # Leased rows come first in the index (they are due): SKIP LOCKED and the lease
-# filter pass over at most the cap of them.
+# filter pass over at most the cap of them. The leased ones are counted in the
+# partition of unsent rows, named, with no condition on the status (a row leaves
+# its lease at once when it is recorded, dead ones too): so that only the index of
+# leases serves the count. Through the parent, or with the status, a planner without
+# statistics (a fresh partition) counted them along an index of the whole backlog,
+# and a claim's cost grew with what waited (test_claim_cost).
 _CLAIM = """
 WITH picked AS (
     SELECT id, next_attempt_at FROM deliveries
@@ -138,8 +143,7 @@ WITH picked AS (
 ), allowed AS MATERIALIZED (
     SELECT id FROM picked ORDER BY next_attempt_at
     LIMIT greatest(0, $3::int - (
-        SELECT count(*) FROM deliveries
-        WHERE target_id = $1 AND status IN ('pending', 'retrying') AND locked_until > now()
+        SELECT count(*) FROM deliveries_open WHERE target_id = $1 AND locked_until > now()
     )::int)
 ), claimed AS (
     UPDATE deliveries d

@@ -60,8 +60,10 @@ SELECT NULL, tenant_id, version FROM fresh
 
 #: First key of the advisory locks of (source, uuid) buckets ("uid").
 UUID_LOCK = 0x756964
-#: Buckets per source: a transaction takes at most this many uuid locks per source.
-UUID_LOCK_BUCKETS = 16
+#: Buckets per source: a transaction takes at most this many uuid locks per source, and
+#: two groups of k events of one source wait for each other with a chance of about
+#: k * k / UUID_LOCK_BUCKETS (16 serialised a busy source's commits: test_dedup_locks).
+UUID_LOCK_BUCKETS = 256
 
 # The locks of the (source, uuid bucket)s of a group's events, in one order
 # everywhere (sorted), held to the commit; taken before any key lock.
