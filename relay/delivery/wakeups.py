@@ -78,14 +78,38 @@ class _Consumer(_RedisConsumer):
 
     def __next__(self) -> Any:
         try:
-            return super().__next__()  # type: ignore[no-untyped-call]
+            message = super().__next__()  # type: ignore[no-untyped-call]
+            if message is None and self.outstanding_message_count < self.prefetch:
+                # idle: wait for a sender's doorbell (or poll again after IDLE_POLL_MS)
+                self.broker.client.blpop(
+                    [doorbell(self.broker.namespace, self.queue_name)], IDLE_POLL_MS / 1000
+                )
+            return message
         except _REDIS_DOWN as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
 
-#: An idle Redis consumer polls at least this often (Dramatiq backs off up to the
-#: worker timeout, a second, which would be the latency of a wake-up after a lull).
+#: An idle Redis consumer waits this long on its queue's doorbell, then polls again
+#: (Dramatiq alone backs off up to the worker timeout, a second, which would be the
+#: latency of a wake-up after a lull).
 IDLE_POLL_MS = 50
+#: Dramatiq's back-off after a fetch that found nothing, before the doorbell's wait.
+MISS_BACKOFF_MS = 2
+#: Rings kept for consumers that were not waiting (each costs one fetch that finds
+#: nothing); the key lapses when no consumer takes them.
+DOORBELL_RINGS = 8
+DOORBELL_TTL_MS = 60_000
+
+
+def doorbell(namespace: str, queue_name: str) -> str:
+    """The Redis list a sender pushes to after enqueueing on ``queue_name``.
+
+    Dramatiq's Redis consumers poll; an idle one would see a message only at its
+    next poll, up to IDLE_POLL_MS later (the e2e latency of a lull: p50 ~25 ms).
+    Relay's consumers wait on this list between polls (BLPOP), so a send wakes one
+    of them at once.
+    """
+    return f"{namespace}:{queue_name}.doorbell"
 
 
 class _RelayRedisBroker(RedisBroker):
@@ -96,8 +120,18 @@ class _RelayRedisBroker(RedisBroker):
         return _Consumer
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
-        """A consumer whose idle back-off stays under IDLE_POLL_MS."""
-        return super().consume(queue_name, prefetch, min(timeout, IDLE_POLL_MS))
+        """A consumer that backs off MISS_BACKOFF_MS, then waits on its doorbell."""
+        return super().consume(queue_name, prefetch, min(timeout, MISS_BACKOFF_MS))
+
+    def ring(self, queue_names: Iterable[str]) -> None:
+        """Wake a consumer of each queue waiting on its doorbell (one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        for queue_name in queue_names:
+            key = doorbell(self.namespace, queue_name)
+            pipe.lpush(key, 1)
+            pipe.ltrim(key, 0, DOORBELL_RINGS - 1)
+            pipe.pexpire(key, DOORBELL_TTL_MS)
+        pipe.execute()
 
 
 def make_broker(
@@ -171,6 +205,11 @@ class Enqueuer:
                 self._broker.declare_queue(message.queue_name)
                 declared = self._broker.get_declared_queues()
             self._broker.enqueue(message, delay=delay_ms)
+        if delay_ms is None and isinstance(self._broker, _RelayRedisBroker):
+            try:
+                self._broker.ring(dict.fromkeys(m.queue_name for m in messages))
+            except _REDIS_DOWN as exc:  # sent: a consumer's next poll finds them
+                log.debug("doorbell not rung: %s", type(exc).__name__)
 
     async def _send_async(
         self, messages: list[dramatiq.Message[Any]], delay_s: float, what: str
