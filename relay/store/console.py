@@ -570,24 +570,35 @@ class OperationalRow:
     target_id: str | None
 
 
-async def operational_events(
-    conn: Queries, tenant_id: str | None, *, target_id: str | None = None, limit: int = 10
-) -> list[OperationalRow]:
-    """The latest operational events, newest first; ``target_id``: those about that target."""
-    rows = await conn.fetch(
-        f"""
+def _operational_sql(of_tenant: bool) -> str:
+    """The latest operational events: of tenant $1 (``of_tenant``) or of every tenant.
+
+    Two statements rather than ``($1 IS NULL OR tenant_id = $1)``: a prepared
+    statement's generic plan cannot use an index for that condition, and read every
+    event to find the few operational ones (migration 0013's indexes serve each).
+    """
+    tenant = "e.tenant_id = $1" if of_tenant else "$1::text IS NULL"
+    return f"""
         SELECT e.id, e.tenant_id, e.received_at, e.object_type, e.action, e.object_id,
                (convert_from(e.payload, 'UTF8')::jsonb -> 'data')::text AS data,
                CASE WHEN e.object_type = 'Target' THEN e.object_id
                     ELSE convert_from(e.payload, 'UTF8')::jsonb -> 'data' ->> 'target_id'
                END AS target_id
         FROM events e
-        WHERE e.operational AND ($1::text IS NULL OR e.tenant_id = $1)
+        WHERE e.operational AND {tenant}
           AND {about_target("e", "$2")}
         ORDER BY e.id DESC LIMIT $3
-        """,
-        tenant_id,
-        target_id,
-        limit,
-    )
+        """
+
+
+_OPERATIONAL_OF_TENANT = _operational_sql(True)
+_OPERATIONAL_OF_ALL = _operational_sql(False)
+
+
+async def operational_events(
+    conn: Queries, tenant_id: str | None, *, target_id: str | None = None, limit: int = 10
+) -> list[OperationalRow]:
+    """The latest operational events, newest first; ``target_id``: those about that target."""
+    sql = _OPERATIONAL_OF_ALL if tenant_id is None else _OPERATIONAL_OF_TENANT
+    rows = await conn.fetch(sql, tenant_id, target_id, limit)
     return [OperationalRow(**dict(r)) for r in rows]

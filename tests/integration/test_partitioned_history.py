@@ -134,7 +134,8 @@ async def test_migration_converts_a_database_with_data(old_db: tuple[str, Path])
         last_pos = await conn.fetchval("SELECT last_value FROM deliveries_order_pos_seq")
 
         # When it is migrated
-        assert await migrate(conn) == ["0012_partitioned_history.sql"]
+        applied = await migrate(conn)
+        assert applied[0] == "0012_partitioned_history.sql", applied
 
         # Then every row is there, unchanged, each in its day's partition
         assert await _snapshot(conn) == before
