@@ -139,6 +139,16 @@ def _shares(collapsed: str, top: int) -> None:
         print(f"  {100 * count / total:5.1f} %  {frame}")
 
 
+def _spy(pid: int, seconds: int, collapsed: str) -> subprocess.Popen[bytes]:
+    """py-spy recording ``pid`` and its children for ``seconds`` into ``collapsed``."""
+    command = "py-spy record --subprocesses -r 250 -f raw".split()
+    return subprocess.Popen(
+        [*command, "-p", str(pid), "-d", str(seconds), "-o", collapsed],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def _drain(
     args: argparse.Namespace, env: dict[str, str], ingest: str, database: str
 ) -> subprocess.Popen[bytes]:
@@ -172,25 +182,7 @@ def _drain(
     collapsed = os.path.join(args.out, "worker.collapsed")
     spy = None
     if not args.no_spy:
-        spy = subprocess.Popen(
-            [
-                "py-spy",
-                "record",
-                "--subprocesses",
-                "-p",
-                str(worker.pid),
-                "-d",
-                str(args.seconds),
-                "-r",
-                "250",
-                "-f",
-                "raw",
-                "-o",
-                collapsed,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        spy = _spy(worker.pid, args.seconds, collapsed)
     done = 0
     while time.monotonic() - started < 180:
         done = int(_psql(database, "SELECT count(*) FROM deliveries WHERE status = 'succeeded'"))
@@ -292,29 +284,7 @@ def main() -> None:
         commits_before = _commits(database)
         collapsed = os.path.join(args.out, "gateway.collapsed")
         cpu_before = _cpu_seconds(gateway.pid)
-        spy = (
-            None
-            if args.no_spy
-            else subprocess.Popen(
-                [
-                    "py-spy",
-                    "record",
-                    "--subprocesses",
-                    "-p",
-                    str(gateway.pid),
-                    "-d",
-                    str(args.seconds),
-                    "-r",
-                    "250",
-                    "-f",
-                    "raw",
-                    "-o",
-                    collapsed,
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+        spy = None if args.no_spy else _spy(gateway.pid, args.seconds, collapsed)
         out = subprocess.run(
             ["wrk", "-t1", "-c64", f"-d{args.seconds}s", "-s", script.name, url],
             capture_output=True,
