@@ -9,32 +9,26 @@ Where it is absent (a platform without its wheels), asyncio's own loop runs.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop has wheels where Relay runs
+    uvloop = None  # type: ignore[assignment]
 
 T = TypeVar("T")
 
 
-def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    """What makes a new event loop: uvloop's, else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop has wheels where Relay runs
-        return asyncio.new_event_loop
-    return uvloop.new_event_loop
-
-
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)`` on the loop of :func:`loop_factory`."""
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+    """``asyncio.run(main)`` on uvloop's loop (asyncio's without it)."""
+    factory = asyncio.new_event_loop if uvloop is None else uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
 
 
 def use_for_new_loops() -> None:
     """Make ``asyncio.new_event_loop()`` return uvloop's (for loops made by libraries:
     Dramatiq's AsyncIO middleware makes the worker's)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if uvloop is not None:
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
