@@ -9,6 +9,7 @@ import pydantic
 from aiohttp import web
 from pydantic.json_schema import SkipJsonSchema
 
+from relay.api.fields import Name, Username
 from relay.api.routing import (
     ListQuery,
     Route,
@@ -25,12 +26,6 @@ from relay.store import sources as store
 from relay.store.rows import Source
 from relay.web.app_keys import CACHE, POOL, SECRETS, SETTINGS
 
-Name = Annotated[
-    str,
-    pydantic.StringConstraints(
-        strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\x00]*[^\x00\s][^\x00]*$"
-    ),  # a name is not only whitespace (it is stripped), and holds no NUL
-]
 HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}$")
 
 
@@ -48,9 +43,7 @@ class BasicAuth(_Strict):
     """HTTP Basic with this username; the secret is the password."""
 
     type: Literal["basic"]
-    username: Annotated[
-        str, pydantic.StringConstraints(min_length=1, max_length=200, pattern=r"^[^:\s\x00]+$")
-    ]
+    username: Username
 
 
 class HmacAuth(_Strict):

@@ -12,6 +12,7 @@ from aiohttp import web
 from pydantic.json_schema import SkipJsonSchema
 from yarl import URL
 
+from relay.api.fields import WHITESPACE
 from relay.api.routing import (
     ListQuery,
     Route,
@@ -82,7 +83,7 @@ _PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|
 #: What a target URL looks like: http(s), a host (name, IPv4 or [IPv6]), an optional
 #: port and userinfo, then visible ASCII. Stated in the schema and enforced.
 URL_PATTERN = (
-    r"^[Hh][Tt][Tt][Pp][Ss]?://([^@/?#\s\x00]+@)?"
+    rf"^[Hh][Tt][Tt][Pp][Ss]?://([^@/?#\x00{WHITESPACE}]+@)?"
     # a DNS name (labels of 1 to 63 characters, an optional trailing dot) or an IPv6 literal
     r"((?:[A-Za-z0-9_~-]{1,63}\.)*[A-Za-z0-9_~-]{1,63}\.?|\[[0-9A-Fa-f:.]+\])"
     rf"(:{_PORT})?"

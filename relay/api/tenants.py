@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import pydantic
 from aiohttp import web
 
+from relay.api.fields import Name
 from relay.api.routing import ListQuery, Route, no_content, page, read_body, read_query, respond
 from relay.core import errors
 from relay.core.crypto import hash_api_key, new_api_key, new_id
 from relay.store import tenants as store
 from relay.store.rows import ApiKey, Tenant
 from relay.web.app_keys import POOL
-
-Name = Annotated[
-    str,
-    pydantic.StringConstraints(
-        strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\x00]*[^\x00\s][^\x00]*$"
-    ),  # a name is not only whitespace (it is stripped), and holds no NUL
-]
 
 
 class TenantCreate(pydantic.BaseModel):
