@@ -330,9 +330,12 @@ class Engine:
                 if record is not None and record.done():
                     record.result()
                     record, recording = None, []
-                # an ended attempt frees a place under the cap; a record may have made
-                # more due (the next of an ordered key): claim again either way
-                more = True
+                    more = True  # it may have made more due (the next of an ordered key)
+                else:
+                    # ended attempts freed places under the cap: claim them now if
+                    # nothing records (its end claims anyway), or half the cap is free
+                    cap = target.max_in_flight if target is not None else FIRST_CLAIM
+                    more = record is None or 2 * len(in_flight) <= cap
         finally:
             if record is not None and not record.done():
                 record.cancel()  # only when the drainer itself is cancelled or fails
