@@ -116,8 +116,20 @@ FROM targets t LEFT JOIN target_health h ON h.target_id = t.id
 WHERE t.id = $1
 """
 
+# For the claim's transaction: the due rows are read in the due index's order, never
+# gathered and sorted. Statistics taken while the queue was empty (a quiet install,
+# a partition just analyzed) make the planner expect one due row, and it read every
+# pending delivery of the target through another index to sort them (2,180 pages at
+# a backlog of 40,000, test_claim_cost); only the due index gives the order unsorted.
+# A disabled sort adds its penalty to the plan's cost, past jit_above_cost: without
+# jit off, every claim was compiled (130 ms a claim; the drain fell to 355/s).
+# Set by the statement that takes the claim lock (a round trip fewer than SET LOCAL).
+_CLAIM_PLAN = "SELECT set_config('enable_sort', 'off', true), set_config('jit', 'off', true)"
+
 _LOCKED_TARGET = (
     "SELECT t.* FROM (SELECT pg_advisory_xact_lock($2, hashtext($1))) AS lock, ("
+    + _CLAIM_PLAN
+    + ") AS plan, ("
     + _TARGET
     + ") AS t"
 )
@@ -160,14 +172,6 @@ SELECT c.id, c.event_id, c.attempt_count, c.locked_until, c.order_key FROM claim
 ORDER BY c.id
 """
 
-# For the claim's transaction: the due rows are read in the due index's order, never
-# gathered and sorted. Statistics taken while the queue was empty (a quiet install,
-# a partition just analyzed) make the planner expect one due row, and it read every
-# pending delivery of the target through another index to sort them (2,180 pages at
-# a backlog of 40,000, test_claim_cost); only the due index gives the order unsorted.
-# A disabled sort adds its penalty to the plan's cost, past jit_above_cost: without
-# jit off, every claim was compiled (130 ms a claim; the drain fell to 355/s).
-_CLAIM_PLAN = "SET LOCAL enable_sort = off; SET LOCAL jit = off"
 
 # The claimed deliveries' payloads: read by the events' ids, given as values, so that
 # Postgres opens (and locks) only the partitions of those events, not every day's.
@@ -195,9 +199,9 @@ async def claim_batch(
     every worker process: the target never has more than ``max_in_flight``
     attempts in flight. ``ended``: deliveries the caller holds leases of whose
     attempts have ended (their results not yet recorded): not in flight, they do
-    not count, except while the breaker is not closed. An open breaker claims nothing until its open period
-    ends; then one probe is claimed and the breaker is half_open until it is
-    recorded (or its lease lapses).
+    not count, except while the breaker is not closed. An open breaker claims
+    nothing until its open period ends; then one probe is claimed and the
+    breaker is half_open until it is recorded (or its lease lapses).
     """
     async with conn.transaction():
         # the lock first, in this statement; the claim's own snapshot comes after it
@@ -209,20 +213,21 @@ async def claim_batch(
             return target, []
         probing = target.breaker != "closed"
         cap = 1 if probing else target.max_in_flight
-        await conn.execute(_CLAIM_PLAN)
         # a probe's lease counts until it is recorded: one probe, and only one, decides
         counted_out = [] if probing else list(ended)
         rows = await conn.fetch(_CLAIM, target_id, min(want, cap), cap, lease_s, counted_out)
-        payloads = {}
-        if rows:
-            events = sorted({r["event_id"] for r in rows})
-            payloads = {r["id"]: r["payload"] for r in await conn.fetch(_PAYLOADS, events)}
         if rows and target.breaker == "open":
             await conn.execute(
                 "UPDATE target_health SET breaker = 'half_open', changed_at = now() "
                 "WHERE target_id = $1",
                 target_id,
             )
+    # read once the claim lock is given back: the leases keep the events (retention
+    # never deletes the event of a delivery still to be sent; nothing changes a payload)
+    payloads = {}
+    if rows:
+        events = sorted({r["event_id"] for r in rows})
+        payloads = {r["id"]: r["payload"] for r in await conn.fetch(_PAYLOADS, events)}
     # (a delivery whose event is gone, which retention never leaves, is not attempted)
     return target, [
         Claimed.from_row({**r, "payload": payloads[r["event_id"]]})

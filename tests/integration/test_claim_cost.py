@@ -154,3 +154,24 @@ async def test_a_record_reads_pages_for_what_it_records_not_for_the_backlog(
     pages = top["Shared Hit Blocks"] + top["Shared Read Blocks"]
     # each row leaves the unsent partition for a day's sent one, with its attempt
     assert pages < 800, pages
+
+
+async def test_claim_batch_claims_under_the_plan_measured_here(conn: asyncpg.Connection) -> None:
+    # the settings the figures above were measured under are those claim_batch sets
+    target = "tgt_claimplan"
+    await backlog(conn, target, 0)
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        assert await conn.fetchval("SHOW enable_sort") == "on"
+        # (the backlog's deliveries have no events: they are claimed, not returned)
+        await claims.claim_batch(conn, target, want=CAP, lease_s=30.0)
+        leased = (
+            "SELECT count(*) FROM deliveries_open WHERE target_id = $1 AND locked_until > now()"
+        )
+        assert await conn.fetchval(leased, target) == CAP
+        # set for the claim's transaction (a savepoint of this one), kept until its end
+        assert await conn.fetchval("SHOW enable_sort") == "off"
+        assert await conn.fetchval("SHOW jit") == "off"
+    finally:
+        await transaction.rollback()
