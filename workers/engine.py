@@ -179,13 +179,6 @@ RATE_MARK_S = 1.0
 
 #: Deliveries a drainer claims first, before it knows the target's own cap.
 FIRST_CLAIM = 10
-#: A drainer's leases (in flight, and ended but not yet recorded) stay under this many
-#: times the target's cap: what a crash sends again while Postgres is slow to record.
-LEASES_PER_CAP = 2
-
-
-def _delivery_id(ended: _Sent | Claimed) -> str:
-    return ended.attempt.delivery.id if isinstance(ended, _Sent) else ended.id
 
 
 class Engine:
@@ -272,74 +265,30 @@ class Engine:
     # --- one target -------------------------------------------------------------
 
     async def _drain(self, target_id: str, tenant_id: str) -> None:
-        """Claim, send and record a target's due deliveries until none is left.
-
-        The record of ended attempts runs beside the next claims and sends: an
-        ended attempt is not in flight, so it leaves its place under the cap at
-        once (its lease, held until the record, is not counted). One record at
-        a time per target; what ends meanwhile waits for the next one.
-        """
         in_flight: set[asyncio.Task[_Sent | Claimed]] = set()
-        ended: list[_Sent | Claimed] = []  # attempts ended, not yet being recorded
-        record: asyncio.Task[None] | None = None
-        recording: list[str] = []  # the deliveries of the record running
         target: SendTarget | None = None
         more = True
         try:
             while True:
-                if target_id in self._rewake:
-                    self._rewake.discard(target_id)
-                    more = True
-                if record is None and ended:
-                    recording = [_delivery_id(e) for e in ended]
-                    record = asyncio.get_running_loop().create_task(
-                        self._record(target_id, tenant_id, target, ended)
-                    )
-                    ended = []
+                self._rewake.discard(target_id)
                 if more and not self._closing:
                     try:
                         target, more = await self._claim_more(
-                            target_id,
-                            tenant_id,
-                            target,
-                            in_flight,
-                            recording + [_delivery_id(e) for e in ended],
+                            target_id, tenant_id, target, in_flight
                         )
                     except (*POSTGRES_DOWN, TimeoutError) as exc:
                         log.warning("claim of %s failed: %s", target_id, type(exc).__name__)
                         self.wake_later(target_id, tenant_id, 1.0)
                         more = False
-                if not in_flight and record is None and not ended:
+                if not in_flight:
                     if target_id in self._rewake and not self._closing:
+                        more = True
                         continue
                     break
-                waiting: set[asyncio.Future[Any]] = set(in_flight)
-                if record is not None:
-                    waiting.add(record)
-                if waiting:
-                    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                    finished = done & in_flight
-                    if finished and record is None and len(finished) < len(in_flight):
-                        # a moment for others of the batch, to record them together
-                        others, _ = await asyncio.wait(in_flight - finished, timeout=GATHER_S)
-                        finished |= others
-                    in_flight -= finished
-                    self.slots.release(tenant_id, len(finished))
-                    ENGINE_IN_FLIGHT.dec(len(finished))
-                    ended += [t.result() for t in finished]
-                if record is not None and record.done():
-                    record.result()
-                    record, recording = None, []
-                    more = True  # it may have made more due (the next of an ordered key)
-                else:
-                    # ended attempts freed places under the cap: claim them now if
-                    # nothing records (its end claims anyway), or half the cap is free
-                    cap = target.max_in_flight if target is not None else FIRST_CLAIM
-                    more = record is None or 2 * len(in_flight) <= cap
+                await self._record_some(target_id, tenant_id, target, in_flight)
+                more = True
         finally:
-            if record is not None and not record.done():
-                record.cancel()  # only when the drainer itself is cancelled or fails
-            if in_flight:
+            if in_flight:  # only when the drainer itself is cancelled or fails
                 for task in in_flight:
                     task.cancel()
                 self.slots.release(tenant_id, len(in_flight))
@@ -353,17 +302,12 @@ class Engine:
         tenant_id: str,
         target: SendTarget | None,
         in_flight: set[asyncio.Task[_Sent | Claimed]],
-        unrecorded: list[str],
     ) -> tuple[SendTarget | None, bool]:
         """Claim and start what the target's cap, the slots and its rate limit allow.
 
-        ``unrecorded``: the deliveries whose attempts ended and are not recorded
-        yet; they do not count against the cap, but the drainer's leases stay
-        under ``LEASES_PER_CAP`` caps. Returns the target as read and whether a
-        further claim may find more.
+        Returns the target as read and whether a further claim may find more.
         """
-        cap = target.max_in_flight if target is not None else FIRST_CLAIM
-        room = min(cap - len(in_flight), LEASES_PER_CAP * cap - len(in_flight) - len(unrecorded))
+        room = (target.max_in_flight if target is not None else FIRST_CLAIM) - len(in_flight)
         if room <= 0:
             return target, False
         slots = (
@@ -389,7 +333,7 @@ class Engine:
         try:
             async with self._connection(tenant_id) as conn:
                 fresh, rows = await claims.claim_batch(
-                    conn, target_id, want=want, lease_s=self.lease_s, ended=unrecorded
+                    conn, target_id, want=want, lease_s=self.lease_s
                 )
         except BaseException:
             self.slots.release(tenant_id, slots)
@@ -519,14 +463,22 @@ class Engine:
         )
         return _Sent(attempt, trips_breaker(status_code, error))
 
-    async def _record(
+    async def _record_some(
         self,
         target_id: str,
         tenant_id: str,
         target: SendTarget | None,
-        ended: list[_Sent | Claimed],
+        in_flight: set[asyncio.Task[_Sent | Claimed]],
     ) -> None:
-        """Record attempts that ended, together; give back claims started too late."""
+        """Wait for attempts to end, then record those that did, together."""
+        done, pending = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+        if pending:
+            more, _ = await asyncio.wait(pending, timeout=GATHER_S)
+            done |= more
+        in_flight -= done
+        self.slots.release(tenant_id, len(done))
+        ENGINE_IN_FLIGHT.dec(len(done))
+        ended = [t.result() for t in done]
         sent = [s for s in ended if isinstance(s, _Sent)]
         skipped = [c for c in ended if isinstance(c, Claimed)]
         if skipped:

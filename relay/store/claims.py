@@ -134,8 +134,7 @@ _LOCKED_TARGET = (
     + ") AS t"
 )
 
-# Up to $2 due deliveries of target $1, never more than $3 in flight at once in all:
-# leased, less those in $5, whose attempts the caller has ended and is recording.
+# Up to $2 due deliveries of target $1, never more than $3 leased at once in all.
 # The LIMIT the planner sees is the plain $2 (a computed one made it expect hundreds
 # of rows and scan whole tables once statistics existed); the cap trims after it.
 # Leased rows come first in the index (they are due): SKIP LOCKED and the lease
@@ -158,8 +157,7 @@ WITH picked AS (
 ), allowed AS MATERIALIZED (
     SELECT ctid FROM picked ORDER BY next_attempt_at
     LIMIT greatest(0, $3::int - (
-        SELECT count(*) FROM deliveries_open
-        WHERE target_id = $1 AND locked_until > now() AND NOT id = ANY($5::text[])
+        SELECT count(*) FROM deliveries_open WHERE target_id = $1 AND locked_until > now()
     )::int)
 ), claimed AS (
     UPDATE deliveries_open d
@@ -185,23 +183,16 @@ async def read_target(conn: Queries, target_id: str) -> SendTarget | None:
 
 
 async def claim_batch(
-    conn: Conn,
-    target_id: str,
-    *,
-    want: int,
-    lease_s: float,
-    ended: Sequence[str] = (),
+    conn: Conn, target_id: str, *, want: int, lease_s: float
 ) -> tuple[SendTarget | None, list[Claimed]]:
     """Claim up to ``want`` due deliveries of a target, within its cap and its breaker.
 
     The claims of one target are serialised (an advisory lock for the length of
     one short transaction), so the count of leases and the new ones agree across
     every worker process: the target never has more than ``max_in_flight``
-    attempts in flight. ``ended``: deliveries the caller holds leases of whose
-    attempts have ended (their results not yet recorded): not in flight, they do
-    not count, except while the breaker is not closed. An open breaker claims
-    nothing until its open period ends; then one probe is claimed and the
-    breaker is half_open until it is recorded (or its lease lapses).
+    attempts in flight. An open breaker claims nothing until its open period
+    ends; then one probe is claimed and the breaker is half_open until it is
+    recorded (or its lease lapses).
     """
     async with conn.transaction():
         # the lock first, in this statement; the claim's own snapshot comes after it
@@ -213,9 +204,7 @@ async def claim_batch(
             return target, []
         probing = target.breaker != "closed"
         cap = 1 if probing else target.max_in_flight
-        # a probe's lease counts until it is recorded: one probe, and only one, decides
-        counted_out = [] if probing else list(ended)
-        rows = await conn.fetch(_CLAIM, target_id, min(want, cap), cap, lease_s, counted_out)
+        rows = await conn.fetch(_CLAIM, target_id, min(want, cap), cap, lease_s)
         if rows and target.breaker == "open":
             await conn.execute(
                 "UPDATE target_health SET breaker = 'half_open', changed_at = now() "

@@ -27,8 +27,6 @@ from relay.store import claims
 
 BACKLOG = 40_000
 CAP = 10
-#: Leases whose attempts the claimer says have ended (as a drainer recording them does).
-ENDED = [f"dlv_ended{i}" for i in range(CAP)]
 
 
 @pytest.fixture(params=["no statistics", "statistics of an empty queue"])
@@ -92,7 +90,6 @@ async def pages_read(conn: asyncpg.Connection, target: str, want: int) -> tuple[
                 want,
                 CAP,
                 30.0,
-                ENDED,
             )
         )
     finally:
@@ -126,7 +123,7 @@ async def test_a_record_reads_pages_for_what_it_records_not_for_the_backlog(
     transaction = conn.transaction()
     await transaction.start()
     try:
-        rows = await conn.fetch(claims._CLAIM, target, CAP, CAP, 30.0, [])
+        rows = await conn.fetch(claims._CLAIM, target, CAP, CAP, 30.0)
         assert len(rows) == CAP
         now = datetime.now(UTC)
         n = len(rows)
