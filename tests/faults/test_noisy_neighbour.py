@@ -152,15 +152,21 @@ async def test_a_noisy_tenant_does_not_starve_a_quiet_one(
                 await asyncio.sleep(max(0.0, QUIET_EVERY_S - (time.monotonic() - started)))
 
             # Then every quiet event arrives, and fast
+            # (at least once: an attempt whose record waited past its lease is made
+            # again, so an event may arrive twice; its latency is its first arrival's)
+            def first_arrivals() -> dict[str, float]:
+                first: dict[str, float] = {}
+                for r in receiver.at("/quiet"):
+                    event_id = r.headers["webhook-id"]
+                    if event_id in posted and event_id not in first:
+                        first[event_id] = (r.at - posted[event_id]) * 1000
+                return first
+
             async def arrived() -> bool:
-                return len(receiver.at("/quiet")) >= QUIET_EVENTS
+                return len(first_arrivals()) >= QUIET_EVENTS
 
             await eventually(arrived, timeout=60)
-            delivery_ms = [
-                (r.at - posted[r.headers["webhook-id"]]) * 1000
-                for r in receiver.at("/quiet")
-                if r.headers["webhook-id"] in posted
-            ]
+            delivery_ms = list(first_arrivals().values())
         out, _ = await asyncio.to_thread(noise.communicate, timeout=NOISE_S + 60)
         noise_counts = json.loads(out.decode().strip().splitlines()[-1])
     finally:
