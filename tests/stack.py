@@ -39,17 +39,37 @@ class Receiver:
         self.received: list[Received] = []
         self.behaviours: dict[str, Behaviour] = {}
         self.server: TestServer | None = None
+        self._transports: set[asyncio.BaseTransport] = set()
 
     async def start(self) -> Receiver:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self.server = TestServer(app, host="127.0.0.1")
         await self.server.start_server()
+        # Remember every connection the server makes: its shutdown forgets one
+        # accepted while it waits for in-flight handlers (a worker still sending
+        # when the test ends), leaving an open socket behind.
+        assert self.server.runner is not None and self.server.runner.server is not None
+        low_level = self.server.runner.server
+        made = low_level.connection_made
+
+        def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+            self._transports.add(transport)
+            made(handler, transport)
+
+        low_level.connection_made = connection_made  # type: ignore[method-assign]
         return self
 
     async def close(self) -> None:
         if self.server is not None:
             await self.server.close()
+        for _ in range(3):  # let connections accepted during shutdown be made
+            await asyncio.sleep(0)
+        for transport in self._transports:
+            if not transport.is_closing():
+                transport.close()
+        self._transports.clear()
+        await asyncio.sleep(0)  # a closed transport releases its socket a turn later
 
     def url(self, path: str) -> str:
         assert self.server is not None
