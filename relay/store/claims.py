@@ -1,10 +1,12 @@
 """Claiming a target's due deliveries and recording their attempts.
 
 Postgres decides. A delivery is claimed with a lease (``locked_until``): while
-it holds, no other worker may attempt it. ``enqueued_until`` says until when
-somebody carries a waiting delivery (a broker message, a worker's timer or a
-lease); past it, the sweeper wakes the delivery's target. The breaker's state
-is read and written here too, in the same transactions.
+it holds, no other worker may attempt it, and the target's leases are counted
+(in ``delivery_leases``) against its cap. ``enqueued_until`` says until when
+somebody carries a waiting delivery (a broker message or a worker's timer; a
+lease carries it while it holds); past it, the sweeper wakes the delivery's
+target. The breaker's state is read and written here too, in the same
+transactions.
 """
 
 from __future__ import annotations
@@ -137,15 +139,13 @@ _LOCKED_TARGET = (
 # Up to $2 due deliveries of target $1, never more than $3 leased at once in all.
 # The LIMIT the planner sees is the plain $2 (a computed one made it expect hundreds
 # of rows and scan whole tables once statistics existed); the cap trims after it.
-# Leased rows come first in the index (they are due): SKIP LOCKED and the lease
-# filter pass over at most the cap of them. The leased ones are counted in the
-# partition of unsent rows, named, with no condition on the status (a row leaves
-# its lease at once when it is recorded, dead ones too): so that only the index of
-# leases serves the count. Through the parent, or with the status, a planner without
-# statistics (a fresh partition) counted them along an index of the whole backlog,
-# and a claim's cost grew with what waited (test_claim_cost). The rows picked (and
-# locked) are updated by their ctid: joined by id, a planner that believed the
-# partition empty drove the join from an index of every pending delivery.
+# Leased rows come first in the due index (they are due): SKIP LOCKED and the lease
+# filter pass over at most the cap of them. The leases held are counted in
+# delivery_leases (migration 0014), where the claim writes them: the delivery's
+# own update changes no indexed column, so it is HOT (no index entry written). The
+# rows picked (and locked) are updated by their ctid: joined by id, a planner that
+# believed the partition empty drove the join from an index of every pending
+# delivery.
 _CLAIM = """
 WITH picked AS (
     SELECT id, next_attempt_at, ctid FROM deliveries_open
@@ -157,14 +157,17 @@ WITH picked AS (
 ), allowed AS MATERIALIZED (
     SELECT ctid FROM picked ORDER BY next_attempt_at
     LIMIT greatest(0, $3::int - (
-        SELECT count(*) FROM deliveries_open WHERE target_id = $1 AND locked_until > now()
+        SELECT count(*) FROM delivery_leases WHERE target_id = $1 AND locked_until > now()
     )::int)
 ), claimed AS (
     UPDATE deliveries_open d
-    SET locked_until = now() + make_interval(secs => $4::float8),
-        enqueued_until = now() + make_interval(secs => $4::float8), updated_at = now()
+    SET locked_until = now() + make_interval(secs => $4::float8), updated_at = now()
     WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM allowed))
-    RETURNING d.id, d.event_id, d.attempt_count, d.locked_until, d.order_key
+    RETURNING d.id, d.target_id, d.event_id, d.attempt_count, d.locked_until, d.order_key
+), leased AS (
+    INSERT INTO delivery_leases (delivery_id, target_id, locked_until)
+    SELECT id, target_id, locked_until FROM claimed
+    ON CONFLICT (delivery_id) DO UPDATE SET locked_until = excluded.locked_until
 )
 SELECT c.id, c.event_id, c.attempt_count, c.locked_until, c.order_key FROM claimed c
 ORDER BY c.id
@@ -235,13 +238,19 @@ async def release_batch(
     """
     await conn.execute(
         """
-        UPDATE deliveries d
-        SET locked_until = NULL,
-            next_attempt_at = greatest(d.next_attempt_at, now() + make_interval(secs => $3)),
-            enqueued_until = now() + make_interval(secs => $3 + coalesce($4::float8, 0)),
-            updated_at = now()
-        FROM unnest($1::text[], $2::timestamptz[]) AS r(id, lease)
-        WHERE d.id = r.id AND d.locked_until = r.lease AND d.status IN ('pending', 'retrying')
+        WITH released AS (
+            UPDATE deliveries d
+            SET locked_until = NULL,
+                next_attempt_at = greatest(d.next_attempt_at, now() + make_interval(secs => $3)),
+                enqueued_until = now() + make_interval(secs => $3 + coalesce($4::float8, 0)),
+                updated_at = now()
+            FROM unnest($1::text[], $2::timestamptz[]) AS r(id, lease)
+            WHERE d.id = r.id AND d.locked_until = r.lease AND d.status IN ('pending', 'retrying')
+            RETURNING d.id
+        )
+        DELETE FROM delivery_leases l USING unnest($1::text[], $2::timestamptz[]) AS r(id, lease)
+        WHERE l.delivery_id = r.id AND l.locked_until = r.lease
+          AND l.delivery_id IN (SELECT id FROM released)
         """,
         [c.id for c in claimed],
         [c.locked_until for c in claimed],
@@ -338,6 +347,10 @@ WITH target AS MATERIALIZED (
     WHERE d.id = r.id AND d.locked_until = r.lease AND d.status IN ('pending', 'retrying')
       AND ($13::bool IS NULL OR $13 = (SELECT failing FROM target))
     RETURNING d.id, d.tenant_id
+), freed AS (
+    DELETE FROM delivery_leases l USING unnest($1::text[], $2::timestamptz[]) AS r(id, lease)
+    WHERE l.delivery_id = r.id AND l.locked_until = r.lease
+      AND l.delivery_id IN (SELECT id FROM done)
 ), kept AS (
     INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms, status_code,
                           error, response_body)
@@ -600,8 +613,9 @@ async def next_due_in(conn: Queries, target_id: str) -> float | None:
 async def targets_to_wake(conn: Queries, *, grace_s: float, limit: int) -> list[Wake]:
     """Targets with a due delivery nobody carries, marked as woken for ``grace_s``.
 
-    One index probe per live, enabled target whose breaker lets work through:
-    the cost follows the number of targets, not of waiting deliveries.
+    One index probe per live, enabled target whose breaker lets work through
+    (passing over its leased deliveries, at most its cap of them): the cost
+    follows the number of targets, not of waiting deliveries.
     """
     rows = await conn.fetch(
         """
@@ -615,6 +629,8 @@ async def targets_to_wake(conn: Queries, *, grace_s: float, limit: int) -> list[
                   SELECT 1 FROM deliveries d
                   WHERE d.target_id = t.id AND d.status IN ('pending', 'retrying')
                     AND d.enqueued_until < now()
+                    -- a lease carries its delivery (a claim leaves enqueued_until as it was)
+                    AND (d.locked_until IS NULL OR d.locked_until < now())
               )
             LIMIT $1
         ), marked AS (

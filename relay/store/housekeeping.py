@@ -134,6 +134,27 @@ async def disable_failing_targets(conn: Queries, failing_for_s: float) -> list[s
     return [r["id"] for r in rows]
 
 
+async def purge_lapsed_leases(conn: Queries, *, older_than_s: float = 60.0) -> int:
+    """Remove the lease rows of leases that lapsed ``older_than_s`` ago; how many.
+
+    A lease is given back by its record (or release) in the statement that ends
+    it. One whose worker died lapses: the claims' count ignores it at once, and
+    its row goes when its delivery is claimed again; this removes the rest (a
+    delivery that died, was replayed or deleted meanwhile).
+    """
+    removed: int = await conn.fetchval(
+        """
+        WITH gone AS (
+            DELETE FROM delivery_leases
+            WHERE locked_until < now() - make_interval(secs => $1::float8)
+            RETURNING 1
+        ) SELECT count(*) FROM gone
+        """,
+        older_than_s,
+    )
+    return removed
+
+
 #: The history partitioned by id, one partition per UTC day: (table, id prefix).
 #: deliveries_sent holds the succeeded deliveries; what is still to be sent, and dead
 #: letters, are in deliveries_open (migration 0012).
