@@ -209,14 +209,19 @@ class Engine:
             return
         task = asyncio.get_running_loop().create_task(self._drain(target_id, tenant_id))
         self._drainers[target_id] = task
-        task.add_done_callback(partial(self._drainer_done, target_id))
+        task.add_done_callback(partial(self._drainer_done, target_id, tenant_id))
 
-    def _drainer_done(self, target_id: str, task: asyncio.Task[None]) -> None:
+    def _drainer_done(self, target_id: str, tenant_id: str, task: asyncio.Task[None]) -> None:
         if self._drainers.get(target_id) is task:
             del self._drainers[target_id]
         if not task.cancelled() and task.exception() is not None:
             # the deliveries stay in Postgres: the sweeper wakes the target again
             log.error("drainer of %s failed: %r", target_id, task.exception())
+        if target_id in self._rewake:
+            # woken after the drainer's last claim (while it looked for its next due
+            # time, or failed): the wake-up is not lost to the sweeper's 30 s
+            self._rewake.discard(target_id)
+            self.wake(target_id, tenant_id)
 
     def wake_later(self, target_id: str, tenant_id: str, delay_s: float) -> None:
         """Wake the target in ``delay_s`` (one timer per target: the earliest wins)."""

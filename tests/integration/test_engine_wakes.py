@@ -1,0 +1,95 @@
+"""A wake-up that reaches a worker while its drainer of the target is finishing.
+
+A drainer that found nothing more to claim takes a last look at the target (when
+its next delivery falls due, to leave a timer) before it ends. A wake-up that
+arrived in that moment was noted for the drainer, which no longer looked: the
+fresh event waited for the sweeper, up to ``RELAY_REQUEUE_AFTER_S`` (30 s). Seen
+under load in bench/noisy_neighbour.py: one quiet event delivered after 30.9 s.
+
+The engine runs in this process, on a real pool, Redis and receiver; the last
+look is held open (its store call waits on an event) to make the moment last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from relay.core.config import Settings
+from relay.core.crypto import SecretBox
+from relay.core.ratelimit import RateLimiter
+from relay.delivery.egress import EgressClient
+from relay.delivery.wakeups import Enqueuer, make_broker
+from relay.store import claims
+from relay.store.db import create_pool
+from tests.conftest import Tenant
+from tests.integration.test_ingest import make_source, make_target, post_token
+from tests.stack import Receiver, eventually
+from workers.engine import Engine, WorkerContext
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[Engine]:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(settings.redis_url)
+    context = WorkerContext(
+        settings=settings,
+        pool=await create_pool(settings.database_url, min_size=1, max_size=4),
+        egress=EgressClient(
+            timeout_s=settings.delivery_timeout_s,
+            allow_private=True,
+            user_agent="Relay/test",
+            dns_timeout_s=settings.dns_timeout_s,
+        ),
+        redis=client,
+        limiter=RateLimiter(client),
+        enqueuer=Enqueuer(make_broker(settings.broker_url, middleware=[], fail_fast=True)),
+        secrets=SecretBox(settings.secret_key),
+    )
+    running = Engine(context)
+    try:
+        yield running
+    finally:
+        await running.close(timeout_s=5)
+        await context.egress.close()
+        await context.pool.close()
+        await client.aclose()
+
+
+async def test_a_wake_up_while_the_drainer_ends_is_not_lost(
+    client: Any,
+    tenant: Tenant,
+    engine: Engine,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant, url=receiver.url("/hook"))
+    # Given a drainer that sent the target's one event and takes its last look
+    looking, go_on = asyncio.Event(), asyncio.Event()
+    next_due_in = claims.next_due_in
+
+    async def slow_last_look(conn: Any, target_id: str) -> float | None:
+        looking.set()
+        await go_on.wait()
+        return await next_due_in(conn, target_id)
+
+    monkeypatch.setattr(claims, "next_due_in", slow_last_look)
+    assert (await post_token(client, source, {"n": 1})).status == 202
+    engine.wake(target["id"], tenant.id)
+    await asyncio.wait_for(looking.wait(), timeout=10)
+    assert len(receiver.at("/hook")) == 1
+    # When another event arrives meanwhile, and its wake-up reaches this worker
+    assert (await post_token(client, source, {"n": 2})).status == 202
+    engine.wake(target["id"], tenant.id)
+    go_on.set()
+
+    # Then it is sent at once, not when the sweeper would find it (30 s)
+    async def both_arrived() -> bool:
+        return len(receiver.at("/hook")) == 2
+
+    await eventually(both_arrived, timeout=5)
