@@ -32,9 +32,9 @@ def secret_key(secret: str) -> bytes:
 
 def sign_payload(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     """One ``v1,<base64>`` signature of ``body``."""
-    signed = f"{msg_id}.{timestamp}.".encode() + body
-    digest = hmac.new(secret_key(secret), signed, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
+    mac = hmac.new(secret_key(secret), f"{msg_id}.{timestamp}.".encode(), hashlib.sha256)
+    mac.update(body)  # not copied into one buffer first; the GIL is let go over a large body
+    return "v1," + base64.b64encode(mac.digest()).decode()
 
 
 def signature_header(secrets: Iterable[str], msg_id: str, timestamp: int, body: bytes) -> str:

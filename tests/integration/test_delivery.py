@@ -84,6 +84,27 @@ async def test_delivery_is_signed_and_carries_the_exact_bytes(
     assert attempt["tenant_id"] == tenant.id
 
 
+async def test_a_large_event_is_signed_as_a_small_one(
+    worker: Any, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    # Given an event of ~600 KB (a body that large is signed on a thread of the
+    # worker's, off its event loop), sent during a secret rotation's overlap
+    tenant, source, target = await setup(gateway, receiver)
+    rotated = await gateway.post(f"/v1/targets/{target['id']}/rotate-secret", headers=tenant.auth)
+    assert rotated.status == 200, await rotated.text()
+    new_secret = (await rotated.json())["secret"]
+    raw = json.dumps({"uuid": "big-1", "objectType": "Bill", "notes": "x" * 600_000}).encode()
+    [event_id] = (await (await post_token(gateway, source, raw)).json())["event_ids"]
+    row = await finished(database_url, event_id, target["id"])
+    assert row["status"] == "succeeded"
+    # Then it arrives byte for byte, and both libraries verify it with either secret
+    [got] = receiver.at("/hook")
+    assert got.body == raw
+    for secret in (target["secret"], new_secret):
+        assert standardwebhooks.Webhook(secret).verify(got.body, got.headers)["uuid"] == "big-1"
+        svix.webhooks.Webhook(secret).verify(got.body, got.headers)
+
+
 async def test_batch_elements_arrive_as_compact_json(
     worker: Any, gateway: Any, receiver: Receiver, database_url: str
 ) -> None:
