@@ -58,6 +58,16 @@ async def conns(database_url: str) -> Any:
         await conn.close()
 
 
+async def _hold_the_cap(
+    client: Any, tenant: Tenant, conn: asyncpg.Connection, events: int
+) -> tuple[str, list[Claimed]]:
+    """A target with ``events`` due deliveries, a worker (``conn``) holding its whole cap."""
+    target_id = await _backlog(client, tenant, events)
+    _, held = await claims.claim_batch(conn, target_id, want=events, lease_s=60)
+    assert len(held) == CAP
+    return target_id, held
+
+
 async def _leases(conn: asyncpg.Connection, target_id: str) -> int:
     return int(
         await conn.fetchval("SELECT count(*) FROM delivery_leases WHERE target_id = $1", target_id)
@@ -68,10 +78,8 @@ async def test_a_record_frees_its_place_under_the_cap_at_once(
     client: Any, tenant: Tenant, conns: list[asyncpg.Connection]
 ) -> None:
     first, second, watcher = conns
-    target_id = await _backlog(client, tenant, 10)
     # Given one worker holding the target's whole cap
-    _, held = await claims.claim_batch(first, target_id, want=10, lease_s=60)
-    assert len(held) == CAP
+    target_id, held = await _hold_the_cap(client, tenant, first, 10)
     # then another worker gets nothing
     assert (await claims.claim_batch(second, target_id, want=10, lease_s=60))[1] == []
     # When the first records two of its attempts
@@ -91,9 +99,7 @@ async def test_a_release_frees_its_place_under_the_cap_at_once(
     client: Any, tenant: Tenant, conns: list[asyncpg.Connection]
 ) -> None:
     first, second, watcher = conns
-    target_id = await _backlog(client, tenant, 10)
-    _, held = await claims.claim_batch(first, target_id, want=10, lease_s=60)
-    assert len(held) == CAP
+    target_id, held = await _hold_the_cap(client, tenant, first, 10)
     # When the worker gives its claims back (a rate limit defers them), due at once
     await claims.release_batch(first, held, delay_s=0, carried_for_s=None)
     # Then the cap is free for another worker at once, not when those leases would lapse
@@ -106,10 +112,8 @@ async def test_a_lapsed_lease_stops_counting_and_a_lost_one_frees_nothing(
     client: Any, tenant: Tenant, conns: list[asyncpg.Connection]
 ) -> None:
     first, second, watcher = conns
-    target_id = await _backlog(client, tenant, CAP)
     # Given a worker that claimed the whole cap and died (its leases lapse)
-    _, dead_workers = await claims.claim_batch(first, target_id, want=CAP, lease_s=60)
-    assert len(dead_workers) == CAP
+    target_id, dead_workers = await _hold_the_cap(client, tenant, first, CAP)
     for table in ("delivery_leases", "deliveries"):
         await watcher.execute(
             f"UPDATE {table} SET locked_until = now() - interval '1 second' WHERE target_id = $1",
@@ -134,8 +138,7 @@ async def test_the_sweeper_removes_only_leases_long_lapsed(
     client: Any, tenant: Tenant, conns: list[asyncpg.Connection]
 ) -> None:
     first, _, watcher = conns
-    target_id = await _backlog(client, tenant, CAP)
-    _, held = await claims.claim_batch(first, target_id, want=CAP, lease_s=60)
+    target_id, held = await _hold_the_cap(client, tenant, first, CAP)
     # Given one lease that lapsed long ago (its delivery was then ended by hand), one
     # that lapsed just now, and one that holds
     await watcher.execute(
