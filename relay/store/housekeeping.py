@@ -146,7 +146,12 @@ async def purge_lapsed_leases(conn: Queries, *, older_than_s: float = 60.0) -> i
         """
         WITH gone AS (
             DELETE FROM delivery_leases
-            WHERE locked_until < now() - make_interval(secs => $1::float8)
+            WHERE delivery_id IN (
+                -- passing over a row a claim is taking back (no lock-order deadlock)
+                SELECT delivery_id FROM delivery_leases
+                WHERE locked_until < now() - make_interval(secs => $1::float8)
+                FOR UPDATE SKIP LOCKED
+            )
             RETURNING 1
         ) SELECT count(*) FROM gone
         """,
