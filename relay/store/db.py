@@ -124,6 +124,12 @@ async def _init_connection(conn: Any) -> None:  # asyncpg.Connection
         await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+#: Every connection's transactions read committed, whatever the database's default:
+#: claims and records take a lock and then read, in a later statement, what the
+#: lock's previous holder committed (a snapshot per statement).
+SESSION = {"default_transaction_isolation": "read committed"}
+
+
 async def create_pool(
     dsn: str,
     *,
@@ -152,6 +158,7 @@ async def create_pool(
                 init=_init_connection,
                 connection_class=PooledConnection,
                 command_timeout=command_timeout,
+                server_settings=SESSION,
             )
             return pool
     raise AssertionError("unreachable")  # pragma: no cover
@@ -165,7 +172,10 @@ async def connect(
     application_name: str | None = None,
 ) -> Conn:
     """One connection, with the same retries and codecs as a pool."""
-    server_settings = {"application_name": application_name} if application_name else None
+    server_settings = {
+        **SESSION,
+        **({"application_name": application_name} if application_name else {}),
+    }
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT),
         wait=wait_exponential(multiplier=0.2, max=2.0),
