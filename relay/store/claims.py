@@ -470,6 +470,7 @@ async def record_batch(
             conn,
             sorted({(target_id, k) for d, k in ended_keys.items() if d in done}),
             grace_s=grace_s,
+            locked=True,  # each of them is in ``keys``, locked above
         )
         return recorded
 
@@ -593,7 +594,7 @@ async def end_past_window(
         await lock_keys(conn, keys)
         rows = await fetch_past_moves(conn, _END_PAST_WINDOW, [r["id"] for r in picked], window_s)
         ended_keys = sorted({(r["target_id"], r["order_key"]) for r in rows if r["order_key"]})
-        promoted = await promote_keys(conn, ended_keys, grace_s=grace_s)
+        promoted = await promote_keys(conn, ended_keys, grace_s=grace_s, locked=True)
     return [Ended(r["id"], r["target_id"], r["tenant_id"]) for r in rows], promoted
 
 

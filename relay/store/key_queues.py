@@ -72,16 +72,20 @@ async def lock_keys(conn: Conn, keys: Sequence[Key]) -> None:
         await conn.execute(_LOCK_KEYS, [t for t, _ in keys], [k for _, k in keys], ORDER_LOCK)
 
 
-async def promote_keys(conn: Conn, keys: Sequence[Key], *, grace_s: float) -> list[Replayed]:
+async def promote_keys(
+    conn: Conn, keys: Sequence[Key], *, grace_s: float, locked: bool = False
+) -> list[Replayed]:
     """Make the next delivery of each (target, key) due if nothing of its key is active.
 
     Call inside a transaction, after the change that may have ended a key's
     active delivery; the keys' locks (if not taken before) are held from here to
-    the commit.
+    the commit. ``locked``: the caller holds every one of them already (a round
+    trip fewer).
     """
     if not keys:
         return []
-    await lock_keys(conn, keys)
+    if not locked:
+        await lock_keys(conn, keys)
     rows = await conn.fetch(_PROMOTE, [t for t, _ in keys], [k for _, k in keys], grace_s)
     return [Replayed(r["id"], r["target_id"], r["tenant_id"]) for r in rows]
 
