@@ -181,9 +181,9 @@ RATE_MARK_S = 1.0
 #: Deliveries a drainer claims first, before it knows the target's own cap.
 FIRST_CLAIM = 10
 #: A body this large is signed on a thread of the engine's, not on the event loop:
-#: HMAC-SHA256 of a 900 KB body takes ~2 ms (it lets the GIL go), and a tenant
-#: sending such bodies to many targets held every other tenant's attempts back
-#: (issue 21: a quiet tenant's delivery p50 went from 7 ms to 140 ms).
+#: HMAC-SHA256 of a 900 KB body takes ~2 ms (it lets the GIL go), a quarter of the
+#: loop's time while a tenant sent such bodies to many targets (issue 21: another
+#: tenant's delivery p50 was 139-154 ms under that noise, 97-111 ms signed here).
 SIGN_ON_THREAD_BYTES = 64 * 1024
 #: Threads that sign large bodies, per worker process.
 SIGNING_THREADS = 2
