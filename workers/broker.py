@@ -57,6 +57,32 @@ def current_worker() -> Worker:
     return _running
 
 
+async def open_context(settings: Settings, broker: dramatiq.Broker) -> WorkerContext:
+    """A worker process's resources: pool, guarded HTTP client, Redis, enqueuer, secrets."""
+    client = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    return WorkerContext(
+        settings=settings,
+        pool=await create_pool(settings.database_url, min_size=1, max_size=POOL_SIZE),
+        egress=EgressClient(
+            timeout_s=settings.delivery_timeout_s,
+            allow_private=settings.allow_private_targets,
+            user_agent=f"Relay/{relay_version()} (+webhook relay)",
+            dns_timeout_s=settings.dns_timeout_s,
+        ),
+        redis=client,
+        limiter=RateLimiter(client),
+        enqueuer=Enqueuer(broker),
+        secrets=SecretBox(settings.secret_key),
+    )
+
+
+async def close_context(context: WorkerContext) -> None:
+    """Close what ``open_context`` opened (the engine closed first)."""
+    await context.egress.close()
+    await context.pool.close()
+    await context.redis.aclose()
+
+
 class WorkerResources(AsyncIO):
     """Dramatiq's AsyncIO middleware, plus the per-process resources on its event loop.
 
@@ -72,22 +98,7 @@ class WorkerResources(AsyncIO):
 
     async def _open(self, broker: dramatiq.Broker) -> None:
         global _running
-        settings = self.settings
-        client = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
-        context = WorkerContext(
-            settings=settings,
-            pool=await create_pool(settings.database_url, min_size=1, max_size=POOL_SIZE),
-            egress=EgressClient(
-                timeout_s=settings.delivery_timeout_s,
-                allow_private=settings.allow_private_targets,
-                user_agent=f"Relay/{relay_version()} (+webhook relay)",
-                dns_timeout_s=settings.dns_timeout_s,
-            ),
-            redis=client,
-            limiter=RateLimiter(client),
-            enqueuer=Enqueuer(broker),
-            secrets=SecretBox(settings.secret_key),
-        )
+        context = await open_context(self.settings, broker)
         self.worker = _running = Worker(context, Engine(context))
 
     async def _close(self) -> None:
@@ -98,9 +109,7 @@ class WorkerResources(AsyncIO):
         _running = None
         # attempts in flight end (at most one delivery timeout) and are recorded
         await worker.engine.close(timeout_s=self.settings.delivery_timeout_s + 5)
-        await worker.context.egress.close()
-        await worker.context.pool.close()
-        await worker.context.redis.aclose()
+        await close_context(worker.context)
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         """Start the event loop (uvloop's), then open the resources on it."""

@@ -19,45 +19,26 @@ from typing import Any
 import pytest
 
 from relay.core.config import Settings
-from relay.core.crypto import SecretBox
-from relay.core.ratelimit import RateLimiter
-from relay.delivery.egress import EgressClient
-from relay.delivery.wakeups import Enqueuer, make_broker
+from relay.delivery.wakeups import make_broker
 from relay.store import claims
-from relay.store.db import create_pool
 from tests.conftest import Tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
 from tests.stack import Receiver, eventually
-from workers.engine import Engine, WorkerContext
+from workers.broker import close_context, open_context
+from workers.engine import Engine
 
 
 @pytest.fixture
 async def engine(settings: Settings) -> AsyncIterator[Engine]:
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(settings.redis_url)
-    context = WorkerContext(
-        settings=settings,
-        pool=await create_pool(settings.database_url, min_size=1, max_size=4),
-        egress=EgressClient(
-            timeout_s=settings.delivery_timeout_s,
-            allow_private=True,
-            user_agent="Relay/test",
-            dns_timeout_s=settings.dns_timeout_s,
-        ),
-        redis=client,
-        limiter=RateLimiter(client),
-        enqueuer=Enqueuer(make_broker(settings.broker_url, middleware=[], fail_fast=True)),
-        secrets=SecretBox(settings.secret_key),
-    )
+    """The engine of a worker process, on its own resources, in this process."""
+    broker = make_broker(settings.broker_url, middleware=[], fail_fast=True)
+    context = await open_context(settings, broker)
     running = Engine(context)
     try:
         yield running
     finally:
         await running.close(timeout_s=5)
-        await context.egress.close()
-        await context.pool.close()
-        await client.aclose()
+        await close_context(context)
 
 
 async def test_a_wake_up_while_the_drainer_ends_is_not_lost(
