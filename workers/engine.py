@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 from tenacity import (
@@ -39,7 +39,7 @@ from tenacity import (
 )
 
 from relay.core.config import Settings
-from relay.core.crypto import SecretBox, open_headers
+from relay.core.crypto import SecretBox, new_id, open_headers
 from relay.core.metrics import (
     ATTEMPT_LATENCY,
     BREAKER_OPENED,
@@ -180,6 +180,27 @@ RATE_MARK_S = 1.0
 
 #: Deliveries a drainer claims first, before it knows the target's own cap.
 FIRST_CLAIM = 10
+#: A drainer kept out of its target's cap by other processes' drainers (a backlog
+#: they hold) claims again after this, doubling up to the longest wait.
+KEPT_OUT_WAIT_S = 0.005
+KEPT_OUT_MAX_WAIT_S = 0.1
+
+
+class _Round(NamedTuple):
+    """What a drainer's last claim found."""
+
+    #: the target as read (None: not read yet, or gone)
+    target: SendTarget | None
+    #: a further claim may find more
+    more: bool
+    #: due deliveries were left because other processes' drainers fill the cap
+    kept_out: bool
+    #: the claim keeps a share of the cap for this drainer (ended with the drainer)
+    sharing: bool
+    #: drainers of other processes sharing the cap
+    sharers: int
+
+
 #: A body this large is signed on a thread of the engine's, not on the event loop:
 #: HMAC-SHA256 of a 900 KB body takes ~2 ms (it lets the GIL go), a quarter of the
 #: loop's time while a tenant sent such bodies to many targets (issue 21: another
@@ -206,6 +227,8 @@ class Engine:
         self._rate_marked: dict[str, float] = {}
         self._closing = False
         self._signing = ThreadPoolExecutor(SIGNING_THREADS, thread_name_prefix="relay-sign")
+        #: this process's drainers, as they share targets' caps with other processes'
+        self.holder = new_id("drn")
 
     # --- waking ---------------------------------------------------------------
 
@@ -281,33 +304,46 @@ class Engine:
 
     async def _drain(self, target_id: str, tenant_id: str) -> None:
         in_flight: set[asyncio.Task[_Sent | Claimed]] = set()
-        target: SendTarget | None = None
-        more = True
+        claim = _Round(None, True, False, False, 0)
+        kept_out_wait = KEPT_OUT_WAIT_S
+        sharing = False
         try:
             while True:
                 self._rewake.discard(target_id)
-                if more and not self._closing:
+                if claim.more and not self._closing:
                     try:
-                        target, more = await self._claim_more(
-                            target_id, tenant_id, target, in_flight
-                        )
+                        claim = await self._claim_more(target_id, tenant_id, claim, in_flight)
+                        sharing = sharing or claim.sharing
                     except (*POSTGRES_DOWN, TimeoutError) as exc:
                         log.warning("claim of %s failed: %s", target_id, type(exc).__name__)
                         self.wake_later(target_id, tenant_id, 1.0)
-                        more = False
+                        claim = claim._replace(more=False, kept_out=False)
                 if not in_flight:
-                    if target_id in self._rewake and not self._closing:
-                        more = True
+                    if self._closing:
+                        break
+                    if target_id in self._rewake:
+                        claim = claim._replace(more=True)
+                        continue
+                    if claim.kept_out:
+                        # other processes' drainers hold the cap: their part of it
+                        # shrinks to make room for this one's (claims.claim_share)
+                        await asyncio.sleep(kept_out_wait)
+                        kept_out_wait = min(2 * kept_out_wait, KEPT_OUT_MAX_WAIT_S)
+                        claim = claim._replace(more=True)
                         continue
                     break
-                await self._record_some(target_id, tenant_id, target, in_flight)
-                more = True
+                kept_out_wait = KEPT_OUT_WAIT_S
+                await self._record_some(target_id, tenant_id, claim.target, in_flight)
+                claim = claim._replace(more=True)
         finally:
             if in_flight:  # only when the drainer itself is cancelled or fails
                 for task in in_flight:
                     task.cancel()
                 self.slots.release(tenant_id, len(in_flight))
                 ENGINE_IN_FLIGHT.dec(len(in_flight))
+        if sharing:
+            await self._end_share(target_id, tenant_id)
+        target = claim.target
         if target is not None and target.live and not self._closing:
             await self._time_next(target_id, tenant_id)
 
@@ -315,23 +351,23 @@ class Engine:
         self,
         target_id: str,
         tenant_id: str,
-        target: SendTarget | None,
+        last: _Round,
         in_flight: set[asyncio.Task[_Sent | Claimed]],
-    ) -> tuple[SendTarget | None, bool]:
-        """Claim and start what the target's cap, the slots and its rate limit allow.
-
-        Returns the target as read and whether a further claim may find more.
-        """
-        room = (target.max_in_flight if target is not None else FIRST_CLAIM) - len(in_flight)
+    ) -> _Round:
+        """Claim and start what the target's cap (this drainer's part of it), the slots
+        and its rate limit allow."""
+        target = last.target
+        cap = target.max_in_flight if target is not None else FIRST_CLAIM
+        room = claims.part_of_cap(cap, last.sharers) - len(in_flight)
         if room <= 0:
-            return target, False
+            return last._replace(more=False, kept_out=False)
         slots = (
             self.slots.try_acquire(tenant_id, room)
             if in_flight
             else await self.slots.acquire(tenant_id, room)
         )
         if slots == 0:
-            return target, False
+            return last._replace(more=False, kept_out=False)
         want = slots
         limit = target.rate_limit if target is not None else None
         if limit is not None:
@@ -343,19 +379,25 @@ class Engine:
                     await asyncio.sleep(min(wait_s, 1.0))
                     self._rewake.add(target_id)
                 DELIVERIES.labels("rate-limited").inc()
-                return target, False
+                return last._replace(more=False, kept_out=False)
         claimed_at = time.monotonic()
         try:
             async with self._connection(tenant_id) as conn:
-                fresh, rows = await claims.claim_batch(
-                    conn, target_id, want=want, lease_s=self.lease_s
+                share = await claims.claim_share(
+                    conn,
+                    target_id,
+                    want=want,
+                    lease_s=self.lease_s,
+                    holder=self.holder,
+                    holding=len(in_flight),
                 )
         except BaseException:
             self.slots.release(tenant_id, slots)
             raise
+        fresh, rows = share.target, share.rows
         if fresh is None:
             self.slots.release(tenant_id, slots)
-            return None, False
+            return _Round(None, False, False, share.sharing, 0)
         if fresh.rate_limit is not None and limit is None and rows:
             # the first claim learnt of the limit: give back what it does not admit
             taken, wait_s = await self.ctx.limiter.take(
@@ -376,7 +418,15 @@ class Engine:
                 )
                 in_flight.add(task)
             ENGINE_IN_FLIGHT.inc(len(rows))
-        return fresh, len(rows) == want
+        return _Round(fresh, len(rows) == want, share.kept_out, share.sharing, share.sharers)
+
+    async def _end_share(self, target_id: str, tenant_id: str) -> None:
+        """Give this drainer's part of the target's cap back to the other drainers."""
+        try:
+            async with self._connection(tenant_id) as conn:
+                await claims.end_share(conn, target_id, self.holder)
+        except (*POSTGRES_DOWN, TimeoutError):
+            pass  # it lapses (claims.SHARE_S)
 
     async def _mark_rate_limited(self, tenant_id: str, target_id: str, wait_s: float) -> None:
         """Let the API say that due deliveries wait for the rate limit (waiting_for).

@@ -128,8 +128,11 @@ WHERE t.id = $1
 # Set by the statement that takes the claim lock (a round trip fewer than SET LOCAL).
 _CLAIM_PLAN = "SELECT set_config('enable_sort', 'off', true), set_config('jit', 'off', true)"
 
+# The target, and how many other drainers share its cap ($3: this drainer, or NULL).
 _LOCKED_TARGET = (
-    "SELECT t.* FROM (SELECT pg_advisory_xact_lock($2, hashtext($1))) AS lock, ("
+    "SELECT t.*, (SELECT count(*) FROM drain_shares"
+    " WHERE target_id = $1 AND holder <> $3 AND until > now()) AS sharers"
+    " FROM (SELECT pg_advisory_xact_lock($2, hashtext($1))) AS lock, ("
     + _CLAIM_PLAN
     + ") AS plan, ("
     + _TARGET
@@ -168,8 +171,20 @@ WITH picked AS (
     INSERT INTO delivery_leases (delivery_id, target_id, locked_until)
     SELECT id, target_id, locked_until FROM claimed
     ON CONFLICT (delivery_id) DO UPDATE SET locked_until = excluded.locked_until
+), seen AS MATERIALIZED (
+    SELECT (SELECT count(*) FROM picked) AS due, (SELECT count(*) FROM allowed) AS taken
+), shared AS (
+    -- a backlog (as many due as asked for, or some kept out by the cap): drainer $5
+    -- shares the target's cap for $6 seconds more
+    INSERT INTO drain_shares (target_id, holder, until)
+    SELECT $1, $5, now() + make_interval(secs => $6::float8) FROM seen
+    WHERE $5::text IS NOT NULL AND seen.due > 0 AND (seen.due >= $2 OR seen.due > seen.taken)
+    ON CONFLICT (target_id, holder) DO UPDATE SET until = excluded.until
+    RETURNING 1
 )
-SELECT c.id, c.event_id, c.attempt_count, c.locked_until, c.order_key FROM claimed c
+SELECT seen.due > seen.taken AS kept_out, EXISTS (SELECT FROM shared) AS sharing,
+       c.id, c.event_id, c.attempt_count, c.locked_until, c.order_key
+FROM seen LEFT JOIN claimed c ON true
 ORDER BY c.id
 """
 
@@ -185,9 +200,46 @@ async def read_target(conn: Queries, target_id: str) -> SendTarget | None:
     return None if row is None else SendTarget.from_row(row)
 
 
+class Share(NamedTuple):
+    """What one claim took of a target's cap."""
+
+    #: the target as read (None: it does not exist)
+    target: SendTarget | None
+    rows: list[Claimed]
+    #: drainers in other worker processes that share the cap (as the claim saw)
+    sharers: int
+    #: due deliveries were left because other drainers' leases filled the cap
+    kept_out: bool
+    #: the claim keeps this drainer's share of the cap (a row in drain_shares)
+    sharing: bool
+
+
+#: A drainer that saw a backlog shares its target's cap this long after its last claim.
+SHARE_S = 5.0
+
+
+def part_of_cap(cap: int, sharers: int) -> int:
+    """A drainer's part of a cap that ``sharers`` other drainers share with it."""
+    return -(-cap // (1 + sharers))
+
+
 async def claim_batch(
     conn: Conn, target_id: str, *, want: int, lease_s: float
 ) -> tuple[SendTarget | None, list[Claimed]]:
+    """Claim up to ``want`` due deliveries of a target, within its cap and its breaker."""
+    share = await claim_share(conn, target_id, want=want, lease_s=lease_s)
+    return share.target, share.rows
+
+
+async def claim_share(
+    conn: Conn,
+    target_id: str,
+    *,
+    want: int,
+    lease_s: float,
+    holder: str | None = None,
+    holding: int = 0,
+) -> Share:
     """Claim up to ``want`` due deliveries of a target, within its cap and its breaker.
 
     The claims of one target are serialised (an advisory lock for the length of
@@ -196,18 +248,29 @@ async def claim_batch(
     attempts in flight. An open breaker claims nothing until its open period
     ends; then one probe is claimed and the breaker is half_open until it is
     recorded (or its lease lapses).
+
+    ``holder`` (a drainer, unique across processes) holding ``holding`` leases
+    of the target shares its cap with the other drainers that saw a backlog of
+    it: it takes no more than its part (the cap divided among them), so a
+    second worker process woken for a busy target gets room as the first one's
+    attempts end, instead of finding the cap always full.
     """
     async with conn.transaction():
         # the lock first, in this statement; the claim's own snapshot comes after it
-        row = await conn.fetchrow(_LOCKED_TARGET, target_id, _CLAIM_LOCK)
+        row = await conn.fetchrow(_LOCKED_TARGET, target_id, _CLAIM_LOCK, holder)
         if row is None:
-            return None, []
+            return Share(None, [], 0, False, False)
         target = SendTarget.from_row(row)
+        sharers = int(row["sharers"]) if holder is not None else 0
         if not target.live or target.cooling or want <= 0:
-            return target, []
+            return Share(target, [], sharers, False, False)
         probing = target.breaker != "closed"
         cap = 1 if probing else target.max_in_flight
-        rows = await conn.fetch(_CLAIM, target_id, min(want, cap), cap, lease_s)
+        ask = min(want, cap, part_of_cap(cap, sharers) - holding)
+        if ask <= 0:
+            return Share(target, [], sharers, False, False)
+        found = await conn.fetch(_CLAIM, target_id, ask, cap, lease_s, holder, SHARE_S)
+        rows = [r for r in found if r["id"] is not None]
         if rows and target.breaker == "open":
             await conn.execute(
                 "UPDATE target_health SET breaker = 'half_open', changed_at = now() "
@@ -221,11 +284,24 @@ async def claim_batch(
         events = sorted({r["event_id"] for r in rows})
         payloads = {r["id"]: r["payload"] for r in await conn.fetch(_PAYLOADS, events)}
     # (a delivery whose event is gone, which retention never leaves, is not attempted)
-    return target, [
-        Claimed.from_row({**r, "payload": payloads[r["event_id"]]})
-        for r in rows
-        if r["event_id"] in payloads
-    ]
+    return Share(
+        target,
+        [
+            Claimed.from_row({**r, "payload": payloads[r["event_id"]]})
+            for r in rows
+            if r["event_id"] in payloads
+        ],
+        sharers,
+        found[0]["kept_out"],
+        found[0]["sharing"],
+    )
+
+
+async def end_share(conn: Queries, target_id: str, holder: str) -> None:
+    """A drainer ends: the other drainers of the target have the cap without it."""
+    await conn.execute(
+        "DELETE FROM drain_shares WHERE target_id = $1 AND holder = $2", target_id, holder
+    )
 
 
 async def release_batch(

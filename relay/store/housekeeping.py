@@ -140,7 +140,8 @@ async def purge_lapsed_leases(conn: Queries, *, older_than_s: float = 60.0) -> i
     A lease is given back by its record (or release) in the statement that ends
     it. One whose worker died lapses: the claims' count ignores it at once, and
     its row goes when its delivery is claimed again; this removes the rest (a
-    delivery that died, was replayed or deleted meanwhile).
+    delivery that died, was replayed or deleted meanwhile), and the cap shares
+    (drain_shares) of drainers whose process died.
     """
     removed: int = await conn.fetchval(
         """
@@ -153,6 +154,9 @@ async def purge_lapsed_leases(conn: Queries, *, older_than_s: float = 60.0) -> i
                 FOR UPDATE SKIP LOCKED
             )
             RETURNING 1
+        ), shares_gone AS (
+            -- the cap shares left by drainers whose process died (migration 0015)
+            DELETE FROM drain_shares WHERE until < now() - make_interval(secs => $1::float8)
         ) SELECT count(*) FROM gone
         """,
         older_than_s,

@@ -99,6 +99,8 @@ async def pages_read(conn: asyncpg.Connection, target: str, want: int) -> tuple[
                 want,
                 CAP,
                 30.0,
+                "drainer",
+                claims.SHARE_S,
             )
         )
     finally:
@@ -133,7 +135,7 @@ async def test_a_record_reads_pages_for_what_it_records_not_for_the_backlog(
     transaction = conn.transaction()
     await transaction.start()
     try:
-        rows = await conn.fetch(claims._CLAIM, target, CAP, CAP, 30.0)
+        rows = await conn.fetch(claims._CLAIM, target, CAP, CAP, 30.0, None, claims.SHARE_S)
         assert len(rows) == CAP
         now = datetime.now(UTC)
         n = len(rows)

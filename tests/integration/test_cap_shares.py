@@ -1,0 +1,163 @@
+"""A busy target is drained by every worker process woken for it, within its cap.
+
+A target's claims are capped at ``max_in_flight`` leases across processes. The
+first process to drain a target with a backlog claimed the whole cap and kept
+it (it records and claims again at once); a second process woken for the same
+target found no room, ended its drainer and stayed idle. Seen in
+``durable_ratio.py``: one worker process at 68 % of a core, the other at 1 %.
+
+Two engines run in this process, each on its own pool and broker connection as a
+worker process has them, against real Postgres, Redis and a receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import web
+
+from relay.core.config import Settings
+from relay.delivery.wakeups import make_broker
+from relay.store import claims
+from tests.conftest import Tenant
+from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
+from tests.stack import Receiver, eventually
+from workers.broker import close_context, open_context
+from workers.engine import Engine
+
+CAP = 8
+EVENTS = 160
+#: how long the receiver takes to answer: the cap, not the engines, bounds the drain
+ANSWER_S = 0.02
+
+
+@pytest.fixture
+async def engines(settings: Settings) -> AsyncIterator[list[Engine]]:
+    """The engines of two worker processes, each on its own resources."""
+    opened = []
+    for _ in range(2):
+        broker = make_broker(settings.broker_url, middleware=[], fail_fast=True)
+        context = await open_context(settings, broker)
+        opened.append((Engine(context), context))
+    try:
+        yield [engine for engine, _ in opened]
+    finally:
+        for engine, context in opened:
+            await engine.close(timeout_s=5)
+            await close_context(context)
+
+
+def count_attempts(engine: Engine, name: str, sent: Counter[str]) -> None:
+    """Count the attempts ``engine`` starts, under ``name``."""
+    attempt = engine._attempt
+
+    async def counted(*args: Any) -> Any:
+        sent[name] += 1
+        return await attempt(*args)
+
+    engine._attempt = counted  # type: ignore[method-assign,assignment]
+
+
+async def test_a_second_worker_shares_a_busy_targets_cap(
+    client: Any,
+    tenant: Tenant,
+    engines: list[Engine],
+    receiver: Receiver,
+    database_url: str,
+) -> None:
+    answering = most = 0
+
+    async def slow(request: web.Request, count: int) -> web.StreamResponse:
+        nonlocal answering, most
+        answering += 1
+        most = max(most, answering)
+        try:
+            await asyncio.sleep(ANSWER_S)
+        finally:
+            answering -= 1
+        return web.Response(status=200)
+
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant, url=receiver.on("/busy", slow), max_in_flight=CAP)
+    batch = [{**SOFTLEDGER, "uuid": f"busy-{i}"} for i in range(EVENTS)]
+    assert (await post_token(client, source, batch)).status == 202
+    first, second = engines
+    sent: Counter[str] = Counter()
+    count_attempts(first, "first", sent)
+    count_attempts(second, "second", sent)
+
+    # Given one worker process draining the target's backlog, its whole cap in flight
+    first.wake(target["id"], tenant.id)
+
+    async def cap_taken() -> bool:
+        return len(receiver.at("/busy")) >= CAP
+
+    await eventually(cap_taken, timeout=10, every=0.005)
+    # When a second process is woken for the same target
+    second.wake(target["id"], tenant.id)
+
+    async def all_received() -> int:
+        return len({r.headers["webhook-id"] for r in receiver.at("/busy")}) >= EVENTS
+
+    await eventually(all_received, timeout=30)
+    # Then both send a fair part of what was left, and never more than the cap at once
+    assert sent["first"] + sent["second"] >= EVENTS
+    assert sent["second"] >= EVENTS // 4, sent
+    assert most <= CAP
+
+    # and once the backlog is gone, neither keeps a part of the cap
+    async def shares_ended() -> bool:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return bool(await conn.fetchval("SELECT count(*) FROM drain_shares") == 0)
+        finally:
+            await conn.close()
+
+    await eventually(shares_ended, timeout=5)
+
+
+async def test_a_drainer_takes_its_part_of_a_shared_cap(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant, max_in_flight=CAP)
+    batch = [{**SOFTLEDGER, "uuid": f"part-{i}"} for i in range(3 * CAP)]
+    assert (await post_token(client, source, batch)).status == 202
+    one, two = [await asyncpg.connect(database_url) for _ in range(2)]
+    try:
+        # the first drainer, alone, takes the whole cap and shares it from now on
+        alone = await claims.claim_share(
+            one, target["id"], want=CAP, lease_s=60, holder="one", holding=0
+        )
+        assert (len(alone.rows), alone.sharers, alone.sharing) == (CAP, 0, True)
+        # the second is kept out, and says it wants a part
+        kept = await claims.claim_share(
+            two, target["id"], want=CAP, lease_s=60, holder="two", holding=0
+        )
+        assert (kept.rows, kept.kept_out, kept.sharing, kept.sharers) == ([], True, True, 1)
+        # the first, once its attempts are recorded, claims only its half
+        await claims.release_batch(one, alone.rows, delay_s=0, carried_for_s=None)
+        half = await claims.claim_share(
+            one, target["id"], want=CAP, lease_s=60, holder="one", holding=0
+        )
+        assert (len(half.rows), half.sharers) == (CAP // 2, 1)
+        # and the second gets the other half
+        other = await claims.claim_share(
+            two, target["id"], want=CAP, lease_s=60, holder="two", holding=0
+        )
+        assert len(other.rows) == CAP // 2
+        # a drainer that ends gives its part back at once
+        await claims.end_share(two, target["id"], "two")
+        await claims.release_batch(one, half.rows, delay_s=0, carried_for_s=None)
+        whole = await claims.claim_share(
+            one, target["id"], want=CAP, lease_s=60, holder="one", holding=0
+        )
+        assert (len(whole.rows), whole.sharers) == (CAP - CAP // 2, 0)
+    finally:
+        await one.close()
+        await two.close()
