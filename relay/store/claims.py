@@ -118,75 +118,9 @@ FROM targets t LEFT JOIN target_health h ON h.target_id = t.id
 WHERE t.id = $1
 """
 
-# For the claim's transaction: the due rows are read in the due index's order, never
-# gathered and sorted. Statistics taken while the queue was empty (a quiet install,
-# a partition just analyzed) make the planner expect one due row, and it read every
-# pending delivery of the target through another index to sort them (2,180 pages at
-# a backlog of 40,000, test_claim_cost); only the due index gives the order unsorted.
-# A disabled sort adds its penalty to the plan's cost, past jit_above_cost: without
-# jit off, every claim was compiled (130 ms a claim; the drain fell to 355/s).
-# Set by the statement that takes the claim lock (a round trip fewer than SET LOCAL).
-_CLAIM_PLAN = "SELECT set_config('enable_sort', 'off', true), set_config('jit', 'off', true)"
-
-# The target, and how many other drainers share its cap ($3: this drainer, or NULL).
-_LOCKED_TARGET = (
-    "SELECT t.*, (SELECT count(*) FROM drain_shares"
-    " WHERE target_id = $1 AND holder <> $3 AND until > now()) AS sharers"
-    " FROM (SELECT pg_advisory_xact_lock($2, hashtext($1))) AS lock, ("
-    + _CLAIM_PLAN
-    + ") AS plan, ("
-    + _TARGET
-    + ") AS t"
-)
-
-# Up to $2 due deliveries of target $1, never more than $3 leased at once in all.
-# The LIMIT the planner sees is the plain $2 (a computed one made it expect hundreds
-# of rows and scan whole tables once statistics existed); the cap trims after it.
-# Leased rows come first in the due index (they are due): SKIP LOCKED and the lease
-# filter pass over at most the cap of them. The leases held are counted in
-# delivery_leases (migration 0014), where the claim writes them: the delivery's
-# own update changes no indexed column, so it is HOT (no index entry written). The
-# rows picked (and locked) are updated by their ctid: joined by id, a planner that
-# believed the partition empty drove the join from an index of every pending
-# delivery.
-_CLAIM = """
-WITH picked AS (
-    SELECT id, next_attempt_at, ctid FROM deliveries_open
-    WHERE target_id = $1 AND status IN ('pending', 'retrying') AND next_attempt_at <= now()
-      AND (locked_until IS NULL OR locked_until < now())
-    ORDER BY next_attempt_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-), allowed AS MATERIALIZED (
-    SELECT ctid FROM picked ORDER BY next_attempt_at
-    LIMIT greatest(0, $3::int - (
-        SELECT count(*) FROM delivery_leases WHERE target_id = $1 AND locked_until > now()
-    )::int)
-), claimed AS (
-    UPDATE deliveries_open d
-    SET locked_until = now() + make_interval(secs => $4::float8), updated_at = now()
-    WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM allowed))
-    RETURNING d.id, d.target_id, d.event_id, d.attempt_count, d.locked_until, d.order_key
-), leased AS (
-    INSERT INTO delivery_leases (delivery_id, target_id, locked_until)
-    SELECT id, target_id, locked_until FROM claimed
-    ON CONFLICT (delivery_id) DO UPDATE SET locked_until = excluded.locked_until
-), seen AS MATERIALIZED (
-    SELECT (SELECT count(*) FROM picked) AS due, (SELECT count(*) FROM allowed) AS taken
-), shared AS (
-    -- a backlog (as many due as asked for, or some kept out by the cap): drainer $5
-    -- shares the target's cap for $6 seconds more
-    INSERT INTO drain_shares (target_id, holder, until)
-    SELECT $1, $5, now() + make_interval(secs => $6::float8) FROM seen
-    WHERE $5::text IS NOT NULL AND seen.due > 0 AND (seen.due >= $2 OR seen.due > seen.taken)
-    ON CONFLICT (target_id, holder) DO UPDATE SET until = excluded.until
-    RETURNING 1
-)
-SELECT seen.due > seen.taken AS kept_out, EXISTS (SELECT FROM shared) AS sharing,
-       c.id, c.event_id, c.attempt_count, c.locked_until, c.order_key
-FROM seen LEFT JOIN claimed c ON true
-ORDER BY c.id
-"""
+# One call claims (migration 0016: the lock, the target read after it, the claim,
+# the cap's share among drainers): see relay_claim() there.
+_CLAIM = "SELECT * FROM relay_claim($1, $2, $3, $4, $5, $6, $7)"
 
 
 # The claimed deliveries' payloads: read by the events' ids, given as values, so that
@@ -242,12 +176,12 @@ async def claim_share(
 ) -> Share:
     """Claim up to ``want`` due deliveries of a target, within its cap and its breaker.
 
-    The claims of one target are serialised (an advisory lock for the length of
-    one short transaction), so the count of leases and the new ones agree across
-    every worker process: the target never has more than ``max_in_flight``
-    attempts in flight. An open breaker claims nothing until its open period
-    ends; then one probe is claimed and the breaker is half_open until it is
-    recorded (or its lease lapses).
+    One call (relay_claim, migration 0016). The claims of one target are
+    serialised (an advisory lock for the length of that call's transaction), so
+    the count of leases and the new ones agree across every worker process: the
+    target never has more than ``max_in_flight`` attempts in flight. An open
+    breaker claims nothing until its open period ends; then one probe is claimed
+    and the breaker is half_open until it is recorded (or its lease lapses).
 
     ``holder`` (a drainer, unique across processes) holding ``holding`` leases
     of the target shares its cap with the other drainers that saw a backlog of
@@ -255,28 +189,23 @@ async def claim_share(
     second worker process woken for a busy target gets room as the first one's
     attempts end, instead of finding the cap always full.
     """
-    async with conn.transaction():
-        # the lock first, in this statement; the claim's own snapshot comes after it
-        row = await conn.fetchrow(_LOCKED_TARGET, target_id, _CLAIM_LOCK, holder)
-        if row is None:
-            return Share(None, [], 0, False, False)
-        target = SendTarget.from_row(row)
-        sharers = int(row["sharers"]) if holder is not None else 0
-        if not target.live or target.cooling or want <= 0:
-            return Share(target, [], sharers, False, False)
-        probing = target.breaker != "closed"
-        cap = 1 if probing else target.max_in_flight
-        ask = min(want, cap, part_of_cap(cap, sharers) - holding)
-        if ask <= 0:
-            return Share(target, [], sharers, False, False)
-        found = await conn.fetch(_CLAIM, target_id, ask, cap, lease_s, holder, SHARE_S)
-        rows = [r for r in found if r["id"] is not None]
-        if rows and target.breaker == "open":
-            await conn.execute(
-                "UPDATE target_health SET breaker = 'half_open', changed_at = now() "
-                "WHERE target_id = $1",
-                target_id,
-            )
+    row = await conn.fetchrow(
+        _CLAIM, target_id, _CLAIM_LOCK, want, lease_s, holder, holding, SHARE_S
+    )
+    if row is None:
+        return Share(None, [], 0, False, False)
+    target = SendTarget.from_row(row)
+    rows = [
+        {"id": i, "event_id": e, "attempt_count": n, "locked_until": lease, "order_key": key}
+        for i, e, n, lease, key in zip(
+            row["claimed"],
+            row["event_ids"],
+            row["attempt_counts"],
+            row["leases"],
+            row["order_keys"],
+            strict=True,
+        )
+    ]
     # read once the claim lock is given back: the leases keep the events (retention
     # never deletes the event of a delivery still to be sent; nothing changes a payload)
     payloads = {}
@@ -291,9 +220,9 @@ async def claim_share(
             for r in rows
             if r["event_id"] in payloads
         ],
-        sharers,
-        found[0]["kept_out"],
-        found[0]["sharing"],
+        row["sharers"],
+        row["kept_out"],
+        row["sharing"],
     )
 
 
