@@ -16,14 +16,15 @@
 
 CREATE FUNCTION relay_claim(
     p_target text, p_lock int, p_want int, p_lease_s float8,
-    p_holder text, p_holding int, p_share_s float8
+    p_holder text, p_holding int, p_share_s float8, p_min_part int
 ) RETURNS TABLE (
     id text, tenant_id text, url text, headers_enc bytea, secret_enc bytea,
     previous_secret_enc bytea, secret_rotated_at timestamptz, rate_limit int,
     max_in_flight int, live bool, failing bool, breaker text,
     consecutive_failures int, cooling bool, open_until timestamptz, on_dead text,
-    -- drainers of other processes sharing the cap; due deliveries left because
-    -- the cap was full; whether this drainer keeps a share (drain_shares)
+    -- drainers of other processes sharing the cap (as many as leave each a part
+    -- of p_min_part or more); due deliveries left because the cap was full and
+    -- this drainer may have a part; whether it keeps a share (drain_shares)
     sharers int, kept_out bool, sharing bool,
     -- the claimed deliveries, in id order
     claimed text[], event_ids text[], attempt_counts int[], leases timestamptz[],
@@ -44,6 +45,7 @@ DECLARE
     v_ask int;
     v_due int;
     v_taken int;
+    v_shared bool;
 BEGIN
     PERFORM pg_advisory_xact_lock(p_lock, hashtext(p_target));
     -- read with a snapshot taken once the lock is held
@@ -78,6 +80,11 @@ BEGIN
     END IF;
     -- an open or half-open breaker lets one probe through
     v_cap := CASE WHEN breaker <> 'closed' THEN 1 ELSE max_in_flight END;
+    -- A cap is shared only in parts of p_min_part or more: smaller parts would cost
+    -- each drainer a claim and a record per handful of deliveries, and a cap that
+    -- small keeps one process busy for a fraction of its time.
+    v_shared := v_cap >= 2 * p_min_part;
+    sharers := least(sharers, greatest(v_cap / p_min_part - 1, 0));
     -- this drainer's part of the cap: the cap divided among the drainers sharing it
     v_ask := least(p_want, v_cap, (v_cap + sharers) / (1 + sharers) - p_holding);
     IF v_ask <= 0 THEN
@@ -126,10 +133,11 @@ BEGIN
            coalesce(array_agg(k.order_key ORDER BY k.id), '{}')
     INTO v_due, v_taken, claimed, event_ids, attempt_counts, leases, order_keys
     FROM took k;
-    kept_out := v_due > v_taken;
+    kept_out := v_shared AND v_due > v_taken;
     -- a backlog (as many due as asked for, or some kept out by the cap): this
     -- drainer shares the target's cap for p_share_s seconds more
-    IF p_holder IS NOT NULL AND v_due > 0 AND (v_due >= v_ask OR v_due > v_taken) THEN
+    IF p_holder IS NOT NULL AND v_shared AND v_due > 0
+       AND (v_due >= v_ask OR v_due > v_taken) THEN
         INSERT INTO drain_shares AS s (target_id, holder, until)
         VALUES (p_target, p_holder, now() + make_interval(secs => p_share_s))
         ON CONFLICT (target_id, holder) DO UPDATE SET until = excluded.until;

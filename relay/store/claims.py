@@ -120,7 +120,7 @@ WHERE t.id = $1
 
 # One call claims (migration 0016: the lock, the target read after it, the claim,
 # the cap's share among drainers): see relay_claim() there.
-_CLAIM = "SELECT * FROM relay_claim($1, $2, $3, $4, $5, $6, $7)"
+_CLAIM = "SELECT * FROM relay_claim($1, $2, $3, $4, $5, $6, $7, $8)"
 
 
 # The claimed deliveries' payloads: read by the events' ids, given as values, so that
@@ -150,6 +150,9 @@ class Share(NamedTuple):
 
 #: A drainer that saw a backlog shares its target's cap this long after its last claim.
 SHARE_S = 5.0
+#: A cap is shared only in parts of this many or more (a cap under twice this stays
+#: with one drainer): a smaller part costs a claim and a record per few deliveries.
+SHARE_MIN_PART = 16
 
 
 def part_of_cap(cap: int, sharers: int) -> int:
@@ -185,12 +188,13 @@ async def claim_share(
 
     ``holder`` (a drainer, unique across processes) holding ``holding`` leases
     of the target shares its cap with the other drainers that saw a backlog of
-    it: it takes no more than its part (the cap divided among them), so a
-    second worker process woken for a busy target gets room as the first one's
-    attempts end, instead of finding the cap always full.
+    it: it takes no more than its part (the cap divided among them, in parts of
+    ``SHARE_MIN_PART`` or more), so a second worker process woken for a busy
+    target gets room as the first one's attempts end, instead of finding the
+    cap always full.
     """
     row = await conn.fetchrow(
-        _CLAIM, target_id, _CLAIM_LOCK, want, lease_s, holder, holding, SHARE_S
+        _CLAIM, target_id, _CLAIM_LOCK, want, lease_s, holder, holding, SHARE_S, SHARE_MIN_PART
     )
     if row is None:
         return Share(None, [], 0, False, False)

@@ -30,8 +30,9 @@ from tests.stack import Receiver, eventually
 from workers.broker import close_context, open_context
 from workers.engine import Engine
 
-CAP = 8
-EVENTS = 160
+#: the smallest cap that is shared (in two parts of claims.SHARE_MIN_PART)
+CAP = 2 * claims.SHARE_MIN_PART
+EVENTS = 20 * CAP
 #: how long the receiver takes to answer: the cap, not the engines, bounds the drain
 ANSWER_S = 0.02
 
@@ -114,7 +115,8 @@ async def test_a_second_worker_shares_a_busy_targets_cap(
     async def shares_ended() -> bool:
         conn = await asyncpg.connect(database_url)
         try:
-            return bool(await conn.fetchval("SELECT count(*) FROM drain_shares") == 0)
+            shares = "SELECT count(*) FROM drain_shares WHERE target_id = $1"
+            return bool(await conn.fetchval(shares, target["id"]) == 0)
         finally:
             await conn.close()
 
@@ -151,13 +153,46 @@ async def test_a_drainer_takes_its_part_of_a_shared_cap(
             two, target["id"], want=CAP, lease_s=60, holder="two", holding=0
         )
         assert len(other.rows) == CAP // 2
-        # a drainer that ends gives its part back at once
+        # a drainer that ends gives its part back at once (the half it holds is
+        # the other half's, so it claims no more than the whole)
         await claims.end_share(two, target["id"], "two")
         await claims.release_batch(one, half.rows, delay_s=0, carried_for_s=None)
         whole = await claims.claim_share(
             one, target["id"], want=CAP, lease_s=60, holder="one", holding=0
         )
         assert (len(whole.rows), whole.sharers) == (CAP - CAP // 2, 0)
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_a_cap_too_small_to_split_stays_with_one_drainer(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    # parts of fewer than SHARE_MIN_PART would each cost a claim and a record per
+    # handful of deliveries: a second drainer is not kept waiting for one, it ends
+    cap = 2 * claims.SHARE_MIN_PART - 1
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant, max_in_flight=cap)
+    batch = [{**SOFTLEDGER, "uuid": f"small-{i}"} for i in range(3 * cap)]
+    assert (await post_token(client, source, batch)).status == 202
+    one, two = [await asyncpg.connect(database_url) for _ in range(2)]
+    try:
+        alone = await claims.claim_share(
+            one, target["id"], want=cap, lease_s=60, holder="one", holding=0
+        )
+        assert (len(alone.rows), alone.sharing) == (cap, False)
+        kept = await claims.claim_share(
+            two, target["id"], want=cap, lease_s=60, holder="two", holding=0
+        )
+        assert (kept.rows, kept.kept_out, kept.sharing) == ([], False, False)
+        await claims.release_batch(one, alone.rows, delay_s=0, carried_for_s=None)
+        again = await claims.claim_share(
+            one, target["id"], want=cap, lease_s=60, holder="one", holding=0
+        )
+        assert (len(again.rows), again.sharers) == (cap, 0)
+        shares = "SELECT count(*) FROM drain_shares WHERE target_id = $1"
+        assert await one.fetchval(shares, target["id"]) == 0
     finally:
         await one.close()
         await two.close()

@@ -103,7 +103,7 @@ async def pages_read(conn: asyncpg.Connection, target: str, want: int) -> tuple[
             target,
         )
         warm = await conn.fetchrow(
-            claims._CLAIM, target + "_warm", claims._CLAIM_LOCK, want, 30.0, "warm", 0, 0.0
+            claims._CLAIM, target + "_warm", claims._CLAIM_LOCK, want, 30.0, "warm", 0, 0.0, 1
         )
         assert warm["claimed"] == []  # its statements planned, on a target with nothing due
         [plan] = json.loads(
@@ -116,6 +116,7 @@ async def pages_read(conn: asyncpg.Connection, target: str, want: int) -> tuple[
                 "drainer",
                 0,
                 claims.SHARE_S,
+                claims.SHARE_MIN_PART,
             )
         )
         claimed = await conn.fetchval(
@@ -156,7 +157,7 @@ async def test_a_record_reads_pages_for_what_it_records_not_for_the_backlog(
     try:
         # (the backlog's deliveries have no events: the call's own answer names them)
         claim = await conn.fetchrow(
-            claims._CLAIM, target, claims._CLAIM_LOCK, CAP, 30.0, None, 0, claims.SHARE_S
+            claims._CLAIM, target, claims._CLAIM_LOCK, CAP, 30.0, None, 0, 0.0, 1
         )
         assert len(claim["claimed"]) == CAP
         now = datetime.now(UTC)
