@@ -23,7 +23,7 @@ from aiohttp import web
 
 from relay.core.config import Settings
 from relay.delivery.wakeups import make_broker
-from relay.store import claims
+from relay.store import claims, housekeeping
 from tests.conftest import Tenant
 from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
 from tests.stack import Receiver, eventually
@@ -123,13 +123,19 @@ async def test_a_second_worker_shares_a_busy_targets_cap(
     await eventually(shares_ended, timeout=5)
 
 
+async def backlogged_target(client: Any, tenant: Tenant, cap: int) -> dict[str, Any]:
+    """A target with a cap of ``cap`` and three times that many deliveries due."""
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant, max_in_flight=cap)
+    batch = [{**SOFTLEDGER, "uuid": f"due-{i}"} for i in range(3 * cap)]
+    assert (await post_token(client, source, batch)).status == 202
+    return target
+
+
 async def test_a_drainer_takes_its_part_of_a_shared_cap(
     client: Any, tenant: Tenant, database_url: str
 ) -> None:
-    source = await make_source(client, tenant)
-    target = await make_target(client, tenant, max_in_flight=CAP)
-    batch = [{**SOFTLEDGER, "uuid": f"part-{i}"} for i in range(3 * CAP)]
-    assert (await post_token(client, source, batch)).status == 202
+    target = await backlogged_target(client, tenant, CAP)
     one, two = [await asyncpg.connect(database_url) for _ in range(2)]
     try:
         # the first drainer, alone, takes the whole cap and shares it from now on
@@ -172,10 +178,7 @@ async def test_a_cap_too_small_to_split_stays_with_one_drainer(
     # parts of fewer than SHARE_MIN_PART would each cost a claim and a record per
     # handful of deliveries: a second drainer is not kept waiting for one, it ends
     cap = 2 * claims.SHARE_MIN_PART - 1
-    source = await make_source(client, tenant)
-    target = await make_target(client, tenant, max_in_flight=cap)
-    batch = [{**SOFTLEDGER, "uuid": f"small-{i}"} for i in range(3 * cap)]
-    assert (await post_token(client, source, batch)).status == 202
+    target = await backlogged_target(client, tenant, cap)
     one, two = [await asyncpg.connect(database_url) for _ in range(2)]
     try:
         alone = await claims.claim_share(
@@ -196,3 +199,25 @@ async def test_a_cap_too_small_to_split_stays_with_one_drainer(
     finally:
         await one.close()
         await two.close()
+
+
+async def test_the_sweeper_removes_the_shares_of_dead_processes(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    target = await backlogged_target(client, tenant, CAP)
+    conn = await asyncpg.connect(database_url)
+    try:
+        # Given a share left by a process that died two minutes ago, and a live one
+        await conn.execute(
+            "INSERT INTO drain_shares (target_id, holder, until) VALUES"
+            " ($1, 'dead', now() - interval '2 minutes'), ($1, 'alive', now() + interval '5 s')",
+            target["id"],
+        )
+        # When the sweeper's housekeeping purges what lapsed
+        await housekeeping.purge_lapsed_leases(conn)
+        # Then only the live process's share is left
+        shares = "SELECT holder FROM drain_shares WHERE target_id = $1"
+        left = await conn.fetch(shares, target["id"])
+        assert [r["holder"] for r in left] == ["alive"]
+    finally:
+        await conn.close()
