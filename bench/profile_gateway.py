@@ -227,6 +227,7 @@ def main() -> None:
     parser.add_argument("--max-in-flight", type=int, default=32, help="each target's (32)")
     parser.add_argument("--out", default=tempfile.mkdtemp(prefix="relay-profile-"))
     args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     database = f"bench_profile_{os.getpid()}"
     subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "root", database], check=True)
     redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")

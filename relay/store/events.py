@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+
 from relay.core import offload
 from relay.core.crypto import new_id, new_ids
 from relay.ingest.parse import ParsedEvent
@@ -22,41 +24,13 @@ from relay.store.sql import (
     keyset_page,
 )
 
-# Read your writes: a request's events are inserted only if its tenant's
-# config_version is still the one its source and routes were read at ($11/$12: each
-# (tenant, version) of the group, -1 for "not checked"; $13: each event's version).
-# The pairs that passed come back with the inserted ids, in one round trip.
-# De-duplication: an event whose uuid its source already has (stored, or earlier
-# in this statement) is not inserted. events is partitioned by id, so no unique
-# index can say it: the uuids' locks (_LOCK_UUIDS), taken before this statement,
-# make the check and the insert one step for each (source, uuid).
-_INSERT_EVENTS = """
-WITH fresh AS MATERIALIZED (
-    SELECT v.tenant_id, v.version FROM unnest($11::text[], $12::int8[]) AS v(tenant_id, version)
-    JOIN tenants t ON t.id = v.tenant_id
-    WHERE v.version = -1 OR t.config_version = v.version
-), incoming AS (
-    SELECT e.*, row_number() OVER (PARTITION BY e.source_id, e.uuid ORDER BY e.n) AS nth
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                $7::text[], $8::text[], $9::text[], $10::bytea[], $13::int8[]) WITH ORDINALITY
-         AS e(id, tenant_id, source_id, uuid, date, object_type, action, object_id, tenant_ref,
-              payload, version, n)
-    WHERE (e.tenant_id, e.version) IN (SELECT tenant_id, version FROM fresh)
-), inserted AS (
-    INSERT INTO events (id, tenant_id, source_id, upstream_uuid, upstream_date, object_type,
-                        action, object_id, upstream_tenant_id, payload)
-    SELECT e.id, e.tenant_id, e.source_id, e.uuid, e.date, e.object_type, e.action,
-           e.object_id, e.tenant_ref, e.payload
-    FROM incoming e
-    WHERE e.uuid IS NULL OR (e.nth = 1 AND NOT EXISTS (
-        SELECT 1 FROM events x WHERE x.source_id = e.source_id AND x.upstream_uuid = e.uuid
-    ))
-    RETURNING id
-)
-SELECT id, NULL AS fresh_tenant, NULL::int8 AS fresh_version FROM inserted
-UNION ALL
-SELECT NULL, tenant_id, version FROM fresh
-"""
+# A group's events and its deliveries to unordered targets are stored by one call
+# (migration 0017, relay_ingest()): the uuids' locks, the events' insert (a request's
+# events only if its tenant's config_version is still the one its routes were read
+# at; an event only if its source has no event of its uuid), the events already
+# stored for the uuids not inserted, the deliveries of the events inserted. Alone,
+# the call is its own transaction: one round trip.
+_INGEST = "SELECT * FROM relay_ingest(" + ", ".join(f"${n}" for n in range(1, 22)) + ")"
 
 #: First key of the advisory locks of (source, uuid) buckets ("uid").
 UUID_LOCK = 0x756964
@@ -65,35 +39,10 @@ UUID_LOCK = 0x756964
 #: k * k / UUID_LOCK_BUCKETS (16 serialised a busy source's commits: test_dedup_locks).
 UUID_LOCK_BUCKETS = 256
 
-# The locks of the (source, uuid bucket)s of a group's events, in one order
-# everywhere (sorted), held to the commit; taken before any key lock.
-_LOCK_UUIDS = f"""
-SELECT count(pg_advisory_xact_lock($3, k.h)) FROM (
-    SELECT DISTINCT hashtext(w.source_id || '/' || (hashtext(w.uuid) & {UUID_LOCK_BUCKETS - 1}))
-           AS h
-    FROM unnest($1::text[], $2::text[]) AS w(source_id, uuid) ORDER BY 1
-) k
-"""
-
-_EXISTING = """
-SELECT e.source_id, e.upstream_uuid, e.id
-FROM events e JOIN unnest($1::text[], $2::text[]) AS w(source_id, uuid)
-  ON e.source_id = w.source_id AND e.upstream_uuid = w.uuid
-"""
-
-# Joined with targets so that a delivery is created only for a target that is
-# enabled and live at this instant, whatever the gateway's cache believed.
-_INSERT_DELIVERIES = """
-INSERT INTO deliveries (id, tenant_id, event_id, target_id, next_attempt_at, enqueued_until)
-SELECT d.id, d.tenant_id, d.event_id, d.target_id, now() + make_interval(secs => $6::float8),
-       now() + make_interval(secs => $6::float8 + $5::float8)
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-     AS d(id, tenant_id, event_id, target_id)
-JOIN targets t ON t.id = d.target_id
-WHERE t.tenant_id = d.tenant_id AND t.enabled AND t.deleted_at IS NULL
-RETURNING id, target_id
-"""
-
+#: The locks of the (source, uuid bucket)s of events ($1 sources, $2 uuids), in one
+#: order everywhere, held to the commit; taken before any key lock (relay_ingest
+#: takes them first).
+LOCK_UUIDS = f"SELECT relay_lock_uuids($1, $2, $3, {UUID_LOCK_BUCKETS})"
 
 # The deliveries of ordered targets (order_key set): their keys' advisory locks
 # are taken first, in one order everywhere (so no deadlock), and held to commit;
@@ -103,10 +52,12 @@ SELECT nextval('deliveries_order_pos_seq') AS pos FROM generate_series(1, $3::in
 WHERE {key_locks("$1", "$2", "$4")} >= 0
 """
 
-# A delivery of a key waits (parked: no next_attempt_at) behind any undelivered
-# one of its key, earlier in this statement or already stored (dead ones too
-# when the target blocks on a dead letter).
-_INSERT_ORDERED_DELIVERIES = f"""
+# Joined with targets so that a delivery is created only for a target that is
+# enabled and live at this instant, whatever the caller's cache believed. A
+# delivery of a key waits (parked: no next_attempt_at) behind any undelivered one
+# of its key, earlier in this statement or already stored (dead ones too when the
+# target blocks on a dead letter).
+_INSERT_DELIVERIES = f"""
 INSERT INTO deliveries (id, tenant_id, event_id, target_id, next_attempt_at, enqueued_until,
                         order_key, order_pos)
 SELECT w.id, w.tenant_id, w.event_id, w.target_id,
@@ -294,9 +245,9 @@ async def record_event_groups(
 
     A uuid seen before, in an earlier transaction, an earlier request of the
     group or earlier in the body, maps to the event first stored for it. A
-    failure once the COMMIT was sent raises :class:`MaybeCommitted` from it: the
-    events may be stored, so they must not be written again. Any other failure
-    leaves nothing written.
+    failure once the COMMIT (or the one call that is its own transaction) was
+    sent raises :class:`MaybeCommitted` from it: the events may be stored, so
+    they must not be written again. Any other failure leaves nothing written.
     """
     planned = sum(len(r.events) * max(1, len(r.routes)) for r in requests)
     prepared = (
@@ -304,45 +255,73 @@ async def record_event_groups(
     )
     plans = prepared.plans
     pairs = sorted({(p.request.tenant_id, _version(p.request)) for p in plans})
-    sources, upstream = prepared.event_columns[2], prepared.event_columns[3]
-    uuids = sorted({(s, u) for s, u in zip(sources, upstream, strict=True) if u is not None})
-    committing = False
-    try:
-        async with conn.transaction():
-            if uuids:
-                await conn.execute(_LOCK_UUIDS, *_columns(uuids, 2), UUID_LOCK)
-            rows = await conn.fetch(
-                _INSERT_EVENTS,
-                *prepared.event_columns,
-                [t for t, _ in pairs],
-                [v for _, v in pairs],
-                [_version(p.request) for p in plans for _ in p.fresh],
-            )
-            inserted = {r["id"] for r in rows if r["id"] is not None}
-            fresh = {(r["fresh_tenant"], r["fresh_version"]) for r in rows if r["id"] is None}
-            plans = [p for p in plans if (p.request.tenant_id, _version(p.request)) in fresh]
-            lost = [
-                (p.request.source_id, e.uuid)
-                for p in plans
-                for i, e in p.fresh
-                if i not in inserted and e.uuid is not None
-            ]
-            existing: dict[tuple[str, str], str] = {}
-            if lost:
-                rows = await conn.fetch(_EXISTING, *_columns(lost, 2))
-                existing = {(r["source_id"], r["upstream_uuid"]): r["id"] for r in rows}
-            delivery_rows = [row for p in plans for row in p.deliveries if row[2] in inserted]
-            created = await _insert_deliveries(
-                conn, delivery_rows, enqueue_grace_s=enqueue_grace_s, first_delay_s=first_delay_s
-            )
-            committing = True  # leaving the block sends the COMMIT
-        answered = _results(plans, inserted, existing, delivery_rows, created)
-        # a request routed by a stale read stored nothing: it is read and routed again
-        return [answered.get(id(r), STALE) for r in requests]
-    except Exception as exc:
-        if committing:
-            raise MaybeCommitted(f"{type(exc).__name__} once the COMMIT was sent") from exc
-        raise
+    unordered = [row[:4] for p in plans for row in p.deliveries if row[4] is None]
+    ordered = [row for p in plans for row in p.deliveries if row[4] is not None]
+    args = (
+        *prepared.event_columns,
+        [_version(p.request) for p in plans for _ in p.fresh],
+        [t for t, _ in pairs],
+        [v for _, v in pairs],
+        UUID_LOCK,
+        UUID_LOCK_BUCKETS,
+        *_columns(unordered, 4),
+        enqueue_grace_s,
+        first_delay_s,
+    )
+    if ordered:
+        # the ordered deliveries' keys are locked after the uuids: one transaction
+        committing = False
+        try:
+            async with conn.transaction():
+                stored = await _ingest(conn, args)
+                inserted = set(stored["inserted"])
+                created = await _insert_deliveries(
+                    conn,
+                    [row for row in ordered if row[2] in inserted],
+                    enqueue_grace_s=enqueue_grace_s,
+                    first_delay_s=first_delay_s,
+                )
+                committing = True  # leaving the block sends the COMMIT
+        except Exception as exc:
+            if committing:
+                raise MaybeCommitted(f"{type(exc).__name__} once the COMMIT was sent") from exc
+            raise
+    else:
+        # one statement, its own transaction
+        try:
+            stored = await _ingest(conn, args)
+        except asyncpg.PostgresConnectionError as exc:  # the connection went: unknown
+            raise MaybeCommitted(f"{type(exc).__name__} once the call was sent") from exc
+        except (asyncpg.PostgresError, asyncpg.exceptions._base.DataError):
+            # Postgres answered an error (a call alone is rolled back before any error
+            # is sent), or the arguments were refused before they were sent
+            raise
+        except Exception as exc:  # a timeout, a lost socket: the call may have committed
+            raise MaybeCommitted(f"{type(exc).__name__} once the call was sent") from exc
+        inserted = set(stored["inserted"])
+        created = {}
+    created.update(dict.fromkeys(stored["delivery_ids"], True))
+    fresh = set(zip(stored["fresh_tenants"], stored["fresh_versions"], strict=True))
+    plans = [p for p in plans if (p.request.tenant_id, _version(p.request)) in fresh]
+    existing = {
+        (source_id, upstream_uuid): event_id
+        for source_id, upstream_uuid, event_id in zip(
+            stored["existing_sources"],
+            stored["existing_uuids"],
+            stored["existing_ids"],
+            strict=True,
+        )
+    }
+    delivery_rows = [row for p in plans for row in p.deliveries if row[2] in inserted]
+    answered = _results(plans, inserted, existing, delivery_rows, created)
+    # a request routed by a stale read stored nothing: it is read and routed again
+    return [answered.get(id(r), STALE) for r in requests]
+
+
+async def _ingest(conn: Queries, args: Sequence[Any]) -> Mapping[str, Any]:
+    stored = await conn.fetchrow(_INGEST, *args)
+    assert stored is not None  # relay_ingest returns one row
+    return stored
 
 
 def _results(
@@ -390,22 +369,18 @@ async def _insert_deliveries(
     if not rows:
         return {}
     ordered = [(r[3], r[4]) for r in rows if r[4] is not None]
-    if not ordered:
-        inserted = await conn.fetch(
-            _INSERT_DELIVERIES,
-            *_columns([r[:4] for r in rows], 4),
-            enqueue_grace_s,
-            first_delay_s,
+    positions: list[int | None] = [None] * len(rows)
+    if ordered:
+        targets, keys = _columns(ordered, 2)
+        drawn = iter(
+            r["pos"]
+            for r in await conn.fetch(
+                _LOCK_KEYS_AND_NUMBER, targets, keys, len(ordered), ORDER_LOCK
+            )
         )
-        return {r["id"]: True for r in inserted}
-    targets, keys = _columns(ordered, 2)
-    drawn = iter(
-        r["pos"]
-        for r in await conn.fetch(_LOCK_KEYS_AND_NUMBER, targets, keys, len(ordered), ORDER_LOCK)
-    )
-    positions = [None if r[4] is None else next(drawn) for r in rows]
+        positions = [None if r[4] is None else next(drawn) for r in rows]
     inserted = await conn.fetch(
-        _INSERT_ORDERED_DELIVERIES,
+        _INSERT_DELIVERIES,
         *_columns(rows, 5),
         positions,
         enqueue_grace_s,

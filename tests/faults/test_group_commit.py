@@ -295,11 +295,14 @@ async def test_a_stalled_postgres_answers_503_in_time_and_a_resent_event_is_stor
 
 
 class CommitProxy(TcpProxy):
-    """A proxy to Postgres that, once armed, loses the server's answer to the next COMMIT.
+    """A proxy to Postgres that, once armed, loses the server's answer to the next commit.
 
-    ``error``: the client gets an error instead of the answer; ``drop``: the connection is
-    cut once the server has committed; ``stall``: the answer never comes. The server has
-    committed in every case: only the client does not know.
+    The commit is a COMMIT, or a call of relay_ingest() outside a transaction (the
+    call that is its own transaction). ``error``: the client gets an error instead
+    of the answer to a COMMIT (to a call alone, an error means it was rolled back);
+    ``drop``: the connection is cut once the server has committed; ``stall``: the
+    answer never comes. The server has committed in every case: only the client
+    does not know.
     """
 
     SSL_OR_GSS_REQUEST = (80877103, 80877104)
@@ -326,6 +329,8 @@ class CommitProxy(TcpProxy):
         self, reader: asyncio.StreamReader, up: asyncio.StreamWriter, lost: list[str]
     ) -> None:
         typed = False  # the startup messages have no type byte
+        statements: dict[bytes, bytes] = {}  # prepared statement name -> its query
+        in_transaction = False
         try:
             while True:
                 kind = await reader.readexactly(1) if typed else b""
@@ -333,9 +338,22 @@ class CommitProxy(TcpProxy):
                 body = await reader.readexactly(int.from_bytes(head) - 4)
                 if not typed:
                     typed = int.from_bytes(body[:4]) not in self.SSL_OR_GSS_REQUEST
-                elif kind == b"Q" and body.startswith(b"COMMIT") and self.armed:
-                    lost.append(self.armed)
-                    self.armed = None
+                elif kind == b"Q":
+                    in_transaction = body.startswith(b"BEGIN") or (
+                        in_transaction and not body.startswith((b"COMMIT", b"ROLLBACK"))
+                    )
+                    if body.startswith(b"COMMIT") and self.armed:
+                        lost.append(self.armed)
+                        self.armed = None
+                elif kind == b"P":  # Parse: name, query
+                    name, query = body.split(b"\0", 2)[:2]
+                    statements[name] = query
+                elif kind == b"B":  # Bind: portal, statement
+                    query = statements.get(body.split(b"\0", 2)[1], b"")
+                    alone = b"relay_ingest(" in query and not in_transaction
+                    if alone and self.armed in ("drop", "stall"):
+                        lost.append(self.armed)
+                        self.armed = None
                 up.write(kind + head + body)
                 await up.drain()
         finally:
@@ -390,16 +408,20 @@ def _error_response(code: str, message: str) -> bytes:
     return b"E" + (len(fields) + 5).to_bytes(4) + fields + b"\0"
 
 
-@pytest.mark.parametrize("lost", ["error", "drop", "stall"])
+@pytest.mark.parametrize(
+    ("lost", "ordered"),
+    [("error", True), ("drop", True), ("stall", True), ("drop", False), ("stall", False)],
+)
 async def test_a_group_whose_commit_answer_is_lost_is_answered_503_and_never_written_again(
-    client: Any, database_url: str, lost: str
+    client: Any, database_url: str, lost: str, ordered: bool
 ) -> None:
-    # Given a source and a target, and a group committer whose Postgres connections go
-    # through a proxy, with a statement timeout of a second
+    # Given a source and a target (ordered: the group commits in a transaction; not
+    # ordered: in one call, relay_ingest), and a group committer whose Postgres
+    # connections go through a proxy, with a statement timeout of a second
     tenant = await make_tenant(client)
     source = await make_source(client, tenant)
-    target = await make_target(client, tenant)
-    routes = [TargetRoute(target["id"], frozenset(), frozenset(), None)]
+    target = await make_target(client, tenant, ordering="object" if ordered else "none")
+    routes = [TargetRoute(target["id"], frozenset(), frozenset(), None, ordered=ordered)]
     proxy, url = await CommitProxy.in_front_of(database_url, 5432)
     pool = await create_pool(url, min_size=1, max_size=2, command_timeout=1)
     group = GroupCommit(
@@ -413,12 +435,12 @@ async def test_a_group_whose_commit_answer_is_lost_is_answered_503_and_never_wri
     no_uuid = {k: v for k, v in SOFTLEDGER.items() if k != "uuid"}
 
     def request(n: int) -> IngestRequest:
-        body = json.dumps({**no_uuid, "objectId": f"lost-{lost}-{n}"}).encode()
+        body = json.dumps({**no_uuid, "objectId": f"lost-{lost}-{ordered}-{n}"}).encode()
         return IngestRequest(tenant.id, source["id"], parse_body(body), routes)
 
     try:
         # When one group of three requests of events without uuid commits, and the
-        # answer to its COMMIT is lost
+        # answer to its commit is lost
         proxy.armed = lost
         async with asyncio.timeout(30):
             answers = await asyncio.gather(
@@ -437,10 +459,10 @@ async def test_a_group_whose_commit_answer_is_lost_is_answered_503_and_never_wri
         WHERE e.source_id = $1 AND e.object_id LIKE $2 GROUP BY e.object_id
         """,
         source["id"],
-        f"lost-{lost}-%",
+        f"lost-{lost}-{ordered}-%",
     )
     assert {r["object_id"]: (r["events"], r["deliveries"]) for r in rows} == {
-        f"lost-{lost}-{n}": (1, 1) for n in range(3)
+        f"lost-{lost}-{ordered}-{n}": (1, 1) for n in range(3)
     }
     # And each request is answered 503 (its outcome is unknown to the gateway), not retried
     for answer in answers:

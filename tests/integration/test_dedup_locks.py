@@ -33,7 +33,7 @@ async def conns(database_url: str) -> AsyncIterator[tuple[asyncpg.Connection, as
 
 
 async def take(conn: asyncpg.Connection, source: str, uuids: list[str]) -> None:
-    await conn.execute(events._LOCK_UUIDS, [source] * len(uuids), uuids, events.UUID_LOCK)
+    await conn.execute(events.LOCK_UUIDS, [source] * len(uuids), uuids, events.UUID_LOCK)
 
 
 async def test_two_groups_of_distinct_uuids_of_one_source_seldom_wait_for_each_other(

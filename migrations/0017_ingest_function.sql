@@ -1,0 +1,136 @@
+-- A group commit is one call (issue 24, item 3): relay_ingest().
+--
+-- A group of ingest requests took five round trips: BEGIN, the uuids' locks, the
+-- events' insert, the deliveries' insert, COMMIT. At 1,000 single events/s the
+-- groups are of one or two requests, so each event paid all five, and each round
+-- trip waits for both processes to be scheduled on a busy machine: the gateway
+-- answered in 13 ms (median), and the group commit was 37 % of its CPU.
+--
+-- The statements are the same, in the same order; a PL/pgSQL function runs each
+-- with a fresh snapshot (the insert sees what the holder of a uuid's lock
+-- committed before this call took it). Called alone, it is its own transaction:
+-- one round trip. The deliveries of ordered targets are not inserted here: their
+-- keys' locks are taken after the uuids' (relay/store/events.py), in the
+-- caller's transaction around this call.
+
+-- The locks of the (source, uuid bucket)s of events, in one order everywhere
+-- (sorted), held to the commit. Buckets: relay.store.events.UUID_LOCK_BUCKETS.
+CREATE FUNCTION relay_lock_uuids(p_sources text[], p_uuids text[], p_lock int, p_buckets int)
+RETURNS bigint LANGUAGE sql VOLATILE AS $fn$
+    SELECT count(pg_advisory_xact_lock(p_lock, k.h)) FROM (
+        SELECT DISTINCT hashtext(w.source_id || '/' || (hashtext(w.uuid) & (p_buckets - 1))) AS h
+        FROM unnest(p_sources, p_uuids) AS w(source_id, uuid)
+        WHERE w.uuid IS NOT NULL
+        ORDER BY 1
+    ) k
+$fn$;
+
+CREATE FUNCTION relay_ingest(
+    -- the events, one element each: ids, tenant, source, upstream uuid, date, type,
+    -- action, object id, upstream tenant, payload, and the config version its
+    -- request was routed at (-1: not checked)
+    p_ids text[], p_tenants text[], p_sources text[], p_uuids text[], p_dates text[],
+    p_types text[], p_actions text[], p_object_ids text[], p_tenant_refs text[],
+    p_payloads bytea[], p_versions int8[],
+    -- each (tenant, version) of the group once
+    p_pair_tenants text[], p_pair_versions int8[],
+    p_uuid_lock int, p_uuid_buckets int,
+    -- deliveries of unordered targets: id, tenant, event, target (inserted for the
+    -- events inserted here, when the target is still enabled and live)
+    p_dlv_ids text[], p_dlv_tenants text[], p_dlv_events text[], p_dlv_targets text[],
+    p_grace_s float8, p_first_delay_s float8
+) RETURNS TABLE (
+    -- the events inserted (an event whose uuid its source had, or whose request was
+    -- routed by a stale read, is not)
+    inserted text[],
+    -- the (tenant, version) pairs still current: their requests were stored
+    fresh_tenants text[], fresh_versions int8[],
+    -- the events already stored for the uuids of events not inserted
+    existing_sources text[], existing_uuids text[], existing_ids text[],
+    -- the deliveries inserted
+    delivery_ids text[], delivery_targets text[]
+)
+LANGUAGE plpgsql VOLATILE
+SET jit = off
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_incoming int;
+BEGIN
+    PERFORM relay_lock_uuids(p_sources, p_uuids, p_uuid_lock, p_uuid_buckets);
+    -- read your writes: a request's events are inserted only if its tenant's
+    -- config_version is still the one its routes were read at
+    SELECT coalesce(array_agg(v.tenant_id), '{}'), coalesce(array_agg(v.version), '{}')
+    INTO fresh_tenants, fresh_versions
+    FROM unnest(p_pair_tenants, p_pair_versions) AS v(tenant_id, version)
+    JOIN tenants t ON t.id = v.tenant_id
+    WHERE v.version = -1 OR t.config_version = v.version;
+    -- de-duplication: an event whose uuid its source already has (stored, or
+    -- earlier in this call) is not inserted; the uuids' locks make the check and
+    -- the insert one step for each (source, uuid)
+    WITH incoming AS (
+        SELECT e.*, row_number() OVER (PARTITION BY e.source_id, e.uuid ORDER BY e.n) AS nth
+        FROM unnest(p_ids, p_tenants, p_sources, p_uuids, p_dates, p_types, p_actions,
+                    p_object_ids, p_tenant_refs, p_payloads, p_versions) WITH ORDINALITY
+             AS e(id, tenant_id, source_id, uuid, date, object_type, action, object_id,
+                  tenant_ref, payload, version, n)
+        WHERE (e.tenant_id, e.version) IN (
+            SELECT * FROM unnest(fresh_tenants, fresh_versions)
+        )
+    ), put AS (
+        INSERT INTO events (id, tenant_id, source_id, upstream_uuid, upstream_date,
+                            object_type, action, object_id, upstream_tenant_id, payload)
+        SELECT e.id, e.tenant_id, e.source_id, e.uuid, e.date, e.object_type, e.action,
+               e.object_id, e.tenant_ref, e.payload
+        FROM incoming e
+        WHERE e.uuid IS NULL OR (e.nth = 1 AND NOT EXISTS (
+            SELECT 1 FROM events x WHERE x.source_id = e.source_id AND x.upstream_uuid = e.uuid
+        ))
+        RETURNING id
+    )
+    SELECT coalesce(array_agg(put.id), '{}'), (SELECT count(*) FROM incoming)
+    INTO inserted, v_incoming FROM put;
+    existing_sources := '{}';
+    existing_uuids := '{}';
+    existing_ids := '{}';
+    -- what the uuids not inserted map to (this call's own inserts included)
+    IF cardinality(inserted) < v_incoming THEN
+        SELECT coalesce(array_agg(x.source_id), '{}'), coalesce(array_agg(x.upstream_uuid), '{}'),
+               coalesce(array_agg(x.id), '{}')
+        INTO existing_sources, existing_uuids, existing_ids
+        FROM events x
+        JOIN (
+            SELECT DISTINCT w.source_id, w.uuid
+            FROM unnest(p_ids, p_tenants, p_sources, p_uuids, p_versions)
+                 AS w(id, tenant_id, source_id, uuid, version)
+            WHERE w.uuid IS NOT NULL
+              AND NOT EXISTS (SELECT 1 FROM unnest(inserted) AS i(id) WHERE i.id = w.id)
+              AND (w.tenant_id, w.version) IN (SELECT * FROM unnest(fresh_tenants, fresh_versions))
+        ) lost ON x.source_id = lost.source_id AND x.upstream_uuid = lost.uuid;
+    END IF;
+    delivery_ids := '{}';
+    delivery_targets := '{}';
+    IF cardinality(p_dlv_ids) = 0 THEN
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    -- a delivery is created only for a target that is enabled and live at this
+    -- instant, whatever the gateway's cache believed
+    WITH put AS (
+        INSERT INTO deliveries (id, tenant_id, event_id, target_id, next_attempt_at,
+                                enqueued_until)
+        SELECT d.id, d.tenant_id, d.event_id, d.target_id,
+               now() + make_interval(secs => p_first_delay_s),
+               now() + make_interval(secs => p_first_delay_s + p_grace_s)
+        FROM unnest(p_dlv_ids, p_dlv_tenants, p_dlv_events, p_dlv_targets)
+             AS d(id, tenant_id, event_id, target_id)
+        JOIN unnest(inserted) AS i(id) ON i.id = d.event_id
+        JOIN targets t ON t.id = d.target_id
+        WHERE t.tenant_id = d.tenant_id AND t.enabled AND t.deleted_at IS NULL
+        RETURNING deliveries.id, deliveries.target_id
+    )
+    SELECT coalesce(array_agg(put.id), '{}'), coalesce(array_agg(put.target_id), '{}')
+    INTO delivery_ids, delivery_targets FROM put;
+    RETURN NEXT;
+END
+$fn$;
