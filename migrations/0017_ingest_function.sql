@@ -6,11 +6,15 @@
 -- trip waits for both processes to be scheduled on a busy machine: the gateway
 -- answered in 13 ms (median), and the group commit was 37 % of its CPU.
 --
--- The function plans with sequential scans off. Its plans (and the prepared
--- statements' before it) are kept for the session: planned while today's events
--- partition was small, the uuid check read the whole partition for each event,
--- until the next ANALYZE (a group of 16 events cost 21 ms of Postgres's CPU
--- after 30,000 events in the partition, 1 ms with the index).
+-- Plans. The function's plans (and the prepared statements' before it) are kept
+-- for the session: planned while today's events partition was small, the uuid
+-- check read the whole partition for each event, until the next ANALYZE (a group
+-- of 16 events cost 21 ms of Postgres's CPU after 30,000 events in the
+-- partition, 1 ms with the index). So the function plans with sequential scans
+-- off, and always generically (custom plans, made again at each call while the
+-- planner guessed them cheaper, cost 130 us a call); its statements are written
+-- so that a generic plan, which cannot see how long the arrays are, still
+-- checks each row by an index probe (tests/integration/test_ingest_plan.py).
 --
 -- The statements are the same, in the same order; a PL/pgSQL function runs each
 -- with a fresh snapshot (the insert sees what the holder of a uuid's lock
@@ -64,10 +68,12 @@ CREATE FUNCTION relay_ingest(
 )
 LANGUAGE plpgsql VOLATILE
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 #variable_conflict use_column
 DECLARE
     v_incoming int;
+    v_all bool;
 BEGIN
     PERFORM relay_lock_uuids(p_sources, p_uuids, p_uuid_lock, p_uuid_buckets);
     -- Read your writes: a request's events are inserted only if its tenant's
@@ -106,20 +112,25 @@ BEGIN
     existing_sources := '{}';
     existing_uuids := '{}';
     existing_ids := '{}';
-    -- what the uuids not inserted map to (this call's own inserts included)
+    -- What the uuids not inserted map to (this call's own inserts included). An
+    -- event was not inserted if no event has its id: ids are new to each call.
     IF cardinality(inserted) < v_incoming THEN
         SELECT coalesce(array_agg(x.source_id), '{}'), coalesce(array_agg(x.upstream_uuid), '{}'),
                coalesce(array_agg(x.id), '{}')
         INTO existing_sources, existing_uuids, existing_ids
-        FROM events x
-        JOIN (
+        FROM (
             SELECT DISTINCT w.source_id, w.uuid
             FROM unnest(p_ids, p_tenants, p_sources, p_uuids, p_versions)
                  AS w(id, tenant_id, source_id, uuid, version)
             WHERE w.uuid IS NOT NULL
-              AND NOT EXISTS (SELECT 1 FROM unnest(inserted) AS i(id) WHERE i.id = w.id)
               AND (w.tenant_id, w.version) IN (SELECT * FROM unnest(fresh_tenants, fresh_versions))
-        ) lost ON x.source_id = lost.source_id AND x.upstream_uuid = lost.uuid;
+              AND (SELECT true FROM events e WHERE e.id = w.id LIMIT 1) IS NULL
+        ) lost
+        CROSS JOIN LATERAL (
+            SELECT x.source_id, x.upstream_uuid, x.id FROM events x
+            WHERE x.source_id = lost.source_id AND x.upstream_uuid = lost.uuid
+            LIMIT 1
+        ) x;
     END IF;
     delivery_ids := '{}';
     delivery_targets := '{}';
@@ -127,8 +138,15 @@ BEGIN
         RETURN NEXT;
         RETURN;
     END IF;
-    -- a delivery is created only for a target that is enabled and live at this
-    -- instant, whatever the gateway's cache believed
+    -- A delivery is made for an event inserted here (an event of another call has
+    -- another id: checked only when some were not inserted), and only for a
+    -- target that is enabled and live at this instant, whatever the gateway's
+    -- cache believed. Each row probes the targets' and the events' primary keys,
+    -- written so that the planner cannot do otherwise (a LATERAL with a LIMIT, a
+    -- scalar subquery): as joins and EXISTS, a generic plan (it cannot see how
+    -- long the arrays are) read every target of the tenant for each delivery, and
+    -- hashed every event of the day's partition.
+    v_all := cardinality(inserted) = cardinality(p_ids);
     WITH put AS (
         INSERT INTO deliveries (id, tenant_id, event_id, target_id, next_attempt_at,
                                 enqueued_until)
@@ -137,9 +155,13 @@ BEGIN
                now() + make_interval(secs => p_first_delay_s + p_grace_s)
         FROM unnest(p_dlv_ids, p_dlv_tenants, p_dlv_events, p_dlv_targets)
              AS d(id, tenant_id, event_id, target_id)
-        JOIN unnest(inserted) AS i(id) ON i.id = d.event_id
-        JOIN targets t ON t.id = d.target_id
-        WHERE t.tenant_id = d.tenant_id AND t.enabled AND t.deleted_at IS NULL
+        CROSS JOIN LATERAL (
+            SELECT 1 FROM targets t
+            WHERE t.id = d.target_id AND t.tenant_id = d.tenant_id AND t.enabled
+              AND t.deleted_at IS NULL
+            LIMIT 1
+        ) live
+        WHERE v_all OR (SELECT true FROM events e WHERE e.id = d.event_id LIMIT 1)
         RETURNING deliveries.id, deliveries.target_id
     )
     SELECT coalesce(array_agg(put.id), '{}'), coalesce(array_agg(put.target_id), '{}')

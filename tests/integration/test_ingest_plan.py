@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 
 import asyncpg
@@ -106,3 +107,75 @@ async def test_the_uuid_check_reads_the_index_however_small_the_partition_was_wh
     assert sum(len(r.event_ids) for r in stored) == GROUP
     assert sum(len(r.delivery_ids) for r in stored) == GROUP * len(ROUTES)
     assert read < HISTORY // 10, f"{read:,} tuples read by sequential scans of events"
+
+
+WIDE_TARGETS = 300
+WIDE_ROUTES = [TargetRoute(f"tgt_wide_{n}", frozenset(), frozenset(), None) for n in (7, 123)]
+
+
+def wide_group(events: int, uuids: list[str]) -> list[IngestRequest]:
+    bodies = [
+        json.dumps(
+            {"uuid": u, "objectType": "Bill", "objectId": n, "action": "paid", "date": "2026-11-28"}
+        ).encode()
+        for n, u in enumerate(uuids[:events])
+    ]
+    return [IngestRequest("ten_wide", "src_wide", parse_body(b), WIDE_ROUTES) for b in bodies]
+
+
+async def test_a_group_reads_what_it_stores_not_every_target_or_id(database_url: str) -> None:
+    # Given a tenant with 300 targets, two of which match, and a gateway connection
+    # whose plans are generic by now (they cannot see how long the arrays are)
+    setup = await asyncpg.connect(database_url)
+    gateway = await asyncpg.connect(database_url)
+    plans: list[str] = []
+    try:
+        await setup.execute("INSERT INTO tenants (id, name) VALUES ('ten_wide', 'wide')")
+        await setup.execute(
+            "INSERT INTO sources (id, tenant_id, name, auth_type, secret_enc)"
+            " VALUES ('src_wide', 'ten_wide', 'wide', 'token', '\\x00'::bytea)"
+        )
+        await setup.execute(
+            "INSERT INTO targets (id, tenant_id, url, secret_enc)"
+            " SELECT 'tgt_wide_' || n, 'ten_wide', 'http://127.0.0.1:9/', '\\x00'::bytea"
+            " FROM generate_series(1, $1) n",
+            WIDE_TARGETS,
+        )
+        for n in (1, 2, 1, 3, 1, 2, 1, 4, 1, 2):
+            fresh = [str(uuid.uuid4()) for _ in range(n)]
+            await record_event_groups(gateway, wide_group(n, fresh), enqueue_grace_s=30)
+
+        # When it stores a group of 100 new events, then the same 100 again with 20
+        # new ones (the 100 are duplicates), with every statement's plan reported
+        await gateway.execute("LOAD 'auto_explain'")
+        for setting in (
+            "auto_explain.log_min_duration = 0",
+            "auto_explain.log_nested_statements = on",
+            "auto_explain.log_analyze = on",
+            "auto_explain.log_timing = off",
+            "auto_explain.log_level = notice",
+        ):
+            await gateway.execute(f"SET {setting}")
+        gateway.add_log_listener(lambda _conn, message: plans.append(str(message)))
+        first = [str(uuid.uuid4()) for _ in range(100)]
+        stored = await record_event_groups(gateway, wide_group(100, first), enqueue_grace_s=30)
+        again = first + [str(uuid.uuid4()) for _ in range(20)]
+        resent = await record_event_groups(gateway, wide_group(120, again), enqueue_grace_s=30)
+    finally:
+        await gateway.close()
+        await setup.close()
+
+    # Then each is stored once, with a delivery to each of the two targets
+    assert sum(len(r.delivery_ids) for r in stored) == 200
+    assert sum(r.duplicates for r in resent) == 100
+    assert sum(len(r.delivery_ids) for r in resent) == 40
+    assert [r.event_ids for r in resent[:100]] == [r.event_ids for r in stored]
+    # And no statement read a whole table, hashed a whole partition, or joined each
+    # delivery to the tenant's every target or the group's every id: each row is
+    # checked by an index probe of its own
+    text = "\n".join(plans)
+    assert "relay_ingest" in text, text
+    assert "Seq Scan" not in text, text
+    assert "hashed SubPlan" not in text, text
+    joined_away = sum(int(n) for n in re.findall(r"Rows Removed by Join Filter: (\d+)", text))
+    assert joined_away < 50, text
