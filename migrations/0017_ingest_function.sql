@@ -169,3 +169,61 @@ BEGIN
     RETURN NEXT;
 END
 $fn$;
+
+-- Deliveries with ordering keys (the caller holds their keys' locks and drew their
+-- positions), or any, made after their event: ordered targets' at ingest, and
+-- those of add_deliveries (relay/store/events.py). A delivery of a key waits
+-- (parked: no next_attempt_at) behind any undelivered one of its key, earlier in
+-- this call or already stored (dead ones too when the target blocks on a dead
+-- letter; the same rule as relay.store.sql.holds_key). A delivery is made only
+-- for a target enabled and live at this instant. Planned as relay_ingest is:
+-- as a prepared statement planned while the queue was empty, the check of a
+-- key's earlier deliveries read every open delivery, and the target's join read
+-- every target of the tenant for each delivery.
+CREATE FUNCTION relay_insert_deliveries(
+    p_ids text[], p_tenants text[], p_events text[], p_targets text[], p_keys text[],
+    p_positions int8[], p_grace_s float8, p_first_delay_s float8
+) RETURNS TABLE (delivery_id text, target text, due bool)
+LANGUAGE plpgsql VOLATILE
+SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
+AS $fn$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH put AS (
+        INSERT INTO deliveries (id, tenant_id, event_id, target_id, next_attempt_at,
+                                enqueued_until, order_key, order_pos)
+        SELECT w.id, w.tenant_id, w.event_id, w.target_id,
+               CASE WHEN w.parked THEN NULL ELSE now() + make_interval(secs => p_first_delay_s)
+               END,
+               CASE WHEN w.parked THEN NULL
+                    ELSE now() + make_interval(secs => p_first_delay_s + p_grace_s) END,
+               w.order_key, w.order_pos
+        FROM (
+            SELECT u.id, u.tenant_id, u.event_id, u.target_id, u.order_key, u.order_pos,
+                   u.order_key IS NOT NULL AND (
+                       row_number() OVER (PARTITION BY u.target_id, u.order_key
+                                          ORDER BY u.order_pos) > 1
+                       OR coalesce((
+                           SELECT true FROM deliveries p
+                           WHERE p.target_id = u.target_id AND p.order_key = u.order_key
+                             AND p.status IN ('pending', 'retrying', 'dead')
+                             AND (p.status <> 'dead' OR live.on_dead = 'block')
+                           LIMIT 1
+                       ), false)
+                   ) AS parked
+            FROM unnest(p_ids, p_tenants, p_events, p_targets, p_keys, p_positions)
+                 AS u(id, tenant_id, event_id, target_id, order_key, order_pos)
+            CROSS JOIN LATERAL (
+                SELECT t.on_dead FROM targets t
+                WHERE t.id = u.target_id AND t.tenant_id = u.tenant_id AND t.enabled
+                  AND t.deleted_at IS NULL
+                LIMIT 1
+            ) live
+        ) w
+        RETURNING deliveries.id, deliveries.target_id, deliveries.next_attempt_at IS NOT NULL
+    )
+    SELECT * FROM put;
+END
+$fn$;

@@ -19,7 +19,6 @@ from relay.store.sql import (
     KEY_LOCK_BUCKETS,
     ORDER_LOCK,
     about_target,
-    holds_key,
     key_locks,
     keyset_page,
 )
@@ -52,36 +51,9 @@ SELECT nextval('deliveries_order_pos_seq') AS pos FROM generate_series(1, $3::in
 WHERE {key_locks("$1", "$2", "$4")} >= 0
 """
 
-# Joined with targets so that a delivery is created only for a target that is
-# enabled and live at this instant, whatever the caller's cache believed. A
-# delivery of a key waits (parked: no next_attempt_at) behind any undelivered one
-# of its key, earlier in this statement or already stored (dead ones too when the
-# target blocks on a dead letter).
-_INSERT_DELIVERIES = f"""
-INSERT INTO deliveries (id, tenant_id, event_id, target_id, next_attempt_at, enqueued_until,
-                        order_key, order_pos)
-SELECT w.id, w.tenant_id, w.event_id, w.target_id,
-       CASE WHEN w.parked THEN NULL ELSE now() + make_interval(secs => $8::float8) END,
-       CASE WHEN w.parked THEN NULL ELSE now() + make_interval(secs => $8::float8 + $7::float8)
-       END,
-       w.order_key, w.order_pos
-FROM (
-    SELECT u.id, u.tenant_id, u.event_id, u.target_id, u.order_key, u.order_pos,
-           u.order_key IS NOT NULL AND (
-               row_number() OVER (PARTITION BY u.target_id, u.order_key ORDER BY u.order_pos) > 1
-               OR EXISTS (
-                   SELECT 1 FROM deliveries p
-                   WHERE p.target_id = u.target_id AND p.order_key = u.order_key
-                     AND {holds_key("p", "t")}
-               )
-           ) AS parked
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[])
-         AS u(id, tenant_id, event_id, target_id, order_key, order_pos)
-    JOIN targets t ON t.id = u.target_id
-    WHERE t.tenant_id = u.tenant_id AND t.enabled AND t.deleted_at IS NULL
-) w
-RETURNING id, target_id, next_attempt_at IS NOT NULL AS due
-"""
+# Deliveries, ordered ones among them (their keys locked and positions drawn):
+# migration 0017, relay_insert_deliveries(), parks a key's later deliveries.
+_INSERT_DELIVERIES = "SELECT * FROM relay_insert_deliveries($1, $2, $3, $4, $5, $6, $7, $8)"
 
 
 @dataclass(frozen=True)
@@ -386,7 +358,7 @@ async def _insert_deliveries(
         enqueue_grace_s,
         first_delay_s,
     )
-    return {r["id"]: r["due"] for r in inserted}
+    return {r["delivery_id"]: r["due"] for r in inserted}
 
 
 async def record_events(

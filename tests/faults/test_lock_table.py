@@ -123,7 +123,7 @@ async def test_a_thousand_keys_to_ten_ordered_targets_take_a_bounded_number_of_l
             pid: int | None = await conn.fetchval(
                 """
                 SELECT pid FROM pg_stat_activity
-                WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO deliveries%'
+                WHERE wait_event_type = 'Lock' AND query LIKE '%relay_insert_deliveries(%'
                 """
             )
             return pid

@@ -18,6 +18,7 @@ import re
 import uuid
 
 import asyncpg
+import pytest
 
 from relay.ingest.parse import parse_body
 from relay.ingest.routes import TargetRoute
@@ -110,40 +111,56 @@ async def test_the_uuid_check_reads_the_index_however_small_the_partition_was_wh
 
 
 WIDE_TARGETS = 300
-WIDE_ROUTES = [TargetRoute(f"tgt_wide_{n}", frozenset(), frozenset(), None) for n in (7, 123)]
 
 
-def wide_group(events: int, uuids: list[str]) -> list[IngestRequest]:
+def wide_group(ordered: bool, uuids: list[str]) -> list[IngestRequest]:
+    tenant = f"ten_wide_{ordered}"
+    routes = [
+        TargetRoute(f"tgt_wide_{ordered}_{n}", frozenset(), frozenset(), None, ordered=ordered)
+        for n in (7, 123)
+    ]
     bodies = [
         json.dumps(
-            {"uuid": u, "objectType": "Bill", "objectId": n, "action": "paid", "date": "2026-11-28"}
+            # ordered: 100 events of 7 keys, so most wait behind an earlier one
+            {"uuid": u, "objectType": "Bill", "objectId": n % 7, "action": "paid"}
         ).encode()
-        for n, u in enumerate(uuids[:events])
+        for n, u in enumerate(uuids)
     ]
-    return [IngestRequest("ten_wide", "src_wide", parse_body(b), WIDE_ROUTES) for b in bodies]
+    return [IngestRequest(tenant, f"src_wide_{ordered}", parse_body(b), routes) for b in bodies]
 
 
-async def test_a_group_reads_what_it_stores_not_every_target_or_id(database_url: str) -> None:
-    # Given a tenant with 300 targets, two of which match, and a gateway connection
-    # whose plans are generic by now (they cannot see how long the arrays are)
+@pytest.mark.parametrize("ordered", [False, True], ids=["unordered", "ordered"])
+async def test_a_group_reads_what_it_stores_not_every_target_or_id(
+    database_url: str, ordered: bool
+) -> None:
+    # Given a tenant with 300 targets, two of which match (ordered by object or
+    # not), and a gateway connection whose plans are generic by now (they cannot
+    # see how long the arrays are)
     setup = await asyncpg.connect(database_url)
     gateway = await asyncpg.connect(database_url)
     plans: list[str] = []
     try:
-        await setup.execute("INSERT INTO tenants (id, name) VALUES ('ten_wide', 'wide')")
         await setup.execute(
-            "INSERT INTO sources (id, tenant_id, name, auth_type, secret_enc)"
-            " VALUES ('src_wide', 'ten_wide', 'wide', 'token', '\\x00'::bytea)"
+            "INSERT INTO tenants (id, name) VALUES ($1, 'wide')", f"ten_wide_{ordered}"
         )
         await setup.execute(
-            "INSERT INTO targets (id, tenant_id, url, secret_enc)"
-            " SELECT 'tgt_wide_' || n, 'ten_wide', 'http://127.0.0.1:9/', '\\x00'::bytea"
-            " FROM generate_series(1, $1) n",
+            "INSERT INTO sources (id, tenant_id, name, auth_type, secret_enc)"
+            " VALUES ($1, $2, 'wide', 'token', '\\x00'::bytea)",
+            f"src_wide_{ordered}",
+            f"ten_wide_{ordered}",
+        )
+        await setup.execute(
+            "INSERT INTO targets (id, tenant_id, url, secret_enc, ordering)"
+            " SELECT $2 || n, $1, 'http://127.0.0.1:9/', '\\x00'::bytea, $3"
+            " FROM generate_series(1, $4) n",
+            f"ten_wide_{ordered}",
+            f"tgt_wide_{ordered}_",
+            "object" if ordered else "none",
             WIDE_TARGETS,
         )
         for n in (1, 2, 1, 3, 1, 2, 1, 4, 1, 2):
             fresh = [str(uuid.uuid4()) for _ in range(n)]
-            await record_event_groups(gateway, wide_group(n, fresh), enqueue_grace_s=30)
+            await record_event_groups(gateway, wide_group(ordered, fresh), enqueue_grace_s=30)
 
         # When it stores a group of 100 new events, then the same 100 again with 20
         # new ones (the 100 are duplicates), with every statement's plan reported
@@ -158,9 +175,9 @@ async def test_a_group_reads_what_it_stores_not_every_target_or_id(database_url:
             await gateway.execute(f"SET {setting}")
         gateway.add_log_listener(lambda _conn, message: plans.append(str(message)))
         first = [str(uuid.uuid4()) for _ in range(100)]
-        stored = await record_event_groups(gateway, wide_group(100, first), enqueue_grace_s=30)
+        stored = await record_event_groups(gateway, wide_group(ordered, first), enqueue_grace_s=30)
         again = first + [str(uuid.uuid4()) for _ in range(20)]
-        resent = await record_event_groups(gateway, wide_group(120, again), enqueue_grace_s=30)
+        resent = await record_event_groups(gateway, wide_group(ordered, again), enqueue_grace_s=30)
     finally:
         await gateway.close()
         await setup.close()
@@ -179,3 +196,4 @@ async def test_a_group_reads_what_it_stores_not_every_target_or_id(database_url:
     assert "hashed SubPlan" not in text, text
     joined_away = sum(int(n) for n in re.findall(r"Rows Removed by Join Filter: (\d+)", text))
     assert joined_away < 50, text
+    assert ("relay_insert_deliveries" in text) is ordered, text
