@@ -37,23 +37,16 @@ def group(n: int) -> list[IngestRequest]:
     return [IngestRequest("ten_plan", "src_plan", parse_body(body()), ROUTES) for _ in range(n)]
 
 
-async def seq_read(conn: asyncpg.Connection) -> int:
-    """Tuples read by sequential scans of the events partitions, as last flushed."""
+async def events_stats(conn: asyncpg.Connection) -> tuple[int, int]:
+    """Scans of the events partitions, and tuples read by sequential ones, as last flushed."""
     await conn.execute("SELECT pg_stat_clear_snapshot()")
-    count: int = await conn.fetchval(
-        "SELECT coalesce(sum(seq_tup_read), 0) FROM pg_stat_user_tables"
+    row = await conn.fetchrow(
+        "SELECT coalesce(sum(coalesce(idx_scan, 0) + seq_scan), 0) AS scans,"
+        " coalesce(sum(seq_tup_read), 0) AS seq_read FROM pg_stat_user_tables"
         " WHERE relname LIKE 'events\\_%'"
     )
-    return count
-
-
-async def scans(conn: asyncpg.Connection) -> int:
-    await conn.execute("SELECT pg_stat_clear_snapshot()")
-    count: int = await conn.fetchval(
-        "SELECT coalesce(sum(coalesce(idx_scan, 0) + seq_scan), 0) FROM pg_stat_user_tables"
-        " WHERE relname LIKE 'events\\_%'"
-    )
-    return count
+    assert row is not None
+    return int(row["scans"]), int(row["seq_read"])
 
 
 async def test_the_uuid_check_reads_the_index_however_small_the_partition_was_when_planned(
@@ -85,7 +78,7 @@ async def test_the_uuid_check_reads_the_index_however_small_the_partition_was_wh
             " 'Bill', 'paid', '{}'::bytea FROM generate_series(1, $1) n",
             HISTORY,
         )
-        before_read, before_scans = await seq_read(setup), await scans(setup)
+        before_scans, before_read = await events_stats(setup)
         # and the gateway stores a group of 16 events
         stored = await record_event_groups(gateway, group(GROUP), enqueue_grace_s=30)
         await gateway.execute("SELECT pg_stat_force_next_flush()")
@@ -93,8 +86,9 @@ async def test_the_uuid_check_reads_the_index_however_small_the_partition_was_wh
 
         async def flushed() -> int:
             for _ in range(100):
-                if await scans(setup) > before_scans:
-                    return await seq_read(setup) - before_read
+                scans, seq_read = await events_stats(setup)
+                if scans > before_scans:
+                    return seq_read - before_read
                 await asyncio.sleep(0.05)
             raise AssertionError("the gateway's statistics never came")
 
