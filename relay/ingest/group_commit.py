@@ -9,10 +9,12 @@ transaction holding its events has committed.
 
 When a group fails, every request gets the answer it would have had alone:
 with Postgres unreachable or too slow, all of them fail (503); any other failure
-before the COMMIT was sent may belong to one request, so each is committed again
-on its own and only its own error reaches it. A group whose COMMIT was sent is
-never written again: if its outcome is unknown (an error, a timeout or a lost
-connection in answer to the COMMIT), each of its requests is answered 503, as
+before the COMMIT was sent (or that Postgres answered to a group stored by one
+call, relay_ingest, which is then rolled back) may belong to one request, so
+each is committed again on its own and only its own error reaches it. A group
+whose commit was sent is never written again: if its outcome is unknown (an
+error, a timeout or a lost connection in answer to the COMMIT; a timeout or a
+lost connection during the one call), each of its requests is answered 503, as
 events without a uuid would otherwise be stored twice. Once a group has
 committed, its targets are woken on the broker, each once (the sweeper covers a
 wake-up that is lost).
