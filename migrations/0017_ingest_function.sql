@@ -64,7 +64,7 @@ CREATE FUNCTION relay_ingest(
     -- the events already stored for the uuids of events not inserted
     existing_sources text[], existing_uuids text[], existing_ids text[],
     -- the deliveries inserted
-    delivery_ids text[], delivery_targets text[]
+    delivery_ids text[]
 )
 LANGUAGE plpgsql VOLATILE
 SET enable_seqscan = off
@@ -133,7 +133,6 @@ BEGIN
         ) x;
     END IF;
     delivery_ids := '{}';
-    delivery_targets := '{}';
     IF cardinality(p_dlv_ids) = 0 THEN
         RETURN NEXT;
         RETURN;
@@ -162,10 +161,9 @@ BEGIN
             LIMIT 1
         ) live
         WHERE v_all OR (SELECT true FROM events e WHERE e.id = d.event_id LIMIT 1)
-        RETURNING deliveries.id, deliveries.target_id
+        RETURNING deliveries.id
     )
-    SELECT coalesce(array_agg(put.id), '{}'), coalesce(array_agg(put.target_id), '{}')
-    INTO delivery_ids, delivery_targets FROM put;
+    SELECT coalesce(array_agg(put.id), '{}') INTO delivery_ids FROM put;
     RETURN NEXT;
 END
 $fn$;
@@ -183,7 +181,7 @@ $fn$;
 CREATE FUNCTION relay_insert_deliveries(
     p_ids text[], p_tenants text[], p_events text[], p_targets text[], p_keys text[],
     p_positions int8[], p_grace_s float8, p_first_delay_s float8
-) RETURNS TABLE (delivery_id text, target text, due bool)
+) RETURNS TABLE (delivery_id text, due bool)
 LANGUAGE plpgsql VOLATILE
 SET enable_seqscan = off
 SET plan_cache_mode = force_generic_plan
@@ -222,7 +220,7 @@ BEGIN
                 LIMIT 1
             ) live
         ) w
-        RETURNING deliveries.id, deliveries.target_id, deliveries.next_attempt_at IS NOT NULL
+        RETURNING deliveries.id, deliveries.next_attempt_at IS NOT NULL
     )
     SELECT * FROM put;
 END
