@@ -123,9 +123,9 @@ WHERE t.id = $1
 _CLAIM = "SELECT * FROM relay_claim($1, $2, $3, $4, $5, $6, $7, $8)"
 
 
-# The claimed deliveries' payloads: read by the events' ids, given as values, so that
-# Postgres opens (and locks) only the partitions of those events, not every day's.
-_PAYLOADS = "SELECT id, payload FROM events WHERE id = ANY($1::text[])"
+# The claimed deliveries' payloads, by their events' ids (migration 0018: a function,
+# so that its plan probes the index however small the day's events were when planned).
+_PAYLOADS = "SELECT id, payload FROM relay_payloads($1::text[])"
 
 
 async def read_target(conn: Queries, target_id: str) -> SendTarget | None:
@@ -336,41 +336,9 @@ async def save_breaker(conn: Queries, target_id: str, breaker: Breaker) -> datet
     return until
 
 
-# The deliveries' new states and their attempts, in one statement (so atomic):
-# an attempt is inserted only for a delivery whose lease still held. $13: the
-# failing state of target $12 the caller expects (NULL: no check); if the row,
-# as this statement sees it, disagrees, nothing is written. It returns the
-# state it saw and the ids it recorded.
-_RECORD = """
-WITH target AS MATERIALIZED (
-    SELECT failing_since IS NOT NULL AS failing FROM targets WHERE id = $12
-), done AS (
-    UPDATE deliveries d
-    SET status = r.status, attempt_count = d.attempt_count + 1,
-        next_attempt_at = now() + make_interval(secs => r.delay),
-        enqueued_until = now() + make_interval(secs => coalesce(r.carried, r.delay)),
-        locked_until = NULL, last_status_code = r.code, last_error = r.error,
-        updated_at = now()
-    FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::float8[], $5::float8[],
-                $6::int[], $7::text[]) AS r(id, lease, status, delay, carried, code, error)
-    WHERE d.id = r.id AND d.locked_until = r.lease AND d.status IN ('pending', 'retrying')
-      AND ($13::bool IS NULL OR $13 = (SELECT failing FROM target))
-    RETURNING d.id, d.tenant_id
-), freed AS (
-    DELETE FROM delivery_leases l USING unnest($1::text[], $2::timestamptz[]) AS r(id, lease)
-    WHERE l.delivery_id = r.id AND l.locked_until = r.lease
-      AND l.delivery_id IN (SELECT id FROM done)
-), kept AS (
-    INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms, status_code,
-                          error, response_body)
-    SELECT a.id, done.tenant_id, a.delivery_id, a.started_at, a.duration_ms, a.code, a.error,
-           a.body
-    FROM unnest($8::text[], $1::text[], $9::timestamptz[], $10::int[], $6::int[], $7::text[],
-                $11::text[]) AS a(id, delivery_id, started_at, duration_ms, code, error, body)
-    JOIN done ON done.id = a.delivery_id
-)
-SELECT (SELECT failing FROM target) AS failing, array(SELECT id FROM done) AS ids
-"""
+# The record of a batch (migration 0018, relay_record(): its statement and what it
+# answers are described there).
+_RECORD = "SELECT * FROM relay_record($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
 
 
 # A success ends the target's failing streak; when it had lasted $2 seconds or more,
