@@ -307,17 +307,29 @@ class Engine:
         claim = _Round(None, True, False, False, 0)
         kept_out_wait = KEPT_OUT_WAIT_S
         sharing = False
+        # the record of the attempts that ended last, made while the next claim is
+        recording: asyncio.Task[bool] | None = None
+        ending: list[str] = []
         try:
             while True:
                 self._rewake.discard(target_id)
                 if claim.more and not self._closing:
                     try:
-                        claim = await self._claim_more(target_id, tenant_id, claim, in_flight)
+                        claim = await self._claim_more(
+                            target_id, tenant_id, claim, in_flight, ending
+                        )
                         sharing = sharing or claim.sharing
                     except (*POSTGRES_DOWN, TimeoutError) as exc:
                         log.warning("claim of %s failed: %s", target_id, type(exc).__name__)
                         self.wake_later(target_id, tenant_id, 1.0)
                         claim = claim._replace(more=False, kept_out=False)
+                if recording is not None:
+                    promoted = await recording
+                    recording, ending = None, []
+                    if promoted and not in_flight and not self._closing:
+                        # the record let the next of a key go, after the claim looked
+                        claim = claim._replace(more=True)
+                        continue
                 if not in_flight:
                     if self._closing:
                         break
@@ -333,10 +345,22 @@ class Engine:
                         continue
                     break
                 kept_out_wait = KEPT_OUT_WAIT_S
-                await self._record_some(target_id, tenant_id, claim.target, in_flight)
+                done = await self._wait_some(tenant_id, in_flight)
+                # recorded while the next claim, which does not count their leases
+                # against the cap (they are not in flight any more), is made
+                ending = [t.id if isinstance(t, Claimed) else t.attempt.delivery.id for t in done]
+                recording = asyncio.ensure_future(
+                    self._record_ended(target_id, tenant_id, claim.target, done)
+                )
+                if not all(isinstance(t, _Sent) and t.trips is False for t in done):
+                    # a failure may open the breaker, a skipped claim is given back:
+                    # the next claim sees what this record decides
+                    await asyncio.wait({recording})
                 claim = claim._replace(more=True)
         finally:
-            if in_flight:  # only when the drainer itself is cancelled or fails
+            if recording is not None:  # only when the drainer itself is cancelled or fails
+                recording.cancel()
+            if in_flight:
                 for task in in_flight:
                     task.cancel()
                 self.slots.release(tenant_id, len(in_flight))
@@ -353,9 +377,10 @@ class Engine:
         tenant_id: str,
         last: _Round,
         in_flight: set[asyncio.Task[_Sent | Claimed]],
+        ending: list[str],
     ) -> _Round:
         """Claim and start what the target's cap (this drainer's part of it), the slots
-        and its rate limit allow."""
+        and its rate limit allow (``ending``: leases whose attempts ended, being recorded)."""
         target = last.target
         cap = target.max_in_flight if target is not None else FIRST_CLAIM
         room = claims.part_of_cap(cap, last.sharers) - len(in_flight)
@@ -390,6 +415,7 @@ class Engine:
                     lease_s=self.lease_s,
                     holder=self.holder,
                     holding=len(in_flight),
+                    ending=ending,
                 )
         except BaseException:
             self.slots.release(tenant_id, slots)
@@ -533,14 +559,10 @@ class Engine:
         )
         return _Sent(attempt, trips_breaker(status_code, error))
 
-    async def _record_some(
-        self,
-        target_id: str,
-        tenant_id: str,
-        target: SendTarget | None,
-        in_flight: set[asyncio.Task[_Sent | Claimed]],
-    ) -> None:
-        """Wait for attempts to end, then record those that did, together."""
+    async def _wait_some(
+        self, tenant_id: str, in_flight: set[asyncio.Task[_Sent | Claimed]]
+    ) -> list[_Sent | Claimed]:
+        """Wait for attempts to end (and briefly for others, to record together)."""
         done, pending = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
         if pending:
             more, _ = await asyncio.wait(pending, timeout=GATHER_S)
@@ -548,7 +570,17 @@ class Engine:
         in_flight -= done
         self.slots.release(tenant_id, len(done))
         ENGINE_IN_FLIGHT.dec(len(done))
-        ended = [t.result() for t in done]
+        return [t.result() for t in done]
+
+    async def _record_ended(
+        self,
+        target_id: str,
+        tenant_id: str,
+        target: SendTarget | None,
+        ended: list[_Sent | Claimed],
+    ) -> bool:
+        """Record the attempts that ended, together; True if that may have made the
+        next of an ordering key due."""
         sent = [s for s in ended if isinstance(s, _Sent)]
         skipped = [c for c in ended if isinstance(c, Claimed)]
         if skipped:
@@ -560,7 +592,7 @@ class Engine:
                 log.warning("release of %s failed: %r", target_id, exc)
             self._rewake.add(target_id)
         if not sent:
-            return
+            return False
         clean = (
             target is not None and target.breaker == "closed" and not target.consecutive_failures
         )
@@ -594,6 +626,10 @@ class Engine:
                     "duration_ms": a.duration_ms,
                 },
             )
+        return any(
+            s.attempt.delivery.order_key is not None and s.attempt.status in ("succeeded", "dead")
+            for s in sent
+        )
 
     def _breaker_update(self, sent: Iterable[_Sent]) -> Callable[[Breaker], Breaker]:
         ends = [(s.trips, s.attempt.error or f"HTTP {s.attempt.status_code}") for s in sent]

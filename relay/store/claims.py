@@ -118,14 +118,9 @@ FROM targets t LEFT JOIN target_health h ON h.target_id = t.id
 WHERE t.id = $1
 """
 
-# One call claims (migration 0016: the lock, the target read after it, the claim,
-# the cap's share among drainers): see relay_claim() there.
-_CLAIM = "SELECT * FROM relay_claim($1, $2, $3, $4, $5, $6, $7, $8)"
-
-
-# The claimed deliveries' payloads, by their events' ids (migration 0018: a function,
-# so that its plan probes the index however small the day's events were when planned).
-_PAYLOADS = "SELECT id, payload FROM relay_payloads($1::text[])"
+# One call claims (migrations 0016, 0018: the lock, the target read after it, the
+# claim, the cap's share among drainers, the payloads): see relay_claim() there.
+_CLAIM = "SELECT * FROM relay_claim($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 
 
 async def read_target(conn: Queries, target_id: str) -> SendTarget | None:
@@ -176,10 +171,11 @@ async def claim_share(
     lease_s: float,
     holder: str | None = None,
     holding: int = 0,
+    ending: Sequence[str] = (),
 ) -> Share:
     """Claim up to ``want`` due deliveries of a target, within its cap and its breaker.
 
-    One call (relay_claim, migration 0016). The claims of one target are
+    One call (relay_claim, migrations 0016 and 0018), payloads included. The claims of one target are
     serialised (an advisory lock for the length of that call's transaction), so
     the count of leases and the new ones agree across every worker process: the
     target never has more than ``max_in_flight`` attempts in flight. An open
@@ -192,38 +188,41 @@ async def claim_share(
     ``SHARE_MIN_PART`` or more), so a second worker process woken for a busy
     target gets room as the first one's attempts end, instead of finding the
     cap always full.
+
+    ``ending``: leases of this drainer whose attempts have ended, and whose record
+    is on its way (another connection): they are not in flight at the target, so
+    the claim does not count them against the cap, and a drainer can claim their
+    replacements while it records them.
     """
     row = await conn.fetchrow(
-        _CLAIM, target_id, _CLAIM_LOCK, want, lease_s, holder, holding, SHARE_S, SHARE_MIN_PART
+        _CLAIM,
+        target_id,
+        _CLAIM_LOCK,
+        want,
+        lease_s,
+        holder,
+        holding,
+        SHARE_S,
+        SHARE_MIN_PART,
+        list(ending),
     )
     if row is None:
         return Share(None, [], 0, False, False)
     target = SendTarget.from_row(row)
-    rows = [
-        {"id": i, "event_id": e, "attempt_count": n, "locked_until": lease, "order_key": key}
-        for i, e, n, lease, key in zip(
-            row["claimed"],
-            row["event_ids"],
-            row["attempt_counts"],
-            row["leases"],
-            row["order_keys"],
-            strict=True,
-        )
-    ]
-    # read once the claim lock is given back: the leases keep the events (retention
-    # never deletes the event of a delivery still to be sent; nothing changes a payload)
-    payloads = {}
-    if rows:
-        events = sorted({r["event_id"] for r in rows})
-        payloads = {r["id"]: r["payload"] for r in await conn.fetch(_PAYLOADS, events)}
-    # (a delivery whose event is gone, which retention never leaves, is not attempted)
+    claimed = zip(
+        row["claimed"],
+        row["event_ids"],
+        row["attempt_counts"],
+        row["leases"],
+        row["payloads"],
+        row["order_keys"],
+        strict=True,
+    )
+    # (a delivery whose event is gone, which retention never leaves, has no payload:
+    # it is not attempted)
     return Share(
         target,
-        [
-            Claimed.from_row({**r, "payload": payloads[r["event_id"]]})
-            for r in rows
-            if r["event_id"] in payloads
-        ],
+        [Claimed(*c) for c in claimed if c[4] is not None],
         row["sharers"],
         row["kept_out"],
         row["sharing"],

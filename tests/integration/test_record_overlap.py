@@ -1,0 +1,112 @@
+"""A target's next deliveries go out while the last ones are recorded.
+
+A target's cap (``max_in_flight``) counts attempts in flight at the target. A
+drainer used to record the attempts that ended, and only then claim their
+replacements: each slot of the cap stayed idle for a record's round trip and a
+claim's after its attempt had its answer. At 1,000 events/s to a target of the
+default cap of 10, that idle time was the limit: the backlog grew and the
+end-to-end latency went to seconds. Now the claim that follows does not count
+the leases of the attempts being recorded, and is made while the record is.
+
+One engine runs in this process, on its own pool and broker connection as a worker
+process has them, against real Postgres, Redis and a receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import web
+
+from relay.core.config import Settings
+from relay.delivery.wakeups import make_broker
+from tests.conftest import Tenant
+from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
+from tests.stack import Receiver, eventually
+from workers.broker import close_context, open_context
+from workers.engine import Engine
+
+CAP = 2
+EVENTS = 6
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[Engine]:
+    broker = make_broker(settings.broker_url, middleware=[], fail_fast=True)
+    context = await open_context(settings, broker)
+    engine = Engine(context)
+    try:
+        yield engine
+    finally:
+        await engine.close(timeout_s=5)
+        await close_context(context)
+
+
+async def test_a_slow_record_does_not_hold_the_targets_next_deliveries(
+    client: Any, tenant: Tenant, engine: Engine, receiver: Receiver, database_url: str
+) -> None:
+    answering = most = 0
+
+    async def counted(request: web.Request, count: int) -> web.StreamResponse:
+        nonlocal answering, most
+        answering += 1
+        most = max(most, answering)
+        try:
+            await asyncio.sleep(0.01)
+        finally:
+            answering -= 1
+        return web.Response(status=200)
+
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant, url=receiver.on("/next", counted), max_in_flight=CAP)
+    batch = [{**SOFTLEDGER, "uuid": f"next-{i}"} for i in range(EVENTS)]
+    assert (await post_token(client, source, batch)).status == 202
+
+    # Given records that cannot be written for now (another session holds the
+    # attempts table: each record waits for it)
+    holder = await asyncpg.connect(database_url)
+    transaction = holder.transaction()
+    await transaction.start()
+    await holder.execute("LOCK TABLE attempts IN SHARE MODE")
+    try:
+        # When the engine drains the target
+        engine.wake(target["id"], tenant.id)
+
+        # Then, while the first attempts' record waits, their replacements are sent
+        async def replaced() -> bool:
+            return len(receiver.at("/next")) >= 2 * CAP
+
+        await eventually(replaced, timeout=10)
+        await asyncio.sleep(0.3)
+        # and no more than that: the claim after waits for that record to end
+        assert len(receiver.at("/next")) == 2 * CAP
+    finally:
+        await transaction.rollback()
+        await holder.close()
+
+    # And once records go through, every event is delivered once, never more than
+    # the cap at the target at once, and every attempt is recorded
+    async def all_received() -> bool:
+        return len(receiver.at("/next")) >= EVENTS
+
+    await eventually(all_received, timeout=30)
+    assert len({r.headers["webhook-id"] for r in receiver.at("/next")}) == EVENTS
+    assert len(receiver.at("/next")) == EVENTS
+    assert most <= CAP
+
+    async def recorded() -> bool:
+        conn = await asyncpg.connect(database_url)
+        try:
+            succeeded = await conn.fetchval(
+                "SELECT count(*) FROM deliveries WHERE target_id = $1 AND status = 'succeeded'",
+                target["id"],
+            )
+            return bool(succeeded == EVENTS)
+        finally:
+            await conn.close()
+
+    await eventually(recorded, timeout=10)
