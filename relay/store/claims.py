@@ -175,12 +175,13 @@ async def claim_share(
 ) -> Share:
     """Claim up to ``want`` due deliveries of a target, within its cap and its breaker.
 
-    One call (relay_claim, migrations 0016 and 0018), payloads included. The claims of one target are
-    serialised (an advisory lock for the length of that call's transaction), so
-    the count of leases and the new ones agree across every worker process: the
-    target never has more than ``max_in_flight`` attempts in flight. An open
-    breaker claims nothing until its open period ends; then one probe is claimed
-    and the breaker is half_open until it is recorded (or its lease lapses).
+    One call (relay_claim, migrations 0016 and 0018), payloads included. The
+    claims of one target are serialised (an advisory lock for the length of that
+    call's transaction), so the count of leases and the new ones agree across
+    every worker process: the target never has more than ``max_in_flight``
+    attempts in flight. An open breaker claims nothing until its open period
+    ends; then one probe is claimed and the breaker is half_open until it is
+    recorded (or its lease lapses).
 
     ``holder`` (a drainer, unique across processes) holding ``holding`` leases
     of the target shares its cap with the other drainers that saw a backlog of
