@@ -57,7 +57,7 @@ from relay.delivery.outcome import (
     parse_retry_after,
     trips_breaker,
 )
-from relay.delivery.wakeups import Enqueuer
+from relay.delivery.wakeups import DRAINING_TTL_MS, Enqueuer, draining_key
 from relay.store import claims
 from relay.store.claims import Attempt, BreakerChange, Claimed, SendTarget
 from relay.store.db import POSTGRES_DOWN, Conn, Pool
@@ -177,6 +177,10 @@ class _Sent:
 
 #: How long a rate-limit mark outlasts the limiter's wait (waiting_for "rate_limit").
 RATE_MARK_S = 1.0
+
+#: A drainer keeps its target's draining key (relay.delivery.wakeups.draining_key)
+#: from its second claim that found work, renewed this often while it drains.
+DRAINING_RENEW_S = 1.0
 
 #: Deliveries a drainer claims first, before it knows the target's own cap.
 FIRST_CLAIM = 10
@@ -310,15 +314,25 @@ class Engine:
         # the record of the attempts that ended last, made while the next claim is
         recording: asyncio.Task[bool] | None = None
         ending: list[str] = []
+        # claims that found work; when this drainer last renewed the draining key
+        found = 0
+        kept_at: float | None = None
         try:
             while True:
                 self._rewake.discard(target_id)
                 if claim.more and not self._closing:
                     try:
+                        started = len(in_flight)
                         claim = await self._claim_more(
                             target_id, tenant_id, claim, in_flight, ending
                         )
                         sharing = sharing or claim.sharing
+                        if len(in_flight) > started:  # it found work
+                            found += 1
+                            if found >= 2 and (
+                                kept_at is None or time.monotonic() - kept_at > DRAINING_RENEW_S
+                            ):
+                                kept_at = await self._keep_draining(target_id) or kept_at
                     except (*POSTGRES_DOWN, TimeoutError) as exc:
                         log.warning("claim of %s failed: %s", target_id, type(exc).__name__)
                         self.wake_later(target_id, tenant_id, 1.0)
@@ -343,6 +357,13 @@ class Engine:
                         kept_out_wait = min(2 * kept_out_wait, KEPT_OUT_MAX_WAIT_S)
                         claim = claim._replace(more=True)
                         continue
+                    if kept_at is not None:
+                        # the gateway skipped wake-ups while the key was kept: what
+                        # was committed before it was deleted, this last claim finds
+                        kept_at = None
+                        await self._stop_draining(target_id)
+                        claim = claim._replace(more=True)
+                        continue
                     break
                 kept_out_wait = KEPT_OUT_WAIT_S
                 done = await self._wait_some(tenant_id, in_flight)
@@ -358,6 +379,9 @@ class Engine:
                     await asyncio.wait({recording})
                 claim = claim._replace(more=True)
         finally:
+            if kept_at is not None:  # closing, cancelled or failed: another process claims
+                await self._stop_draining(target_id)
+                await self.ctx.enqueuer.wake([(target_id, tenant_id)])
             if recording is not None:  # only when the drainer itself is cancelled or fails
                 recording.cancel()
             if in_flight:
@@ -370,6 +394,22 @@ class Engine:
         target = claim.target
         if target is not None and target.live and not self._closing:
             await self._time_next(target_id, tenant_id)
+
+    async def _keep_draining(self, target_id: str) -> float | None:
+        """Keep (or renew) the target's draining key; when, or None if Redis is away."""
+        try:
+            await self.ctx.redis.set(draining_key(target_id), self.holder, px=DRAINING_TTL_MS)
+        except Exception as exc:  # the gateway wakes the target as before
+            log.debug("draining key of %s not kept: %s", target_id, type(exc).__name__)
+            return None
+        return time.monotonic()
+
+    async def _stop_draining(self, target_id: str) -> None:
+        """Delete the target's draining key (the gateway wakes the target again)."""
+        try:
+            await self.ctx.redis.delete(draining_key(target_id))
+        except Exception as exc:  # it lapses (DRAINING_TTL_MS); the sweeper backs it up
+            log.warning("draining key of %s not deleted: %s", target_id, type(exc).__name__)
 
     async def _claim_more(
         self,

@@ -210,7 +210,9 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
 
 async def _broker(app: web.Application) -> AsyncIterator[None]:
     # No middleware: the gateway only enqueues; the workers carry the actor's options.
-    app[ENQUEUER] = Enqueuer(make_broker(app[SETTINGS].broker_url, middleware=[], fail_fast=True))
+    # (no immediate wake-up for a target whose busy drainer keeps its key in Redis)
+    broker = make_broker(app[SETTINGS].broker_url, middleware=[], fail_fast=True)
+    app[ENQUEUER] = Enqueuer(broker, draining=app[REDIS])
     yield
     await app[ENQUEUER].close()
 

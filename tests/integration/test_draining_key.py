@@ -1,0 +1,154 @@
+"""No wake-up for a target whose busy drainer claims again anyway.
+
+Every committed group woke its targets through the broker. At 1,000 events/s to
+one target, that was ~600 messages a second for a drainer that was claiming
+anyway: each taken by a worker thread of either process (and the other process
+started a drainer of its own, to contend for the same cap). A drainer that
+claims batch after batch now keeps a key in Redis; the gateway sends no
+immediate wake-up for a target that has it. Before it ends, the drainer deletes
+the key and claims once more: an event committed while the key was there
+(whose wake-up was skipped) is committed before that last claim.
+
+The gateway (the test client) and an engine, each with its own Redis and broker
+connections as two processes have them, against real Postgres, Redis and a
+receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from relay.core.config import Settings
+from relay.delivery import wakeups
+from relay.delivery.wakeups import draining_key, make_broker
+from tests.conftest import Tenant
+from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
+from tests.stack import Receiver, eventually
+from workers.broker import close_context, open_context
+from workers.engine import Engine
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("BROKER_URL", "").startswith("amqp"),
+    reason="counts the wake-ups on a Redis broker",
+)
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[Engine]:
+    broker = make_broker(settings.broker_url, middleware=[], fail_fast=True)
+    context = await open_context(settings, broker)
+    running = Engine(context)
+    try:
+        yield running
+    finally:
+        await running.close(timeout_s=5)
+        await close_context(context)
+
+
+@pytest.fixture
+async def redis(clean_redis: str) -> AsyncIterator[Any]:
+    client = aioredis.from_url(clean_redis)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def woken(redis: Any, target_id: str) -> int:
+    """Wake-ups of ``target_id`` on the broker, not yet taken."""
+    messages = await redis.hvals(f"dramatiq:{wakeups.QUEUE}.msgs")
+    return sum(
+        1
+        for m in map(json.loads, messages)
+        if m["actor_name"] == wakeups.WAKE_ACTOR and m["args"][0] == target_id
+    )
+
+
+async def test_the_gateway_wakes_no_target_a_busy_drainer_keeps(
+    client: Any, tenant: Tenant, receiver: Receiver, redis: Any
+) -> None:
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant, url=receiver.url("/kept"))
+    # Given a drainer in another process keeping the target's key
+    await redis.set(draining_key(target["id"]), "drn_elsewhere", px=5000)
+    # When an event for it is committed
+    assert (await post_token(client, source, [{**SOFTLEDGER, "uuid": "kept-1"}])).status == 202
+    await asyncio.sleep(0.2)  # the wake-ups go after the answer
+    # Then no wake-up is sent for it
+    assert await woken(redis, target["id"]) == 0
+    # and once the key is gone, the next event wakes the target again
+    await redis.delete(draining_key(target["id"]))
+    assert (await post_token(client, source, [{**SOFTLEDGER, "uuid": "kept-2"}])).status == 202
+
+    async def sent() -> bool:
+        return await woken(redis, target["id"]) == 1
+
+    await eventually(sent, timeout=5)
+
+
+async def test_an_event_whose_wake_up_was_skipped_is_sent_by_the_drainers_last_claim(
+    client: Any,
+    tenant: Tenant,
+    engine: Engine,
+    receiver: Receiver,
+    redis: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gate = asyncio.Event()
+
+    async def held(request: web.Request, count: int) -> web.StreamResponse:
+        await gate.wait()
+        return web.Response(status=200)
+
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant, url=receiver.on("/last", held), max_in_flight=2)
+    assert (
+        await post_token(client, source, [{**SOFTLEDGER, "uuid": f"last-{i}"} for i in range(6)])
+    ).status == 202
+    # Given a drainer sending a backlog batch after batch: it keeps the target's key
+    engine.wake(target["id"], tenant.id)
+    key = draining_key(target["id"])
+
+    async def kept() -> bool:
+        return bool(await redis.exists(key))
+
+    gate.set()
+    await eventually(kept, timeout=10, every=0.005)
+    # When an event is committed just before the drainer gives the key up (the
+    # gateway sees the key: it sends no wake-up)
+    stop_draining = engine._stop_draining
+    late: list[int] = []
+
+    async def stop_after_a_late_event(target_id: str) -> None:
+        if not late:
+            before = await woken(redis, target["id"])  # (the backlog's, never taken here)
+            late.append(
+                (await post_token(client, source, [{**SOFTLEDGER, "uuid": "last-late"}])).status
+            )
+            await asyncio.sleep(0.2)  # the gateway's wake-ups are sent (or not) by now
+            late.append(await woken(redis, target["id"]) - before)
+        await stop_draining(target_id)
+
+    monkeypatch.setattr(engine, "_stop_draining", stop_after_a_late_event)
+
+    # Then the drainer's last claim sends it, with no wake-up for it, and no key is left
+    async def all_sent() -> bool:
+        return len({r.headers["webhook-id"] for r in receiver.at("/last")}) == 7
+
+    await eventually(all_sent, timeout=10)
+    assert late == [202, 0]
+
+    # and the drainer ends, leaving no key (the gateway wakes the target again)
+    async def ended() -> bool:
+        return not engine._drainers
+
+    await eventually(ended, timeout=5)
+    assert not await redis.exists(key)
