@@ -181,6 +181,8 @@ RATE_MARK_S = 1.0
 #: A drainer keeps its target's draining key (relay.delivery.wakeups.draining_key)
 #: from its second claim that found work, renewed this often while it drains.
 DRAINING_RENEW_S = 1.0
+#: The longest a drainer waits for Redis to keep or delete that key.
+DRAINING_REDIS_S = 0.5
 
 #: Deliveries a drainer claims first, before it knows the target's own cap.
 FIRST_CLAIM = 10
@@ -314,25 +316,30 @@ class Engine:
         # the record of the attempts that ended last, made while the next claim is
         recording: asyncio.Task[bool] | None = None
         ending: list[str] = []
-        # claims that found work; when this drainer last renewed the draining key
+        # claims that found work; when this drainer last renewed the draining key;
+        # whether it deleted the key since its last claim (one more claim is owed)
         found = 0
         kept_at: float | None = None
+        owed = False
         try:
             while True:
                 self._rewake.discard(target_id)
                 if claim.more and not self._closing:
                     try:
                         started = len(in_flight)
+                        owed = False
                         claim = await self._claim_more(
                             target_id, tenant_id, claim, in_flight, ending
                         )
                         sharing = sharing or claim.sharing
-                        if len(in_flight) > started:  # it found work
-                            found += 1
-                            if found >= 2 and (
-                                kept_at is None or time.monotonic() - kept_at > DRAINING_RENEW_S
-                            ):
-                                kept_at = await self._keep_draining(target_id) or kept_at
+                        found += len(in_flight) > started
+                        keep = found >= 2 and self._keeps_target(claim)
+                        if keep and (
+                            kept_at is None or time.monotonic() - kept_at > DRAINING_RENEW_S
+                        ):
+                            kept_at = await self._keep_draining(target_id)
+                        elif not keep and kept_at is not None:
+                            kept_at, owed = None, await self._stop_draining(target_id)
                     except (*POSTGRES_DOWN, TimeoutError) as exc:
                         log.warning("claim of %s failed: %s", target_id, type(exc).__name__)
                         self.wake_later(target_id, tenant_id, 1.0)
@@ -358,58 +365,79 @@ class Engine:
                         claim = claim._replace(more=True)
                         continue
                     if kept_at is not None:
+                        kept_at, owed = None, await self._stop_draining(target_id)
+                    if owed:
                         # the gateway skipped wake-ups while the key was kept: what
                         # was committed before it was deleted, this last claim finds
-                        kept_at = None
-                        await self._stop_draining(target_id)
                         claim = claim._replace(more=True)
                         continue
                     break
                 kept_out_wait = KEPT_OUT_WAIT_S
                 done = await self._wait_some(tenant_id, in_flight)
-                # recorded while the next claim, which does not count their leases
-                # against the cap (they are not in flight any more), is made
-                ending = [t.id if isinstance(t, Claimed) else t.attempt.delivery.id for t in done]
                 recording = asyncio.ensure_future(
                     self._record_ended(target_id, tenant_id, claim.target, done)
                 )
-                if not all(isinstance(t, _Sent) and t.trips is False for t in done):
-                    # a failure may open the breaker, a skipped claim is given back:
-                    # the next claim sees what this record decides
+                if all(isinstance(t, _Sent) and t.attempt.status == "succeeded" for t in done):
+                    # recorded while the next claim is made, which does not count
+                    # their leases against the cap: they are not in flight any more
+                    ending = [t.attempt.delivery.id for t in done if isinstance(t, _Sent)]
+                else:
+                    # a failure may open the breaker or disable the target, a
+                    # skipped claim is given back: the next claim sees the record
                     await asyncio.wait({recording})
                 claim = claim._replace(more=True)
         finally:
-            if kept_at is not None:  # closing, cancelled or failed: another process claims
-                await self._stop_draining(target_id)
-                await self.ctx.enqueuer.wake([(target_id, tenant_id)])
-            if recording is not None:  # only when the drainer itself is cancelled or fails
-                recording.cancel()
-            if in_flight:
+            # first what needs no waiting: attempts, slots, the gauge
+            if in_flight:  # only when the drainer itself is cancelled or fails
                 for task in in_flight:
                     task.cancel()
                 self.slots.release(tenant_id, len(in_flight))
                 ENGINE_IN_FLIGHT.dec(len(in_flight))
+            current = asyncio.current_task()
+            if recording is not None and current is not None and current.cancelling():
+                recording.cancel()  # their leases lapse: the sweeper resends them
+            elif recording is not None:  # the drainer failed: what was answered is kept
+                await asyncio.wait({recording})
+            if kept_at is not None or owed:  # closing or failed: another process claims
+                if kept_at is not None:
+                    await self._stop_draining(target_id)
+                await self.ctx.enqueuer.wake([(target_id, tenant_id)])
         if sharing:
             await self._end_share(target_id, tenant_id)
         target = claim.target
         if target is not None and target.live and not self._closing:
             await self._time_next(target_id, tenant_id)
 
-    async def _keep_draining(self, target_id: str) -> float | None:
-        """Keep (or renew) the target's draining key; when, or None if Redis is away."""
+    @staticmethod
+    def _keeps_target(claim: _Round) -> bool:
+        """Whether a drainer after this claim is all its target can use: it took all
+        it asked for (a backlog waits), and the cap is too small to share with a
+        drainer of another process (claims.SHARE_MIN_PART)."""
+        target = claim.target
+        return (
+            claim.more and target is not None and target.max_in_flight < 2 * claims.SHARE_MIN_PART
+        )
+
+    async def _keep_draining(self, target_id: str) -> float:
+        """Keep (or renew) the target's draining key; when. A failed call may have set
+        it all the same: the caller treats the key as kept (it deletes it, and claims
+        once more, before it ends)."""
         try:
-            await self.ctx.redis.set(draining_key(target_id), self.holder, px=DRAINING_TTL_MS)
-        except Exception as exc:  # the gateway wakes the target as before
+            async with asyncio.timeout(DRAINING_REDIS_S):
+                await self.ctx.redis.set(draining_key(target_id), self.holder, px=DRAINING_TTL_MS)
+        except Exception as exc:
             log.debug("draining key of %s not kept: %s", target_id, type(exc).__name__)
-            return None
         return time.monotonic()
 
-    async def _stop_draining(self, target_id: str) -> None:
-        """Delete the target's draining key (the gateway wakes the target again)."""
+    async def _stop_draining(self, target_id: str) -> bool:
+        """Delete the target's draining key (the gateway wakes the target again); True:
+        the caller owes one more claim, for what the gateway did not wake meanwhile."""
         try:
-            await self.ctx.redis.delete(draining_key(target_id))
+            async with asyncio.timeout(DRAINING_REDIS_S):
+                await self.ctx.redis.delete(draining_key(target_id))
         except Exception as exc:  # it lapses (DRAINING_TTL_MS); the sweeper backs it up
             log.warning("draining key of %s not deleted: %s", target_id, type(exc).__name__)
+        return True
 
     async def _claim_more(
         self,

@@ -210,20 +210,23 @@ async def claim_share(
     if row is None:
         return Share(None, [], 0, False, False)
     target = SendTarget.from_row(row)
+    payloads = dict(zip(row["payload_ids"], row["payloads"], strict=True))
     claimed = zip(
         row["claimed"],
         row["event_ids"],
         row["attempt_counts"],
         row["leases"],
-        row["payloads"],
         row["order_keys"],
         strict=True,
     )
-    # (a delivery whose event is gone, which retention never leaves, has no payload:
-    # it is not attempted)
+    # (a delivery whose event is gone, which retention never leaves, is not attempted)
     return Share(
         target,
-        [Claimed(*c) for c in claimed if c[4] is not None],
+        [
+            Claimed(i, e, n, lease, payloads[e], key)
+            for i, e, n, lease, key in claimed
+            if e in payloads
+        ],
         row["sharers"],
         row["kept_out"],
         row["sharing"],

@@ -29,6 +29,7 @@ from aiohttp import web
 from relay.core.config import Settings
 from relay.delivery import wakeups
 from relay.delivery.wakeups import draining_key, make_broker
+from relay.store import claims
 from tests.conftest import Tenant
 from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
 from tests.stack import Receiver, eventually
@@ -127,7 +128,7 @@ async def test_an_event_whose_wake_up_was_skipped_is_sent_by_the_drainers_last_c
     stop_draining = engine._stop_draining
     late: list[int] = []
 
-    async def stop_after_a_late_event(target_id: str) -> None:
+    async def stop_after_a_late_event(target_id: str) -> bool:
         if not late:
             before = await woken(redis, target["id"])  # (the backlog's, never taken here)
             late.append(
@@ -135,7 +136,7 @@ async def test_an_event_whose_wake_up_was_skipped_is_sent_by_the_drainers_last_c
             )
             await asyncio.sleep(0.2)  # the gateway's wake-ups are sent (or not) by now
             late.append(await woken(redis, target["id"]) - before)
-        await stop_draining(target_id)
+        return await stop_draining(target_id)
 
     monkeypatch.setattr(engine, "_stop_draining", stop_after_a_late_event)
 
@@ -152,3 +153,31 @@ async def test_an_event_whose_wake_up_was_skipped_is_sent_by_the_drainers_last_c
 
     await eventually(ended, timeout=5)
     assert not await redis.exists(key)
+
+
+async def test_a_cap_shared_among_processes_is_never_kept_from_them(
+    client: Any, tenant: Tenant, engine: Engine, receiver: Receiver, redis: Any
+) -> None:
+    # (a cap of 32 or more is shared among the processes woken for its target:
+    # a kept key would keep the others from being woken)
+    gate = asyncio.Event()
+
+    async def held(request: web.Request, count: int) -> web.StreamResponse:
+        await gate.wait()
+        return web.Response(status=200)
+
+    cap = 2 * claims.SHARE_MIN_PART
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant, url=receiver.on("/shared", held), max_in_flight=cap)
+    batch = [{**SOFTLEDGER, "uuid": f"shared-{i}"} for i in range(4 * cap)]
+    assert (await post_token(client, source, batch)).status == 202
+    engine.wake(target["id"], tenant.id)
+    seen: set[int] = set()
+
+    async def drained() -> bool:
+        seen.add(int(await redis.exists(draining_key(target["id"]))))
+        return len({r.headers["webhook-id"] for r in receiver.at("/shared")}) == 4 * cap
+
+    gate.set()
+    await eventually(drained, timeout=20, every=0.002)
+    assert seen == {0}

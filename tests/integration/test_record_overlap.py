@@ -110,3 +110,38 @@ async def test_a_slow_record_does_not_hold_the_targets_next_deliveries(
             await conn.close()
 
     await eventually(recorded, timeout=10)
+
+
+async def test_a_target_that_answers_gone_gets_no_more_than_its_first_batch(
+    client: Any, tenant: Tenant, engine: Engine, receiver: Receiver, database_url: str
+) -> None:
+    async def gone(request: web.Request, count: int) -> web.StreamResponse:
+        return web.Response(status=410)
+
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant, url=receiver.on("/gone", gone), max_in_flight=CAP)
+    batch = [{**SOFTLEDGER, "uuid": f"gone-{i}"} for i in range(EVENTS)]
+    assert (await post_token(client, source, batch)).status == 202
+    # When the engine drains a target whose first batch is answered 410 Gone
+    engine.wake(target["id"], tenant.id)
+
+    async def drained() -> bool:
+        return not engine._drainers and len(receiver.at("/gone")) >= CAP
+
+    await eventually(drained, timeout=10)
+    # Then the record that disables the target comes before any further claim: the
+    # rest stay pending for the day it is enabled again, none sent to die
+    assert len(receiver.at("/gone")) == CAP
+    conn = await asyncpg.connect(database_url)
+    try:
+        statuses = dict(
+            await conn.fetch(
+                "SELECT status, count(*) FROM deliveries WHERE target_id = $1 GROUP BY 1",
+                target["id"],
+            )
+        )
+        enabled = await conn.fetchval("SELECT enabled FROM targets WHERE id = $1", target["id"])
+    finally:
+        await conn.close()
+    assert statuses == {"dead": CAP, "pending": EVENTS - CAP}
+    assert enabled is False
