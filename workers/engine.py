@@ -181,6 +181,9 @@ RATE_MARK_S = 1.0
 #: A drainer keeps its target's draining key (relay.delivery.wakeups.draining_key)
 #: from its second claim that found work, renewed this often while it drains.
 DRAINING_RENEW_S = 1.0
+#: A drainer keeps the key while its attempts end within this: an event whose
+#: wake-up is skipped waits for the drainer's next claim, after the next end.
+DRAINING_SOON_S = 0.05
 #: The longest a drainer waits for Redis to keep or delete that key.
 DRAINING_REDIS_S = 0.5
 
@@ -321,6 +324,8 @@ class Engine:
         found = 0
         kept_at: float | None = None
         owed = False
+        # how long the last wait for an attempt to end took
+        waited_s = 0.0
         try:
             while True:
                 self._rewake.discard(target_id)
@@ -332,8 +337,9 @@ class Engine:
                             target_id, tenant_id, claim, in_flight, ending
                         )
                         sharing = sharing or claim.sharing
-                        found += len(in_flight) > started
-                        keep = found >= 2 and self._keeps_target(claim)
+                        fresh = len(in_flight) > started  # it found work
+                        found += fresh
+                        keep = fresh and found >= 2 and self._keeps_target(claim, waited_s)
                         if keep and (
                             kept_at is None or time.monotonic() - kept_at > DRAINING_RENEW_S
                         ):
@@ -373,7 +379,9 @@ class Engine:
                         continue
                     break
                 kept_out_wait = KEPT_OUT_WAIT_S
+                waiting_since = time.monotonic()
                 done = await self._wait_some(tenant_id, in_flight)
+                waited_s = time.monotonic() - waiting_since
                 recording = asyncio.ensure_future(
                     self._record_ended(target_id, tenant_id, claim.target, done)
                 )
@@ -409,13 +417,16 @@ class Engine:
             await self._time_next(target_id, tenant_id)
 
     @staticmethod
-    def _keeps_target(claim: _Round) -> bool:
-        """Whether a drainer after this claim is all its target can use: it took all
-        it asked for (a backlog waits), and the cap is too small to share with a
-        drainer of another process (claims.SHARE_MIN_PART)."""
+    def _keeps_target(claim: _Round, waited_s: float) -> bool:
+        """Whether a drainer after this claim is all its target can use, and claims
+        again soon: its cap is too small to share with a drainer of another process
+        (claims.SHARE_MIN_PART), and it took all it asked for (a backlog waits) or
+        its attempts end quickly (its next claim comes within DRAINING_SOON_S)."""
         target = claim.target
         return (
-            claim.more and target is not None and target.max_in_flight < 2 * claims.SHARE_MIN_PART
+            target is not None
+            and target.max_in_flight < 2 * claims.SHARE_MIN_PART
+            and (claim.more or waited_s < DRAINING_SOON_S)
         )
 
     async def _keep_draining(self, target_id: str) -> float:

@@ -181,3 +181,41 @@ async def test_a_cap_shared_among_processes_is_never_kept_from_them(
     gate.set()
     await eventually(drained, timeout=20, every=0.002)
     assert seen == {0}
+
+
+async def test_a_slow_target_with_room_is_not_kept_from_its_wake_ups(
+    client: Any, tenant: Tenant, engine: Engine, receiver: Receiver, redis: Any
+) -> None:
+    # (a fresh event whose wake-up is skipped waits for the drainer's next claim,
+    # which comes after its next attempt ends: for a target that answers slowly and
+    # has room in its cap, that would be a wait another process need not impose)
+    async def slow(request: web.Request, count: int) -> web.StreamResponse:
+        await asyncio.sleep(0.2)
+        return web.Response(status=200)
+
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant, url=receiver.on("/slow", slow), max_in_flight=10)
+    seen: set[int] = set()
+    watching = True
+
+    async def watch() -> None:
+        while watching:
+            seen.add(int(await redis.exists(draining_key(target["id"]))))
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        for i in range(6):  # one event at a time, each woken as the gateway would
+            answer = await post_token(client, source, [{**SOFTLEDGER, "uuid": f"slow-{i}"}])
+            assert answer.status == 202
+            engine.wake(target["id"], tenant.id)
+            await asyncio.sleep(0.08)
+
+        async def all_sent() -> bool:
+            return len(receiver.at("/slow")) == 6 and not engine._drainers
+
+        await eventually(all_sent, timeout=10)
+    finally:
+        watching = False
+        await watcher
+    assert seen == {0}
