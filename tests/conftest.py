@@ -260,6 +260,24 @@ async def receiver() -> Any:
 
 
 @pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[Any]:
+    """The delivery engine of a worker process, in this process, on its own pool, Redis
+    and broker connection as a worker process has them; closed at the end."""
+    from relay.delivery.wakeups import make_broker
+    from workers.broker import close_context, open_context
+    from workers.engine import Engine
+
+    broker = make_broker(settings.broker_url, middleware=[], fail_fast=True)
+    context = await open_context(settings, broker)
+    running = Engine(context)
+    try:
+        yield running
+    finally:
+        await running.close(timeout_s=5)
+        await close_context(context)
+
+
+@pytest.fixture
 def worker(database_url: str, clean_redis: str, tmp_path: Any) -> Iterator[Any]:
     """A running `relay worker` (1 process) on this module's database and a clean Redis."""
     from tests.stack import WorkerProcess

@@ -26,32 +26,18 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from relay.core.config import Settings
 from relay.delivery import wakeups
-from relay.delivery.wakeups import draining_key, make_broker
+from relay.delivery.wakeups import draining_key
 from relay.store import claims
 from tests.conftest import Tenant
 from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
 from tests.stack import Receiver, eventually
-from workers.broker import close_context, open_context
 from workers.engine import Engine
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("BROKER_URL", "").startswith("amqp"),
     reason="counts the wake-ups on a Redis broker",
 )
-
-
-@pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[Engine]:
-    broker = make_broker(settings.broker_url, middleware=[], fail_fast=True)
-    context = await open_context(settings, broker)
-    running = Engine(context)
-    try:
-        yield running
-    finally:
-        await running.close(timeout_s=5)
-        await close_context(context)
 
 
 @pytest.fixture

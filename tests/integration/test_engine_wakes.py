@@ -13,32 +13,15 @@ look is held open (its store call waits on an event) to make the moment last.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from relay.core.config import Settings
-from relay.delivery.wakeups import make_broker
 from relay.store import claims
 from tests.conftest import Tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
 from tests.stack import Receiver, eventually
-from workers.broker import close_context, open_context
 from workers.engine import Engine
-
-
-@pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[Engine]:
-    """The engine of a worker process, on its own resources, in this process."""
-    broker = make_broker(settings.broker_url, middleware=[], fail_fast=True)
-    context = await open_context(settings, broker)
-    running = Engine(context)
-    try:
-        yield running
-    finally:
-        await running.close(timeout_s=5)
-        await close_context(context)
 
 
 async def test_a_wake_up_while_the_drainer_ends_is_not_lost(

@@ -15,35 +15,18 @@ process has them, against real Postgres, Redis and a receiver.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import pytest
 from aiohttp import web
 
-from relay.core.config import Settings
-from relay.delivery.wakeups import make_broker
 from tests.conftest import Tenant
 from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
 from tests.stack import Receiver, eventually
-from workers.broker import close_context, open_context
 from workers.engine import Engine
 
 CAP = 2
 EVENTS = 6
-
-
-@pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[Engine]:
-    broker = make_broker(settings.broker_url, middleware=[], fail_fast=True)
-    context = await open_context(settings, broker)
-    engine = Engine(context)
-    try:
-        yield engine
-    finally:
-        await engine.close(timeout_s=5)
-        await close_context(context)
 
 
 async def test_a_slow_record_does_not_hold_the_targets_next_deliveries(
