@@ -32,6 +32,25 @@ class Received:
 Behaviour = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
 
 
+class InFlight:
+    """A behaviour that answers 200 after ``answer_s``, counting the most requests it
+    held at once (a target's cap, as its receiver sees it)."""
+
+    def __init__(self, answer_s: float) -> None:
+        self.answer_s = answer_s
+        self.now = 0
+        self.most = 0
+
+    async def __call__(self, request: web.Request, count: int) -> web.StreamResponse:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            await asyncio.sleep(self.answer_s)
+        finally:
+            self.now -= 1
+        return web.Response(status=200)
+
+
 class Receiver:
     """An HTTP server on 127.0.0.1 that records every request and answers per path."""
 

@@ -12,21 +12,19 @@ worker process has them, against real Postgres, Redis and a receiver.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import web
 
 from relay.core.config import Settings
 from relay.delivery.wakeups import make_broker
 from relay.store import claims, housekeeping
 from tests.conftest import Tenant
 from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
-from tests.stack import Receiver, eventually
+from tests.stack import InFlight, Receiver, eventually
 from workers.broker import close_context, open_context
 from workers.engine import Engine
 
@@ -71,18 +69,7 @@ async def test_a_second_worker_shares_a_busy_targets_cap(
     receiver: Receiver,
     database_url: str,
 ) -> None:
-    answering = most = 0
-
-    async def slow(request: web.Request, count: int) -> web.StreamResponse:
-        nonlocal answering, most
-        answering += 1
-        most = max(most, answering)
-        try:
-            await asyncio.sleep(ANSWER_S)
-        finally:
-            answering -= 1
-        return web.Response(status=200)
-
+    slow = InFlight(ANSWER_S)
     source = await make_source(client, tenant)
     target = await make_target(client, tenant, url=receiver.on("/busy", slow), max_in_flight=CAP)
     batch = [{**SOFTLEDGER, "uuid": f"busy-{i}"} for i in range(EVENTS)]
@@ -109,7 +96,7 @@ async def test_a_second_worker_shares_a_busy_targets_cap(
     # Then both send a fair part of what was left, and never more than the cap at once
     assert sent["first"] + sent["second"] >= EVENTS
     assert sent["second"] >= EVENTS // 4, sent
-    assert most <= CAP
+    assert slow.most <= CAP
 
     # and once the backlog is gone, neither keeps a part of the cap
     async def shares_ended() -> bool:

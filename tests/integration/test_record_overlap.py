@@ -22,7 +22,7 @@ from aiohttp import web
 
 from tests.conftest import Tenant
 from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
-from tests.stack import Receiver, eventually
+from tests.stack import InFlight, Receiver, eventually
 from workers.engine import Engine
 
 CAP = 2
@@ -32,18 +32,7 @@ EVENTS = 6
 async def test_a_slow_record_does_not_hold_the_targets_next_deliveries(
     client: Any, tenant: Tenant, engine: Engine, receiver: Receiver, database_url: str
 ) -> None:
-    answering = most = 0
-
-    async def counted(request: web.Request, count: int) -> web.StreamResponse:
-        nonlocal answering, most
-        answering += 1
-        most = max(most, answering)
-        try:
-            await asyncio.sleep(0.01)
-        finally:
-            answering -= 1
-        return web.Response(status=200)
-
+    counted = InFlight(0.01)
     source = await make_source(client, tenant)
     target = await make_target(client, tenant, url=receiver.on("/next", counted), max_in_flight=CAP)
     batch = [{**SOFTLEDGER, "uuid": f"next-{i}"} for i in range(EVENTS)]
@@ -79,7 +68,7 @@ async def test_a_slow_record_does_not_hold_the_targets_next_deliveries(
     await eventually(all_received, timeout=30)
     assert len({r.headers["webhook-id"] for r in receiver.at("/next")}) == EVENTS
     assert len(receiver.at("/next")) == EVENTS
-    assert most <= CAP
+    assert counted.most <= CAP
 
     async def recorded() -> bool:
         conn = await asyncpg.connect(database_url)
