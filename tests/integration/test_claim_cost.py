@@ -146,8 +146,9 @@ async def test_a_claim_reads_pages_for_its_cap_not_for_the_backlog(
     # now that the claim is one call, what its statements' planning and the target
     # read take (136 for 10 in all), and since 0018 the payloads' read, planned at each
     # claim with the events' ids as values so that only their partitions are opened
-    # (221-277 in all): not the backlog's (~1,100 pages at 40,000)
-    assert pages < 320, pages
+    # (221-277 in all on Debian's Postgres 15, 367-369 on the embedded one of
+    # `[embedded]`): a cost per claim, not the backlog's (~1,100 pages at 40,000)
+    assert pages < 500, pages
 
 
 async def test_a_record_reads_pages_for_what_it_records_not_for_the_backlog(
