@@ -32,12 +32,11 @@ class Received:
 Behaviour = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
 
 
-class InFlight:
-    """A behaviour that answers 200 after ``answer_s``, counting the most requests it
-    held at once (a target's cap, as its receiver sees it)."""
+class Concurrency:
+    """A receiver behaviour that holds each request and counts how many are open at once."""
 
-    def __init__(self, answer_s: float) -> None:
-        self.answer_s = answer_s
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
         self.now = 0
         self.most = 0
 
@@ -45,7 +44,7 @@ class InFlight:
         self.now += 1
         self.most = max(self.most, self.now)
         try:
-            await asyncio.sleep(self.answer_s)
+            await asyncio.sleep(self.hold_s)
         finally:
             self.now -= 1
         return web.Response(status=200)

@@ -24,7 +24,7 @@ from relay.delivery.wakeups import make_broker
 from relay.store import claims, housekeeping
 from tests.conftest import Tenant
 from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
-from tests.stack import InFlight, Receiver, eventually
+from tests.stack import Concurrency, Receiver, eventually
 from workers.broker import close_context, open_context
 from workers.engine import Engine
 
@@ -69,7 +69,7 @@ async def test_a_second_worker_shares_a_busy_targets_cap(
     receiver: Receiver,
     database_url: str,
 ) -> None:
-    slow = InFlight(ANSWER_S)
+    slow = Concurrency(ANSWER_S)
     source = await make_source(client, tenant)
     target = await make_target(client, tenant, url=receiver.on("/busy", slow), max_in_flight=CAP)
     batch = [{**SOFTLEDGER, "uuid": f"busy-{i}"} for i in range(EVENTS)]

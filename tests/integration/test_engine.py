@@ -20,25 +20,7 @@ from relay.store import claims
 from relay.store.key_queues import lock_keys
 from tests.conftest import Tenant, make_tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
-from tests.stack import Receiver, Workers, eventually, fetch, hang
-
-
-class Concurrency:
-    """A receiver behaviour that holds each request and counts how many are open at once."""
-
-    def __init__(self, hold_s: float) -> None:
-        self.hold_s = hold_s
-        self.now = 0
-        self.most = 0
-
-    async def __call__(self, request: web.Request, count: int) -> web.StreamResponse:
-        self.now += 1
-        self.most = max(self.most, self.now)
-        try:
-            await asyncio.sleep(self.hold_s)
-        finally:
-            self.now -= 1
-        return web.Response(status=200)
+from tests.stack import Concurrency, Receiver, Workers, eventually, fetch, hang
 
 
 async def _statuses(database_url: str, target_id: str) -> dict[str, int]:

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from tests.conftest import Tenant
 from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
-from tests.stack import InFlight, Receiver, eventually
+from tests.stack import Concurrency, Receiver, eventually
 from workers.engine import Engine
 
 CAP = 2
@@ -32,7 +32,7 @@ EVENTS = 6
 async def test_a_slow_record_does_not_hold_the_targets_next_deliveries(
     client: Any, tenant: Tenant, engine: Engine, receiver: Receiver, database_url: str
 ) -> None:
-    counted = InFlight(0.01)
+    counted = Concurrency(0.01)
     source = await make_source(client, tenant)
     target = await make_target(client, tenant, url=receiver.on("/next", counted), max_in_flight=CAP)
     batch = [{**SOFTLEDGER, "uuid": f"next-{i}"} for i in range(EVENTS)]
