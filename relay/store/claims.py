@@ -118,9 +118,19 @@ FROM targets t LEFT JOIN target_health h ON h.target_id = t.id
 WHERE t.id = $1
 """
 
-# One call claims (migrations 0016, 0018: the lock, the target read after it, the
-# claim, the cap's share among drainers, the payloads): see relay_claim() there.
-_CLAIM = "SELECT * FROM relay_claim($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+# One call claims (migrations 0016, 0018, 0019: the lock, the target read after it,
+# the claim, the cap's share among drainers, the payloads up to INLINE_PAYLOAD_BYTES):
+# see relay_claim() there.
+_CLAIM = "SELECT * FROM relay_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+
+#: A claimed event's payload up to this size comes in the claim's answer (no round trip
+#: more); a larger one is read apart, a row each, once the claim's transaction (and its
+#: lock on the target) has ended: ten 900 KB payloads answered as one array cost
+#: Postgres ~100 ms a claim, and another tenant's deliveries waited (migration 0019).
+INLINE_PAYLOAD_BYTES = 64 * 1024
+
+# The payloads a claim left out, by their events' ids (migration 0019).
+_PAYLOADS = "SELECT id, payload FROM relay_payloads($1::text[])"
 
 
 async def read_target(conn: Queries, target_id: str) -> SendTarget | None:
@@ -175,13 +185,14 @@ async def claim_share(
 ) -> Share:
     """Claim up to ``want`` due deliveries of a target, within its cap and its breaker.
 
-    One call (relay_claim, migrations 0016 and 0018), payloads included. The
-    claims of one target are serialised (an advisory lock for the length of that
-    call's transaction), so the count of leases and the new ones agree across
-    every worker process: the target never has more than ``max_in_flight``
-    attempts in flight. An open breaker claims nothing until its open period
-    ends; then one probe is claimed and the breaker is half_open until it is
-    recorded (or its lease lapses).
+    One call (relay_claim, migrations 0016, 0018 and 0019), payloads included (a
+    big one is read apart after it: ``INLINE_PAYLOAD_BYTES``). The claims of one
+    target are serialised (an advisory lock for the length of that call's
+    transaction), so the count of leases and the new ones agree across every
+    worker process: the target never has more than ``max_in_flight`` attempts in
+    flight. An open breaker claims nothing until its open period ends; then one
+    probe is claimed and the breaker is half_open until it is recorded (or its
+    lease lapses).
 
     ``holder`` (a drainer, unique across processes) holding ``holding`` leases
     of the target shares its cap with the other drainers that saw a backlog of
@@ -206,11 +217,16 @@ async def claim_share(
         SHARE_S,
         SHARE_MIN_PART,
         list(ending),
+        INLINE_PAYLOAD_BYTES,
     )
     if row is None:
         return Share(None, [], 0, False, False)
     target = SendTarget.from_row(row)
     payloads = dict(zip(row["payload_ids"], row["payloads"], strict=True))
+    if big := [event_id for event_id, payload in payloads.items() if payload is None]:
+        # read apart, after the claim's transaction: the leases keep these events, and
+        # a payload never changes
+        payloads.update((r["id"], r["payload"]) for r in await conn.fetch(_PAYLOADS, big))
     claimed = zip(
         row["claimed"],
         row["event_ids"],

@@ -103,7 +103,17 @@ async def pages_read(conn: asyncpg.Connection, target: str, want: int) -> tuple[
             target,
         )
         warm = await conn.fetchrow(
-            claims._CLAIM, target + "_warm", claims._CLAIM_LOCK, want, 30.0, "warm", 0, 0.0, 1, []
+            claims._CLAIM,
+            target + "_warm",
+            claims._CLAIM_LOCK,
+            want,
+            30.0,
+            "warm",
+            0,
+            0.0,
+            1,
+            [],
+            None,
         )
         assert warm["claimed"] == []  # its statements planned, on a target with nothing due
         [plan] = json.loads(
@@ -118,6 +128,7 @@ async def pages_read(conn: asyncpg.Connection, target: str, want: int) -> tuple[
                 claims.SHARE_S,
                 claims.SHARE_MIN_PART,
                 [],
+                claims.INLINE_PAYLOAD_BYTES,
             )
         )
         claimed = await conn.fetchval(
@@ -161,7 +172,7 @@ async def test_a_record_reads_pages_for_what_it_records_not_for_the_backlog(
     try:
         # (the backlog's deliveries have no events: the call's own answer names them)
         claim = await conn.fetchrow(
-            claims._CLAIM, target, claims._CLAIM_LOCK, CAP, 30.0, None, 0, 0.0, 1, []
+            claims._CLAIM, target, claims._CLAIM_LOCK, CAP, 30.0, None, 0, 0.0, 1, [], None
         )
         assert len(claim["claimed"]) == CAP
         now = datetime.now(UTC)

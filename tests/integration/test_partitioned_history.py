@@ -8,6 +8,7 @@ migration; ordering positions go on from where they were.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -354,13 +355,16 @@ async def test_a_replay_of_an_event_dropped_past_retention_makes_no_delivery(
         await conn.close()
 
 
+@pytest.mark.parametrize("pad", [0, claims.INLINE_PAYLOAD_BYTES], ids=["inline", "read-apart"])
 async def test_a_claim_locks_the_same_few_relations_however_many_days_are_kept(
-    client: Any, tenant: Tenant, database_url: str
+    client: Any, tenant: Tenant, database_url: str, pad: int
 ) -> None:
     # Given 40 days of partitions (as with RELAY_RETENTION_DAYS 40) and a due delivery
+    # (its payload in the claim's answer, or too big for it and read apart)
     source = await make_source(client, tenant)
     target = await make_target(client, tenant)
-    await post_token(client, source, {"n": 1})
+    body = {"n": 1, "pad": "x" * pad} if pad else {"n": 1}
+    await post_token(client, source, body)
     conn = await asyncpg.connect(database_url)
     try:
         for days in range(1, 41):
@@ -379,7 +383,7 @@ async def test_a_claim_locks_the_same_few_relations_however_many_days_are_kept(
 
         # Then it got its payload, and locked its event's partition only, not every
         # day's (Postgres's lock table is shared: 100s of locks per claim would fill it)
-        assert [c.payload for c in claimed] == [b'{"n": 1}']
+        assert [json.loads(c.payload) for c in claimed] == [body]
         today = f"events_p{datetime.now(UTC):%Y%m%d}"
         days = {  # the day partitions locked (a parent's index, e.g. events_pkey, is no day)
             m.group(1) for n in locked if (m := re.match(r"(?:events|deliveries_sent)_(p\d{8})", n))
