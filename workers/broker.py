@@ -100,6 +100,7 @@ class WorkerResources(AsyncIO):
         global _running
         context = await open_context(self.settings, broker)
         self.worker = _running = Worker(context, Engine(context))
+        loops.settle_heap()
 
     async def _close(self) -> None:
         global _running

@@ -440,6 +440,7 @@ async def serve(
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+        loops.settle_heap()
         if announce is not None:
             announce(f"======== Running on http://{host}:{port} ========\n(Press CTRL+C to quit)")
         stop = asyncio.Event()
