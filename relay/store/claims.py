@@ -22,6 +22,7 @@ from relay.delivery.outcome import CLOSED, Breaker, BreakerState
 from relay.store.db import Conn, Queries, fetch_past_moves
 from relay.store.key_queues import lock_keys, promote_keys
 from relay.store.rows import DeliveryStatus, Replayed, Wake
+from relay.store.sql import ORDER_LOCK
 
 #: First key of the advisory lock that serialises the claims of one target.
 _CLAIM_LOCK = 0x636C61  # "cla"
@@ -358,6 +359,11 @@ async def save_breaker(conn: Queries, target_id: str, breaker: Breaker) -> datet
 # The record of a batch (migration 0018, relay_record(): its statement and what it
 # answers are described there).
 _RECORD = "SELECT * FROM relay_record($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+# The same, with the ended ordered deliveries' keys locked first and the next of each
+# promoted after (migration 0020: relay/store/key_queues.py's statements).
+_RECORD_ORDERED = (
+    "SELECT * FROM relay_record_ordered(" + ", ".join(f"${n}" for n in range(1, 18)) + ")"
+)
 
 
 # A success ends the target's failing streak; when it had lasted $2 seconds or more,
@@ -451,32 +457,32 @@ async def record_batch(
         for a in attempts
         if a.delivery.order_key is not None and a.status in ("succeeded", "dead")
     }
-    keys = sorted({(target_id, k) for k in ended_keys.values()})
 
     async def write(expected: bool | None) -> list[str] | None:
-        """The record (None: the target's failing state is not ``expected``; nothing written)."""
-        await lock_keys(conn, keys)
-        row = await conn.fetchrow(_RECORD, *args, expected)
-        assert row is not None  # the statement always answers one row
+        """The record (None: the target's failing state is not ``expected``; nothing written).
+
+        With ordered deliveries ended: their keys locked, the record, and the next of
+        each of their keys promoted, in one call (relay_record_ordered)."""
+        if ended_keys:
+            row = await conn.fetchrow(
+                _RECORD_ORDERED,
+                *args,
+                expected,
+                list(ended_keys),
+                list(ended_keys.values()),
+                ORDER_LOCK,
+                grace_s,
+            )
+        else:
+            row = await conn.fetchrow(_RECORD, *args, expected)
+        assert row is not None  # the function always answers one row
         if expected is not None and row["failing"] != expected:
             return None
-        recorded: list[str] = list(row["ids"])
-        done = set(recorded)
-        await promote_keys(
-            conn,
-            sorted({(target_id, k) for d, k in ended_keys.items() if d in done}),
-            grace_s=grace_s,
-            locked=True,  # each of them is in ``keys``, locked above
-        )
-        return recorded
+        return list(row["ids"])
 
     guess = bool(failing)
     if breaker is None and not _touches_target(guess, succeeded, disable):
-        if not keys:
-            fast = await write(guess)
-        else:
-            async with conn.transaction():
-                fast = await write(guess)
+        fast = await write(guess)  # one call: its own transaction
         if fast is not None:
             return fast
         # the guess was stale (nothing written): record under the target row's lock

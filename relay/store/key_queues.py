@@ -32,12 +32,16 @@ Key = tuple[str, str]
 # snapshot must see what the keys' other writers committed.
 _LOCK_KEYS = f"SELECT {key_locks('$1', '$2', '$3')}"
 
+
 # For each key: when none of its undelivered deliveries is active (due, leased,
 # retrying, or dead while the target blocks on dead letters), the parked one
 # with the lowest position becomes due. Its retry window starts then (claims.end_past_window).
-_PROMOTE = f"""
+def _promote(targets: str, keys: str, grace_s: str, *, returning: bool = True) -> str:
+    """The promotion of the keys (``targets``/``keys``: parallel text arrays) as SQL."""
+    answer = "RETURNING d.id, d.target_id, d.tenant_id" if returning else ""
+    return f"""
 WITH head AS MATERIALIZED (
-    SELECT h.id FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[])) AS k(target_id, key)
+    SELECT h.id FROM (SELECT DISTINCT * FROM unnest({targets}, {keys})) AS k(target_id, key)
     JOIN targets t ON t.id = k.target_id
     CROSS JOIN LATERAL (
         SELECT p.id, p.status, p.next_attempt_at FROM deliveries p
@@ -49,18 +53,77 @@ WITH head AS MATERIALIZED (
     WHERE h.status = 'pending' AND h.next_attempt_at IS NULL
 )
 UPDATE deliveries d
-SET next_attempt_at = now(), enqueued_until = now() + make_interval(secs => $3::float8),
+SET next_attempt_at = now(), enqueued_until = now() + make_interval(secs => {grace_s}),
     round_started_at = now(), updated_at = now()
 WHERE d.id = ANY (ARRAY(SELECT id FROM head))
   AND d.status = 'pending' AND coalesce(d.next_attempt_at, '-infinity') = '-infinity'
-RETURNING d.id, d.target_id, d.tenant_id
+{answer}
 """
+
+
+_PROMOTE = _promote("$1::text[]", "$2::text[]", "$3::float8")
 # (MATERIALIZED: the heads are found key by key first, then updated by primary key;
 # without it, and without statistics, Postgres walked every parked row instead. The
 # primary key is the only index the UPDATE's conditions can use: written as
 # ``next_attempt_at IS NULL`` (or joined with ``head``), the check let Postgres pick
 # deliveries_target_due_idx, whose NULL entries are every delivered row too: ~800 ms
 # per record of a busy ordered target with 90,000 deliveries stored, 4 backends at once.)
+
+
+# The record of attempts of an ordered target, in one call (migration 0020, made from
+# this module's statements by relay/store/migrations.py, so they are written once):
+# the ended keys' locks (_LOCK_KEYS), the record (relay_record, migration 0018), then,
+# for each ended key whose delivery was recorded, the promotion of its next (_PROMOTE).
+# A PL/pgSQL function takes a new snapshot per statement, so the record and the
+# promotion see what the keys' other writers committed before their locks were
+# given. One round trip, where BEGIN, the locks, the record, the promotion and
+# COMMIT were five. It answers as relay_record: nothing is written (and nothing
+# promoted) if the target's failing state is not p_expect_failing.
+RECORD_ORDERED_FUNCTION = f"""
+CREATE OR REPLACE FUNCTION relay_record_ordered(
+    p_ids text[], p_leases timestamptz[], p_statuses text[], p_delays float8[],
+    p_carried float8[], p_codes int[], p_errors text[], p_attempt_ids text[],
+    p_started timestamptz[], p_durations int[], p_bodies text[], p_target text,
+    p_expect_failing bool,
+    -- the deliveries among p_ids that ended (succeeded or dead), and their keys
+    p_ended_ids text[], p_ended_keys text[], p_lock int, p_grace_s float8
+) RETURNS TABLE (failing bool, ids text[])
+LANGUAGE plpgsql VOLATILE
+SET enable_seqscan = off
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_targets text[];
+    v_keys text[];
+BEGIN
+    SELECT array_agg(p_target), array_agg(k.key) INTO v_targets, v_keys
+    FROM (SELECT DISTINCT unnest(p_ended_keys) AS key) k;
+    IF v_keys IS NOT NULL THEN
+        PERFORM {key_locks("v_targets", "v_keys", "p_lock")};
+    END IF;
+    SELECT r.failing, r.ids INTO failing, ids
+    FROM relay_record(p_ids, p_leases, p_statuses, p_delays, p_carried, p_codes, p_errors,
+                      p_attempt_ids, p_started, p_durations, p_bodies, p_target,
+                      p_expect_failing) r;
+    IF p_expect_failing IS NOT NULL AND failing IS DISTINCT FROM p_expect_failing THEN
+        RETURN NEXT;  -- nothing was written
+        RETURN;
+    END IF;
+    SELECT array_agg(p_target), array_agg(k.key) INTO v_targets, v_keys
+    FROM (SELECT DISTINCT e.key FROM unnest(p_ended_ids, p_ended_keys) AS e(id, key)
+          WHERE e.id = ANY(ids)) k;
+    IF v_keys IS NOT NULL THEN
+        {_promote("v_targets", "v_keys", "p_grace_s", returning=False)};
+    END IF;
+    RETURN NEXT;
+END
+$fn$
+"""
+
+
+async def create_record_ordered(conn: Conn) -> None:
+    """(Re)create relay_record_ordered() from this module's statements."""
+    await conn.execute(RECORD_ORDERED_FUNCTION)
 
 
 async def lock_keys(conn: Conn, keys: Sequence[Key]) -> None:

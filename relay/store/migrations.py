@@ -13,6 +13,7 @@ from relay.core.config import ConfigError
 from relay.core.crypto import SecretBox, seal_headers
 from relay.store.db import Conn, Queries
 from relay.store.housekeeping import ensure_partitions
+from relay.store.key_queues import create_record_ordered
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ async def _encrypt_target_headers(conn: Queries, box: SecretBox | None) -> None:
 #: in its transaction, so the migration is applied whole or not at all.
 PYTHON_STEPS: dict[str, Callable[[Conn, SecretBox | None], Awaitable[None]]] = {
     "0003_target_headers_encrypted.sql": _encrypt_target_headers,
+    # a function made of relay/store/key_queues.py's statements, so that they are
+    # written once; a later change to them re-creates it in a migration of its own
+    "0020_ordered_record_in_one_call.sql": lambda conn, _: create_record_ordered(conn),
 }
 
 

@@ -1,0 +1,13 @@
+-- The record of an ordered target's attempts in one call (issue 24, item 3).
+--
+-- An ordered record was five round trips: BEGIN, the ended keys' advisory locks,
+-- the record (relay_record, 0018), the promotion of each ended key's next
+-- delivery, COMMIT; an unordered one is one. relay_record_ordered() does the
+-- same three statements in one call, each with its own snapshot (PL/pgSQL), so
+-- the record and the promotion still see what the keys' other writers committed
+-- before giving their locks.
+--
+-- The function is made by this migration's Python step
+-- (relay/store/migrations.py, PYTHON_STEPS), from the lock and promotion
+-- statements of relay/store/key_queues.py, so that they are written once.
+SELECT 1;
