@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
+
+from relay.store.claims import Attempt, Claimed
 
 
 @dataclass
@@ -343,3 +346,21 @@ class Workers:
         process = WorkerProcess(env, log, processes=processes, threads=4).start()
         self.started.append(process)
         return process
+
+
+def ended_attempt(claimed: Claimed, code: int) -> Attempt:
+    """An attempt of ``claimed`` answered ``code`` (2xx succeeded, else retried in 5 s), as
+    the engine would record it."""
+    ok = 200 <= code < 300
+    return Attempt(
+        delivery=claimed,
+        started_at=datetime.now(UTC),
+        duration_ms=5,
+        status_code=code,
+        error=None if ok else f"HTTP {code}",
+        response_body="",
+        status="succeeded" if ok else "retrying",
+        delay_s=None if ok else 5.0,
+        carried_for_s=None,
+        disable_reason=None,
+    )

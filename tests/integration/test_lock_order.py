@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -12,11 +11,10 @@ from relay.delivery.outcome import next_breaker
 from relay.store import claims
 from relay.store import deliveries as delivery_store
 from relay.store import targets as target_store
-from relay.store.claims import Attempt
 from relay.store.sql import ORDER_LOCK, key_lock
 from tests.conftest import Tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
-from tests.stack import eventually
+from tests.stack import ended_attempt, eventually
 
 
 async def _waiting_on_lock(watcher: Any, conn: Any) -> bool:
@@ -49,18 +47,7 @@ async def test_delete_target_while_an_attempt_is_recorded_does_not_deadlock(
         # When the tenant deletes the target and the worker records the failed attempt
         delete = asyncio.create_task(target_store.delete_target(deleter, tenant.id, target["id"]))
         await eventually(lambda: _waiting_on_lock(watcher, deleter), timeout=10)
-        failed = Attempt(
-            delivery=claimed,
-            started_at=datetime.now(UTC),
-            duration_ms=5,
-            status_code=500,
-            error="HTTP 500",
-            response_body="",
-            status="retrying",
-            delay_s=5.0,
-            carried_for_s=None,
-            disable_reason=None,
-        )
+        failed = ended_attempt(claimed, 500)
         record = asyncio.create_task(
             claims.record_batch(
                 recorder,
@@ -118,18 +105,7 @@ async def test_retry_of_a_parked_delivery_while_its_key_is_recorded_does_not_dea
         )
 
         # When the worker records the first event's success and the tenant retries the second
-        succeeded = Attempt(
-            delivery=claimed,
-            started_at=datetime.now(UTC),
-            duration_ms=5,
-            status_code=200,
-            error=None,
-            response_body="ok",
-            status="succeeded",
-            delay_s=None,
-            carried_for_s=None,
-            disable_reason=None,
-        )
+        succeeded = ended_attempt(claimed, 200)
         record = asyncio.create_task(
             claims.record_batch(recorder, target["id"], [succeeded], breaker=None, failing=False)
         )

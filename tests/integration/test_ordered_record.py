@@ -10,30 +10,14 @@ three statements in one call.
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from relay.store import claims
-from relay.store.claims import Attempt, Claimed
 from tests.conftest import Tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
-
-
-def succeeded(row: Claimed) -> Attempt:
-    return Attempt(
-        delivery=row,
-        started_at=datetime.now(UTC),
-        duration_ms=5,
-        status_code=200,
-        error=None,
-        response_body="ok",
-        status="succeeded",
-        delay_s=None,
-        carried_for_s=None,
-        disable_reason=None,
-    )
+from tests.stack import ended_attempt
 
 
 async def test_an_ordered_record_is_one_round_trip_and_makes_each_keys_next_due(
@@ -58,7 +42,7 @@ async def test_an_ordered_record_is_one_round_trip_and_makes_each_keys_next_due(
         # record also has asyncpg learn the statement's types)
         one, other = sorted(firsts, key=lambda c: c.event_id)
         assert await claims.record_batch(
-            conn, target["id"], [succeeded(one)], breaker=None, failing=False
+            conn, target["id"], [ended_attempt(one, 200)], breaker=None, failing=False
         ) == [one.id]
         sent: list[str] = []
 
@@ -67,7 +51,7 @@ async def test_an_ordered_record_is_one_round_trip_and_makes_each_keys_next_due(
 
         conn.add_query_logger(log)
         recorded = await claims.record_batch(
-            conn, target["id"], [succeeded(other)], breaker=None, failing=False
+            conn, target["id"], [ended_attempt(other, 200)], breaker=None, failing=False
         )
         await asyncio.sleep(0.05)  # asyncpg calls its query loggers soon after, not at once
         conn.remove_query_logger(log)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -19,27 +18,9 @@ from aiohttp import web
 from relay.delivery.outcome import next_breaker
 from relay.store import claims, housekeeping
 from relay.store import deliveries as delivery_store
-from relay.store.claims import Attempt, Claimed
 from tests.conftest import Tenant, make_tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
-from tests.stack import Receiver, Workers, eventually, fetch
-
-
-def _ended(claimed: Claimed, code: int) -> Attempt:
-    """An attempt of ``claimed`` answered ``code`` (2xx succeeded, else retried)."""
-    ok = 200 <= code < 300
-    return Attempt(
-        delivery=claimed,
-        started_at=datetime.now(UTC),
-        duration_ms=5,
-        status_code=code,
-        error=None if ok else f"HTTP {code}",
-        response_body="",
-        status="succeeded" if ok else "retrying",
-        delay_s=None if ok else 5.0,
-        carried_for_s=None,
-        disable_reason=None,
-    )
+from tests.stack import Receiver, Workers, ended_attempt, eventually, fetch
 
 
 def _failed_breaker(before: Any) -> Any:
@@ -70,12 +51,12 @@ async def test_a_success_recorded_after_another_workers_failure_leaves_the_targe
         await claims.record_batch(
             first,
             target_id,
-            [_ended(claim_1, 500)],
+            [ended_attempt(claim_1, 500)],
             breaker=_failed_breaker,
             failing=seen_1.failing,
         )
         await claims.record_batch(
-            second, target_id, [_ended(claim_2, 200)], breaker=None, failing=seen_2.failing
+            second, target_id, [ended_attempt(claim_2, 200)], breaker=None, failing=seen_2.failing
         )
 
         # Then the target is not failing: the auto-disable spares it
@@ -109,9 +90,9 @@ async def test_a_failure_recorded_after_another_workers_success_marks_the_target
 
         # When the second records a success (the target recovered), then the first a failure
         await claims.record_batch(
-            second, target_id, [_ended(claim_2, 200)], breaker=None, failing=seen_2.failing
+            second, target_id, [ended_attempt(claim_2, 200)], breaker=None, failing=seen_2.failing
         )
-        failure = _ended(claim_1, 500)
+        failure = ended_attempt(claim_1, 500)
         await claims.record_batch(
             first, target_id, [failure], breaker=_failed_breaker, failing=seen_1.failing
         )
@@ -153,7 +134,7 @@ async def test_a_late_record_of_an_expired_lease_does_not_overwrite_a_retry(
 
         # When the worker records its attempt under the old lease
         recorded = await claims.record_batch(
-            worker, target_id, [_ended(old, 500)], breaker=None, failing=False
+            worker, target_id, [ended_attempt(old, 500)], breaker=None, failing=False
         )
 
         # Then nothing is recorded: the retry stands as the tenant made it
