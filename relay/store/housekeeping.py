@@ -73,13 +73,36 @@ _DELTA_TABLES = (
 )
 
 
+#: A deltas' table larger than this has its empty tail given back to the system.
+DELTA_TRUNCATE_BYTES = 8 << 20
+
+
 async def vacuum_rollup_deltas(conn: Queries) -> None:
     """Vacuum the deltas' tables: each fold empties them, and readers scan them whole, so
     their dead rows are reclaimed every few seconds rather than at autovacuum's pace.
 
     Outside a transaction (VACUUM cannot run in one); a table another holds is skipped.
+    The space freed is kept for the next deltas (``TRUNCATE false``): giving a table's
+    empty tail back needs its exclusive lock, which every ingest and record writing a
+    delta holds off, and VACUUM tries for it 5 s per table: under load, every
+    housekeeping held the sweeper (its wake-ups, its folds) up to 20 s. Only a table
+    grown past ``DELTA_TRUNCATE_BYTES`` (a burst, a sweeper that was down) is truncated,
+    at that cost, once.
     """
-    await conn.execute(f"VACUUM (SKIP_LOCKED) {', '.join(_DELTA_TABLES)}")
+    grown = {
+        r["relname"]
+        for r in await conn.fetch(
+            "SELECT relname FROM pg_class WHERE relname = ANY($1::text[])"
+            " AND relkind = 'r' AND pg_relation_size(oid) > $2",
+            list(_DELTA_TABLES),
+            DELTA_TRUNCATE_BYTES,
+        )
+    }
+    kept = [t for t in _DELTA_TABLES if t not in grown]
+    if kept:
+        await conn.execute(f"VACUUM (SKIP_LOCKED, TRUNCATE false) {', '.join(kept)}")
+    if grown:
+        await conn.execute(f"VACUUM (SKIP_LOCKED) {', '.join(sorted(grown))}")
 
 
 #: The per-minute figures, trimmed by ``purge_old_rollups``.
