@@ -10,8 +10,9 @@
 -- core; another tenant's deliveries waited behind them (bench/noisy_neighbour.py,
 -- `--kinds big`: p50 132 ms from the post to the receipt).
 --
--- Now a payload larger than p_inline_bytes is answered as NULL (its id still in
--- payload_ids), and the caller reads it with relay_payloads() after the claim's
+-- Now the claim answers payloads up to p_inline_bytes in all (in id order; one
+-- larger than that alone is not counted); the others are answered NULL (their ids
+-- still in payload_ids), and the caller reads them with relay_payloads() after the claim's
 -- transaction: the leases keep its event (retention never drops the event of a
 -- delivery still to be sent) and a payload never changes. p_inline_bytes NULL
 -- (a worker from before this migration, during a rolling upgrade) answers every
@@ -25,7 +26,8 @@ CREATE FUNCTION relay_claim(
     -- leases of this drainer whose attempts have ended (their record is on its way):
     -- not in flight at the target any more, so not counted against its cap
     p_ending text[] DEFAULT '{}',
-    -- payloads larger than this are answered NULL (relay_payloads reads them); NULL: all
+    -- payloads past this many bytes in all are answered NULL (relay_payloads reads
+    -- them); NULL: all
     p_inline_bytes int DEFAULT NULL
 ) RETURNS TABLE (
     id text, tenant_id text, url text, headers_enc bytea, secret_enc bytea,
@@ -40,7 +42,7 @@ CREATE FUNCTION relay_claim(
     claimed text[], event_ids text[], attempt_counts int[], leases timestamptz[],
     order_keys text[],
     -- the claimed deliveries' events' payloads, by event id (a delivery whose event
-    -- is gone, which retention never leaves, has none; one over p_inline_bytes is NULL)
+    -- is gone, which retention never leaves, has none; one past p_inline_bytes is NULL)
     payload_ids text[], payloads bytea[]
 )
 LANGUAGE plpgsql VOLATILE
@@ -154,9 +156,15 @@ BEGIN
     -- that Postgres opens and locks only the partitions of those events, not every
     -- day's (tests/integration/test_partitioned_history.py)
     IF cardinality(event_ids) > 0 THEN
-        EXECUTE 'SELECT coalesce(array_agg(e.id), ''{}''), coalesce(array_agg(CASE WHEN $2 IS NULL OR octet_length(e.payload) <= $2'
-                ' THEN e.payload END), ''{}'')'
-                ' FROM events e WHERE e.id = ANY($1)'
+        -- (those within p_inline_bytes in all, in id order; a payload that alone
+        -- passes it is not counted, and is read apart)
+        EXECUTE 'SELECT coalesce(array_agg(s.id), ''{}''),'
+                ' coalesce(array_agg(CASE WHEN $2 IS NULL OR (s.size <= $2 AND s.running <= $2)'
+                ' THEN s.payload END), ''{}'')'
+                ' FROM (SELECT e.id, e.payload, octet_length(e.payload) AS size,'
+                ' sum(CASE WHEN octet_length(e.payload) <= $2 THEN octet_length(e.payload) END)'
+                ' OVER (ORDER BY e.id) AS running'
+                ' FROM events e WHERE e.id = ANY($1)) s'
         INTO payload_ids, payloads USING event_ids, p_inline_bytes;
     END IF;
     kept_out := v_shared AND v_due > v_taken;

@@ -11,6 +11,7 @@ transactions.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -124,11 +125,11 @@ WHERE t.id = $1
 # see relay_claim() there.
 _CLAIM = "SELECT * FROM relay_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 
-#: A claimed event's payload up to this size comes in the claim's answer (no round trip
-#: more); a larger one is read apart, a row each, once the claim's transaction (and its
+#: A claim answers its events' payloads up to this many bytes in all (no round trip
+#: more); the others are read apart, a row each, once the claim's transaction (and its
 #: lock on the target) has ended: ten 900 KB payloads answered as one array cost
 #: Postgres ~100 ms a claim, and another tenant's deliveries waited (migration 0019).
-INLINE_PAYLOAD_BYTES = 64 * 1024
+INLINE_PAYLOAD_BYTES = 256 * 1024
 
 # The payloads a claim left out, by their events' ids (migration 0019).
 _PAYLOADS = "SELECT id, payload FROM relay_payloads($1::text[])"
@@ -223,11 +224,7 @@ async def claim_share(
     if row is None:
         return Share(None, [], 0, False, False)
     target = SendTarget.from_row(row)
-    payloads = dict(zip(row["payload_ids"], row["payloads"], strict=True))
-    if big := [event_id for event_id, payload in payloads.items() if payload is None]:
-        # read apart, after the claim's transaction: the leases keep these events, and
-        # a payload never changes
-        payloads.update((r["id"], r["payload"]) for r in await conn.fetch(_PAYLOADS, big))
+    payloads: dict[str, bytes | None] = dict(zip(row["payload_ids"], row["payloads"], strict=True))
     claimed = zip(
         row["claimed"],
         row["event_ids"],
@@ -236,14 +233,24 @@ async def claim_share(
         row["order_keys"],
         strict=True,
     )
+    rows = [Claimed(i, e, n, lease, payloads.get(e) or b"", key) for i, e, n, lease, key in claimed]
+    if big := [event_id for event_id, payload in payloads.items() if payload is None]:
+        # read apart, after the claim's transaction: the leases keep these events, and
+        # a payload never changes
+        try:
+            read = {r["id"]: r["payload"] for r in await conn.fetch(_PAYLOADS, big)}
+        except Exception:
+            # the claim has committed: give its deliveries back now, no attempt spent,
+            # rather than leave them leased (an ordered key held) for the lease's length
+            with contextlib.suppress(Exception):
+                await release_batch(conn, rows, delay_s=0.0, carried_for_s=None)
+            raise
+        payloads.update(read)
+        rows = [r._replace(payload=read[r.event_id]) if r.event_id in read else r for r in rows]
     # (a delivery whose event is gone, which retention never leaves, is not attempted)
     return Share(
         target,
-        [
-            Claimed(i, e, n, lease, payloads[e], key)
-            for i, e, n, lease, key in claimed
-            if e in payloads
-        ],
+        [r for r in rows if payloads.get(r.event_id) is not None],
         row["sharers"],
         row["kept_out"],
         row["sharing"],
