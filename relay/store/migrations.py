@@ -80,8 +80,16 @@ PYTHON_STEPS: dict[str, Callable[[Conn, SecretBox | None], Awaitable[None]]] = {
     "0003_target_headers_encrypted.sql": _encrypt_target_headers,
     # a function made of relay/store/key_queues.py's statements, so that they are
     # written once; a later change to them re-creates it in a migration of its own
+    # (RECORD_ORDERED_SHA256)
     "0020_ordered_record_in_one_call.sql": lambda conn, _: create_record_ordered(conn),
 }
+
+#: sha256 of ``key_queues.RECORD_ORDERED_FUNCTION`` as the last migration that made
+#: relay_record_ordered() made it. Databases keep the function their migration made:
+#: if that text changes (a statement of key_queues.py, ``KEY_LOCK_BUCKETS``), add a
+#: migration whose Python step calls ``create_record_ordered`` again, and pin the new
+#: hash here (tests/unit/test_migration_steps.py fails until then).
+RECORD_ORDERED_SHA256 = "a2c0f73fbd55158b4bf94a78ec7502cf1afd143a9ce92bc99bc767f5e2293e2a"
 
 
 async def migrate(
