@@ -20,7 +20,7 @@ from relay.store import claims, housekeeping
 from relay.store.claims import Claimed
 from tests.conftest import Tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
-from tests.integration.test_record_races import _ended
+from tests.stack import ended_attempt
 
 CAP = 3
 
@@ -69,7 +69,7 @@ async def test_a_record_frees_its_place_under_the_cap_at_once(
     assert (await claims.claim_batch(second, target_id, want=10, lease_s=60))[1] == []
     # When the first records two of its attempts
     recorded = await claims.record_batch(
-        first, target_id, [_ended(c, 200) for c in held[:2]], breaker=None, failing=False
+        first, target_id, [ended_attempt(c, 200) for c in held[:2]], breaker=None, failing=False
     )
     assert sorted(recorded) == sorted(c.id for c in held[:2])
     # Then the other worker gets exactly those two places, and no more
@@ -111,7 +111,7 @@ async def test_a_lapsed_lease_stops_counting_and_a_lost_one_frees_nothing(
     assert await _leases(watcher, target_id) == CAP
     # When the first worker comes back and records with the leases it lost
     recorded = await claims.record_batch(
-        first, target_id, [_ended(c, 200) for c in dead_workers], breaker=None, failing=False
+        first, target_id, [ended_attempt(c, 200) for c in dead_workers], breaker=None, failing=False
     )
     # Then nothing is recorded, and the new holder's leases still count
     assert recorded == []
