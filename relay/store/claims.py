@@ -225,32 +225,36 @@ async def claim_share(
         return Share(None, [], 0, False, False)
     target = SendTarget.from_row(row)
     payloads: dict[str, bytes | None] = dict(zip(row["payload_ids"], row["payloads"], strict=True))
-    claimed = zip(
-        row["claimed"],
-        row["event_ids"],
-        row["attempt_counts"],
-        row["leases"],
-        row["order_keys"],
-        strict=True,
+    claimed = list(
+        zip(
+            row["claimed"],
+            row["event_ids"],
+            row["attempt_counts"],
+            row["leases"],
+            row["order_keys"],
+            strict=True,
+        )
     )
-    rows = [Claimed(i, e, n, lease, payloads.get(e) or b"", key) for i, e, n, lease, key in claimed]
     if big := [event_id for event_id, payload in payloads.items() if payload is None]:
         # read apart, after the claim's transaction: the leases keep these events, and
         # a payload never changes
         try:
-            read = {r["id"]: r["payload"] for r in await conn.fetch(_PAYLOADS, big)}
+            payloads.update((r["id"], r["payload"]) for r in await conn.fetch(_PAYLOADS, big))
         except Exception:
             # the claim has committed: give its deliveries back now, no attempt spent,
             # rather than leave them leased (an ordered key held) for the lease's length
+            taken = [Claimed(i, e, n, lease, b"", key) for i, e, n, lease, key in claimed]
             with contextlib.suppress(Exception):
-                await release_batch(conn, rows, delay_s=0.0, carried_for_s=None)
+                await release_batch(conn, taken, delay_s=0.0, carried_for_s=None)
             raise
-        payloads.update(read)
-        rows = [r._replace(payload=read[r.event_id]) if r.event_id in read else r for r in rows]
     # (a delivery whose event is gone, which retention never leaves, is not attempted)
     return Share(
         target,
-        [r for r in rows if payloads.get(r.event_id) is not None],
+        [
+            Claimed(i, e, n, lease, payload, key)
+            for i, e, n, lease, key in claimed
+            if (payload := payloads.get(e)) is not None
+        ],
         row["sharers"],
         row["kept_out"],
         row["sharing"],
