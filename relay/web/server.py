@@ -14,9 +14,11 @@ What aiohttp offers publicly is used as is: its options (``keepalive_timeout``,
 ``max_line_size``…) go through ``web.AppRunner``'s keyword arguments, a connection
 is a ``web.RequestHandler`` (subclassed through its public methods), and the head
 deadline counts requests itself, in the handler :class:`GatewayServer` wraps around
-the application's. One private hook remains, because aiohttp has no public way to
-choose the protocol class of an ``AppRunner``: ``AppRunner._make_server``.
-:func:`check_aiohttp_internals` fails at import if it is gone or changed, and
+the application's. Two private hooks remain, because aiohttp has no public way to
+choose the protocol class of an ``AppRunner`` nor the class of its requests:
+``AppRunner._make_server`` and ``Application._make_request``'s ``_cls`` (requests are
+:class:`relay.web.bodies.GatewayRequest`, which inflates a body when it is read).
+:func:`check_aiohttp_internals` fails at import if either is gone or changed, and
 :meth:`GatewayRunner.setup` fails at start if aiohttp did not call it; pyproject
 pins aiohttp below its next minor version.
 """
@@ -24,6 +26,7 @@ pins aiohttp below its next minor version.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import logging
@@ -50,6 +53,7 @@ from relay.core import errors, loops
 from relay.core.config import Settings
 from relay.core.metrics import CONNECTIONS_REFUSED, HEAD_DEADLINE_ERRORS, IDLE_CLOSED
 from relay.web.app_keys import SETTINGS
+from relay.web.bodies import GatewayRequest
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +363,8 @@ class GatewayRunner(web.AppRunner):
         kwargs.setdefault("access_log", None)  # the ingest log line is the access log
         kwargs.setdefault("keepalive_timeout", KEEPALIVE_TIMEOUT_S)
         kwargs.setdefault("lingering_time", DISCARD_LINGER_S)
+        # bodies are inflated by GatewayRequest.read, when a route reads one (bodies.py)
+        kwargs["auto_decompress"] = False
         super().__init__(app, **kwargs)
         self._server_kwargs = {k: v for k, v in kwargs.items() if k not in RUNNER_OPTIONS}
 
@@ -371,7 +377,8 @@ class GatewayRunner(web.AppRunner):
             loop=asyncio.get_running_loop(),
             **{
                 **self._server_kwargs,
-                "request_factory": server.request_factory,
+                # every request a GatewayRequest: aiohttp's factory with its request class
+                "request_factory": functools.partial(self.app._make_request, _cls=GatewayRequest),
                 "handler_cancellation": server.handler_cancellation,
             },
         )
@@ -415,6 +422,8 @@ def check_aiohttp_internals() -> None:
         for name in names:
             if not hasattr(owner, name) and name not in getattr(owner, "__slots__", ()):
                 problems.append(f"{owner.__name__}.{name} is gone")
+    if "_cls" not in inspect.signature(web.Application._make_request).parameters:
+        problems.append("web.Application._make_request(…, _cls=…) is gone")
     options = inspect.signature(web.Server).parameters
     problems += [f"web.Server({name}=…) is gone" for name in SERVER_OPTIONS if name not in options]
     if problems:

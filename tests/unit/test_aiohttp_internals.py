@@ -80,3 +80,16 @@ def test_aiohttp_is_pinned_below_its_next_minor_version() -> None:
     next_minor = Version(f"{installed.major}.{installed.minor + 1}")
     assert next_minor not in spec.specifier, f"{spec} allows aiohttp {next_minor}"
     assert Version("3.14") in spec.specifier  # the lower bound is kept
+
+
+def test_an_aiohttp_whose_apps_cannot_choose_the_request_class_is_refused_at_import(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given an aiohttp whose Application._make_request no longer takes the request class
+    def make_request(self: web.Application, *args: Any) -> web.Request:
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(web.Application, "_make_request", make_request)
+    # Then the check fails, naming it: requests would be inflated as they arrive
+    with pytest.raises(ImportError, match=r"_make_request"):
+        check_aiohttp_internals()
