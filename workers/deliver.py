@@ -22,7 +22,7 @@ log = logging.getLogger("relay.deliver")
 @dramatiq.actor(actor_name=WAKE_ACTOR, queue_name=QUEUE, max_retries=0, time_limit=60_000)
 async def wake_target(target_id: str, tenant_id: str) -> None:
     """The target has due work: drain it."""
-    current_worker().engine.wake(target_id, tenant_id)
+    await current_worker().engine.wake_taken(target_id, tenant_id)
 
 
 @dramatiq.actor(actor_name=DELIVER_ACTOR, queue_name=QUEUE, max_retries=0, time_limit=60_000)

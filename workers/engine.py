@@ -57,7 +57,7 @@ from relay.delivery.outcome import (
     parse_retry_after,
     trips_breaker,
 )
-from relay.delivery.wakeups import DRAINING_TTL_MS, Enqueuer, draining_key
+from relay.delivery.wakeups import DRAINING_TTL_MS, Enqueuer, draining_key, woken_key
 from relay.store import claims
 from relay.store.claims import Attempt, BreakerChange, Claimed, SendTarget
 from relay.store.db import POSTGRES_DOWN, Conn, Pool
@@ -251,6 +251,17 @@ class Engine:
         task = asyncio.get_running_loop().create_task(self._drain(target_id, tenant_id))
         self._drainers[target_id] = task
         task.add_done_callback(partial(self._drainer_done, target_id, tenant_id))
+
+    async def wake_taken(self, target_id: str, tenant_id: str) -> None:
+        """A wake-up taken from the broker: delete its woken key (relay.delivery.wakeups
+        .woken_key), then drain. The delete comes first, so what is committed after it
+        gets a wake-up of its own, and what was committed before it this drain claims."""
+        try:
+            async with asyncio.timeout(DRAINING_REDIS_S):
+                await self.ctx.redis.delete(woken_key(target_id))
+        except Exception as exc:  # it lapses (WOKEN_TTL_MS); the sweeper backs it up
+            log.warning("woken key of %s not deleted: %s", target_id, type(exc).__name__)
+        self.wake(target_id, tenant_id)
 
     def _drainer_done(self, target_id: str, tenant_id: str, task: asyncio.Task[None]) -> None:
         if self._drainers.get(target_id) is task:

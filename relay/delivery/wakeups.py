@@ -48,6 +48,10 @@ MAX_PENDING = 1000
 DRAINING_TTL_MS = 5000
 #: The longest the gateway waits for the draining keys before it wakes them all.
 DRAINING_READ_S = 0.25
+#: A wake-up sent and not yet taken by a worker keeps a key this long: no other is
+#: sent for its target meanwhile (by any gateway process), so that workers that are
+#: down, or behind, find one wake-up a target on the broker, not one per commit.
+WOKEN_TTL_MS = 5000
 
 
 def draining_key(target_id: str) -> str:
@@ -61,6 +65,34 @@ def draining_key(target_id: str) -> str:
     each handled by a worker thread (and one more drainer in the other process).
     """
     return f"relay:draining:{target_id}"
+
+
+def woken_key(target_id: str) -> str:
+    """The Redis key that says a wake-up of ``target_id`` waits on the broker.
+
+    The gateway sets it when it sends the wake-up and sends no other while it is
+    there; the worker deletes it when it takes the wake-up, *before* it claims, so
+    an event whose wake-up was skipped (committed before the gateway found the key,
+    hence before the delete) is found by that claim. Before, a gateway whose
+    workers were down sent each busy target a wake-up every 2 ms (WAKE_WINDOW_S),
+    all left on the broker for the workers to take one by one when back.
+    """
+    return f"relay:woken:{target_id}"
+
+
+# KEYS: each target's draining key then its woken key. ARGV[1]: WOKEN_TTL_MS.
+# Returns the (1-based) positions of the targets to wake: neither key was there, and
+# the woken key is now set (NX: of two gateway processes, one sends).
+_TO_WAKE = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 0
+      and redis.call('SET', KEYS[i + 1], '1', 'PX', ARGV[1], 'NX') then
+    out[#out + 1] = (i + 1) / 2
+  end
+end
+return out
+"""
 
 
 #: What a lost or stalled Redis raises; Dramatiq's consumer expects ConnectionClosed.
@@ -206,8 +238,10 @@ class Enqueuer:
         self, broker: dramatiq.Broker, *, max_pending: int = MAX_PENDING, draining: Any = None
     ) -> None:
         self._broker = broker
-        #: the Redis (asyncio) where busy drainers keep their keys; None: wake them all
+        #: the Redis (asyncio) where busy drainers and sent wake-ups keep their keys;
+        #: None: wake them all
         self._draining = draining
+        self._to_wake = draining.register_script(_TO_WAKE) if draining is not None else None
         self._pending: set[asyncio.Future[bool]] = set()
         self._max_pending = max_pending
         self._executor = ThreadPoolExecutor(ENQUEUE_THREADS, thread_name_prefix="relay-enqueue")
@@ -285,26 +319,39 @@ class Enqueuer:
             while self._waking:
                 delay_s, waiting = self._waking.popitem()
                 woken = list(waiting)
-                if woken and delay_s <= 0:
-                    woken = await self._not_draining(woken)
+                marked = woken and delay_s <= 0 and self._to_wake is not None
+                if marked:
+                    woken = await self._unwoken(woken)
                 if woken:
-                    await self.wake(woken, delay_s=delay_s)
+                    sent = await self.wake(woken, delay_s=delay_s)
+                    if marked and not sent:
+                        await self._forget_woken(woken)
                     # what is asked meanwhile goes in the next send, each target once
                     await asyncio.sleep(WAKE_WINDOW_S)
         finally:
             self._waker = None
 
-    async def _not_draining(self, targets: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """The targets that no busy drainer keeps (all of them if Redis cannot say)."""
-        if self._draining is None:
-            return targets
+    async def _unwoken(self, targets: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The targets that no busy drainer keeps and no wake-up waits for, now marked
+        as woken (all of them if Redis cannot say)."""
+        assert self._to_wake is not None
+        keys = [key for t, _ in targets for key in (draining_key(t), woken_key(t))]
         try:
             async with asyncio.timeout(DRAINING_READ_S):
-                kept = await self._draining.mget([draining_key(t) for t, _ in targets])
+                positions = await self._to_wake(keys=keys, args=[WOKEN_TTL_MS])
         except Exception as exc:  # woken all: a wake-up too many costs a claim
-            log.debug("draining keys not read: %s", type(exc).__name__)
+            log.debug("draining and woken keys not read: %s", type(exc).__name__)
             return targets
-        return [t for t, key in zip(targets, kept, strict=True) if key is None]
+        return [targets[int(i) - 1] for i in positions]
+
+    async def _forget_woken(self, targets: list[tuple[str, str]]) -> None:
+        """A send that failed leaves no key: the next commit tries again."""
+        assert self._draining is not None
+        try:
+            async with asyncio.timeout(DRAINING_READ_S):
+                await self._draining.delete(*(woken_key(t) for t, _ in targets))
+        except Exception as exc:  # they lapse (WOKEN_TTL_MS); the sweeper backs them up
+            log.debug("woken keys not deleted: %s", type(exc).__name__)
 
     def _in_background(self, send: Coroutine[Any, Any, bool], what: str) -> None:
         """Run ``send`` as a task, unless MAX_PENDING are pending: then the sweeper's."""
