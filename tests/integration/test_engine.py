@@ -371,3 +371,40 @@ async def test_a_rate_limited_backlog_waits_in_postgres_not_on_the_broker(
         target["id"],
     )
     assert rows[0]["n"] == 1
+
+
+async def test_a_tenants_big_payloads_in_flight_are_bounded_by_bytes_not_only_attempts(
+    workers: Workers, gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    # Given tenant A with 30 events of ~500 KB due to a target that allows 50 at once,
+    # a receiver that holds each request 0.5 s, and one worker process with 32 slots
+    # (a tenant may hold 24 of them: 24 attempts, before, whatever their size)
+    a = await make_tenant(gateway, "Tenant A")
+    a_source = await make_source(gateway, a)
+    counter = Concurrency(hold_s=0.5)
+    big = await make_target(gateway, a, url=receiver.on("/a-big", counter), max_in_flight=50)
+    filler = "x" * 500_000
+    for i in range(30):
+        answer = await post_token(gateway, a_source, [{"uuid": f"big-{i}", "filler": filler}])
+        assert answer.status == 202
+    workers.start(RELAY_WORKER_CONCURRENCY="32")
+
+    async def a_sending() -> bool:
+        return counter.now > 0
+
+    await eventually(a_sending, timeout=30, every=0.02)
+    # When tenant B sends a test event meanwhile
+    b = await make_tenant(gateway, "Tenant B")
+    b_target = await make_target(gateway, b, url=receiver.url("/b-small"))
+    started = time.monotonic()
+    assert (await gateway.post(f"/v1/targets/{b_target['id']}/test", headers=b.auth)).status == 202
+
+    # Then A never has more than 3 of them in flight (an attempt holds a slot per 64 KiB
+    # of payload: 8 each, 24 for the tenant), all arrive whole, and B's arrives at once
+    await eventually(lambda: _all_succeeded(database_url, big["id"], 30), timeout=90)
+    assert 1 <= counter.most <= 3, counter.most
+    bodies = [json.loads(r.body) for r in receiver.at("/a-big")]
+    assert {b["uuid"] for b in bodies} >= {f"big-{i}" for i in range(30)}
+    assert all(len(b["filler"]) == 500_000 for b in bodies)
+    waited = receiver.at("/b-small")[0].at - started
+    assert waited < 2.0, f"tenant B waited {waited:.1f} s behind tenant A's big payloads"

@@ -122,3 +122,50 @@ async def test_a_waiting_tenant_goes_before_a_refill() -> None:
     await asyncio.sleep(0)
     assert b.result() == 1
     assert slots.try_acquire("a", 1) == 0
+
+
+def test_items_are_kept_while_the_granted_slots_and_the_tenants_room_hold_them() -> None:
+    slots = FairSlots(32)  # a tenant may hold 24
+    granted = slots.try_acquire("a", 10)
+    # ten items of 8 slots (~500 KB payloads at 64 KiB a slot): three fit in 24
+    assert slots.weigh("a", [8] * 10, granted, first=True) == 3
+    assert slots.held["a"] == 24 and slots.free == 8
+    # another tenant still gets its slots
+    assert slots.try_acquire("b", 1) == 1
+
+
+def test_light_items_give_back_the_slots_they_do_not_use() -> None:
+    slots = FairSlots(32)
+    granted = slots.try_acquire("a", 10)
+    assert slots.weigh("a", [1, 1, 1], granted, first=True) == 3
+    assert slots.held["a"] == 3 and slots.free == 29
+
+
+def test_a_first_item_heavier_than_the_share_still_goes_alone() -> None:
+    slots = FairSlots(32)
+    granted = slots.try_acquire("a", 4)
+    # nothing else in flight: a 1 MiB payload (16 slots) goes, then nothing more fits
+    assert slots.weigh("a", [16, 16, 16], granted, first=True) == 1
+    assert slots.held["a"] == 16
+    # with attempts in flight, the same claim keeps none that does not fit
+    granted = slots.try_acquire("a", 4)
+    assert slots.weigh("a", [16], granted, first=False) == 0
+    assert slots.held["a"] == 16 and slots.free == 16
+
+
+@given(
+    weights=st.lists(st.integers(min_value=1, max_value=16), min_size=1, max_size=40),
+    want=st.integers(min_value=1, max_value=40),
+    first=st.booleans(),
+)
+def test_weighing_never_loses_or_invents_slots(weights: list[int], want: int, first: bool) -> None:
+    slots = FairSlots(32)
+    granted = slots.try_acquire("a", want)
+    kept = slots.weigh("a", weights, granted, first=first)
+    held = sum(weights[:kept])
+    assert slots.held.get("a", 0) == held
+    assert slots.free == 32 - held
+    assert held <= 24 or (first and kept == 1)
+    assert kept >= 1 or not first
+    slots.release("a", held)
+    assert slots.free == 32 and "a" not in slots.held
