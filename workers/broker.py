@@ -32,6 +32,7 @@ from relay.core.ratelimit import RateLimiter
 from relay.delivery.egress import EgressClient
 from relay.delivery.wakeups import Enqueuer, make_broker
 from relay.store.db import create_pool
+from relay.store.migrations import check_schema
 from relay.web.openapi import relay_version
 from workers.engine import POOL_SIZE, Engine, WorkerContext
 
@@ -59,10 +60,17 @@ def current_worker() -> Worker:
 
 async def open_context(settings: Settings, broker: dramatiq.Broker) -> WorkerContext:
     """A worker process's resources: pool, guarded HTTP client, Redis, enqueuer, secrets."""
+    pool = await create_pool(settings.database_url, min_size=1, max_size=POOL_SIZE)
+    try:
+        async with pool.acquire() as conn:
+            await check_schema(conn)  # SchemaBehind: the worker process does not boot
+    except BaseException:
+        await pool.close()
+        raise
     client = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     return WorkerContext(
         settings=settings,
-        pool=await create_pool(settings.database_url, min_size=1, max_size=POOL_SIZE),
+        pool=pool,
         egress=EgressClient(
             timeout_s=settings.delivery_timeout_s,
             allow_private=settings.allow_private_targets,

@@ -82,6 +82,22 @@ async def _migrate(settings: Settings) -> list[str]:
         await conn.close()
 
 
+async def _check_schema(settings: Settings) -> None:
+    """SchemaBehind if the database lacks a migration; nothing if it cannot be reached
+    now (the worker's processes wait for it as they would have)."""
+    from relay.store.db import POSTGRES_DOWN, connect
+    from relay.store.migrations import check_schema
+
+    try:
+        conn = await asyncio.wait_for(connect(settings.database_url), timeout=10)
+    except (*POSTGRES_DOWN, TimeoutError, OSError):
+        return
+    try:
+        await check_schema(conn)
+    finally:
+        await conn.close()
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Apply pending migrations."""
     settings = load_settings(REQUIRED_FOR_MIGRATE)
@@ -108,13 +124,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from relay.web.server import run
 
     setup_logging(settings.log_level)
-    run(
-        create_app(settings),
-        args.host,
-        args.port,
-        None if args.reuse_port else lambda text: print(text, file=sys.stderr),
-        reuse_port=args.reuse_port,
-    )
+    try:
+        run(
+            create_app(settings),
+            args.host,
+            args.port,
+            None if args.reuse_port else lambda text: print(text, file=sys.stderr),
+            reuse_port=args.reuse_port,
+        )
+    except ConfigError as exc:  # found at start: the schema behind the code, say
+        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -163,7 +183,12 @@ def with_metrics_dir(env: dict[str, str]) -> dict[str, str]:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run delivery workers and the sweeper (Dramatiq handles processes and SIGTERM)."""
-    load_settings(REQUIRED_FOR_WORKER)  # fail with one line here, not in every process
+    settings = load_settings(REQUIRED_FOR_WORKER)  # one line here, not in every process
+    try:
+        asyncio.run(_check_schema(settings))
+    except ConfigError as exc:
+        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        return 2
     argv = worker_argv(args.processes, args.threads)
     os.execve(sys.executable, argv, with_metrics_dir(dict(os.environ)))
     return 0  # pragma: no cover - execv does not return

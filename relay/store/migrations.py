@@ -137,6 +137,35 @@ async def migrate(
     return applied
 
 
+class SchemaBehind(ConfigError):
+    """The database lacks migrations this code needs: `relay migrate` has not run."""
+
+
+async def check_schema(conn: Queries, directory: Path | None = None) -> None:
+    """Raise :class:`SchemaBehind` unless every migration this code ships is applied.
+
+    The gateway and the worker call it as they start: code newer than its schema
+    would fail at the first statement that needs what a migration adds (a worker
+    on a database without 0020 failed every ordered record with "function
+    relay_record_ordered does not exist"). A schema ahead of the code passes: a
+    migration keeps what the release before it uses.
+    """
+    wanted = load_migrations(directory)
+    if await conn.fetchval("SELECT to_regclass('schema_migrations') IS NULL"):
+        applied: set[int] = set()
+    else:
+        applied = set(await applied_versions(conn))
+    missing = [m.name for m in wanted if m.version not in applied]
+    if missing:
+        shown = ", ".join(missing[:3])
+        if len(missing) > 3:
+            shown += f" and {len(missing) - 3} more"
+        raise SchemaBehind(
+            f"the database lacks {len(missing)} migration(s) this relay needs ({shown}):"
+            " run `relay migrate` first"
+        )
+
+
 async def applied_versions(conn: Queries) -> list[int]:
     """The versions recorded in schema_migrations."""
     rows = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")

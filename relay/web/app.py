@@ -33,6 +33,7 @@ from relay.delivery.wakeups import Enqueuer, make_broker
 from relay.ingest.group_commit import GroupCommit
 from relay.ingest.routes import RoutingCache
 from relay.store.db import POSTGRES_DOWN, create_pool
+from relay.store.migrations import check_schema
 from relay.web.app_keys import (
     CACHE,
     ENQUEUER,
@@ -189,6 +190,12 @@ async def _postgres(app: web.Application) -> AsyncIterator[None]:
         max_size=20,
         command_timeout=settings.db_statement_timeout_s,
     )
+    try:
+        async with app[POOL].acquire() as conn:
+            await check_schema(conn)  # SchemaBehind: `relay serve` says so and stops
+    except BaseException:
+        await app[POOL].close()
+        raise
     yield
     await app[POOL].close()
 

@@ -1,0 +1,82 @@
+"""A gateway or a worker newer than its database's schema refuses to start.
+
+Before, a worker on a database without migration 0020 started, then failed every
+ordered record with "function relay_record_ordered does not exist" (the
+deliveries stayed leased until the sweeper). Now `relay serve` and `relay worker`
+read schema_migrations as they start, and stop with a line naming what is missing
+and `relay migrate`. Real processes on a database whose last migration is undone
+in the book (the row removed, as on a database the previous release migrated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.store.migrations import load_migrations
+from tests.conftest import stack_env
+from tests.services import GatewayProcess
+from tests.stack import WorkerProcess, fetch
+
+pytestmark = pytest.mark.slow
+
+LAST = load_migrations()[-1]
+
+
+@pytest.fixture
+def behind(database_url: str) -> Iterator[str]:
+    """The test's database, its last migration missing from schema_migrations."""
+    undo = "DELETE FROM schema_migrations WHERE version = $1"
+    asyncio.run(fetch(database_url, undo, LAST.version))
+    try:
+        yield database_url
+    finally:
+        asyncio.run(
+            fetch(
+                database_url,
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                LAST.version,
+                LAST.name,
+            )
+        )
+
+
+def test_relay_serve_on_a_schema_behind_stops_and_says_to_migrate(
+    behind: str, clean_redis: str, tmp_path: Path
+) -> None:
+    gateway = GatewayProcess(stack_env(behind, clean_redis), tmp_path / "gw.log")
+    gateway.start = lambda: gateway  # type: ignore[method-assign]  # (no port to wait for)
+    WorkerProcess.start(gateway)
+    assert gateway.proc is not None
+    try:
+        code = gateway.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        gateway.stop()
+        pytest.fail(f"relay serve kept running on a schema behind it:\n{gateway.log()[-2000:]}")
+    log = gateway.log()
+    assert code == 2, log[-2000:]
+    assert f"lacks 1 migration(s) this relay needs ({LAST.name})" in log
+    assert "run `relay migrate` first" in log
+    assert "Traceback" not in log
+    assert "Traceback" not in log
+
+
+def test_relay_worker_on_a_schema_behind_does_not_run(
+    behind: str, clean_redis: str, tmp_path: Path
+) -> None:
+    worker = WorkerProcess(stack_env(behind, clean_redis), tmp_path / "worker.log").start()
+    assert worker.proc is not None
+    try:
+        code = worker.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        worker.stop()
+        pytest.fail(f"relay worker kept running on a schema behind it:\n{worker.log()[-3000:]}")
+    log = worker.log()
+    assert code == 2, log[-3000:]
+    assert f"lacks 1 migration(s) this relay needs ({LAST.name})" in log
+    assert "run `relay migrate` first" in log
+    assert "Traceback" not in log
