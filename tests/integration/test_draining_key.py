@@ -1,4 +1,5 @@
-"""No wake-up for a target whose busy drainer claims again anyway.
+"""No wake-up for a target whose busy drainer claims again anyway, nor for one
+whose wake-up still waits on the broker.
 
 Every committed group woke its targets through the broker. At 1,000 events/s to
 one target, that was ~600 messages a second for a drainer that was claiming
@@ -8,6 +9,14 @@ claims batch after batch now keeps a key in Redis; the gateway sends no
 immediate wake-up for a target that has it. Before it ends, the drainer deletes
 the key and claims once more: an event committed while the key was there
 (whose wake-up was skipped) is committed before that last claim.
+
+A gateway whose workers were down (or behind) also sent each target a wake-up
+after every group commit, one every 2 ms at most: posted one by one, 40 events
+left 40 wake-ups of one target on the broker, for the workers to take one by one
+once back. A wake-up that waits on the broker now keeps a key in Redis (for
+``WOKEN_TTL_MS`` at most), and no gateway process sends another meanwhile; the
+worker deletes the key when it takes the wake-up, before it claims, so an event
+committed after that gets a wake-up of its own.
 
 The gateway (the test client) and an engine, each with its own Redis and broker
 connections as two processes have them, against real Postgres, Redis and a
@@ -26,11 +35,19 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from relay.core.config import Settings
 from relay.delivery import wakeups
-from relay.delivery.wakeups import draining_key
+from relay.delivery.wakeups import draining_key, woken_key
 from relay.store import claims
-from tests.conftest import Tenant
-from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
+from relay.web.app import create_app
+from tests.conftest import GatewayTestServer, Tenant
+from tests.integration.test_ingest import (
+    SOFTLEDGER,
+    make_source,
+    make_target,
+    make_tenant,
+    post_token,
+)
 from tests.stack import Receiver, eventually
 from workers.engine import Engine
 
@@ -205,3 +222,55 @@ async def test_a_slow_target_with_room_is_not_kept_from_its_wake_ups(
         watching = False
         await watcher
     assert seen == {0}
+
+
+async def test_two_gateways_leave_one_wake_up_per_target_while_no_worker_takes_it(
+    aiohttp_client: Any, settings: Settings, receiver: Receiver, redis: Any
+) -> None:
+    # Given two gateways and no worker running
+    a = await aiohttp_client(GatewayTestServer(create_app(settings)))
+    b = await aiohttp_client(GatewayTestServer(create_app(settings)))
+    tenant = await make_tenant(a)
+    source = await make_source(a, tenant)
+    target = await make_target(a, tenant, url=receiver.url("/down"))
+    # When 40 events are posted one by one, through either gateway
+    for i in range(40):
+        gateway = a if i % 2 else b
+        answer = await post_token(gateway, source, [{**SOFTLEDGER, "uuid": f"down-{i}"}])
+        assert answer.status == 202
+        await asyncio.sleep(0.005)  # past the 2 ms a gateway gathers wake-ups in
+    await asyncio.sleep(0.2)  # the wake-ups go after the answers
+    # Then one wake-up of the target waits on the broker (40 before), and its key says so
+    assert await woken(redis, target["id"]) == 1
+    assert 0 < await redis.pttl(woken_key(target["id"])) <= 5000
+
+
+async def test_a_wake_up_taken_lets_the_next_commit_wake_the_target_again(
+    client: Any, engine: Engine, receiver: Receiver, redis: Any
+) -> None:
+    tenant = await make_tenant(client)
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant, url=receiver.url("/again"))
+    # Given an event whose wake-up waits on the broker
+    assert (await post_token(client, source, [{**SOFTLEDGER, "uuid": "again-1"}])).status == 202
+
+    async def one_waits() -> bool:
+        return await woken(redis, target["id"]) == 1
+
+    await eventually(one_waits, timeout=5)
+    # When a worker takes it (as the wake_target actor does)
+    await engine.wake_taken(target["id"], tenant.id)
+
+    async def sent(n: int) -> bool:
+        return len(receiver.at("/again")) == n
+
+    await eventually(lambda: sent(1), timeout=10)
+    # Then the key is gone, and the next event gets a wake-up of its own (were the key
+    # left, it would wait for the sweeper)
+    assert not await redis.exists(woken_key(target["id"]))
+    assert (await post_token(client, source, [{**SOFTLEDGER, "uuid": "again-2"}])).status == 202
+
+    async def two_wait() -> bool:
+        return await woken(redis, target["id"]) == 2  # (the first was never acked here)
+
+    await eventually(two_wait, timeout=5)

@@ -45,38 +45,33 @@ def behind(database_url: str) -> Iterator[str]:
         )
 
 
+def refused(process: WorkerProcess, what: str) -> None:
+    """``process`` (started) stops at once with exit code 2, saying what is missing."""
+    assert process.proc is not None
+    try:
+        code = process.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.stop()
+        pytest.fail(f"{what} kept running on a schema behind it:\n{process.log()[-3000:]}")
+    log = process.log()
+    assert code == 2, log[-3000:]
+    assert f"lacks 1 migration(s) this relay needs ({LAST.name})" in log
+    assert "run `relay migrate` first" in log
+    assert "Traceback" not in log
+
+
 def test_relay_serve_on_a_schema_behind_stops_and_says_to_migrate(
     behind: str, clean_redis: str, tmp_path: Path
 ) -> None:
     gateway = GatewayProcess(stack_env(behind, clean_redis), tmp_path / "gw.log")
-    gateway.start = lambda: gateway  # type: ignore[method-assign]  # (no port to wait for)
-    WorkerProcess.start(gateway)
-    assert gateway.proc is not None
-    try:
-        code = gateway.proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        gateway.stop()
-        pytest.fail(f"relay serve kept running on a schema behind it:\n{gateway.log()[-2000:]}")
-    log = gateway.log()
-    assert code == 2, log[-2000:]
-    assert f"lacks 1 migration(s) this relay needs ({LAST.name})" in log
-    assert "run `relay migrate` first" in log
-    assert "Traceback" not in log
-    assert "Traceback" not in log
+    WorkerProcess.start(gateway)  # (not GatewayProcess.start: it waits for the port)
+    refused(gateway, "relay serve")
 
 
 def test_relay_worker_on_a_schema_behind_does_not_run(
     behind: str, clean_redis: str, tmp_path: Path
 ) -> None:
+    # (before, the worker started, and its processes ran without an engine: dramatiq
+    # logs a middleware's failure at boot and goes on)
     worker = WorkerProcess(stack_env(behind, clean_redis), tmp_path / "worker.log").start()
-    assert worker.proc is not None
-    try:
-        code = worker.proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        worker.stop()
-        pytest.fail(f"relay worker kept running on a schema behind it:\n{worker.log()[-3000:]}")
-    log = worker.log()
-    assert code == 2, log[-3000:]
-    assert f"lacks 1 migration(s) this relay needs ({LAST.name})" in log
-    assert "run `relay migrate` first" in log
-    assert "Traceback" not in log
+    refused(worker, "relay worker")
