@@ -19,12 +19,15 @@ events without a uuid would otherwise be stored twice. Once a group has
 committed, its targets are woken on the broker, each once (the sweeper covers a
 wake-up that is lost).
 
-Two lanes, so that one tenant's heavy requests never hold up another's light
-ones: a request that takes ordered keys' locks or stores more than
-``LIGHT_EVENTS`` events goes in the heavy lane, every other in the light lane.
-Each lane forms its own groups with its own transactions in flight (a light
-request never shares a transaction with, nor waits for a slot behind, a heavy
-one that waits on key locks or writes ten thousand rows).
+Lanes, so that one tenant's heavy requests never hold up another's: a request
+that takes ordered keys' locks or stores more than ``LIGHT_EVENTS`` events is
+heavy and goes in its tenant's heavy lane, every other in the light lane. Each
+lane forms its own groups (a light request never shares a transaction with, nor
+waits for a slot behind, a heavy one that waits on key locks or writes ten
+thousand rows). The heavy lanes share ``MAX_RUNNING_HEAVY`` transactions in
+flight, at most ``TENANT_HEAVY`` a tenant, handed out in turns: before, one
+tenant's ordered requests waiting on their keys' locks held all of the heavy
+lane's transactions, and every other tenant's ordered event waited behind them.
 
 A stalled Postgres (a lock wait, a full disk) is not waited for: a pooled
 connection is waited for at most ``acquire_timeout_s``, a statement at most the
@@ -47,8 +50,12 @@ from relay.store.events import IngestRequest, IngestResult, record_event_groups
 
 log = logging.getLogger(__name__)
 
-#: Transactions of groups in flight at once, per lane; arrivals meanwhile form the next group.
+#: Transactions of groups in flight at once in the light lane; arrivals meanwhile form
+#: the next group.
 MAX_RUNNING = 4
+#: Transactions of heavy groups in flight at once, all tenants together, and per tenant.
+MAX_RUNNING_HEAVY = 6
+TENANT_HEAVY = 2
 #: A request of at most this many events and no ordered key goes in the light lane.
 LIGHT_EVENTS = 100
 #: Events in one transaction at most (a bigger request is a group of its own).
@@ -66,10 +73,12 @@ Waiter = tuple[IngestRequest, "asyncio.Future[IngestResult]"]
 
 
 class _Lane:
-    """Requests of one weight waiting to be grouped, and their groups in flight."""
+    """Requests of one weight (and tenant, when heavy) waiting to be grouped, and their
+    groups in flight."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, max_running: int) -> None:
         self.name = name
+        self.max_running = max_running
         self.waiting: list[Waiter] = []
         self.scheduled = False
         self.running: set[asyncio.Task[None]] = set()
@@ -91,6 +100,8 @@ class GroupCommit:
         first_delay_s: float,
         committed: Callable[[Sequence[tuple[str, str]]], None],
         max_running: int = MAX_RUNNING,
+        max_running_heavy: int = MAX_RUNNING_HEAVY,
+        tenant_heavy: int = TENANT_HEAVY,
         max_group_events: int = MAX_GROUP_EVENTS,
         max_waiting: int = MAX_WAITING,
         acquire_timeout_s: float = ACQUIRE_TIMEOUT_S,
@@ -100,13 +111,19 @@ class GroupCommit:
         self._first_delay_s = first_delay_s
         #: called with the (target, tenant) pairs of each committed group
         self._committed = committed
-        self._max_running = max_running
         self._max_events = max_group_events
         self._max_waiting = max_waiting
         self._acquire_timeout_s = acquire_timeout_s
         #: requests handed to commit() and not answered yet
         self._unanswered = 0
-        self._light, self._heavy = _Lane("light"), _Lane("heavy")
+        self._light = _Lane("light", max_running)
+        #: each tenant's heavy lane while it has requests, in turn order (the next
+        #: to start a group first), and the heavy groups in flight, all lanes together
+        self._heavy: dict[str, _Lane] = {}
+        self._max_heavy = max_running_heavy
+        self._tenant_heavy = min(tenant_heavy, max_running_heavy)
+        self._heavy_running = 0
+        self._heavy_scheduled = False
 
     async def commit(self, request: IngestRequest) -> IngestResult:
         """Store ``request``'s events; return once they are committed (or raise its error).
@@ -119,11 +136,15 @@ class GroupCommit:
                 "too many requests are waiting for the database; try again shortly"
             )
         future: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
-        lane = self._light if is_light(request) else self._heavy
-        lane.waiting.append((request, future))
-        if not lane.scheduled:
-            lane.scheduled = True
-            asyncio.get_running_loop().call_soon(self._start, lane)
+        if is_light(request):
+            self._light.waiting.append((request, future))
+            self._schedule(self._light)
+        else:
+            lane = self._heavy.get(request.tenant_id)
+            if lane is None:
+                lane = self._heavy[request.tenant_id] = _Lane("heavy", self._tenant_heavy)
+            lane.waiting.append((request, future))
+            self._schedule_heavy()
         self._unanswered += 1
         INGEST_WAITING.inc()
         try:
@@ -132,15 +153,44 @@ class GroupCommit:
             self._unanswered -= 1
             INGEST_WAITING.dec()
 
+    def _schedule(self, lane: _Lane) -> None:
+        if not lane.scheduled:
+            lane.scheduled = True
+            asyncio.get_running_loop().call_soon(self._start, lane)
+
+    def _schedule_heavy(self) -> None:
+        if not self._heavy_scheduled:
+            self._heavy_scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_heavy)
+
     def _start(self, lane: _Lane) -> None:
-        """Start groups of what waits in ``lane``, while fewer than ``max_running`` of its
-        groups are in flight."""
+        """Start groups of what waits in the light lane, while fewer than its
+        ``max_running`` are in flight."""
         lane.scheduled = False
-        while lane.waiting and len(lane.running) < self._max_running:
-            group = self._take(lane)
-            task = asyncio.ensure_future(self._run(group))
-            lane.running.add(task)
-            task.add_done_callback(functools.partial(self._done, lane))
+        while lane.waiting and len(lane.running) < lane.max_running:
+            self._launch(lane, self._take(lane))
+
+    def _start_heavy(self) -> None:
+        """Start heavy groups, a tenant's lane at a time in turn, while fewer than
+        ``max_running_heavy`` are in flight and the lane has fewer than its own cap."""
+        self._heavy_scheduled = False
+        started = True
+        while started and self._heavy_running < self._max_heavy:
+            started = False
+            for tenant, lane in list(self._heavy.items()):
+                if not lane.waiting or len(lane.running) >= lane.max_running:
+                    continue
+                del self._heavy[tenant]  # to the back of the turn order
+                self._heavy[tenant] = lane
+                self._heavy_running += 1
+                self._launch(lane, self._take(lane), tenant)
+                started = True
+                break
+
+    def _launch(self, lane: _Lane, group: list[Waiter], tenant: str | None = None) -> None:
+        task = asyncio.ensure_future(self._run(group))
+        lane.running.add(task)
+        task.add_done_callback(functools.partial(self._done, lane, tenant))
 
     def _take(self, lane: _Lane) -> list[Waiter]:
         count, locks, taken = 0, 0, 0
@@ -156,11 +206,17 @@ class GroupCommit:
         group, lane.waiting = lane.waiting[:taken], lane.waiting[taken:]
         return group
 
-    def _done(self, lane: _Lane, task: asyncio.Task[None]) -> None:
+    def _done(self, lane: _Lane, tenant: str | None, task: asyncio.Task[None]) -> None:
         lane.running.discard(task)
-        if lane.waiting and not lane.scheduled:
-            lane.scheduled = True
-            asyncio.get_running_loop().call_soon(self._start, lane)
+        if tenant is None:
+            if lane.waiting:
+                self._schedule(lane)
+            return
+        self._heavy_running -= 1
+        if not lane.waiting and not lane.running and self._heavy.get(tenant) is lane:
+            del self._heavy[tenant]
+        if any(heavy.waiting for heavy in self._heavy.values()):
+            self._schedule_heavy()
 
     async def _run(self, group: list[Waiter]) -> None:
         failure = await self._attempt(group)
@@ -242,12 +298,17 @@ class GroupCommit:
 
     async def close(self) -> None:
         """Wait for the groups in flight (the server has stopped taking requests)."""
-        for lane in (self._light, self._heavy):
-            while lane.running or lane.waiting:
-                if lane.running:
-                    await asyncio.wait(set(lane.running))
-                else:
-                    self._start(lane)
+        while self._light.running or self._light.waiting:
+            if self._light.running:
+                await asyncio.wait(set(self._light.running))
+            else:
+                self._start(self._light)
+        while any(lane.waiting or lane.running for lane in self._heavy.values()):
+            running = {task for lane in self._heavy.values() for task in lane.running}
+            if running:
+                await asyncio.wait(running)
+            else:
+                self._start_heavy()
 
 
 def _unavailable(exc: Exception) -> Exception:
