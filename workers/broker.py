@@ -38,6 +38,10 @@ from workers.engine import POOL_SIZE, Engine, WorkerContext
 
 log = logging.getLogger("relay.worker")
 
+#: The exit code of a worker process that could not open its resources at boot (it
+#: waits RELAY_WORKER_BOOT_WAIT_S for Postgres first); `relay worker` exits with it.
+BOOT_FAILED = 3
+
 
 @dataclass(frozen=True)
 class Worker:
@@ -60,7 +64,12 @@ def current_worker() -> Worker:
 
 async def open_context(settings: Settings, broker: dramatiq.Broker) -> WorkerContext:
     """A worker process's resources: pool, guarded HTTP client, Redis, enqueuer, secrets."""
-    pool = await create_pool(settings.database_url, min_size=1, max_size=POOL_SIZE)
+    pool = await create_pool(
+        settings.database_url,
+        min_size=1,
+        max_size=POOL_SIZE,
+        wait_s=settings.worker_boot_wait_s,
+    )
     try:
         async with pool.acquire() as conn:
             await check_schema(conn)  # SchemaBehind: the worker process does not boot
@@ -124,7 +133,19 @@ class WorkerResources(AsyncIO):
         """Start the event loop (uvloop's), then open the resources on it."""
         loops.use_for_new_loops()
         super().before_worker_boot(broker, worker)  # type: ignore[no-untyped-call]
-        get_event_loop_thread().run_coroutine(self._open(broker))  # type: ignore[union-attr]
+        try:
+            get_event_loop_thread().run_coroutine(self._open(broker))  # type: ignore[union-attr]
+        except Exception as exc:
+            # Dramatiq logs a middleware's failure at boot and goes on: the process
+            # would take wake-ups with no engine, and never deliver. It exits instead;
+            # Dramatiq's main process then stops the others and `relay worker` exits.
+            log.critical(
+                "the worker process could not open its resources and exits: %s: %s",
+                type(exc).__name__,
+                exc,
+            )
+            logging.shutdown()
+            os._exit(BOOT_FAILED)
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         """Close the resources once no message runs, then stop the loop."""

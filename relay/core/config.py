@@ -44,6 +44,8 @@ class Settings:
     #: One name lookup for a delivery waits at most this (and at most half the
     #: delivery timeout); then the attempt fails as a connection error.
     dns_timeout_s: float = 2.0
+    #: A worker process tries this long at boot to reach Postgres, then exits.
+    worker_boot_wait_s: float = 30.0
     max_body_bytes: int = 1_048_576
     secret_overlap_s: float = 86_400.0
     disable_after_s: float = 5 * 86_400.0
@@ -135,6 +137,8 @@ class Settings:
             values["delivery_timeout_s"] = _positive(v, "RELAY_DELIVERY_TIMEOUT_S")
         if (v := get("RELAY_DNS_TIMEOUT_S")) is not None:
             values["dns_timeout_s"] = _positive(v, "RELAY_DNS_TIMEOUT_S")
+        if (v := get("RELAY_WORKER_BOOT_WAIT_S")) is not None:
+            values["worker_boot_wait_s"] = _positive(v, "RELAY_WORKER_BOOT_WAIT_S")
         if (v := get("RELAY_MAX_BODY_BYTES")) is not None:
             values["max_body_bytes"] = int(_positive(v, "RELAY_MAX_BODY_BYTES", integer=True))
         if (v := get("RELAY_SECRET_OVERLAP_S")) is not None:

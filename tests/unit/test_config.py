@@ -35,6 +35,7 @@ def test_defaults_match_api_md() -> None:
     )
     assert s.delivery_timeout_s == 15
     assert s.dns_timeout_s == 2
+    assert s.worker_boot_wait_s == 30
     assert s.max_body_bytes == 1_048_576
     assert s.secret_overlap_s == 86_400
     assert s.secret_key == b"k" * 32
@@ -66,6 +67,7 @@ def test_missing_required_variable_is_named(missing: str) -> None:
         ("RELAY_DELIVERY_TIMEOUT_S", "0"),
         ("RELAY_DNS_TIMEOUT_S", "0"),
         ("RELAY_DNS_TIMEOUT_S", "soon"),
+        ("RELAY_WORKER_BOOT_WAIT_S", "-1"),
         ("RELAY_MAX_BODY_BYTES", "1.5"),
         ("RELAY_ALLOW_PRIVATE_TARGETS", "yes"),
         ("RELAY_PUBLIC_URL", "relay.example.com"),
