@@ -135,13 +135,15 @@ class FairSlots:
     def weigh(self, tenant: str, weights: list[int], granted: int, *, first: bool) -> int:
         """How many of a tenant's items of these weights, in order, the ``granted`` slots
         and those the tenant may take now hold; what they do not use goes back. ``first``:
-        the tenant's drainer has nothing else in flight, so the first item is kept
-        regardless (an item heavier than the tenant's whole share still goes, alone)."""
+        the drainer has nothing else in flight; then, if the tenant holds no other slot,
+        the first item is kept regardless (an item heavier than the tenant's whole share
+        still goes, alone: one at a time for the tenant)."""
         kept, total = 0, 0
         for weight in weights:
             if total + weight > granted:
                 granted += self.try_acquire(tenant, total + weight - granted)
-                if total + weight > granted and not (first and kept == 0):
+                alone = first and kept == 0 and self.held[tenant] == granted
+                if total + weight > granted and not alone:
                     break
             total += weight
             kept += 1
@@ -527,8 +529,15 @@ class Engine:
         )
         if slots == 0:
             return last._replace(more=False, kept_out=False)
-        # as many as the slots hold, at the weight of the target's last claim's payloads
-        want = max(1, slots // self._weight_hint.get(target_id, 1))
+        # as many as the slots hold, at the weight of the target's last claim's payloads;
+        # if they do not hold one while the tenant has others in flight, wait for those
+        hint = self._weight_hint.get(target_id, 1)
+        if slots < hint:
+            slots += self.slots.try_acquire(tenant_id, hint - slots)
+            if slots < hint and self.slots.held[tenant_id] > slots:
+                self.slots.release(tenant_id, slots)
+                return last._replace(more=False, kept_out=not in_flight)
+        want = max(1, slots // hint)
         limit = target.rate_limit if target is not None else None
         if limit is not None:
             want, wait_s = await self.ctx.limiter.take(f"tgt:{target_id}", limit, want)
@@ -565,18 +574,17 @@ class Engine:
                 f"tgt:{target_id}", fresh.rate_limit, len(rows)
             )
             if taken < len(rows):
-                await self._release(tenant_id, rows[taken:], delay_s=max(wait_s, 0.1))
+                try:
+                    await self._release(tenant_id, rows[taken:], delay_s=max(wait_s, 0.1))
+                except BaseException:
+                    self.slots.release(tenant_id, slots)
+                    raise
                 rows = rows[:taken]
                 await self._mark_rate_limited(tenant_id, target_id, wait_s)
                 DELIVERIES.labels("rate-limited").inc()
         weights = [slot_weight(len(row.payload)) for row in rows]
         kept = self.slots.weigh(tenant_id, weights, slots, first=not in_flight)
-        heavy = kept < len(rows)
-        if heavy:
-            # the tenant's share of the slots does not hold their payloads: given back,
-            # due at once, claimed again as its attempts end
-            await self._release(tenant_id, rows[kept:], delay_s=0.0)
-            rows, weights = rows[:kept], weights[:kept]
+        rows, given_back, weights = rows[:kept], rows[kept:], weights[:kept]
         if rows:
             if len(self._weight_hint) >= MAX_WEIGHT_HINTS:
                 self._weight_hint.clear()
@@ -591,7 +599,13 @@ class Engine:
                 if weight > 1:
                     self._weights[task] = weight
             ENGINE_IN_FLIGHT.inc(len(rows))
-        more = len(rows) == want and not heavy
+        if given_back:
+            # the tenant's share of the slots does not hold their payloads: given back
+            # (after the kept ones' slots went to their attempts), due at once, claimed
+            # again as its attempts end, or after a pause if it has none in flight
+            await self._release(tenant_id, given_back, delay_s=0.0)
+            return _Round(fresh, False, not rows, share.sharing, share.sharers)
+        more = len(rows) == want
         return _Round(fresh, more, share.kept_out, share.sharing, share.sharers)
 
     def _held_by(self, tasks: Iterable[asyncio.Task[_Sent | Claimed]]) -> int:

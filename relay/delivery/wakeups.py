@@ -52,6 +52,8 @@ DRAINING_READ_S = 0.25
 #: sent for its target meanwhile (by any gateway process), so that workers that are
 #: down, or behind, find one wake-up a target on the broker, not one per commit.
 WOKEN_TTL_MS = 5000
+#: A send of wake-ups that set woken keys and failed is tried once more after this.
+RESEND_AFTER_S = 0.5
 
 
 def draining_key(target_id: str) -> str:
@@ -325,7 +327,11 @@ class Enqueuer:
                 if woken:
                     sent = await self.wake(woken, delay_s=delay_s)
                     if marked and not sent:
-                        await self._forget_woken(woken)
+                        # other gateways skip these targets while the keys are there:
+                        # send again once; then the keys go (the sweeper backs them up)
+                        await asyncio.sleep(RESEND_AFTER_S)
+                        if not await self.wake(woken, delay_s=delay_s):
+                            await self._forget_woken(woken)
                     # what is asked meanwhile goes in the next send, each target once
                     await asyncio.sleep(WAKE_WINDOW_S)
         finally:

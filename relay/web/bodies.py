@@ -23,6 +23,9 @@ ENCODINGS = frozenset({"gzip", "deflate"})
 #: The same, meaning the bytes are as sent.
 PLAIN = frozenset({"", "identity"})
 UNDECODABLE = "the body could not be read: it is truncated or not in its Content-Encoding"
+#: Concatenated gzip members one body may have: each member's rest is copied once, so
+#: a megabyte of empty members (52,000) cost 0.7 s of CPU before the bound.
+MAX_GZIP_MEMBERS = 16
 
 
 def encoding_of(request: web.BaseRequest) -> str:
@@ -35,8 +38,8 @@ def inflate(raw: bytes, encoding: str, limit: int) -> bytes:
 
     Past ``limit`` it is a 413 (only ``limit + 1`` bytes are ever inflated); a body
     that is not in its encoding, or is cut short, is a 400. Concatenated gzip members
-    are one body, and a deflate body may come with or without its zlib header, as
-    aiohttp read them.
+    are one body (at most MAX_GZIP_MEMBERS), and a deflate body may come with or without
+    its zlib header, as aiohttp read them.
     """
     if encoding not in ENCODINGS:
         raise errors.InvalidRequest(
@@ -46,8 +49,13 @@ def inflate(raw: bytes, encoding: str, limit: int) -> bytes:
         wbits = 16 + zlib.MAX_WBITS
     else:  # a zlib header's first byte says "deflate" in its low four bits
         wbits = zlib.MAX_WBITS if raw[:1] and raw[0] & 0x0F == 8 else -zlib.MAX_WBITS
-    body, rest = bytearray(), raw
+    body, rest, members = bytearray(), raw, 0
     while rest:
+        members += 1
+        if members > MAX_GZIP_MEMBERS:
+            raise errors.InvalidRequest(
+                f"a gzip body of more than {MAX_GZIP_MEMBERS} concatenated members is refused"
+            )
         decoder = zlib.decompressobj(wbits)
         try:
             body += decoder.decompress(rest, limit + 1 - len(body))

@@ -169,3 +169,14 @@ def test_weighing_never_loses_or_invents_slots(weights: list[int], want: int, fi
     assert kept >= 1 or not first
     slots.release("a", held)
     assert slots.free == 32 and "a" not in slots.held
+
+
+def test_a_tenants_second_drainer_does_not_send_past_the_share_too() -> None:
+    # (each target has its drainer: were "nothing in flight" enough, 200 of one tenant's
+    # targets would each send one 1 MiB attempt, 3,072 slots held of 256)
+    slots = FairSlots(32)
+    assert slots.weigh("a", [16], slots.try_acquire("a", 1), first=True) == 1
+    assert slots.weigh("a", [16], slots.try_acquire("a", 1), first=True) == 0
+    assert slots.held["a"] == 16 and slots.free == 16
+    # another tenant keeps its slots
+    assert slots.try_acquire("b", 8) == 8
