@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
@@ -195,6 +196,16 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait(timeout=10)
+
+    def exit_code(self, timeout: float, what: str) -> int:
+        """The exit code of the process, once it exits within ``timeout``; else it is
+        stopped and the test fails with the end of its log (``what`` names it)."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"{what} kept running:\n{self.log()[-3000:]}")
 
     def group_alive(self) -> bool:
         """True while any process of the group runs (zombies awaiting a reaper do not count)."""

@@ -32,7 +32,7 @@ from relay.core.ratelimit import RateLimiter
 from relay.delivery.egress import EgressClient
 from relay.delivery.wakeups import Enqueuer, make_broker
 from relay.store.db import create_pool
-from relay.store.migrations import check_schema
+from relay.store.migrations import require_schema
 from relay.web.openapi import relay_version
 from workers.engine import POOL_SIZE, Engine, WorkerContext
 
@@ -70,12 +70,7 @@ async def open_context(settings: Settings, broker: dramatiq.Broker) -> WorkerCon
         max_size=POOL_SIZE,
         wait_s=settings.worker_boot_wait_s,
     )
-    try:
-        async with pool.acquire() as conn:
-            await check_schema(conn)  # SchemaBehind: the worker process does not boot
-    except BaseException:
-        await pool.close()
-        raise
+    await require_schema(pool)  # SchemaBehind: the worker process does not boot
     client = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     return WorkerContext(
         settings=settings,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from relay.core.config import ConfigError
 from relay.core.crypto import SecretBox, seal_headers
-from relay.store.db import Conn, Queries
+from relay.store.db import Conn, Pool, Queries
 from relay.store.housekeeping import ensure_partitions
 from relay.store.key_queues import create_record_ordered
 
@@ -164,6 +164,17 @@ async def check_schema(conn: Queries, directory: Path | None = None) -> None:
             f"the database lacks {len(missing)} migration(s) this relay needs ({shown}):"
             " run `relay migrate` first"
         )
+
+
+async def require_schema(pool: Pool) -> None:
+    """:func:`check_schema` on a connection of a process's fresh ``pool``; the pool is
+    closed if the check fails (the process does not start)."""
+    try:
+        async with pool.acquire() as conn:
+            await check_schema(conn)
+    except BaseException:
+        await pool.close()
+        raise
 
 
 async def applied_versions(conn: Queries) -> list[int]:

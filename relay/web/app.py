@@ -33,7 +33,7 @@ from relay.delivery.wakeups import Enqueuer, make_broker
 from relay.ingest.group_commit import GroupCommit
 from relay.ingest.routes import RoutingCache
 from relay.store.db import POSTGRES_DOWN, create_pool
-from relay.store.migrations import check_schema
+from relay.store.migrations import require_schema
 from relay.web.app_keys import (
     CACHE,
     ENQUEUER,
@@ -190,12 +190,7 @@ async def _postgres(app: web.Application) -> AsyncIterator[None]:
         max_size=20,
         command_timeout=settings.db_statement_timeout_s,
     )
-    try:
-        async with app[POOL].acquire() as conn:
-            await check_schema(conn)  # SchemaBehind: `relay serve` says so and stops
-    except BaseException:
-        await app[POOL].close()
-        raise
+    await require_schema(app[POOL])  # SchemaBehind: `relay serve` says so and stops
     yield
     await app[POOL].close()
 

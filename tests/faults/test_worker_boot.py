@@ -11,7 +11,6 @@ processes: a Postgres of the test's own (stopped, then started), `relay worker`,
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -78,13 +77,8 @@ def test_a_worker_that_never_reaches_postgres_exits(tmp_path: Path, clean_redis:
     # Given no Postgres at all where the worker looks, and a short wait at boot
     env = stack_env("postgresql://root@127.0.0.1:1/none", clean_redis, RELAY_WORKER_BOOT_WAIT_S="3")
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
-    assert worker.proc is not None
     # Then `relay worker` exits non-zero within the wait and a little more, saying why
-    try:
-        code = worker.proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        worker.stop()
-        pytest.fail(f"the worker ran on without Postgres:\n{worker.log()[-3000:]}")
+    code = worker.exit_code(90, "the worker, without Postgres,")
     log = worker.log()
     assert code == 3, log[-3000:]
     assert "could not open its resources and exits" in log

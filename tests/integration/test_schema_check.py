@@ -11,7 +11,6 @@ in the book (the row removed, as on a database the previous release migrated).
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,12 +46,7 @@ def behind(database_url: str) -> Iterator[str]:
 
 def refused(process: WorkerProcess, what: str) -> None:
     """``process`` (started) stops at once with exit code 2, saying what is missing."""
-    assert process.proc is not None
-    try:
-        code = process.proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.stop()
-        pytest.fail(f"{what} kept running on a schema behind it:\n{process.log()[-3000:]}")
+    code = process.exit_code(60, f"{what} on a schema behind it")
     log = process.log()
     assert code == 2, log[-3000:]
     assert f"lacks 1 migration(s) this relay needs ({LAST.name})" in log
