@@ -114,17 +114,31 @@ async def figures_by_tenant(
     """Per tenant: events received and attempts since ``since``; deliveries waiting or dead now.
 
     ``succeeded`` counts 2xx attempts, so succeeded deliveries (one success each).
-    Traffic comes from the per-minute figures (the minute holding ``since`` whole),
-    deliveries by status from their counters; only the due ones are read, by
+    Traffic comes from the folded figures (the minute holding ``since`` whole): the
+    minutes up to the next UTC hour, then whole hours (migration 0021), and the deltas
+    not folded yet; so a day is at most 60 minutes and 24 hours a tenant, however busy.
+    Deliveries by status come from their counters; only the due ones are read, by
     their index (as many as are due, whatever the history).
     """
     rows = await conn.fetch(
         """
-        WITH traffic AS (
+        WITH bounds AS MATERIALIZED (
+            SELECT date_trunc('minute', $2::timestamptz) AS first_minute,
+                   date_trunc('hour', $2::timestamptz, 'UTC') + interval '1 hour' AS first_hour
+        ), traffic AS (
             SELECT tenant_id, sum(events) AS n, sum(ok) AS ok, sum(failed) AS failed
-            FROM tenant_minutes_now
-            WHERE minute >= date_trunc('minute', $2::timestamptz)
-              AND ($1::text IS NULL OR tenant_id = $1)
+            FROM (
+                SELECT m.tenant_id, m.events, m.ok, m.failed
+                FROM tenant_minutes m, bounds b
+                WHERE m.minute >= b.first_minute AND m.minute < b.first_hour
+                UNION ALL
+                SELECT h.tenant_id, h.events, h.ok, h.failed
+                FROM tenant_hours h, bounds b WHERE h.hour >= b.first_hour
+                UNION ALL
+                SELECT d.tenant_id, d.events, d.ok, d.failed
+                FROM tenant_minute_deltas d, bounds b WHERE d.minute >= b.first_minute
+            ) x
+            WHERE ($1::text IS NULL OR tenant_id = $1)
             GROUP BY tenant_id
         ), counts AS (
             SELECT tenant_id,

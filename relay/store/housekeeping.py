@@ -105,20 +105,26 @@ async def vacuum_rollup_deltas(conn: Queries) -> None:
         await conn.execute(f"VACUUM (SKIP_LOCKED) {', '.join(sorted(grown))}")
 
 
-#: The per-minute figures, trimmed by ``purge_old_rollups``.
-_MINUTE_TABLES = ("tenant_minutes", "target_minutes", "target_latency_minutes")
+#: The per-minute and per-hour figures and their time column, trimmed by ``purge_old_rollups``.
+_FIGURE_TABLES = (
+    ("tenant_minutes", "minute"),
+    ("target_minutes", "minute"),
+    ("target_latency_minutes", "minute"),
+    ("tenant_hours", "hour"),
+)
 
 
 async def purge_old_rollups(conn: Queries, retention_days: int, batch: int = 10000) -> int:
-    """Delete up to ``batch`` per-minute figures (of each kind) older than the retention."""
+    """Delete up to ``batch`` per-minute and per-hour figures (of each kind) older than the
+    retention."""
     total = 0
-    for table in _MINUTE_TABLES:
+    for table, column in _FIGURE_TABLES:
         deleted: int = await conn.fetchval(
             f"""
             WITH gone AS (
                 DELETE FROM {table} WHERE ctid IN (
                     SELECT ctid FROM {table}
-                    WHERE minute < now() - make_interval(days => $1) LIMIT $2
+                    WHERE {column} < now() - make_interval(days => $1) LIMIT $2
                 ) RETURNING 1
             ) SELECT count(*) FROM gone
             """,

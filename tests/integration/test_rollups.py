@@ -73,10 +73,36 @@ FIGURES = {
         WHERE a.status_code IS NOT NULL GROUP BY 1, 2, 3
         """,
     ),
+    "events, attempts and deaths per tenant and UTC hour (0021)": (
+        """
+        SELECT tenant_id, hour, sum(events), sum(ok), sum(failed), sum(died) FROM (
+            SELECT tenant_id, hour, events, ok, failed, died FROM tenant_hours
+            UNION ALL
+            SELECT tenant_id, date_trunc('hour', minute, 'UTC'), events, ok, failed, died
+            FROM tenant_minute_deltas
+        ) x GROUP BY 1, 2 HAVING sum(events) + sum(ok) + sum(failed) + sum(died) <> 0
+        """,
+        """
+        SELECT tenant_id, date_trunc('hour', at, 'UTC'), sum(events), sum(ok), sum(failed),
+               sum(died)
+        FROM (
+            SELECT tenant_id, received_at AS at, 1 AS events, 0 AS ok, 0 AS failed, 0 AS died
+            FROM events WHERE NOT operational
+            UNION ALL
+            SELECT tenant_id, started_at, 0,
+                   CASE WHEN status_code BETWEEN 200 AND 299 THEN 1 ELSE 0 END,
+                   CASE WHEN status_code BETWEEN 200 AND 299 THEN 0 ELSE 1 END, 0
+            FROM attempts
+            UNION ALL
+            SELECT tenant_id, died_at, 0, 0, 0, 1 FROM delivery_deaths
+        ) x GROUP BY 1, 2
+        """,
+    ),
 }
 
 #: What the attempts' history is (a purge takes attempts away, never the past's figures).
 HISTORY = (
+    "events, attempts and deaths per tenant and UTC hour (0021)",
     "attempts per tenant and minute",
     "attempts per target and minute",
     "latency histogram per target and minute",
