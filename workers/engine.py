@@ -771,14 +771,21 @@ class Engine:
             breaker,
             failing=None if target is None else target.failing,
         )
+        # counted once per outcome and batch: a metric's write takes a lock in every process
+        outcomes = Counter(
+            s.attempt.status if s.attempt.delivery.id in recorded else "lease-lost" for s in sent
+        )
+        for outcome, count in outcomes.items():
+            DELIVERIES.labels(outcome).inc(count)
+        logging_attempts = log.isEnabledFor(logging.INFO)
         for s in sent:
             a = s.attempt
             if a.delivery.id not in recorded:
-                DELIVERIES.labels("lease-lost").inc()
                 continue
-            DELIVERIES.labels(a.status).inc()
             if a.delay_s is not None and a.carried_for_s is not None:
                 self.wake_later(target_id, tenant_id, a.delay_s)
+            if not logging_attempts:
+                continue
             log.info(
                 "attempt",
                 extra={

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import re
 import socket
@@ -121,6 +122,7 @@ _NAT64, _SIXTOFOUR = (ipaddress.IPv6Network(cidr) for cidr in EMBEDS_IPV4)
 _NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every attempt to an address literal
 def is_forbidden_address(address: IPAddress) -> bool:
     """True when ``address`` is in a range of ``SPECIAL_PURPOSE`` (see there for NAT64, 6to4)."""
     if isinstance(address, ipaddress.IPv6Address):
@@ -131,6 +133,7 @@ def is_forbidden_address(address: IPAddress) -> bool:
     return any(address in network for network in _FORBIDDEN[address.version])
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every attempt (a refusal is not kept)
 def parse_host(host: str) -> IPAddress | str:
     """The address a URL's host names, or its normalised name; EgressRefused if it is neither.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ class SignatureError(ValueError):
     """A Standard Webhooks signature did not verify."""
 
 
+@functools.lru_cache(maxsize=1024)  # decoded once per secret, not on every attempt
 def secret_key(secret: str) -> bytes:
     """The HMAC key of a ``whsec_`` secret (prefix optional, as in the reference libraries)."""
     raw = secret.removeprefix(SECRET_PREFIX)
