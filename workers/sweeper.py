@@ -193,6 +193,8 @@ class Sweeper:
             await self.sweep_once(conn)
             # the figures' deltas of this tick, so what the console reads stays small
             await housekeeping.fold_rollups(conn)
+            if await housekeeping.refresh_open_statistics(conn):
+                log.info("open deliveries analyzed: they outgrew their statistics")
             SWEEPER_LAST_SWEEP.set(time.time())
             ticks += 1
             await self._pause()

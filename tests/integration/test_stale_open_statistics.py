@@ -1,0 +1,156 @@
+"""Open deliveries analyzed while empty are analyzed again once they pile up.
+
+Autovacuum analyzes the open deliveries after a burst was sent, when every row
+there is a dead tuple: the statistics then say the partition holds nothing, over
+pages that remain, and a plan made until the next analyze (a minute or more away)
+reads the partition whole, since reading all of nothing costs nothing. A worker
+started meanwhile made its record's plan then and read every open delivery through
+an index for each batch: `bench/history.py`'s drain of a 20,000 backlog ran at 430
+deliveries/s, each record of 10 taking 50 ms (auto_explain). The sweeper's tick
+(each second) analyzes the open deliveries again once they hold far more live rows
+than their statistics say. Tuples read are counted as in test_delivery_plan.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from relay.store import housekeeping
+from relay.store.db import connect
+from relay.store.events import record_event_groups
+from tests.conftest import _admin, with_database
+from tests.integration.test_delivery_plan import BATCH, TARGET, group, send_all, seq_read
+from tests.stack import Workers, eventually, fetch
+
+BACKLOG = 20_000
+BATCHES = 6
+
+
+async def _pile_up(database_url: str) -> None:
+    """A burst sent, the open deliveries analyzed then as autovacuum does (every row there a
+    dead tuple), then a backlog of ``BACKLOG`` due deliveries piled up, the worker down."""
+    setup = await asyncpg.connect(database_url)
+    try:
+        await setup.execute("INSERT INTO tenants (id, name) VALUES ('ten_dplan', 'plan')")
+        await setup.execute(
+            "INSERT INTO sources (id, tenant_id, name, auth_type, secret_enc)"
+            " VALUES ('src_dplan', 'ten_dplan', 'plan', 'token', '\\x00'::bytea)"
+        )
+        await setup.execute(
+            "INSERT INTO targets (id, tenant_id, url, secret_enc, max_in_flight)"
+            " VALUES ($1, 'ten_dplan', 'http://127.0.0.1:9/', '\\x00'::bytea, 64)",
+            TARGET,
+        )
+        await record_event_groups(setup, group(200), enqueue_grace_s=30)
+        burst = await connect(database_url)
+        try:
+            while await send_all(burst, 64):
+                pass
+        finally:
+            await burst.close()
+        await setup.execute("ANALYZE deliveries_open")
+        await setup.execute(
+            "INSERT INTO events (id, tenant_id, source_id, upstream_uuid, object_type, action,"
+            " payload) SELECT 'evt_dplan_' || n, 'ten_dplan', 'src_dplan',"
+            " gen_random_uuid()::text, 'Bill', 'paid', '{}'::bytea"
+            " FROM generate_series(1, $1) n",
+            BACKLOG,
+        )
+        await setup.execute(
+            "INSERT INTO deliveries (id, tenant_id, event_id, target_id, status, next_attempt_at)"
+            " SELECT 'dlv_dplan_' || n, 'ten_dplan', 'evt_dplan_' || n, $2, 'pending', now()"
+            " FROM generate_series(1, $1) n",
+            BACKLOG,
+            TARGET,
+        )
+        await setup.execute("SELECT pg_stat_force_next_flush()")
+        await setup.execute("SELECT 1")  # statistics go out as a connection goes idle
+    finally:
+        await setup.close()
+
+
+async def _known_open_rows(database_url: str) -> float:
+    rows = await fetch(
+        database_url, "SELECT reltuples FROM pg_class WHERE oid = 'deliveries_open'::regclass"
+    )
+    return float(rows[0]["reltuples"])
+
+
+@pytest.fixture
+def own_database(services: dict[str, str], template_db: str) -> Iterator[str]:
+    """A fresh copy of the template for one test (its statistics are the test's)."""
+    name = f"relay_t_{uuid.uuid4().hex[:12]}"
+    admin = services["postgres"]
+    asyncio.run(_admin(admin, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
+    try:
+        yield with_database(admin, name)
+    finally:
+        asyncio.run(_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def test_a_backlog_after_a_burst_is_sent_reading_by_key(own_database: str) -> None:
+    # Given a backlog piled up after a burst, over statistics that say none is open
+    await _pile_up(own_database)
+    setup = await asyncpg.connect(own_database)
+    try:
+        # When the sweeper ticks (each second) before the worker is back
+        for _ in range(100):
+            await setup.execute("SELECT pg_stat_clear_snapshot()")
+            if await housekeeping.refresh_open_statistics(setup):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the open deliveries were never analyzed again")
+        # and a worker started now sends batches of 16
+        before_scans, before_read = await seq_read(setup)
+        worker = await connect(own_database)
+        try:
+            sent = 0
+            for _ in range(BATCHES):
+                sent += len(await send_all(worker, BATCH))
+            await worker.execute("SELECT pg_stat_force_next_flush()")
+            await worker.execute("SELECT 1")
+        finally:
+            await worker.close()
+        for _ in range(100):
+            scans, _ = await seq_read(setup)
+            if scans > before_scans:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # a straggler's statistics would only add to the count
+        read = (await seq_read(setup))[1] - before_read
+    finally:
+        await setup.close()
+
+    # Then every batch is sent and recorded reading a few tuples each, not the backlog
+    # (120,048 tuples for 6 batches before the sweeper analyzed them)
+    assert sent == BATCH * BATCHES
+    assert read < BACKLOG // 10, f"{read:,} tuples read"
+
+
+async def test_the_sweeper_of_a_worker_process_analyzes_them(
+    own_database: str, clean_redis: str, tmp_path: Path
+) -> None:
+    # Given a backlog piled up after a burst, over statistics that say none is open
+    await _pile_up(own_database)
+    assert await _known_open_rows(own_database) < 1_000
+
+    # When a `relay worker` starts (its sweeper leads)
+    workers = Workers(own_database, clean_redis, tmp_path)
+    try:
+        workers.start()
+
+        # Then within seconds (autovacuum looks once a minute) the statistics know them
+        async def known() -> bool:
+            return await _known_open_rows(own_database) >= BACKLOG / 2
+
+        await eventually(known, timeout=30)
+    finally:
+        for process in workers.started:
+            process.stop()
