@@ -88,9 +88,8 @@ def template_db(services: dict[str, str]) -> Iterator[str]:
         asyncio.run(_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-@pytest.fixture(scope="module")
-def database_url(services: dict[str, str], template_db: str) -> Iterator[str]:
-    """A fresh copy of the template for this test module."""
+def _template_copy(services: dict[str, str], template_db: str) -> Iterator[str]:
+    """A fresh copy of the template, dropped at the end."""
     name = f"relay_t_{uuid.uuid4().hex[:12]}"
     admin = services["postgres"]
     asyncio.run(_admin(admin, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
@@ -98,6 +97,18 @@ def database_url(services: dict[str, str], template_db: str) -> Iterator[str]:
         yield with_database(admin, name)
     finally:
         asyncio.run(_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="module")
+def database_url(services: dict[str, str], template_db: str) -> Iterator[str]:
+    """A fresh copy of the template for this test module."""
+    yield from _template_copy(services, template_db)
+
+
+@pytest.fixture
+def own_database(services: dict[str, str], template_db: str) -> Iterator[str]:
+    """A fresh copy of the template for one test (its tables' statistics are the test's)."""
+    yield from _template_copy(services, template_db)
 
 
 @pytest.fixture(scope="session")

@@ -135,37 +135,45 @@ async def purge_old_rollups(conn: Queries, retention_days: int, batch: int = 100
     return total
 
 
-#: The open deliveries are analyzed again once they hold this many times more live rows
-#: than their statistics say, and at least ``STALE_MIN_ROWS``.
+#: The open deliveries are analyzed again once this many times more of them are due or
+#: retrying than their statistics say, and at least ``STALE_MIN_ROWS``.
 STALE_FACTOR = 4
 STALE_MIN_ROWS = 1000
 
 
 async def refresh_open_statistics(conn: Queries) -> bool:
-    """ANALYZE the open deliveries when they hold far more rows than their statistics say;
-    True if it did.
+    """ANALYZE the open deliveries when far more of them wait to be sent than their
+    statistics say; True if it did.
 
-    Autovacuum analyzes them after a burst was sent, when every row there is a dead
-    tuple: the statistics then say the partition holds nothing, over pages that remain,
-    and each plan made until its next analyze (a minute or more away: a worker started
-    meanwhile plans then) reads the partition whole, which costs nothing when it holds
-    nothing. The record of each batch read every open delivery through an index: a
-    backlog of 20,000 to one target drained at 430 deliveries/s (`bench/history.py`),
-    each record of 10 taking 50 ms. The live rows counted as they are written say
-    when the statistics are that far behind; an ANALYZE takes no lock that a write waits
-    for, and the plans made after it read by key.
+    A worker's record finds its batch's rows by id among the open deliveries still to
+    send (``status IN ('pending', 'retrying')``); when the statistics say there are
+    none, its plan reads the partition whole, which costs nothing when it holds
+    nothing, for every batch: a backlog of 20,000 to one target drained at 430
+    deliveries/s (`bench/history.py`), each record of 10 taking 50 ms. The statistics
+    say so when autovacuum analyzed the partition after a burst was sent (every row
+    there a dead tuple), or while it held only dead letters (what a database with
+    history holds there), and they stay so until its next analyze, a minute or more
+    away, or never while the rows it counts do not change by a tenth. How many wait
+    is known exactly, from the counters (migration 0011); an ANALYZE takes no lock
+    that a write waits for, and the plans made after it read by key.
     """
     row = await conn.fetchrow(
         """
-        SELECT c.reltuples, s.n_live_tup FROM pg_class c
-        JOIN pg_stat_user_tables s ON s.relid = c.oid
+        SELECT c.reltuples,
+               (SELECT coalesce(sum(m.f), 0) FROM pg_stats s,
+                       unnest(s.most_common_vals::text::text[], s.most_common_freqs) AS m(v, f)
+                WHERE s.schemaname = n.nspname AND s.tablename = c.relname
+                  AND s.attname = 'status' AND m.v IN ('pending', 'retrying')) AS share,
+               (SELECT coalesce(sum(k.n), 0) FROM delivery_counts_now k
+                WHERE k.status IN ('pending', 'retrying')) AS waiting
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE c.oid = 'deliveries_open'::regclass
         """
     )
-    if row is None:
+    if row is None or row["reltuples"] < 0:  # never analyzed: planned as a table of some size
         return False
-    known = max(float(row["reltuples"]), 0.0)
-    if row["n_live_tup"] < max(STALE_MIN_ROWS, STALE_FACTOR * known):
+    known = float(row["reltuples"]) * float(row["share"])
+    if row["waiting"] < max(STALE_MIN_ROWS, STALE_FACTOR * known):
         return False
     await conn.execute("ANALYZE deliveries_open")
     return True

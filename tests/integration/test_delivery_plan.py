@@ -67,6 +67,20 @@ async def send_all(worker: Conn, want: int) -> list[str]:
     return await claims.record_batch(worker, TARGET, attempts, breaker=None, failing=False)
 
 
+async def seed_target(conn: asyncpg.Connection) -> None:
+    """The tenant, source and target (64 in flight, never reached) of ``group``'s events."""
+    await conn.execute("INSERT INTO tenants (id, name) VALUES ('ten_dplan', 'plan')")
+    await conn.execute(
+        "INSERT INTO sources (id, tenant_id, name, auth_type, secret_enc)"
+        " VALUES ('src_dplan', 'ten_dplan', 'plan', 'token', '\\x00'::bytea)"
+    )
+    await conn.execute(
+        "INSERT INTO targets (id, tenant_id, url, secret_enc, max_in_flight)"
+        " VALUES ($1, 'ten_dplan', 'http://127.0.0.1:9/', '\\x00'::bytea, 64)",
+        TARGET,
+    )
+
+
 async def test_a_claim_and_its_record_read_indexes_however_small_the_tables_were_when_planned(
     database_url: str,
 ) -> None:
@@ -76,16 +90,7 @@ async def test_a_claim_and_its_record_read_indexes_however_small_the_tables_were
     gateway = await asyncpg.connect(database_url)
     worker = await connect(database_url)
     try:
-        await setup.execute("INSERT INTO tenants (id, name) VALUES ('ten_dplan', 'plan')")
-        await setup.execute(
-            "INSERT INTO sources (id, tenant_id, name, auth_type, secret_enc)"
-            " VALUES ('src_dplan', 'ten_dplan', 'plan', 'token', '\\x00'::bytea)"
-        )
-        await setup.execute(
-            "INSERT INTO targets (id, tenant_id, url, secret_enc, max_in_flight)"
-            " VALUES ($1, 'ten_dplan', 'http://127.0.0.1:9/', '\\x00'::bytea, 64)",
-            TARGET,
-        )
+        await seed_target(setup)
         for n in (1, 2, 1, 3, 1, 2, 1, 4, 1, 2):  # past the plan cache's five custom plans
             await record_event_groups(gateway, group(n), enqueue_grace_s=30)
             assert len(await send_all(worker, n)) == n

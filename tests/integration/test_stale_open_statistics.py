@@ -1,4 +1,4 @@
-"""Open deliveries analyzed while empty are analyzed again once they pile up.
+"""Open deliveries whose statistics say none waits are analyzed again once they pile up.
 
 Autovacuum analyzes the open deliveries after a burst was sent, when every row
 there is a dead tuple: the statistics then say the partition holds nothing, over
@@ -7,15 +7,15 @@ reads the partition whole, since reading all of nothing costs nothing. A worker
 started meanwhile made its record's plan then and read every open delivery through
 an index for each batch: `bench/history.py`'s drain of a 20,000 backlog ran at 430
 deliveries/s, each record of 10 taking 50 ms (auto_explain). The sweeper's tick
-(each second) analyzes the open deliveries again once they hold far more live rows
-than their statistics say. Tuples read are counted as in test_delivery_plan.py.
+(each second) analyzes the open deliveries again once far more wait to be sent than
+their statistics say, also when they were taken while the partition held only dead
+letters (a database with history). Tuples read are counted as in
+test_delivery_plan.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -24,29 +24,27 @@ import pytest
 from relay.store import housekeeping
 from relay.store.db import connect
 from relay.store.events import record_event_groups
-from tests.conftest import _admin, with_database
-from tests.integration.test_delivery_plan import BATCH, TARGET, group, send_all, seq_read
+from tests.integration.test_delivery_plan import (
+    BATCH,
+    TARGET,
+    group,
+    seed_target,
+    send_all,
+    seq_read,
+)
 from tests.stack import Workers, eventually, fetch
 
 BACKLOG = 20_000
 BATCHES = 6
 
 
-async def _pile_up(database_url: str) -> None:
+async def _pile_up(database_url: str, *, dead_letters: int = 0) -> None:
     """A burst sent, the open deliveries analyzed then as autovacuum does (every row there a
-    dead tuple), then a backlog of ``BACKLOG`` due deliveries piled up, the worker down."""
+    dead tuple, or one of ``dead_letters`` dead letters), then a backlog of ``BACKLOG`` due
+    deliveries piled up, the worker down."""
     setup = await asyncpg.connect(database_url)
     try:
-        await setup.execute("INSERT INTO tenants (id, name) VALUES ('ten_dplan', 'plan')")
-        await setup.execute(
-            "INSERT INTO sources (id, tenant_id, name, auth_type, secret_enc)"
-            " VALUES ('src_dplan', 'ten_dplan', 'plan', 'token', '\\x00'::bytea)"
-        )
-        await setup.execute(
-            "INSERT INTO targets (id, tenant_id, url, secret_enc, max_in_flight)"
-            " VALUES ($1, 'ten_dplan', 'http://127.0.0.1:9/', '\\x00'::bytea, 64)",
-            TARGET,
-        )
+        await seed_target(setup)
         await record_event_groups(setup, group(200), enqueue_grace_s=30)
         burst = await connect(database_url)
         try:
@@ -54,6 +52,20 @@ async def _pile_up(database_url: str) -> None:
                 pass
         finally:
             await burst.close()
+        await setup.execute(
+            "INSERT INTO events (id, tenant_id, source_id, upstream_uuid, object_type, action,"
+            " payload) SELECT 'evt_dplan_dead_' || n, 'ten_dplan', 'src_dplan',"
+            " gen_random_uuid()::text, 'Bill', 'paid', '{}'::bytea"
+            " FROM generate_series(1, $1) n",
+            dead_letters,
+        )
+        await setup.execute(
+            "INSERT INTO deliveries (id, tenant_id, event_id, target_id, status, attempt_count)"
+            " SELECT 'dlv_dplan_dead_' || n, 'ten_dplan', 'evt_dplan_dead_' || n, $2, 'dead', 1"
+            " FROM generate_series(1, $1) n",
+            dead_letters,
+            TARGET,
+        )
         await setup.execute("ANALYZE deliveries_open")
         await setup.execute(
             "INSERT INTO events (id, tenant_id, source_id, upstream_uuid, object_type, action,"
@@ -82,21 +94,15 @@ async def _known_open_rows(database_url: str) -> float:
     return float(rows[0]["reltuples"])
 
 
-@pytest.fixture
-def own_database(services: dict[str, str], template_db: str) -> Iterator[str]:
-    """A fresh copy of the template for one test (its statistics are the test's)."""
-    name = f"relay_t_{uuid.uuid4().hex[:12]}"
-    admin = services["postgres"]
-    asyncio.run(_admin(admin, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
-    try:
-        yield with_database(admin, name)
-    finally:
-        asyncio.run(_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-async def test_a_backlog_after_a_burst_is_sent_reading_by_key(own_database: str) -> None:
-    # Given a backlog piled up after a burst, over statistics that say none is open
-    await _pile_up(own_database)
+@pytest.mark.parametrize("dead_letters", [0, 15_000])
+async def test_a_backlog_after_a_burst_is_sent_reading_by_key(
+    own_database: str, dead_letters: int
+) -> None:
+    # Given a backlog piled up after a burst, over statistics that say none is open: the
+    # partition held nothing alive, or only dead letters (what a database with history
+    # holds there: `bench/history.py`'s drain stayed at 437 deliveries/s with the first
+    # case fixed)
+    await _pile_up(own_database, dead_letters=dead_letters)
     setup = await asyncpg.connect(own_database)
     try:
         # When the sweeper ticks (each second) before the worker is back
