@@ -292,7 +292,8 @@ async def _check(
     wrong = [
         (key, r["status"]) for key, r in deliveries.items() if r["status"] != TARGETS[key[1]][1]
     ]
-    # The flaky target fails 30 % of its answers: any other failure is the relay's or a fault's
+    # The flaky target fails only with its own 500s: any other failure is the relay's or a
+    # fault's
     flaky_ids = [t for t, path in target_paths.items() if path == "/flaky"]
     answers = await fetch(
         database_url,
