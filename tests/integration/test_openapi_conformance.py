@@ -151,8 +151,12 @@ async def test_schemathesis_finds_no_mismatch(gateway_url: str, tmp_path: Path) 
             str(MAX_EXAMPLES),
             "--seed",
             seed,
+            # one worker: a run with two (threads) once failed inside schemathesis's
+            # own generator, about no response of ours: a KeyError while it read
+            # source, then CPython 3.11.7's "SystemError: AST constructor recursion
+            # depth mismatch" (the depth is not restored on an error path, gh-106905)
             "--workers",
-            "2",
+            "1",
             "--max-redirects",
             "0",
             "--request-timeout",
