@@ -111,7 +111,9 @@ class WorkerResources(AsyncIO):
     async def _open(self, broker: dramatiq.Broker) -> None:
         global _running
         context = await open_context(self.settings, broker)
-        self.worker = _running = Worker(context, Engine(context))
+        engine = Engine(context)
+        engine.start()
+        self.worker = _running = Worker(context, engine)
         loops.settle_heap()
 
     async def _close(self) -> None:

@@ -57,7 +57,14 @@ from relay.delivery.outcome import (
     parse_retry_after,
     trips_breaker,
 )
-from relay.delivery.wakeups import DRAINING_TTL_MS, Enqueuer, draining_key, woken_key
+from relay.delivery.wakeups import (
+    DRAINING_TTL_MS,
+    HELP_KEY,
+    Enqueuer,
+    draining_key,
+    help_member,
+    woken_key,
+)
 from relay.store import claims
 from relay.store.claims import Attempt, BreakerChange, Claimed, SendTarget
 from relay.store.db import POSTGRES_DOWN, Conn, Pool
@@ -214,6 +221,24 @@ DRAINING_SOON_S = 0.05
 #: The longest a drainer waits for Redis to keep or delete that key.
 DRAINING_REDIS_S = 0.5
 
+#: A process draining backlogs of two targets or more hands them to idle processes:
+#: a drainer with a backlog, of a cap that can be shared (two parts of
+#: claims.SHARE_MIN_PART or more) that no other process's drainer shares, asks for
+#: help this often (HELP_KEY) while its process has another backlog; a process with
+#: no backlog of its own takes the ask (one process per ask) and drains the target;
+#: once its claim shares the cap, the asking drainer ends and leaves it the whole
+#: cap. Without it a backlog stays with the process that was woken for it: in
+#: durable_ratio.py's drain (no ingest, so no wake-up after the first two), one
+#: worker process took both targets' wake-ups at its start and sent every delivery
+#: at ~80 % of a core while the other idled at 5 %.
+HELP_EVERY_S = 0.2
+#: An ask lapses after this, unless its drainer renews it.
+HELP_TTL_S = 1.0
+#: A process with no backlog looks for asks this often.
+HELP_POLL_S = 0.1
+#: The asks a process reads per look (it takes the first it does not drain already).
+HELP_TAKE = 4
+
 #: Deliveries a drainer claims first, before it knows the target's own cap.
 FIRST_CLAIM = 10
 #: A drainer kept out of its target's cap by other processes' drainers (a backlog
@@ -284,6 +309,14 @@ class Engine:
         self._weights: dict[asyncio.Task[_Sent | Claimed], int] = {}
         #: per target, the slots its last claim's attempts held on average
         self._weight_hint: dict[str, int] = {}
+        self._helping: asyncio.Task[None] | None = None
+        #: targets whose drainer's last claim left due deliveries behind (a backlog)
+        self._backlogged: set[str] = set()
+
+    def start(self) -> None:
+        """Take other processes' asks for help with their backlogs (HELP_EVERY_S)."""
+        if self._helping is None:
+            self._helping = asyncio.get_running_loop().create_task(self._take_asks())
 
     # --- waking ---------------------------------------------------------------
 
@@ -342,6 +375,8 @@ class Engine:
     async def close(self, timeout_s: float) -> None:
         """Claim nothing more; let attempts in flight end and be recorded (up to ``timeout_s``)."""
         self._closing = True
+        if self._helping is not None:
+            self._helping.cancel()
         for _, handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -352,6 +387,42 @@ class Engine:
             for task in late:
                 task.cancel()  # their leases lapse; the sweeper resends them
         self._signing.shutdown(wait=False, cancel_futures=True)
+
+    # --- helping other processes ----------------------------------------------
+
+    async def _ask_help(self, target_id: str, tenant_id: str) -> float:
+        """Ask an idle process to take the target over (until HELP_TTL_S); when."""
+        now = time.time()
+        try:
+            async with asyncio.timeout(DRAINING_REDIS_S):
+                pipe = self.ctx.redis.pipeline(transaction=False)
+                pipe.zadd(HELP_KEY, {help_member(target_id, tenant_id): (now + HELP_TTL_S) * 1000})
+                pipe.zremrangebyscore(HELP_KEY, "-inf", now * 1000)
+                await pipe.execute()
+        except Exception as exc:  # best effort: the backlog is sent all the same
+            log.debug("help with %s not asked: %s", target_id, type(exc).__name__)
+        return time.monotonic()
+
+    async def _take_asks(self) -> None:
+        """While this process has no backlog, drain a target another process asks help
+        with: each ask is taken by one process (ZREM)."""
+        redis = self.ctx.redis
+        while not self._closing:
+            await asyncio.sleep(HELP_POLL_S)
+            if self._backlogged:
+                continue
+            try:
+                async with asyncio.timeout(DRAINING_REDIS_S):
+                    asks = await redis.zrangebyscore(
+                        HELP_KEY, time.time() * 1000, "+inf", start=0, num=HELP_TAKE
+                    )
+                    for ask in asks:
+                        target_id, tenant_id = ask.decode().split(" ", 1)
+                        if target_id not in self._drainers and await redis.zrem(HELP_KEY, ask):
+                            self.wake(target_id, tenant_id)
+                            break
+            except Exception as exc:
+                log.debug("asks for help not read: %s", type(exc).__name__)
 
     @contextlib.asynccontextmanager
     async def _connection(self, tenant_id: str) -> AsyncIterator[Conn]:
@@ -383,10 +454,14 @@ class Engine:
         owed = False
         # how long the last wait for an attempt to end took
         waited_s = 0.0
+        # when this drainer last asked an idle process for help (HELP_EVERY_S), and
+        # whether it leaves the target to that process's drainer
+        asked_at: float | None = None
+        handing_off = False
         try:
             while True:
                 self._rewake.discard(target_id)
-                if claim.more and not self._closing:
+                if claim.more and not self._closing and not handing_off:
                     try:
                         started = len(in_flight)
                         owed = False
@@ -403,6 +478,25 @@ class Engine:
                             kept_at = await self._keep_draining(target_id)
                         elif not keep and kept_at is not None:
                             kept_at, owed = None, await self._stop_draining(target_id)
+                        if claim.more:
+                            self._backlogged.add(target_id)
+                        else:
+                            self._backlogged.discard(target_id)
+                        crowded = len(self._backlogged) > 1
+                        if crowded and asked_at is not None and claim.sharers:
+                            # the process that took the ask shares the cap now: all
+                            # of it is left to that process once these attempts end
+                            handing_off = True
+                            self._backlogged.discard(target_id)
+                        elif (
+                            crowded
+                            and claim.more
+                            and claim.sharers == 0
+                            and claim.target is not None
+                            and claim.target.max_in_flight >= 2 * claims.SHARE_MIN_PART
+                            and (asked_at is None or time.monotonic() - asked_at >= HELP_EVERY_S)
+                        ):
+                            asked_at = await self._ask_help(target_id, tenant_id)
                     except (*POSTGRES_DOWN, TimeoutError) as exc:
                         log.warning("claim of %s failed: %s", target_id, type(exc).__name__)
                         self.wake_later(target_id, tenant_id, 1.0)
@@ -452,6 +546,7 @@ class Engine:
                     await asyncio.wait({recording})
                 claim = claim._replace(more=True)
         finally:
+            self._backlogged.discard(target_id)
             # first what needs no waiting: attempts, slots, the gauge
             if in_flight:  # only when the drainer itself is cancelled or fails
                 for task in in_flight:
@@ -470,7 +565,7 @@ class Engine:
         if sharing:
             await self._end_share(target_id, tenant_id)
         target = claim.target
-        if target is not None and target.live and not self._closing:
+        if target is not None and target.live and not self._closing and not handing_off:
             await self._time_next(target_id, tenant_id)
 
     @staticmethod

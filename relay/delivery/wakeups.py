@@ -69,6 +69,17 @@ def draining_key(target_id: str) -> str:
     return f"relay:draining:{target_id}"
 
 
+#: The Redis sorted set where a drainer with a backlog that its process alone sends asks
+#: other worker processes to share its target's cap (workers/engine.py): members are
+#: "<target id> <tenant id>", scores the time (ms) each ask lapses.
+HELP_KEY = "relay:help"
+
+
+def help_member(target_id: str, tenant_id: str) -> str:
+    """The member of HELP_KEY that asks for help with ``target_id``."""
+    return f"{target_id} {tenant_id}"
+
+
 def woken_key(target_id: str) -> str:
     """The Redis key that says a wake-up of ``target_id`` waits on the broker.
 

@@ -110,6 +110,70 @@ async def test_a_second_worker_shares_a_busy_targets_cap(
     await eventually(shares_ended, timeout=5)
 
 
+async def test_a_crowded_process_hands_a_backlog_to_an_idle_one(
+    client: Any, tenant: Tenant, engines: list[Engine], receiver: Receiver
+) -> None:
+    # Given two targets with backlogs, both woken in one worker process (as when it
+    # took both wake-ups at its start), and a second process that took none
+    source = await make_source(client, tenant)
+    answers = {name: Concurrency(ANSWER_S) for name in ("a", "b")}
+    targets = {
+        name: await make_target(
+            client, tenant, url=receiver.on(f"/{name}", answers[name]), max_in_flight=CAP
+        )
+        for name in answers
+    }
+    batch = [{**SOFTLEDGER, "uuid": f"crowd-{i}"} for i in range(EVENTS)]
+    assert (await post_token(client, source, batch)).status == 202
+    first, second = engines
+    sent: Counter[str] = Counter()
+    count_attempts(first, "first", sent)
+    count_attempts(second, "second", sent)
+    for engine in engines:
+        engine.start()
+    for target in targets.values():
+        first.wake(target["id"], tenant.id)
+
+    async def all_received() -> bool:
+        return all(
+            len({r.headers["webhook-id"] for r in receiver.at(f"/{name}")}) >= EVENTS
+            for name in answers
+        )
+
+    await eventually(all_received, timeout=60)
+    # Then the idle process sends a fair part of them (on main: none, the first
+    # process sent both backlogs at ~80 % of a core while the second idled), and
+    # neither target ever had more than its cap in flight
+    assert sent["first"] + sent["second"] >= 2 * EVENTS
+    assert sent["second"] >= EVENTS // 2, sent
+    assert max(answer.most for answer in answers.values()) <= CAP
+
+
+async def test_a_process_with_one_backlog_keeps_it_whole(
+    client: Any, tenant: Tenant, engines: list[Engine], receiver: Receiver
+) -> None:
+    # A backlog is handed over only by a process that has another one: split between
+    # two processes, one target's cap would cost a claim and a record per half batch
+    slow = Concurrency(ANSWER_S)
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant, url=receiver.on("/one", slow), max_in_flight=CAP)
+    batch = [{**SOFTLEDGER, "uuid": f"one-{i}"} for i in range(EVENTS // 2)]
+    assert (await post_token(client, source, batch)).status == 202
+    first, second = engines
+    sent: Counter[str] = Counter()
+    count_attempts(first, "first", sent)
+    count_attempts(second, "second", sent)
+    for engine in engines:
+        engine.start()
+    first.wake(target["id"], tenant.id)
+
+    async def all_received() -> bool:
+        return len({r.headers["webhook-id"] for r in receiver.at("/one")}) >= EVENTS // 2
+
+    await eventually(all_received, timeout=60)
+    assert (sent["first"], sent["second"]) == (EVENTS // 2, 0)
+
+
 async def backlogged_target(client: Any, tenant: Tenant, cap: int) -> dict[str, Any]:
     """A target with a cap of ``cap`` and three times that many deliveries due."""
     source = await make_source(client, tenant)
