@@ -226,16 +226,23 @@ DRAINING_REDIS_S = 0.5
 #: claims.SHARE_MIN_PART or more) that no other process's drainer shares, asks for
 #: help this often (HELP_KEY) while its process has another backlog; a process with
 #: no backlog of its own takes the ask (one process per ask) and drains the target;
-#: once its claim shares the cap, the asking drainer ends and leaves it the whole
-#: cap. Without it a backlog stays with the process that was woken for it: in
+#: once another process's drainer shares the cap and claims a backlog (HANDED_S),
+#: the asking drainer gives its part up, claims no more and ends, unless a wake-up
+#: comes meanwhile (then it claims again, sharing). Without it a backlog stays with
+#: the process that was woken for it: in
 #: durable_ratio.py's drain (no ingest, so no wake-up after the first two), one
 #: worker process took both targets' wake-ups at its start and sent every delivery
 #: at ~80 % of a core while the other idled at 5 %.
 HELP_EVERY_S = 0.2
 #: An ask lapses after this, unless its drainer renews it.
 HELP_TTL_S = 1.0
-#: A process with no backlog looks for asks this often.
+#: A process with no backlog looks for asks this often, and up to HELP_IDLE_POLL_S
+#: (doubling) while there are none.
 HELP_POLL_S = 0.1
+HELP_IDLE_POLL_S = 1.0
+#: An asking drainer hands its target over only to a drainer whose claims found a
+#: backlog this recently, and ends without a timer only if one still does.
+HANDED_S = 1.0
 #: The asks a process reads per look (it takes the first it does not drain already).
 HELP_TAKE = 4
 
@@ -312,9 +319,10 @@ class Engine:
         self._helping: asyncio.Task[None] | None = None
         #: targets whose drainer's last claim left due deliveries behind (a backlog)
         self._backlogged: set[str] = set()
+        self._asks: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
-        """Take other processes' asks for help with their backlogs (HELP_EVERY_S)."""
+        """Take other processes' asks for help with their backlogs (HELP_POLL_S)."""
         if self._helping is None:
             self._helping = asyncio.get_running_loop().create_task(self._take_asks())
 
@@ -377,6 +385,8 @@ class Engine:
         self._closing = True
         if self._helping is not None:
             self._helping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._helping
         for _, handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -390,8 +400,15 @@ class Engine:
 
     # --- helping other processes ----------------------------------------------
 
-    async def _ask_help(self, target_id: str, tenant_id: str) -> float:
-        """Ask an idle process to take the target over (until HELP_TTL_S); when."""
+    def _ask_help(self, target_id: str, tenant_id: str) -> float:
+        """Ask an idle process to take the target over (until HELP_TTL_S), in the
+        background (a stalled Redis holds no claim); when."""
+        task = asyncio.get_running_loop().create_task(self._send_ask(target_id, tenant_id))
+        self._asks.add(task)
+        task.add_done_callback(self._asks.discard)
+        return time.monotonic()
+
+    async def _send_ask(self, target_id: str, tenant_id: str) -> None:
         now = time.time()
         try:
             async with asyncio.timeout(DRAINING_REDIS_S):
@@ -401,24 +418,31 @@ class Engine:
                 await pipe.execute()
         except Exception as exc:  # best effort: the backlog is sent all the same
             log.debug("help with %s not asked: %s", target_id, type(exc).__name__)
-        return time.monotonic()
 
     async def _take_asks(self) -> None:
         """While this process has no backlog, drain a target another process asks help
         with: each ask is taken by one process (ZREM)."""
         redis = self.ctx.redis
+        wait_s = HELP_POLL_S
         while not self._closing:
-            await asyncio.sleep(HELP_POLL_S)
+            await asyncio.sleep(wait_s)
             if self._backlogged:
+                wait_s = HELP_POLL_S
                 continue
+            wait_s = min(2 * wait_s, HELP_IDLE_POLL_S)
             try:
                 async with asyncio.timeout(DRAINING_REDIS_S):
                     asks = await redis.zrangebyscore(
                         HELP_KEY, time.time() * 1000, "+inf", start=0, num=HELP_TAKE
                     )
+                    if asks:
+                        wait_s = HELP_POLL_S
                     for ask in asks:
                         target_id, tenant_id = ask.decode().split(" ", 1)
                         if target_id not in self._drainers and await redis.zrem(HELP_KEY, ask):
+                            # a backlog of this process's now: it takes no other ask
+                            # while its drainer waits for room in the target's cap
+                            self._backlogged.add(target_id)
                             self.wake(target_id, tenant_id)
                             break
             except Exception as exc:
@@ -460,6 +484,8 @@ class Engine:
         handing_off = False
         try:
             while True:
+                if handing_off and target_id in self._rewake:
+                    handing_off = False  # woken meanwhile: it claims again, sharing
                 self._rewake.discard(target_id)
                 if claim.more and not self._closing and not handing_off:
                     try:
@@ -478,16 +504,25 @@ class Engine:
                             kept_at = await self._keep_draining(target_id)
                         elif not keep and kept_at is not None:
                             kept_at, owed = None, await self._stop_draining(target_id)
-                        if claim.more:
+                        if claim.more or claim.kept_out:
                             self._backlogged.add(target_id)
                         else:
                             self._backlogged.discard(target_id)
                         crowded = len(self._backlogged) > 1
-                        if crowded and asked_at is not None and claim.sharers:
-                            # the process that took the ask shares the cap now: all
-                            # of it is left to that process once these attempts end
-                            handing_off = True
+                        if not crowded:
+                            asked_at = None
+                        elif (
+                            asked_at is not None
+                            and claim.sharers
+                            and await self._another_drains(target_id, tenant_id)
+                        ):
+                            # a process that took the ask drains the target: it gets
+                            # the whole cap as these attempts end
+                            handing_off, asked_at = True, None
                             self._backlogged.discard(target_id)
+                            if sharing:
+                                sharing = False
+                                await self._end_share(target_id, tenant_id)
                         elif (
                             crowded
                             and claim.more
@@ -496,7 +531,7 @@ class Engine:
                             and claim.target.max_in_flight >= 2 * claims.SHARE_MIN_PART
                             and (asked_at is None or time.monotonic() - asked_at >= HELP_EVERY_S)
                         ):
-                            asked_at = await self._ask_help(target_id, tenant_id)
+                            asked_at = self._ask_help(target_id, tenant_id)
                     except (*POSTGRES_DOWN, TimeoutError) as exc:
                         log.warning("claim of %s failed: %s", target_id, type(exc).__name__)
                         self.wake_later(target_id, tenant_id, 1.0)
@@ -507,6 +542,7 @@ class Engine:
                     if promoted and not in_flight and not self._closing:
                         # the record let the next of a key go, after the claim looked
                         claim = claim._replace(more=True)
+                        handing_off = False
                         continue
                 if not in_flight:
                     if self._closing:
@@ -565,7 +601,12 @@ class Engine:
         if sharing:
             await self._end_share(target_id, tenant_id)
         target = claim.target
-        if target is not None and target.live and not self._closing and not handing_off:
+        if (
+            target is not None
+            and target.live
+            and not self._closing
+            and not (handing_off and await self._another_drains(target_id, tenant_id))
+        ):
             await self._time_next(target_id, tenant_id)
 
     @staticmethod
@@ -706,6 +747,14 @@ class Engine:
     def _held_by(self, tasks: Iterable[asyncio.Task[_Sent | Claimed]]) -> int:
         """The slots ``tasks`` hold, forgetting their weights."""
         return sum(self._weights.pop(task, 1) for task in tasks)
+
+    async def _another_drains(self, target_id: str, tenant_id: str) -> bool:
+        """Whether another process's drainer claimed a backlog of the target lately."""
+        try:
+            async with self._connection(tenant_id) as conn:
+                return await claims.another_drains(conn, target_id, self.holder, within_s=HANDED_S)
+        except (*POSTGRES_DOWN, TimeoutError):
+            return False
 
     async def _end_share(self, target_id: str, tenant_id: str) -> None:
         """Give this drainer's part of the target's cap back to the other drainers."""

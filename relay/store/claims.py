@@ -268,6 +268,20 @@ async def end_share(conn: Queries, target_id: str, holder: str) -> None:
     )
 
 
+async def another_drains(conn: Queries, target_id: str, holder: str, *, within_s: float) -> bool:
+    """Whether a drainer other than ``holder`` renewed its share of the target's cap in
+    the last ``within_s`` seconds (its claims still find a backlog)."""
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM drain_shares WHERE target_id = $1 AND holder <> $2"
+            " AND until > now() + make_interval(secs => $3))",
+            target_id,
+            holder,
+            SHARE_S - within_s,
+        )
+    )
+
+
 async def release_batch(
     conn: Queries, claimed: Sequence[Claimed], *, delay_s: float, carried_for_s: float | None
 ) -> None:
