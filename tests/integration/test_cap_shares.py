@@ -113,6 +113,16 @@ async def test_a_second_worker_shares_a_busy_targets_cap(
     await eventually(shares_ended, timeout=5)
 
 
+def started_counting(engines: list[Engine]) -> Counter[str]:
+    """The attempts each engine ("first", "second") starts, counted from now; both
+    engines take other processes' asks for help, as worker processes do."""
+    sent: Counter[str] = Counter()
+    for engine, name in zip(engines, ("first", "second"), strict=True):
+        count_attempts(engine, name, sent)
+        engine.start()
+    return sent
+
+
 async def test_a_crowded_process_hands_a_backlog_to_an_idle_one(
     client: Any, tenant: Tenant, engines: list[Engine], receiver: Receiver
 ) -> None:
@@ -130,12 +140,8 @@ async def test_a_crowded_process_hands_a_backlog_to_an_idle_one(
     for half in range(0, events, EVENTS):
         batch = [{**SOFTLEDGER, "uuid": f"crowd-{i}"} for i in range(half, half + EVENTS)]
         assert (await post_token(client, source, batch)).status == 202
-    first, second = engines
-    sent: Counter[str] = Counter()
-    count_attempts(first, "first", sent)
-    count_attempts(second, "second", sent)
-    for engine in engines:
-        engine.start()
+    first, _ = engines
+    sent = started_counting(engines)
     for target in targets.values():
         first.wake(target["id"], tenant.id)
 
@@ -226,12 +232,8 @@ async def test_a_process_with_one_backlog_keeps_it_whole(
     target = await make_target(client, tenant, url=receiver.on("/one", slow), max_in_flight=CAP)
     batch = [{**SOFTLEDGER, "uuid": f"one-{i}"} for i in range(EVENTS // 2)]
     assert (await post_token(client, source, batch)).status == 202
-    first, second = engines
-    sent: Counter[str] = Counter()
-    count_attempts(first, "first", sent)
-    count_attempts(second, "second", sent)
-    for engine in engines:
-        engine.start()
+    first, _ = engines
+    sent = started_counting(engines)
     first.wake(target["id"], tenant.id)
 
     async def all_received() -> bool:
