@@ -62,6 +62,7 @@ from relay.delivery.wakeups import (
     HELP_KEY,
     Enqueuer,
     draining_key,
+    help_asked,
     help_member,
     woken_key,
 )
@@ -246,6 +247,18 @@ HANDED_S = 1.0
 #: The asks a process reads per look (it takes the first it does not drain already).
 HELP_TAKE = 4
 
+
+@dataclass
+class _Handover:
+    """One drainer's asks for help and its handing over of the target (HELP_EVERY_S)."""
+
+    #: when it last asked an idle process for help (None: not since its process had
+    #: one backlog only)
+    asked_at: float | None = None
+    #: it leaves the target to another process's drainer: it claims no more
+    handing_off: bool = False
+
+
 #: Deliveries a drainer claims first, before it knows the target's own cap.
 FIRST_CLAIM = 10
 #: A drainer kept out of its target's cap by other processes' drainers (a backlog
@@ -400,6 +413,40 @@ class Engine:
 
     # --- helping other processes ----------------------------------------------
 
+    async def _ask_or_hand_over(
+        self, target_id: str, tenant_id: str, claim: _Round, handover: _Handover
+    ) -> bool:
+        """After a claim: note whether the target has a backlog; while this process has
+        another, ask an idle process for help, or hand the target over once that
+        process drains it. True: the drainer has just started handing over (its share
+        of the cap is to be given up at once)."""
+        if claim.more or claim.kept_out:
+            self._backlogged.add(target_id)
+        else:
+            self._backlogged.discard(target_id)
+        if len(self._backlogged) < 2:
+            handover.asked_at = None
+            return False
+        if (
+            handover.asked_at is not None
+            and claim.sharers
+            and await self._another_drains(target_id, tenant_id)
+        ):
+            # a process that took the ask drains the target: it gets the whole cap
+            # as this drainer's attempts end
+            handover.handing_off, handover.asked_at = True, None
+            self._backlogged.discard(target_id)
+            return True
+        if (
+            claim.more
+            and claim.sharers == 0
+            and claim.target is not None
+            and claim.target.max_in_flight >= 2 * claims.SHARE_MIN_PART
+            and (handover.asked_at is None or time.monotonic() - handover.asked_at >= HELP_EVERY_S)
+        ):
+            handover.asked_at = self._ask_help(target_id, tenant_id)
+        return False
+
     def _ask_help(self, target_id: str, tenant_id: str) -> float:
         """Ask an idle process to take the target over (until HELP_TTL_S), in the
         background (a stalled Redis holds no claim); when."""
@@ -438,7 +485,7 @@ class Engine:
                     if asks:
                         wait_s = HELP_POLL_S
                     for ask in asks:
-                        target_id, tenant_id = ask.decode().split(" ", 1)
+                        target_id, tenant_id = help_asked(ask)
                         if target_id not in self._drainers and await redis.zrem(HELP_KEY, ask):
                             # a backlog of this process's now: it takes no other ask
                             # while its drainer waits for room in the target's cap
@@ -478,16 +525,13 @@ class Engine:
         owed = False
         # how long the last wait for an attempt to end took
         waited_s = 0.0
-        # when this drainer last asked an idle process for help (HELP_EVERY_S), and
-        # whether it leaves the target to that process's drainer
-        asked_at: float | None = None
-        handing_off = False
+        handover = _Handover()
         try:
             while True:
-                if handing_off and target_id in self._rewake:
-                    handing_off = False  # woken meanwhile: it claims again, sharing
+                if handover.handing_off and target_id in self._rewake:
+                    handover.handing_off = False  # woken meanwhile: it claims again, sharing
                 self._rewake.discard(target_id)
-                if claim.more and not self._closing and not handing_off:
+                if claim.more and not self._closing and not handover.handing_off:
                     try:
                         started = len(in_flight)
                         owed = False
@@ -504,34 +548,10 @@ class Engine:
                             kept_at = await self._keep_draining(target_id)
                         elif not keep and kept_at is not None:
                             kept_at, owed = None, await self._stop_draining(target_id)
-                        if claim.more or claim.kept_out:
-                            self._backlogged.add(target_id)
-                        else:
-                            self._backlogged.discard(target_id)
-                        crowded = len(self._backlogged) > 1
-                        if not crowded:
-                            asked_at = None
-                        elif (
-                            asked_at is not None
-                            and claim.sharers
-                            and await self._another_drains(target_id, tenant_id)
-                        ):
-                            # a process that took the ask drains the target: it gets
-                            # the whole cap as these attempts end
-                            handing_off, asked_at = True, None
-                            self._backlogged.discard(target_id)
-                            if sharing:
-                                sharing = False
-                                await self._end_share(target_id, tenant_id)
-                        elif (
-                            crowded
-                            and claim.more
-                            and claim.sharers == 0
-                            and claim.target is not None
-                            and claim.target.max_in_flight >= 2 * claims.SHARE_MIN_PART
-                            and (asked_at is None or time.monotonic() - asked_at >= HELP_EVERY_S)
-                        ):
-                            asked_at = self._ask_help(target_id, tenant_id)
+                        handed = await self._ask_or_hand_over(target_id, tenant_id, claim, handover)
+                        if handed and sharing:
+                            sharing = False
+                            await self._end_share(target_id, tenant_id)
                     except (*POSTGRES_DOWN, TimeoutError) as exc:
                         log.warning("claim of %s failed: %s", target_id, type(exc).__name__)
                         self.wake_later(target_id, tenant_id, 1.0)
@@ -542,7 +562,7 @@ class Engine:
                     if promoted and not in_flight and not self._closing:
                         # the record let the next of a key go, after the claim looked
                         claim = claim._replace(more=True)
-                        handing_off = False
+                        handover.handing_off = False
                         continue
                 if not in_flight:
                     if self._closing:
@@ -605,7 +625,7 @@ class Engine:
             target is not None
             and target.live
             and not self._closing
-            and not (handing_off and await self._another_drains(target_id, tenant_id))
+            and not (handover.handing_off and await self._another_drains(target_id, tenant_id))
         ):
             await self._time_next(target_id, tenant_id)
 

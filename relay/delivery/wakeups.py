@@ -80,6 +80,12 @@ def help_member(target_id: str, tenant_id: str) -> str:
     return f"{target_id} {tenant_id}"
 
 
+def help_asked(member: bytes) -> tuple[str, str]:
+    """The target and tenant a member of HELP_KEY asks help with."""
+    target_id, tenant_id = member.decode().split(" ", 1)
+    return target_id, tenant_id
+
+
 def woken_key(target_id: str) -> str:
     """The Redis key that says a wake-up of ``target_id`` waits on the broker.
 
