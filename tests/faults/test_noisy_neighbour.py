@@ -172,8 +172,9 @@ async def test_a_noisy_tenant_does_not_starve_a_quiet_one(
     finally:
         if noise is not None and noise.poll() is None:
             noise.kill()
-        worker.stop()
-        gateway.stop()
+        # stopped off the loop, so the receiver answers what the worker still sends
+        await asyncio.to_thread(worker.stop)
+        await asyncio.to_thread(gateway.stop)
         await receiver.close()
     figures = {
         "quiet ingest p50/p99 ms": (sorted(ingest_ms)[len(ingest_ms) // 2], p99(ingest_ms)),
