@@ -425,7 +425,9 @@ class Engine:
         else:
             self._backlogged.discard(target_id)
         if len(self._backlogged) < 2:
-            handover.asked_at = None
+            # it asks no more, but remembers it asked: a claim that found its part of
+            # the cap smaller, once a helper shared it, may take fewer than it wanted
+            # and seem to leave no backlog; the helper is still to be handed the target
             return False
         if (
             handover.asked_at is not None
@@ -526,6 +528,8 @@ class Engine:
         # how long the last wait for an attempt to end took
         waited_s = 0.0
         handover = _Handover()
+        # the last claim left due deliveries (it took all it asked, or was kept out)
+        backlog = False
         try:
             while True:
                 if handover.handing_off and target_id in self._rewake:
@@ -539,6 +543,7 @@ class Engine:
                             target_id, tenant_id, claim, in_flight, ending
                         )
                         sharing = sharing or claim.sharing
+                        backlog = claim.more or claim.kept_out
                         fresh = len(in_flight) > started  # it found work
                         found += fresh
                         keep = fresh and found >= 2 and self._keeps_target(claim, waited_s)
@@ -570,18 +575,20 @@ class Engine:
                     if target_id in self._rewake:
                         claim = claim._replace(more=True)
                         continue
-                    if claim.kept_out:
+                    if claim.kept_out and not handover.handing_off:
                         # other processes' drainers hold the cap: their part of it
-                        # shrinks to make room for this one's (claims.claim_share)
+                        # shrinks to make room for this one's (claims.claim_share);
+                        # (a drainer handing the target over claims no more: it ends)
                         await asyncio.sleep(kept_out_wait)
                         kept_out_wait = min(2 * kept_out_wait, KEPT_OUT_MAX_WAIT_S)
                         claim = claim._replace(more=True)
                         continue
                     if kept_at is not None:
                         kept_at, owed = None, await self._stop_draining(target_id)
-                    if owed:
+                    if owed and not handover.handing_off:
                         # the gateway skipped wake-ups while the key was kept: what
                         # was committed before it was deleted, this last claim finds
+                        # (or the drainer the target is handed to)
                         claim = claim._replace(more=True)
                         continue
                     break
@@ -614,7 +621,10 @@ class Engine:
                 recording.cancel()  # their leases lapse: the sweeper resends them
             elif recording is not None:  # the drainer failed: what was answered is kept
                 await asyncio.wait({recording})
-            if kept_at is not None or owed:  # closing or failed: another process claims
+            # closing with a backlog left, or closing or failed while keeping the
+            # target: another process claims now (not the sweeper, seconds later; a
+            # process the target was handed over to is the only one draining it)
+            if kept_at is not None or owed or (self._closing and backlog):
                 if kept_at is not None:
                     await self._stop_draining(target_id)
                 await self.ctx.enqueuer.wake([(target_id, tenant_id)])
@@ -675,16 +685,19 @@ class Engine:
         and its rate limit allow (``ending``: leases whose attempts ended, being recorded)."""
         target = last.target
         cap = target.max_in_flight if target is not None else FIRST_CLAIM
+        # with no room, nothing is claimed: whether a backlog waits is as the last
+        # claim found (a process asking for help goes on asking while its part of the
+        # cap is full, and hands the target over once the helper drains it)
         room = claims.part_of_cap(cap, last.sharers) - len(in_flight)
         if room <= 0:
-            return last._replace(more=False, kept_out=False)
+            return last._replace(kept_out=False)
         slots = (
             self.slots.try_acquire(tenant_id, room)
             if in_flight
             else await self.slots.acquire(tenant_id, room)
         )
         if slots == 0:
-            return last._replace(more=False, kept_out=False)
+            return last._replace(kept_out=False)
         # as many as the slots hold, at the weight of the target's last claim's payloads;
         # if they do not hold one while the tenant has others in flight, wait for those
         hint = self._weight_hint.get(target_id, 1)

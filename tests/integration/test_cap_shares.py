@@ -12,6 +12,8 @@ worker process has them, against real Postgres, Redis and a receiver.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -23,7 +25,7 @@ import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
 from relay.core.config import Settings
-from relay.delivery.wakeups import make_broker
+from relay.delivery.wakeups import QUEUE, WAKE_ACTOR, make_broker
 from relay.store import claims, housekeeping
 from tests.conftest import Tenant, stack_env
 from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
@@ -341,3 +343,65 @@ async def test_the_sweeper_removes_the_shares_of_dead_processes(
         assert [r["holder"] for r in left] == ["alive"]
     finally:
         await conn.close()
+
+
+async def test_a_process_that_closes_wakes_another_for_the_backlog_handed_to_it(
+    client: Any, tenant: Tenant, engines: list[Engine], receiver: Receiver, settings: Settings
+) -> None:
+    # Given two backlogs woken in one process, one of them handed over to a second
+    # process (answers slow enough that the second is still at it)
+    source = await make_source(client, tenant)
+    answers = {name: Concurrency(0.1) for name in ("a", "b")}
+    targets = {
+        name: await make_target(
+            client, tenant, url=receiver.on(f"/{name}", answers[name]), max_in_flight=CAP
+        )
+        for name in answers
+    }
+    for half in range(0, 2 * EVENTS, EVENTS):
+        batch = [{**SOFTLEDGER, "uuid": f"close-{i}"} for i in range(half, half + EVENTS)]
+        assert (await post_token(client, source, batch)).status == 202
+    first, second = engines
+    started_counting(engines)
+    for target in targets.values():
+        first.wake(target["id"], tenant.id)
+
+    def handed() -> str | None:
+        for target in targets.values():
+            if target["id"] in second._drainers and target["id"] not in first._drainers:
+                return str(target["id"])
+        return None
+
+    handed_id = await eventually(lambda: asyncio.sleep(0, result=handed()), timeout=20, every=0.02)
+    [name] = [n for n, t in targets.items() if t["id"] == handed_id]
+    # When the second process closes (a deploy) with part of that backlog still due,
+    # the broker's queue holding nothing else
+    broker = make_broker(settings.broker_url, middleware=[], fail_fast=True)
+    broker.flush(QUEUE)
+    await second.close(timeout_s=5)
+    assert len({r.headers["webhook-id"] for r in receiver.at(f"/{name}")}) < EVENTS
+
+    # Then a wake-up on the broker brings the first process back to it, and the rest
+    # arrives (before, nothing woke it: it waited for a sweeper's pass)
+    async def carry_wakeups() -> None:
+        consumer = broker.consume(QUEUE, prefetch=10, timeout=100)
+        while True:
+            message = await asyncio.to_thread(next, consumer)
+            if message is None:
+                continue
+            await asyncio.to_thread(consumer.ack, message)
+            if message.actor_name == WAKE_ACTOR:
+                await first.wake_taken(*message.args)
+
+    carrier = asyncio.create_task(carry_wakeups())
+    try:
+
+        async def all_received() -> bool:
+            return len({r.headers["webhook-id"] for r in receiver.at(f"/{name}")}) >= EVENTS
+
+        await eventually(all_received, timeout=30)
+    finally:
+        carrier.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await carrier
+        broker.close()
