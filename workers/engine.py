@@ -425,9 +425,7 @@ class Engine:
         else:
             self._backlogged.discard(target_id)
         if len(self._backlogged) < 2:
-            # it asks no more, but remembers it asked: a claim that found its part of
-            # the cap smaller, once a helper shared it, may take fewer than it wanted
-            # and seem to leave no backlog; the helper is still to be handed the target
+            handover.asked_at = None
             return False
         if (
             handover.asked_at is not None
@@ -435,8 +433,9 @@ class Engine:
             and await self._another_drains(target_id, tenant_id)
         ):
             # a process that took the ask drains the target: it gets the whole cap
-            # as this drainer's attempts end
-            handover.handing_off, handover.asked_at = True, None
+            # as this drainer's attempts end (taken back by a wake-up, the drainer
+            # hands over again while that process drains: it still asked)
+            handover.handing_off = True
             self._backlogged.discard(target_id)
             return True
         if (
@@ -564,8 +563,17 @@ class Engine:
                 if recording is not None:
                     promoted = await recording
                     recording, ending = None, []
-                    if promoted and not in_flight and not self._closing:
+                    if (
+                        promoted
+                        and not in_flight
+                        and not self._closing
+                        and not (
+                            handover.handing_off
+                            and await self._another_drains(target_id, tenant_id)
+                        )
+                    ):
                         # the record let the next of a key go, after the claim looked
+                        # (the process the target is handed to claims it, if it drains)
                         claim = claim._replace(more=True)
                         handover.handing_off = False
                         continue
@@ -589,6 +597,14 @@ class Engine:
                         # the gateway skipped wake-ups while the key was kept: what
                         # was committed before it was deleted, this last claim finds
                         # (or the drainer the target is handed to)
+                        claim = claim._replace(more=True)
+                        continue
+                    if handover.handing_off and not await self._another_drains(
+                        target_id, tenant_id
+                    ):
+                        # the process it was handed to drains it no more (it ended or
+                        # handed it back): what is due now sets no timer, so claim
+                        handover.handing_off = False
                         claim = claim._replace(more=True)
                         continue
                     break
@@ -621,15 +637,18 @@ class Engine:
                 recording.cancel()  # their leases lapse: the sweeper resends them
             elif recording is not None:  # the drainer failed: what was answered is kept
                 await asyncio.wait({recording})
-            # closing with a backlog left, or closing or failed while keeping the
-            # target: another process claims now (not the sweeper, seconds later; a
-            # process the target was handed over to is the only one draining it)
-            if kept_at is not None or owed or (self._closing and backlog):
+            if kept_at is not None or owed:  # closing or failed: another process claims
                 if kept_at is not None:
                     await self._stop_draining(target_id)
                 await self.ctx.enqueuer.wake([(target_id, tenant_id)])
+                backlog = False
         if sharing:
             await self._end_share(target_id, tenant_id)
+        if self._closing and backlog:
+            # closing with a backlog left: another process claims it now, not the
+            # sweeper seconds later (for a target handed over to this process, no
+            # other drains it); after the share ended, so that it claims the whole cap
+            await self.ctx.enqueuer.wake([(target_id, tenant_id)])
         target = claim.target
         if (
             target is not None
@@ -717,7 +736,8 @@ class Engine:
                     await asyncio.sleep(min(wait_s, 1.0))
                     self._rewake.add(target_id)
                 DELIVERIES.labels("rate-limited").inc()
-                return last._replace(more=False, kept_out=False)
+                # the limit defers a backlog: what is due waits all the same
+                return last._replace(more=True, kept_out=False)
         claimed_at = time.monotonic()
         try:
             async with self._connection(tenant_id) as conn:
@@ -774,7 +794,10 @@ class Engine:
             # again as its attempts end, or after a pause if it has none in flight
             await self._release(tenant_id, given_back, delay_s=0.0)
             return _Round(fresh, False, not rows, share.sharing, share.sharers)
-        more = len(rows) == want
+        # a claim trimmed to this drainer's part of the cap (its part shrank since the
+        # last claim: another process joined) takes fewer than it wanted, and leaves
+        # a backlog all the same: it shares because as many were due as it asked
+        more = len(rows) == want or (share.sharing and bool(rows))
         return _Round(fresh, more, share.kept_out, share.sharing, share.sharers)
 
     def _held_by(self, tasks: Iterable[asyncio.Task[_Sent | Claimed]]) -> int:
