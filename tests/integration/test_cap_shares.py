@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import json
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,50 @@ async def engines(settings: Settings) -> AsyncIterator[list[Engine]]:
         for engine, context in opened:
             await engine.close(timeout_s=5)
             await close_context(context)
+
+
+def all_received(
+    receiver: Receiver, names: Iterable[str], events: int
+) -> Callable[[], Awaitable[bool]]:
+    """A check that the receiver's path ``/{name}`` of each of ``names`` got ``events``
+    distinct webhook-ids (an attempt made again repeats one)."""
+
+    async def check() -> bool:
+        return all(
+            len({r.headers["webhook-id"] for r in receiver.at(f"/{name}")}) >= events
+            for name in names
+        )
+
+    return check
+
+
+async def two_backlogs(
+    client: Any,
+    tenant: Tenant,
+    receiver: Receiver,
+    answer_s: float,
+    name: str,
+    keys: int | None = None,
+    **fields: Any,
+) -> tuple[dict[str, Concurrency], dict[str, dict[str, Any]]]:
+    """Targets "a" and "b" (cap CAP, ``fields`` more), on receiver paths that answer
+    after ``answer_s``, each with a backlog of EVENTS events (uuids ``name``-n; with
+    ``keys``, a field "k" over that many values); their answers and the targets."""
+    source = await make_source(client, tenant)
+    answers = {n: Concurrency(answer_s) for n in ("a", "b")}
+    targets = {
+        n: await make_target(
+            client, tenant, url=receiver.on(f"/{n}", answers[n]), max_in_flight=CAP, **fields
+        )
+        for n in answers
+    }
+    for half in range(0, 2 * EVENTS, EVENTS):
+        batch = [
+            {**SOFTLEDGER, "uuid": f"{name}-{i}", **({"k": f"k{i % keys}"} if keys else {})}
+            for i in range(half, half + EVENTS)
+        ]
+        assert (await post_token(client, source, batch)).status == 202
+    return answers, targets
 
 
 def count_attempts(engine: Engine, name: str, sent: Counter[str]) -> None:
@@ -94,10 +138,7 @@ async def test_a_second_worker_shares_a_busy_targets_cap(
     # When a second process is woken for the same target
     second.wake(target["id"], tenant.id)
 
-    async def all_received() -> int:
-        return len({r.headers["webhook-id"] for r in receiver.at("/busy")}) >= EVENTS
-
-    await eventually(all_received, timeout=30)
+    await eventually(all_received(receiver, ["busy"], EVENTS), timeout=30)
     # Then both send a fair part of what was left, and never more than the cap at once
     assert sent["first"] + sent["second"] >= EVENTS
     assert sent["second"] >= EVENTS // 4, sent
@@ -130,30 +171,14 @@ async def test_a_crowded_process_hands_a_backlog_to_an_idle_one(
 ) -> None:
     # Given two targets with backlogs, both woken in one worker process (as when it
     # took both wake-ups at its start), and a second process that took none
-    source = await make_source(client, tenant)
-    answers = {name: Concurrency(ANSWER_S) for name in ("a", "b")}
-    targets = {
-        name: await make_target(
-            client, tenant, url=receiver.on(f"/{name}", answers[name]), max_in_flight=CAP
-        )
-        for name in answers
-    }
+    answers, targets = await two_backlogs(client, tenant, receiver, ANSWER_S, "crowd")
     events = 2 * EVENTS
-    for half in range(0, events, EVENTS):
-        batch = [{**SOFTLEDGER, "uuid": f"crowd-{i}"} for i in range(half, half + EVENTS)]
-        assert (await post_token(client, source, batch)).status == 202
     first, _ = engines
     sent = started_counting(engines)
     for target in targets.values():
         first.wake(target["id"], tenant.id)
 
-    async def all_received() -> bool:
-        return all(
-            len({r.headers["webhook-id"] for r in receiver.at(f"/{name}")}) >= events
-            for name in answers
-        )
-
-    await eventually(all_received, timeout=60)
+    await eventually(all_received(receiver, answers, events), timeout=60)
     # Then the idle process sends a fair part of them (on main: none, the first
     # process sent both backlogs at ~80 % of a core while the second idled), and
     # neither target ever had more than its cap in flight
@@ -201,14 +226,7 @@ async def test_worker_processes_share_backlogs_one_of_them_took(
     # When `relay worker --processes 2` drains them
     worker = WorkerProcess(env, tmp_path / "worker.log", processes=2).start()
     try:
-
-        async def all_received() -> bool:
-            return all(
-                len({r.headers["webhook-id"] for r in receiver.at(f"/{name}")}) >= events
-                for name in answers
-            )
-
-        await eventually(all_received, timeout=90)
+        await eventually(all_received(receiver, answers, events), timeout=90)
         # Then both processes send a fair part (on 47ce101 one process sent 5,000 or
         # more of 6,000 in each of six runs), within each target's cap
         counts = await eventually(lambda: _counted(metrics, 2 * events), timeout=10, every=0.2)
@@ -238,10 +256,7 @@ async def test_a_process_with_one_backlog_keeps_it_whole(
     sent = started_counting(engines)
     first.wake(target["id"], tenant.id)
 
-    async def all_received() -> bool:
-        return len({r.headers["webhook-id"] for r in receiver.at("/one")}) >= EVENTS // 2
-
-    await eventually(all_received, timeout=60)
+    await eventually(all_received(receiver, ["one"], EVENTS // 2), timeout=60)
     assert (sent["first"], sent["second"]) == (EVENTS // 2, 0)
 
 
@@ -350,17 +365,7 @@ async def test_a_process_that_closes_wakes_another_for_the_backlog_handed_to_it(
 ) -> None:
     # Given two backlogs woken in one process, one of them handed over to a second
     # process (answers slow enough that the second is still at it)
-    source = await make_source(client, tenant)
-    answers = {name: Concurrency(0.1) for name in ("a", "b")}
-    targets = {
-        name: await make_target(
-            client, tenant, url=receiver.on(f"/{name}", answers[name]), max_in_flight=CAP
-        )
-        for name in answers
-    }
-    for half in range(0, 2 * EVENTS, EVENTS):
-        batch = [{**SOFTLEDGER, "uuid": f"close-{i}"} for i in range(half, half + EVENTS)]
-        assert (await post_token(client, source, batch)).status == 202
+    _, targets = await two_backlogs(client, tenant, receiver, 0.1, "close")
     first, second = engines
     started_counting(engines)
     for target in targets.values():
@@ -395,11 +400,7 @@ async def test_a_process_that_closes_wakes_another_for_the_backlog_handed_to_it(
 
     carrier = asyncio.create_task(carry_wakeups())
     try:
-
-        async def all_received() -> bool:
-            return len({r.headers["webhook-id"] for r in receiver.at(f"/{name}")}) >= EVENTS
-
-        await eventually(all_received, timeout=30)
+        await eventually(all_received(receiver, [name], EVENTS), timeout=30)
     finally:
         carrier.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -437,38 +438,23 @@ async def test_an_ordered_target_handed_over_stays_with_the_process_it_went_to(
     client: Any, tenant: Tenant, engines: list[Engine], receiver: Receiver
 ) -> None:
     # Given two ordered targets' backlogs (400 keys), both woken in one process
-    source = await make_source(client, tenant)
-    answers = {name: Concurrency(ANSWER_S) for name in ("a", "b")}
-    targets = {
-        name: await make_target(
-            client,
-            tenant,
-            url=receiver.on(f"/{name}", answers[name]),
-            max_in_flight=CAP,
-            ordering="object",
-            ordering_key="/k",
-        )
-        for name in answers
-    }
+    answers, targets = await two_backlogs(
+        client,
+        tenant,
+        receiver,
+        ANSWER_S,
+        "ordered",
+        keys=400,
+        ordering="object",
+        ordering_key="/k",
+    )
     events = 2 * EVENTS
-    for half in range(0, events, EVENTS):
-        batch = [
-            {**SOFTLEDGER, "uuid": f"ordered-{i}", "k": f"k{i % 400}"}
-            for i in range(half, half + EVENTS)
-        ]
-        assert (await post_token(client, source, batch)).status == 202
     first, _ = engines
     sent, handed = attempts_after_handover(engines)
     for target in targets.values():
         first.wake(target["id"], tenant.id)
 
-    async def all_received() -> bool:
-        return all(
-            len({r.headers["webhook-id"] for r in receiver.at(f"/{name}")}) >= events
-            for name in answers
-        )
-
-    await eventually(all_received, timeout=90)
+    await eventually(all_received(receiver, answers, events), timeout=90)
     # Then a target the first process handed over is sent by the second from then on:
     # the promotion of the next of a key no longer takes it back (before, the first
     # made 16, 16 and 144 of the ~1,200 attempts after the handover in three runs;
