@@ -650,12 +650,9 @@ class Engine:
             # other drains it); after the share ended, so that it claims the whole cap
             await self.ctx.enqueuer.wake([(target_id, tenant_id)])
         target = claim.target
-        if (
-            target is not None
-            and target.live
-            and not self._closing
-            and not (handover.handing_off and await self._another_drains(target_id, tenant_id))
-        ):
+        # a drainer still handing over ended because, as its loop last asked, the
+        # process it went to drains the target: that one times it
+        if target is not None and target.live and not self._closing and not handover.handing_off:
             await self._time_next(target_id, tenant_id)
 
     @staticmethod

@@ -382,12 +382,8 @@ async def test_a_process_that_closes_wakes_another_for_the_backlog_handed_to_it(
     # When the second process closes (a deploy) with part of that backlog still due,
     # the broker's queue holding nothing else
     broker = make_broker(settings.broker_url, middleware=[], fail_fast=True)
-    broker.flush(QUEUE)
-    await second.close(timeout_s=5)
-    assert len({r.headers["webhook-id"] for r in receiver.at(f"/{name}")}) < EVENTS
 
-    # Then a wake-up on the broker brings the first process back to it, and the rest
-    # arrives (before, nothing woke it: it waited for a sweeper's pass)
+    # (then a wake-up on the broker is what brings the first process back to it)
     async def carry_wakeups() -> None:
         consumer = broker.consume(QUEUE, prefetch=10, timeout=100)
         while True:
@@ -398,13 +394,20 @@ async def test_a_process_that_closes_wakes_another_for_the_backlog_handed_to_it(
             if message.actor_name == WAKE_ACTOR:
                 await first.wake_taken(*message.args)
 
-    carrier = asyncio.create_task(carry_wakeups())
+    carrier: asyncio.Task[None] | None = None
     try:
+        broker.flush(QUEUE)
+        await second.close(timeout_s=5)
+        assert len({r.headers["webhook-id"] for r in receiver.at(f"/{name}")}) < EVENTS
+        # Then the rest arrives (before, nothing woke the first process: it waited
+        # for a sweeper's pass)
+        carrier = asyncio.create_task(carry_wakeups())
         await eventually(all_received(receiver, [name], EVENTS), timeout=30)
     finally:
-        carrier.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await carrier
+        if carrier is not None:
+            carrier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await carrier
         broker.close()
 
 
