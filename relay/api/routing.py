@@ -193,11 +193,16 @@ class ListQuery(pydantic.BaseModel):
 
 
 def timestamp(value: datetime | None) -> str | None:
-    """RFC 3339 in UTC with milliseconds: ``2026-11-28T12:00:00.123Z``."""
+    """RFC 3339 in UTC with milliseconds: ``2026-11-28T12:00:00.123Z``.
+
+    (``isoformat`` in C, and no conversion of a value already in UTC, as asyncpg
+    answers them: a list of 500 events formatted 1,500 timestamps with strftime.)
+    """
     if value is None:
         return None
-    value = value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def _default(value: Any) -> Any:
@@ -206,9 +211,13 @@ def _default(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
+# One encoder for every answer: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(default=_default, separators=(",", ":"))
+
+
 def dumps(data: Any) -> str:
     """JSON text for an answer."""
-    return json.dumps(data, default=_default, separators=(",", ":"))
+    return _ENCODER.encode(data)
 
 
 def respond(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
