@@ -37,8 +37,12 @@ def check_pointer(pointer: str) -> str | None:
     return None
 
 
+# (one encoder: json.dumps with options builds a new one per call, per event and target)
+_CANONICAL = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
 def _canonical(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    return _CANONICAL.encode(value)
 
 
 def _bounded(key: str) -> str:

@@ -63,9 +63,13 @@ def _event(obj: dict[str, Any], payload: bytes, where: str) -> ParsedEvent:
     )
 
 
+# (one encoder: json.dumps with options builds a new one per call, per event of a batch)
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def compact(obj: Any) -> bytes:
     """Compact JSON (no spaces), keys in their order, UTF-8 as received."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return _COMPACT.encode(obj).encode()
 
 
 def parse_body(raw: bytes) -> list[ParsedEvent]:
