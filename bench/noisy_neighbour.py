@@ -26,7 +26,13 @@ Figures, for both phases: the quiet tenant's ingest latency (POST to 202, in
 this process) and delivery latency (just before the POST to the receiver's
 receipt) p50/p99/max, and the gateway's largest VmRSS (sampled every 0.5 s).
 Targets (issue 21): p99 < 100 ms for both, RSS < 300 MiB. Also printed: the
-machine's load average and CPU busy before the run, and the noise's counts.
+machine's load average and CPU busy before the run, the noise's counts, and for
+each phase where the CPU went: per group of processes (the gateway, the worker,
+this database's Postgres backends, and the load: noise, receivers and this
+process), the CPU seconds its threads ran and the seconds they were runnable
+but waited for a CPU (/proc/<pid>/task/*/schedstat), per second of the phase.
+A group that waits about as long as it runs is short of CPU, not of anything
+the relay holds.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +75,8 @@ class Quiet:
     refused: dict[int, int] = field(default_factory=dict)
     reasons: set[str] = field(default_factory=set)
     rss_mib: float = 0.0
+    #: group -> (CPU seconds run, seconds runnable but waiting), per second of the phase
+    cpu: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 async def sample_rss(pid: int, into: Quiet) -> None:
@@ -86,11 +95,36 @@ async def receipts(port: int) -> dict[str, float]:
         return answer
 
 
-async def quiet_phase(url: str, count: int, receiver_port: int, gateway_pid: int) -> Quiet:
+#: Which group a process belongs to: (name, test on its process group id and command line).
+Groups = list[tuple[str, Callable[[int, str], bool]]]
+
+
+def schedstat(groups: Groups) -> dict[str, tuple[int, int]]:
+    """Per group: nanoseconds its processes' threads ran, and waited to run, so far."""
+    found: dict[str, tuple[int, int]] = {name: (0, 0) for name, _ in groups}
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            pgid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2])
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            name = next((n for n, test in groups if test(pgid, cmdline)), None)
+            if name is None:
+                continue
+            ran, waited = found[name]
+            for task in (proc / "task").iterdir():
+                fields = (task / "schedstat").read_text().split()
+                ran, waited = ran + int(fields[0]), waited + int(fields[1])
+            found[name] = (ran, waited)
+    return found
+
+
+async def quiet_phase(
+    url: str, count: int, receiver_port: int, gateway_pid: int, groups: Groups
+) -> Quiet:
     """``count`` single events, one every 100 ms (closed loop), and their arrival."""
     out = Quiet()
     sent: dict[str, float] = {}
     sampler = asyncio.create_task(sample_rss(gateway_pid, out))
+    cpu_before, began_at = await asyncio.to_thread(schedstat, groups), time.perf_counter()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
             for _ in range(count):
@@ -106,6 +140,15 @@ async def quiet_phase(url: str, count: int, receiver_port: int, gateway_pid: int
                     out.refused[status] = out.refused.get(status, 0) + 1
                     out.reasons.add(answer.decode(errors="replace")[:200])
                 await asyncio.sleep(max(0.0, EVERY_S - (time.perf_counter() - started)))
+        seconds = time.perf_counter() - began_at
+        cpu_after = await asyncio.to_thread(schedstat, groups)
+        out.cpu = {
+            name: (
+                (cpu_after[name][0] - cpu_before[name][0]) / 1e9 / seconds,
+                (cpu_after[name][1] - cpu_before[name][1]) / 1e9 / seconds,
+            )
+            for name in cpu_after
+        }
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             at = await receipts(receiver_port)
@@ -130,7 +173,15 @@ async def run(args: argparse.Namespace, logdir: Path) -> tuple[Quiet, Quiet, dic
             engine.relay("serve", "--port", str(stack.gw_port), "--processes", "1")
         )
         await wait_port(stack.gw_port)
-        await stack.start(engine.relay("worker", "--processes", "1", "--threads", "8"))
+        worker = await stack.start(engine.relay("worker", "--processes", "1", "--threads", "8"))
+        load_groups = {os.getpgrp(), *(p.pid for p in stack.procs if p not in (gateway, worker))}
+        groups: Groups = [
+            ("gateway", lambda pgid, _: pgid == gateway.pid),
+            ("worker", lambda pgid, _: pgid == worker.pid),
+            ("postgres", lambda _, cmd: cmd.startswith("postgres: ") and f" {stack.db} " in cmd),
+            # (the noise's process joins its group when it starts: see below)
+            ("load", lambda pgid, cmd: pgid in load_groups and "py-spy" not in cmd),
+        ]
 
         quiet_url = await stack.tenant("Quiet", [(f"http://127.0.0.1:{quiet_port}/quiet", [])])
         noisy_key = (await stack.api("/v1/tenants", engine.TOKEN, {"name": "Noisy"}))["api_key"]
@@ -143,8 +194,8 @@ async def run(args: argparse.Namespace, logdir: Path) -> tuple[Quiet, Quiet, dic
                 "max_in_flight": 50,
             }
             await stack.api("/v1/targets", noisy_key, target)
-        await quiet_phase(quiet_url, 10, quiet_port, gateway.pid)  # the worker is up, warm
-        baseline = await quiet_phase(quiet_url, args.events, quiet_port, gateway.pid)
+        await quiet_phase(quiet_url, 10, quiet_port, gateway.pid, groups)  # the worker is up, warm
+        baseline = await quiet_phase(quiet_url, args.events, quiet_port, gateway.pid, groups)
 
         config = {
             "base": stack.base,
@@ -166,8 +217,9 @@ async def run(args: argparse.Namespace, logdir: Path) -> tuple[Quiet, Quiet, dic
                 start_new_session=True,
             )
         PROCS.append(noise)
+        load_groups.add(noise.pid)
         await asyncio.sleep(NOISE_WARMUP_S)
-        noisy = await quiet_phase(quiet_url, args.events, quiet_port, gateway.pid)
+        noisy = await quiet_phase(quiet_url, args.events, quiet_port, gateway.pid, groups)
         await asyncio.to_thread(noise.wait, args.seconds + 60)
         lines = noise_out.read_text(errors="replace").splitlines()
         counts: dict[str, int] = {}
@@ -184,6 +236,10 @@ def figures(name: str, q: Quiet) -> list[tuple[str, str]]:
         (f"{name}: quiet ingest p50/p99/max", three(q.ingest_ms)),
         (f"{name}: quiet delivery p50/p99/max", three(q.delivery_ms)),
         (f"{name}: gateway max RSS", f"{q.rss_mib:,.0f} MiB"),
+        (
+            f"{name}: CPU s/s ran (waited for a CPU)",
+            ", ".join(f"{group} {ran:.2f} ({wait:.2f})" for group, (ran, wait) in q.cpu.items()),
+        ),
     ]
     if q.missing or q.refused:
         rows.append((f"{name}: quiet events refused / never arrived", f"{q.refused}/{q.missing}"))
