@@ -19,8 +19,10 @@ from relay.store.sql import (
     KEY_LOCK_BUCKETS,
     ORDER_LOCK,
     about_target,
+    int_array,
     key_locks,
     keyset_page,
+    text_array,
 )
 
 # A group's events and its deliveries to unordered targets are stored by one call
@@ -29,7 +31,17 @@ from relay.store.sql import (
 # at; an event only if its source has no event of its uuid), the events already
 # stored for the uuids not inserted, the deliveries of the events inserted. Alone,
 # the call is its own transaction: one round trip.
-_INGEST = "SELECT * FROM relay_ingest(" + ", ".join(f"${n}" for n in range(1, 22)) + ")"
+# Its text and integer arrays go as text (relay/store/sql.py, text_array): those of a
+# batch of 1,000 events are tens of thousands of elements.
+_INGEST_CASTS = {
+    **dict.fromkeys((*range(1, 10), 12, *range(16, 20)), "::text::text[]"),
+    **dict.fromkeys((11, 13), "::text::int8[]"),
+}
+_INGEST = (
+    "SELECT * FROM relay_ingest("
+    + ", ".join(f"${n}{_INGEST_CASTS.get(n, '')}" for n in range(1, 22))
+    + ")"
+)
 
 #: First key of the advisory locks of (source, uuid) buckets ("uid").
 UUID_LOCK = 0x756964
@@ -46,14 +58,20 @@ LOCK_UUIDS = f"SELECT relay_lock_uuids($1, $2, $3, {UUID_LOCK_BUCKETS})"
 # The deliveries of ordered targets (order_key set): their keys' advisory locks
 # are taken first, in one order everywhere (so no deadlock), and held to commit;
 # then their positions are drawn, so positions follow commit order per key.
+# (the arrays as text, the positions as one array: 10,000 rows were 10,000 records)
 _LOCK_KEYS_AND_NUMBER = f"""
-SELECT nextval('deliveries_order_pos_seq') AS pos FROM generate_series(1, $3::int)
-WHERE {key_locks("$1", "$2", "$4")} >= 0
+SELECT coalesce(array_agg(s.pos ORDER BY s.pos), '{{}}') FROM (
+    SELECT nextval('deliveries_order_pos_seq') AS pos FROM generate_series(1, $3::int)
+    WHERE {key_locks("$1::text", "$2::text", "$4")} >= 0
+) s
 """
 
 # Deliveries, ordered ones among them (their keys locked and positions drawn):
 # migration 0017, relay_insert_deliveries(), parks a key's later deliveries.
-_INSERT_DELIVERIES = "SELECT * FROM relay_insert_deliveries($1, $2, $3, $4, $5, $6, $7, $8)"
+_INSERT_DELIVERIES = (
+    "SELECT * FROM relay_insert_deliveries($1::text::text[], $2::text::text[],"
+    " $3::text::text[], $4::text::text[], $5::text::text[], $6::text::int8[], $7, $8)"
+)
 
 #: Deliveries one call of _INSERT_DELIVERIES inserts at most. asyncpg encodes a
 #: statement's arguments on the event loop: for a batch of 1,000 events to ten
@@ -237,14 +255,16 @@ async def record_event_groups(
     pairs = sorted({(p.request.tenant_id, _version(p.request)) for p in plans})
     unordered = [row[:4] for p in plans for row in p.deliveries if row[4] is None]
     ordered = [row for p in plans for row in p.deliveries if row[4] is not None]
+    *texts, payloads = prepared.event_columns
     args = (
-        *prepared.event_columns,
-        [_version(p.request) for p in plans for _ in p.fresh],
-        [t for t, _ in pairs],
-        [v for _, v in pairs],
+        *(text_array(column) for column in texts),
+        payloads,
+        int_array([_version(p.request) for p in plans for _ in p.fresh]),
+        text_array([t for t, _ in pairs]),
+        int_array([v for _, v in pairs]),
         UUID_LOCK,
         UUID_LOCK_BUCKETS,
-        *_columns(unordered, 4),
+        *(text_array(column) for column in _columns(unordered, 4)),
         enqueue_grace_s,
         first_delay_s,
     )
@@ -354,9 +374,12 @@ async def _insert_deliveries(
     if ordered:
         targets, keys = _columns(ordered, 2)
         drawn = iter(
-            r["pos"]
-            for r in await conn.fetch(
-                _LOCK_KEYS_AND_NUMBER, targets, keys, len(ordered), ORDER_LOCK
+            await conn.fetchval(
+                _LOCK_KEYS_AND_NUMBER,
+                text_array(targets),
+                text_array(keys),
+                len(ordered),
+                ORDER_LOCK,
             )
         )
         positions = [None if r[4] is None else next(drawn) for r in rows]
@@ -365,8 +388,8 @@ async def _insert_deliveries(
         end = start + INSERT_CHUNK
         inserted = await conn.fetch(
             _INSERT_DELIVERIES,
-            *_columns(rows[start:end], 5),
-            positions[start:end],
+            *(text_array(column) for column in _columns(rows[start:end], 5)),
+            int_array(positions[start:end]),
             enqueue_grace_s,
             first_delay_s,
         )

@@ -24,6 +24,43 @@ def set_clause(
     return ", ".join([*parts, "updated_at = now()"]), list(changes.values())
 
 
+# --- big arrays as text ---------------------------------------------------------
+#
+# asyncpg encodes a list argument element by element, asking of each whether it is a
+# sub-array (two abstract-class checks per element, in Python's ``abc``): the ingest of
+# 1,000 events to ten ordered targets sent ~80,000 elements, ~4 ms of the gateway's
+# event loop for every 10,000. Sent as one text (``$n::text::text[]``), the same array
+# is built in about a quarter of that time and parsed by Postgres.
+
+
+def text_array(values: Sequence[str | None]) -> str:
+    """``values`` as a Postgres array literal, to be cast with ``::text::text[]``.
+
+    Every element is double-quoted, with its backslashes and double quotes escaped,
+    so that any text (commas, braces, spaces, ``NULL``, an empty string) comes back
+    as it was; None is NULL.
+    """
+    if not values:
+        return "{}"
+    if None not in values:
+        joined = '","'.join(values)  # type: ignore[arg-type]
+        if '"' not in joined and "\\" not in joined:
+            return '{"' + joined + '"}'
+    return (
+        "{"
+        + ",".join(
+            "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            for v in values
+        )
+        + "}"
+    )
+
+
+def int_array(values: Sequence[int | None]) -> str:
+    """``values`` as a Postgres array literal, to be cast with ``::text::int8[]``."""
+    return "{" + ",".join("NULL" if v is None else str(int(v)) for v in values) + "}"
+
+
 # --- named fragments: each SQL rule that several statements share, written once ---
 
 #: First key of the advisory locks of ordered keys ("ord").
