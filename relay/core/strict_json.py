@@ -112,6 +112,20 @@ def check_strings(data: Any, *, max_depth: int = MAX_DEPTH) -> None:
                 stack.extend((item, _join(path, i), depth + 1) for i, item in enumerate(value))
 
 
+def _too_deep(data: Any, max_depth: int) -> bool:
+    """Whether a container of ``data`` sits ``max_depth`` levels deep or more."""
+    if not isinstance(data, dict | list):
+        return False
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth >= max_depth:
+            return True
+        items = value.values() if isinstance(value, dict) else value
+        stack.extend((item, depth + 1) for item in items if isinstance(item, dict | list))
+    return False
+
+
 def loads(raw: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
     """Parse standard JSON; NotStandardJSON or BadString (both ValueError) if not.
 
@@ -132,5 +146,13 @@ def loads(raw: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
         raise NotStandardJSON(f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise NotStandardJSON(f"the JSON is nested more than {max_depth} levels deep") from None
+    if isinstance(raw, bytes) and "\\u" not in text:
+        # Without a \u escape no string can hold NUL or a lone surrogate: UTF-8 that
+        # decodes has none, and the parser refuses raw control characters. Only the
+        # depth is left to check, on containers alone (the walk that names every value's
+        # path cost a batch of 1,000 events a tenth of its ingest).
+        if text.count("{") + text.count("[") > max_depth and _too_deep(data, max_depth):
+            raise NotStandardJSON(f"the JSON is nested more than {max_depth} levels deep")
+        return data
     check_strings(data, max_depth=max_depth)
     return data

@@ -42,18 +42,17 @@ def text_array(values: Sequence[str | None]) -> str:
     """
     if not values:
         return "{}"
-    if None not in values:
-        joined = '","'.join(values)  # type: ignore[arg-type]
-        if '"' not in joined and "\\" not in joined:
-            return '{"' + joined + '"}'
-    return (
-        "{"
-        + ",".join(
-            "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            for v in values
-        )
-        + "}"
-    )
+    plain = None not in values
+    strings = values if plain else [v for v in values if v is not None]
+    joined = '","'.join(strings)  # type: ignore[arg-type]
+    if '"' in joined or "\\" in joined:
+        escaped = [
+            None if v is None else v.replace("\\", "\\\\").replace('"', '\\"') for v in values
+        ]
+        return "{" + ",".join("NULL" if v is None else '"' + v + '"' for v in escaped) + "}"
+    if plain:
+        return '{"' + joined + '"}'
+    return "{" + ",".join("NULL" if v is None else '"' + v + '"' for v in values) + "}"
 
 
 def int_array(values: Sequence[int | None]) -> str:

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from relay.core import strict_json
@@ -70,3 +70,45 @@ def test_depth_is_a_parameter() -> None:
     assert strict_json.loads(deep, max_depth=128)
     with pytest.raises(strict_json.NotStandardJSON):
         strict_json.loads(deep)
+
+
+@given(_text, _text, st.sampled_from(["\x00", "\ud800", "\udfff"]))
+def test_a_body_of_bytes_with_nul_or_a_lone_surrogate_is_refused(
+    before: str, after: str, bad: str
+) -> None:
+    # (bytes are what the gateway reads; the escape is the only way in)
+    for document in ({"k": before + bad + after}, {before + bad + after: 1}, [before + bad]):
+        with pytest.raises(strict_json.BadString):
+            strict_json.loads(json.dumps(document).encode())
+
+
+def _nest(depth: int, shape: list[bool], leaf: Any) -> Any:
+    value = leaf
+    for i in range(depth):
+        value = {"k": value} if shape[i % len(shape)] else [1, value]
+    return value
+
+
+@example(64, [False], "plain", True)
+@example(65, [True], "plain", True)
+@example(65, [False, True], "é", False)
+@given(
+    st.integers(min_value=0, max_value=80),
+    st.lists(st.booleans(), min_size=1, max_size=5),
+    st.sampled_from(["plain", "é", "esc\u00e9", "tab\t"]),
+    st.booleans(),
+)
+def test_bytes_and_text_are_held_to_the_same_depth(
+    depth: int, shape: list[bool], leaf: str, ascii_only: bool
+) -> None:
+    # a body of bytes without a \u escape takes the short way (containers only):
+    # it refuses exactly what the full walk refuses
+    raw = json.dumps(_nest(depth, shape, leaf), ensure_ascii=ascii_only)
+    outcomes = []
+    for body in (raw, raw.encode()):
+        try:
+            outcomes.append(("ok", strict_json.loads(body)))
+        except strict_json.NotStandardJSON as exc:
+            outcomes.append(("refused", str(exc)))
+    assert outcomes[0] == outcomes[1]
+    assert (outcomes[0][0] == "refused") == (depth > strict_json.MAX_DEPTH)
