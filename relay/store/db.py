@@ -127,7 +127,14 @@ async def _init_connection(conn: Any) -> None:  # asyncpg.Connection
 #: Every connection's transactions read committed, whatever the database's default:
 #: claims and records take a lock and then read, in a later statement, what the
 #: lock's previous holder committed (a snapshot per statement).
-SESSION = {"default_transaction_isolation": "read committed"}
+SESSION = {
+    "default_transaction_isolation": "read committed",
+    # the ingest sends its big arrays as literals (relay/store/sql.text_array), where a
+    # bare NULL is SQL NULL only with array_nulls on (Postgres's default, but a role's
+    # or a database's setting could turn it off, and every uuid-less event would then
+    # have the uuid 'NULL')
+    "array_nulls": "on",
+}
 
 
 async def create_pool(

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay.store import db
 from relay.store.sql import int_array, text_array
 
 # any text Postgres can store: no NUL, no lone surrogate
@@ -66,3 +67,32 @@ def test_the_plain_ids_of_a_batch_take_the_short_way_and_keep_their_order(
     assert literal.startswith('{"dlv_') and "\\" not in literal
     assert _fetch(roundtrip, "SELECT $1::text::text[]", literal) == ids
     assert text_array([]) == "{}" and _fetch(roundtrip, "SELECT $1::text::text[]", "{}") == []
+
+
+async def test_null_stays_null_where_an_operator_turned_array_nulls_off(own_database: str) -> None:
+    # (a bare NULL in an array literal is the text 'NULL' when array_nulls is off; the
+    # relay's connections pin it on, whatever the database's or role's default)
+    name = own_database.rsplit("/", 1)[1].split("?")[0]
+    admin = await asyncpg.connect(own_database)
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" SET array_nulls = off')
+    finally:
+        await admin.close()
+    literal = text_array([None, "u1", None])
+    plain = await asyncpg.connect(own_database)
+    try:
+        assert await plain.fetchval("SELECT $1::text::text[]", literal) == ["NULL", "u1", "NULL"]
+    finally:
+        await plain.close()
+    pool = await db.create_pool(own_database, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT $1::text::text[]", literal) == [None, "u1", None]
+            assert await conn.fetchval("SELECT $1::text::int8[]", int_array([None, 5])) == [None, 5]
+    finally:
+        await pool.close()
+    conn = await db.connect(own_database)
+    try:
+        assert await conn.fetchval("SELECT $1::text::text[]", literal) == [None, "u1", None]
+    finally:
+        await conn.close()
