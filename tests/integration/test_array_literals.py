@@ -72,9 +72,9 @@ def test_the_plain_ids_of_a_batch_take_the_short_way_and_keep_their_order(
 async def test_null_stays_null_where_an_operator_turned_array_nulls_off(own_database: str) -> None:
     # (a bare NULL in an array literal is the text 'NULL' when array_nulls is off; the
     # relay's connections pin it on, whatever the database's or role's default)
-    name = own_database.rsplit("/", 1)[1].split("?")[0]
     admin = await asyncpg.connect(own_database)
     try:
+        name = await admin.fetchval("SELECT current_database()")
         await admin.execute(f'ALTER DATABASE "{name}" SET array_nulls = off')
     finally:
         await admin.close()
