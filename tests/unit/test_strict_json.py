@@ -34,9 +34,11 @@ def test_standard_json_round_trips(value: Any) -> None:
 def test_any_string_with_nul_or_a_lone_surrogate_is_refused(
     before: str, after: str, bad: str
 ) -> None:
+    # as text, and as the bytes the gateway reads (where the escape is the only way in)
     for document in ({"k": before + bad + after}, {before + bad + after: 1}, [before + bad]):
-        with pytest.raises(strict_json.BadString):
-            strict_json.loads(json.dumps(document))
+        for body in (json.dumps(document), json.dumps(document).encode()):
+            with pytest.raises(strict_json.BadString):
+                strict_json.loads(body)
 
 
 @pytest.mark.parametrize(
@@ -70,16 +72,6 @@ def test_depth_is_a_parameter() -> None:
     assert strict_json.loads(deep, max_depth=128)
     with pytest.raises(strict_json.NotStandardJSON):
         strict_json.loads(deep)
-
-
-@given(_text, _text, st.sampled_from(["\x00", "\ud800", "\udfff"]))
-def test_a_body_of_bytes_with_nul_or_a_lone_surrogate_is_refused(
-    before: str, after: str, bad: str
-) -> None:
-    # (bytes are what the gateway reads; the escape is the only way in)
-    for document in ({"k": before + bad + after}, {before + bad + after: 1}, [before + bad]):
-        with pytest.raises(strict_json.BadString):
-            strict_json.loads(json.dumps(document).encode())
 
 
 def _nest(depth: int, shape: list[bool], leaf: Any) -> Any:
