@@ -46,11 +46,10 @@ def text_array(values: Sequence[str | None]) -> str:
     strings = values if plain else [v for v in values if v is not None]
     joined = '","'.join(strings)  # type: ignore[arg-type]
     if '"' in joined or "\\" in joined:
-        escaped = [
+        values = [
             None if v is None else v.replace("\\", "\\\\").replace('"', '\\"') for v in values
         ]
-        return "{" + ",".join("NULL" if v is None else '"' + v + '"' for v in escaped) + "}"
-    if plain:
+    elif plain:
         return '{"' + joined + '"}'
     return "{" + ",".join("NULL" if v is None else '"' + v + '"' for v in values) + "}"
 
