@@ -248,9 +248,11 @@ class Stack:
     async def worker(self) -> subprocess.Popen[bytes]:
         return await self.start(relay("worker", "--processes", "2"))
 
-    async def api(self, path: str, token: str, body: object) -> dict[str, Any]:
+    async def api(
+        self, path: str, token: str, body: object, method: str = "POST"
+    ) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {token}"}
-        async with self.http.post(self.base + path, json=body, headers=headers) as resp:
+        async with self.http.request(method, self.base + path, json=body, headers=headers) as resp:
             assert resp.status < 300, f"{path}: {resp.status} {await resp.text()}"
             answer: dict[str, Any] = await resp.json()
             return answer

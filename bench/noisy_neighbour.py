@@ -1,7 +1,7 @@
 """A quiet tenant beside a noisy one (issue 21): its latencies with and without the noise.
 
     python bench/noisy_neighbour.py [--events 120] [--seconds 20] [--kinds bomb,big,keys,list]
-                                    [--results]
+                                    [--budget 500000,1000 | --budget none] [--results]
 
 Prints figures; asserts nothing. Needs Postgres (DATABASE_URL, default
 postgresql://root@127.0.0.1:5432/test: a database of its own, dropped at the end)
@@ -21,6 +21,11 @@ time.time() at each first receipt), as two tenants' endpoints are two machines.
    an unauthenticated route, ~900 KB events to the ordered targets, batches of
    1,000 events with distinct keys, lists of those events at limit=500; --kinds
    picks some); 3 s after it started, the quiet tenant does the same as in 1.
+
+The noisy tenant has the budget an operator gives a tenant that hogs the relay
+(``PATCH /v1/tenants/{id}`` ``limits``): by default 500,000 ingest bytes and 1,000
+deliveries created per second; ``--budget none`` leaves it unbounded, as every
+tenant was before budgets.
 
 Figures, for both phases: the quiet tenant's ingest latency (POST to 202, in
 this process) and delivery latency (just before the POST to the receiver's
@@ -184,7 +189,12 @@ async def run(args: argparse.Namespace, logdir: Path) -> tuple[Quiet, Quiet, dic
         ]
 
         quiet_url = await stack.tenant("Quiet", [(f"http://127.0.0.1:{quiet_port}/quiet", [])])
-        noisy_key = (await stack.api("/v1/tenants", engine.TOKEN, {"name": "Noisy"}))["api_key"]
+        noisy_tenant = await stack.api("/v1/tenants", engine.TOKEN, {"name": "Noisy"})
+        noisy_key = noisy_tenant["api_key"]
+        if args.budget is not None:
+            limits = dict(zip(("ingest_bytes_per_s", "deliveries_per_s"), args.budget, strict=True))
+            path = f"/v1/tenants/{noisy_tenant['id']}"
+            await stack.api(path, engine.TOKEN, {"limits": limits}, method="PATCH")
         source = await stack.api("/v1/sources", noisy_key, {"name": "n", "auth": {"type": "token"}})
         for i in range(10):
             target = {
@@ -252,10 +262,24 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=120, help="quiet events per phase")
     parser.add_argument("--seconds", type=int, default=20, help="how long the noise lasts")
     parser.add_argument("--kinds", default=",".join(KINDS), help="noises to make (comma list)")
+    parser.add_argument(
+        "--budget",
+        default="500000,1000",
+        help="the noisy tenant's ingest bytes/s,deliveries/s, or none",
+    )
     parser.add_argument("--results", action="store_true", help="append to bench/RESULTS.md")
     parser.add_argument("--logs", type=Path, help="keep the processes' logs in this folder")
     args = parser.parse_args()
     args.kinds = [k for k in args.kinds.split(",") if k]
+    if args.budget == "none":
+        args.budget = None
+    else:
+        try:
+            args.budget = [int(v) for v in args.budget.split(",")]
+        except ValueError:
+            parser.error("--budget is BYTES_PER_S,DELIVERIES_PER_S or none")
+        if len(args.budget) != 2 or min(args.budget) < 1:
+            parser.error("--budget is BYTES_PER_S,DELIVERIES_PER_S or none")
     unknown = set(args.kinds) - set(KINDS)
     if unknown:
         parser.error(f"unknown kinds: {', '.join(sorted(unknown))}")
@@ -265,7 +289,10 @@ def main() -> None:
     header = engine.machine()
     load = os.getloadavg()
     before = f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, CPU {cpu_busy():.0%} busy"
-    print(f"Relay noisy neighbour: {header}; before: {before}", flush=True)
+    budget = (
+        "none" if args.budget is None else "{:,} bytes/s, {:,} deliveries/s".format(*args.budget)
+    )
+    print(f"Relay noisy neighbour: {header}; before: {before}; noisy budget: {budget}", flush=True)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-noisy-") as scratch:
             logdir = args.logs or Path(scratch)
@@ -287,7 +314,10 @@ def main() -> None:
     for figure, value, aim in rows:
         print(f"  {figure:<48} {value:>26}   {aim}")
     if args.results:
-        lines = [f"\n## bench/noisy_neighbour.py: {header}\n", "| figure | value | target |"]
+        lines = [
+            f"\n## bench/noisy_neighbour.py: {header}, noisy budget {budget}\n",
+            "| figure | value | target |",
+        ]
         lines += ["| --- | --: | --- |", *(f"| {f} | {v} | {a} |" for f, v, a in rows)]
         with (HERE / "RESULTS.md").open("a") as out:
             out.write("\n".join(lines) + "\n")

@@ -2,8 +2,10 @@
 
 Checks run cheapest first, and nothing is written until every check passed:
 unknown source 404 → token/basic credential 401 → content type 415 → declared
-length 413 → body read with the cap 413 → hmac/standard-webhooks signature 401
-→ JSON shape 400/422 → deliveries per request 422 → rate limit 429. Then the
+length 413 → the tenant's budget of ingest bytes 429 (before the body is read)
+→ body read with the cap 413 → hmac/standard-webhooks signature 401 → JSON
+shape 400/422 → deliveries per request 422 → the source's rate limit 429 →
+the tenant's budget of deliveries 429. Then the
 events and their deliveries are committed, in one transaction with those of the
 requests that arrived together (relay/ingest/group_commit.py), the answer is 202, and
 their targets are woken on the broker once per group (the sweeper covers an
@@ -27,14 +29,19 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
 
 from relay.api.routing import Route, is_json_content_type, respond
 from relay.core import errors, offload
-from relay.core.metrics import EVENTS_INGESTED, INGEST_LATENCY, INGEST_REROUTED
+from relay.core.metrics import (
+    EVENTS_INGESTED,
+    INGEST_LATENCY,
+    INGEST_REROUTED,
+    TENANT_BUDGET_REFUSED,
+)
 from relay.ingest import replay_guard
 from relay.ingest.auth import (
     PRE_BODY_TYPES,
@@ -92,6 +99,8 @@ async def load_source(app: web.Application, source_id: str) -> SourceEntry | Non
         previous_valid_until=valid_until,
         rate_limit=row.rate_limit,
         config_version=row.config_version,
+        ingest_bytes_per_s=row.ingest_bytes_per_s or app[SETTINGS].tenant_ingest_bytes_per_s,
+        deliveries_per_s=row.deliveries_per_s or app[SETTINGS].tenant_deliveries_per_s,
     )
 
 
@@ -186,6 +195,14 @@ async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response
         raise errors.UnsupportedMediaType()
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise errors.PayloadTooLarge(f"the body is larger than {settings.max_body_bytes} bytes")
+    declared = request.content_length
+    if declared is not None:
+        # over budget: refused before the body is read; a source that signs its body has
+        # not proven itself yet, so its bytes are only asked for here and spent below
+        if source.auth_type in PRE_BODY_TYPES:
+            source = await _within_budget(app, source, lambda s: _spend_bytes(app, s, declared))
+        else:  # from a stranger perhaps: no read afresh on its account
+            await _spend_bytes(app, source, declared, only_ask=True)
     raw = await request.read()  # aiohttp stops at client_max_size while reading: 413
     source = await _authenticated(
         request,
@@ -194,6 +211,8 @@ async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response
         pre_body=False,
         refusal="invalid or missing signature",
     )
+    if declared is None or source.auth_type not in PRE_BODY_TYPES:
+        source = await _within_budget(app, source, lambda s: _spend_bytes(app, s, len(raw)))
     remembered = None
     if source.auth_type == "standard-webhooks":
         remembered = await replay_guard.first_sighting(
@@ -224,7 +243,7 @@ async def _accept(
         events, documents = parse_documents(raw)
     context["events"] = len(events)
     routes = await _routes(app, source)
-    _check_quota(app, source, events, routes)
+    planned = _check_quota(app, source, events, routes)
     if source.rate_limit is not None:
         limit, count = source.rate_limit, len(events)
         wait = await app[LIMITER].admit(f"src:{source.id}", limit, count)
@@ -238,6 +257,7 @@ async def _accept(
             raise errors.RateLimited(
                 math.ceil(wait), f"over this source's limit of {limit} events/s"
             )
+    source = await _within_budget(app, source, lambda s: _spend_deliveries(app, s, planned))
     # The ordering keys, from the body's one parse, before the group commit (which only
     # looks them up); the parse is not kept while the commit is waited for.
     if len(events) * len(routes.targets) > KEYS_ON_LOOP:
@@ -245,6 +265,7 @@ async def _accept(
     else:
         keys = order_keys(source.id, events, routes.targets, documents)
     del documents
+    budget = _budget(source)
     for _ in range(FRESH_TRIES):
         result = await app[GROUP_COMMIT].commit(
             IngestRequest(
@@ -269,7 +290,11 @@ async def _accept(
         ):
             raise errors.Unauthorized("invalid or missing source credentials")
         routes = await _routes(app, source, fresh=True)
-        _check_quota(app, source, events, routes)
+        planned = _check_quota(app, source, events, routes)
+        if budget != _budget(source):  # changed meanwhile: the request pays the new one
+            budget = _budget(source)
+            await _spend_bytes(app, source, len(raw))
+            await _spend_deliveries(app, source, planned)
         keys = order_keys(source.id, events, routes.targets)  # rare: each payload parsed again
     else:
         raise errors.Unavailable(
@@ -282,8 +307,8 @@ async def _accept(
 
 def _check_quota(
     app: web.Application, source: SourceEntry, events: Sequence[ParsedEvent], routes: Routes
-) -> None:
-    """422 if storing ``events`` would create more deliveries than one request may."""
+) -> int:
+    """The deliveries storing ``events`` would create; 422 if more than one request may."""
     allowed = app[SETTINGS].max_deliveries_per_request
     planned = count_deliveries(source.id, events, routes.targets)
     if planned > allowed:
@@ -291,6 +316,71 @@ def _check_quota(
             f"this request would create {planned} deliveries, more than the "
             f"{allowed} allowed per request; send smaller batches",
             details=[{"field": "body", "message": "too many deliveries for one request"}],
+        )
+    return planned
+
+
+def _budget(source: SourceEntry) -> tuple[int | None, int | None]:
+    return source.ingest_bytes_per_s, source.deliveries_per_s
+
+
+async def _within_budget(
+    app: web.Application, source: SourceEntry, spend: Callable[[SourceEntry], Awaitable[None]]
+) -> SourceEntry:
+    """``spend`` against the tenant's budget; a refusal by a cached budget is checked once
+    more against the source read afresh (the budget may have just been raised or
+    cleared through another process: read your writes). The source it passed with."""
+    try:
+        await spend(source)
+    except errors.RateLimited:
+        fresh = await _source(app, source.id, fresh=True)
+        if _budget(fresh) == _budget(source):
+            raise
+        await spend(fresh)
+        return fresh
+    return source
+
+
+async def _spend_bytes(
+    app: web.Application, source: SourceEntry, size: int, *, only_ask: bool = False
+) -> None:
+    """429 if the tenant's budget of ingest bytes per second has no room for ``size``.
+
+    Its burst is a second's worth, or the largest body, whichever is more: any body
+    the relay takes fits once the budget has recovered.
+    """
+    rate = source.ingest_bytes_per_s
+    if rate is None:
+        return
+    burst = max(rate, app[SETTINGS].max_body_bytes)
+    wait = await app[LIMITER].spend(
+        f"tenant-bytes:{source.tenant_id}", rate, burst, size, only_ask=only_ask
+    )
+    if wait > 0:
+        TENANT_BUDGET_REFUSED.labels("ingest_bytes").inc()
+        raise errors.RateLimited(
+            math.ceil(wait), f"over this tenant's budget of {rate} ingest bytes/s"
+        )
+
+
+async def _spend_deliveries(app: web.Application, source: SourceEntry, planned: int) -> None:
+    """429 if the tenant's budget of deliveries created per second has no room for
+    ``planned`` (a second's worth may go at once; a request creating more never fits)."""
+    rate = source.deliveries_per_s
+    if rate is None:
+        return
+    wait = await app[LIMITER].spend(f"tenant-deliveries:{source.tenant_id}", rate, rate, planned)
+    if math.isinf(wait):
+        TENANT_BUDGET_REFUSED.labels("deliveries").inc()
+        raise errors.RateLimited(
+            math.ceil(planned / rate),
+            f"this request would create {planned} deliveries, more than this tenant's "
+            f"budget of {rate} deliveries/s; send smaller batches",
+        )
+    if wait > 0:
+        TENANT_BUDGET_REFUSED.labels("deliveries").inc()
+        raise errors.RateLimited(
+            math.ceil(wait), f"over this tenant's budget of {rate} deliveries/s"
         )
 
 

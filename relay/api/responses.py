@@ -17,7 +17,7 @@ import pydantic
 Status = Literal["pending", "retrying", "succeeded", "dead"]
 
 
-class Tenant(pydantic.BaseModel):
+class TenantBase(pydantic.BaseModel):
     """A tenant (never a key)."""
 
     id: str
@@ -25,7 +25,20 @@ class Tenant(pydantic.BaseModel):
     created_at: datetime
 
 
-class TenantCreated(Tenant):
+class TenantLimits(pydantic.BaseModel):
+    """A tenant's budget on the shared relay; null: the relay's default."""
+
+    ingest_bytes_per_s: int | None
+    deliveries_per_s: int | None
+
+
+class Tenant(TenantBase):
+    """A tenant (never a key), with its budget."""
+
+    limits: TenantLimits
+
+
+class TenantCreated(TenantBase):
     """A new tenant with its first API key, shown once."""
 
     api_key: str
@@ -356,6 +369,7 @@ ANSWERS: dict[tuple[str, str], Answer] = {
     ("POST", "/v1/tenants"): Answer(TenantCreated),
     ("GET", "/v1/tenants"): Answer(Tenant, page=True),
     ("GET", "/v1/tenants/{tenant_id}"): Answer(Tenant),
+    ("PATCH", "/v1/tenants/{tenant_id}"): Answer(Tenant),
     ("GET", "/v1/tenants/{tenant_id}/api-keys"): Answer(ApiKey, page=True),
     ("POST", "/v1/tenants/{tenant_id}/api-keys"): Answer(ApiKeyCreated),
     ("DELETE", "/v1/tenants/{tenant_id}/api-keys/{key_id}"): Answer(),

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic
 from aiohttp import web
+from pydantic.json_schema import SkipJsonSchema
 
 from relay.api.fields import Name
 from relay.api.routing import ListQuery, Route, no_content, page, read_body, read_query, respond
+from relay.api.sources import integral
 from relay.core import errors
 from relay.core.crypto import hash_api_key, new_api_key, new_id
 from relay.store import tenants as store
 from relay.store.rows import ApiKey, Tenant
 from relay.web.app_keys import POOL
+
+#: The largest budgets that may be set (the columns' ranges, and beyond any machine).
+MAX_BYTES_PER_S = 1 << 40
+MAX_DELIVERIES_PER_S = (1 << 31) - 1
 
 
 class TenantCreate(pydantic.BaseModel):
@@ -23,8 +29,47 @@ class TenantCreate(pydantic.BaseModel):
     name: Name
 
 
+class TenantLimits(pydantic.BaseModel):
+    """A tenant's budget on the shared relay; null (or absent at creation): the relay's
+    default (RELAY_TENANT_INGEST_BYTES_PER_S, RELAY_TENANT_DELIVERIES_PER_S)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    #: body bytes its sources may send per second, all gateway processes together
+    ingest_bytes_per_s: (
+        Annotated[int, pydantic.Field(gt=0, le=MAX_BYTES_PER_S), pydantic.BeforeValidator(integral)]
+        | None
+    ) = None
+    #: deliveries its ingest may create per second (a second's worth may go at once)
+    deliveries_per_s: (
+        Annotated[
+            int, pydantic.Field(gt=0, le=MAX_DELIVERIES_PER_S), pydantic.BeforeValidator(integral)
+        ]
+        | None
+    ) = None
+
+
+class TenantPatch(pydantic.BaseModel):
+    """Body of PATCH /v1/tenants/{id}: present fields change; in ``limits``, null means
+    the relay's default."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    name: Name | SkipJsonSchema[None] = None
+    limits: TenantLimits | SkipJsonSchema[None] = None
+
+
 def render_tenant(row: Tenant) -> dict[str, Any]:
-    """A tenant as the API shows it (never a key)."""
+    """A tenant as the API shows it (never a key), with its budget (null: the default)."""
+    return {
+        **_created(row),
+        "limits": {
+            "ingest_bytes_per_s": row.ingest_bytes_per_s,
+            "deliveries_per_s": row.deliveries_per_s,
+        },
+    }
+
+
+def _created(row: Tenant) -> dict[str, Any]:
+    """What POST /v1/tenants answers of the tenant, exactly API.md's fields."""
     return {"id": row.id, "name": row.name, "created_at": row.created_at}
 
 
@@ -41,7 +86,7 @@ async def create_tenant(request: web.Request) -> web.Response:
         tenant, key = await store.create_tenant(
             conn, new_id("ten"), body.name, new_id("key"), hash_api_key(api_key)
         )
-    return respond({**render_tenant(tenant), "api_key": api_key, "api_key_id": key.id}, status=201)
+    return respond({**_created(tenant), "api_key": api_key, "api_key_id": key.id}, status=201)
 
 
 async def list_tenants(request: web.Request) -> web.Response:
@@ -54,6 +99,31 @@ async def list_tenants(request: web.Request) -> web.Response:
 async def get_tenant(request: web.Request) -> web.Response:
     """One tenant."""
     row = await store.get_tenant(request.app[POOL], request.match_info["tenant_id"])
+    if row is None:
+        raise errors.NotFound("no such tenant")
+    return respond(render_tenant(row))
+
+
+async def update_tenant(request: web.Request) -> web.Response:
+    """Rename a tenant or change its budget; every gateway process applies a new budget
+    to the next request."""
+    body = await read_body(request, TenantPatch)
+    fields = body.model_fields_set
+    for required in ("name", "limits"):
+        if required in fields and getattr(body, required) is None:
+            raise errors.ValidationFailed.field(required, "may not be null")
+    changes: dict[str, Any] = {}
+    if body.name is not None:
+        changes["name"] = body.name
+    if body.limits is not None:
+        for name in body.limits.model_fields_set:
+            changes[name] = getattr(body.limits, name)
+    tenant_id = request.match_info["tenant_id"]
+    pool = request.app[POOL]
+    if changes:
+        row = await store.update_tenant(pool, tenant_id, changes)
+    else:
+        row = await store.get_tenant(pool, tenant_id)
     if row is None:
         raise errors.NotFound("no such tenant")
     return respond(render_tenant(row))
@@ -103,6 +173,14 @@ ROUTES = [
     ),
     Route("GET", "/v1/tenants", list_tenants, "List tenants", "operator", query=ListQuery),
     Route("GET", "/v1/tenants/{tenant_id}", get_tenant, "Get a tenant", "operator"),
+    Route(
+        "PATCH",
+        "/v1/tenants/{tenant_id}",
+        update_tenant,
+        "Rename a tenant or change its budget",
+        "operator",
+        TenantPatch,
+    ),
     Route(
         "GET",
         "/v1/tenants/{tenant_id}/api-keys",

@@ -80,6 +80,11 @@ class Settings:
     max_targets_per_tenant: int = 100
     max_sources_per_tenant: int = 100
     max_deliveries_per_request: int = 10_000
+    #: A tenant's budget on the shared relay, for tenants without their own
+    #: (PATCH /v1/tenants/{id}): body bytes ingested, and deliveries created by
+    #: ingest, per second, shared by every gateway process. None: no budget.
+    tenant_ingest_bytes_per_s: int | None = None
+    tenant_deliveries_per_s: int | None = None
     #: Attempts one worker process keeps in flight at once, shared fairly by tenants.
     worker_concurrency: int = 256
     #: A target's circuit breaker opens after this many timeouts, connection
@@ -180,6 +185,12 @@ class Settings:
             ("RELAY_MAX_DELIVERIES_PER_REQUEST", "max_deliveries_per_request"),
         ):
             if (v := get(name)) is not None:
+                values[key] = int(_positive(v, name, integer=True))
+        for name, key in (
+            ("RELAY_TENANT_INGEST_BYTES_PER_S", "tenant_ingest_bytes_per_s"),
+            ("RELAY_TENANT_DELIVERIES_PER_S", "tenant_deliveries_per_s"),
+        ):
+            if (v := get(name)) is not None and v != "0":
                 values[key] = int(_positive(v, name, integer=True))
         if (v := get("RELAY_WORKER_CONCURRENCY")) is not None:
             values["worker_concurrency"] = int(

@@ -29,6 +29,12 @@ INGEST_REROUTED = Counter(
     "Ingest requests routed again because their tenant's sources or targets changed "
     "(on another process or replica) since this gateway read them.",
 )
+TENANT_BUDGET_REFUSED = Counter(
+    "relay_tenant_budget_refused_total",
+    "Ingest requests answered 429 because their tenant's budget (ingest bytes or "
+    "deliveries created per second) had no room; no tenant label, to keep it small.",
+    ["budget"],
+)
 INGEST_WAITING = Gauge(
     "relay_ingest_waiting",
     "Ingest requests waiting for their commit (RELAY_INGEST_MAX_WAITING at most).",

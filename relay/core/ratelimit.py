@@ -8,6 +8,10 @@ and is never let into an empty window whole. A request larger than the limit
 itself can never fit, and says so. One Lua script on Redis's own clock, so every
 gateway and worker shares it. Redis being unreachable admits the request:
 losing an event costs more than exceeding a limit for a moment.
+
+A tenant's budget (:meth:`RateLimiter.spend`) is a rate with a burst instead: a
+body of up to the largest size must fit a budget of fewer bytes per second, once
+it has recovered. It is the generic cell rate algorithm, one timestamp per key.
 """
 
 from __future__ import annotations
@@ -80,6 +84,30 @@ return {0, wait_for(1)}
 """
 )
 
+# A budget: ARGV[1] units per second, ARGV[2] the burst (units that may go at once
+# after a quiet spell), ARGV[3] the units wanted, ARGV[4] "1" to spend them or "0"
+# only to ask. The generic cell rate algorithm: KEYS[1] holds the moment (ms, Redis's
+# clock) when everything spent so far will have been paid back at the rate. Returns 0
+# if the units fit now (and, with ARGV[4] = "1", spends them), else the milliseconds
+# until they would.
+_BUDGET = """
+local rate, burst, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local stored = redis.call('GET', KEYS[1])
+local paid = now
+if stored then paid = math.max(tonumber(stored), now) end
+local after = paid + n * 1000 / rate
+local wait = after - burst * 1000 / rate - now
+if wait > 0 then
+  return math.max(1, math.ceil(wait))
+end
+if ARGV[4] == '1' then
+  redis.call('SET', KEYS[1], string.format('%.3f', after), 'PX', math.ceil(after - now) + 1000)
+end
+return 0
+"""
+
 
 class RateLimiter:
     """Admits or refuses units of work against per-key limits per second."""
@@ -89,6 +117,7 @@ class RateLimiter:
         self._namespace = namespace
         self._script = client.register_script(_SCRIPT)
         self._take = client.register_script(_TAKE)
+        self._budget = client.register_script(_BUDGET)
 
     async def admit(self, key: str, limit: int, units: int = 1) -> float:
         """0 if admitted, else the seconds to wait (``inf``: ``units`` exceeds ``limit``)."""
@@ -109,3 +138,26 @@ class RateLimiter:
             log.warning("rate limiter unavailable, admitting: %s", type(exc).__name__)
             return want, 0.0
         return int(taken), int(wait_ms) / 1000
+
+    async def spend(
+        self, key: str, rate: int, burst: int, units: int, *, only_ask: bool = False
+    ) -> float:
+        """Spend ``units`` of a budget of ``rate`` per second that lets ``burst`` go at once.
+
+        0 if they fit (and were spent, unless ``only_ask``), else the seconds until they
+        would (``inf``: ``units`` exceeds ``burst``, they never will). Unreachable Redis
+        admits, as :meth:`admit` does.
+        """
+        if units > burst:
+            return math.inf
+        if units <= 0:
+            return 0.0
+        try:
+            wait_ms = await self._budget(
+                keys=[f"{self._namespace}:{key}"],
+                args=[rate, burst, units, "0" if only_ask else "1"],
+            )
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            log.warning("rate limiter unavailable, admitting: %s", type(exc).__name__)
+            return 0.0
+        return int(wait_ms) / 1000

@@ -40,6 +40,9 @@ class SourceEntry:
     rate_limit: int | None
     #: the tenant's config_version when this was read
     config_version: int = 0
+    #: the tenant's budget (its own, else the relay's default; None: none)
+    ingest_bytes_per_s: int | None = None
+    deliveries_per_s: int | None = None
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,9 @@ class Tenant(Row):
     id: str
     name: str
     created_at: datetime
+    #: its budget (None: the relay's default, relay/core/config.py)
+    ingest_bytes_per_s: int | None = None
+    deliveries_per_s: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +80,10 @@ class Source(Row):
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None = None
-    #: its tenant's config_version, where read with it (ingest)
+    #: its tenant's config_version and budget, where read with it (ingest)
     config_version: int = 0
+    ingest_bytes_per_s: int | None = None
+    deliveries_per_s: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,7 +153,8 @@ async def get_source_for_ingest(conn: Queries, source_id: str) -> Source | None:
     """A live source by id alone: ingest authenticates with the source's own secret."""
     row = await conn.fetchrow(
         """
-        SELECT s.*, t.config_version FROM sources s JOIN tenants t ON t.id = s.tenant_id
+        SELECT s.*, t.config_version, t.ingest_bytes_per_s, t.deliveries_per_s
+        FROM sources s JOIN tenants t ON t.id = s.tenant_id
         WHERE s.id = $1 AND s.deleted_at IS NULL
         """,
         source_id,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from relay.store.db import Conn, Queries
 from relay.store.rows import ApiKey, Tenant
@@ -30,6 +30,29 @@ async def create_tenant(
 async def get_tenant(conn: Queries, tenant_id: str) -> Tenant | None:
     """One tenant, or None."""
     return Tenant.maybe(await conn.fetchrow("SELECT * FROM tenants WHERE id = $1", tenant_id))
+
+
+#: What PATCH /v1/tenants/{id} may change.
+_UPDATABLE = frozenset({"name", "ingest_bytes_per_s", "deliveries_per_s"})
+
+
+async def update_tenant(conn: Queries, tenant_id: str, changes: dict[str, Any]) -> Tenant | None:
+    """Change a tenant's name or budget; None if there is no such tenant.
+
+    A change bumps the tenant's ``config_version``, as one of its sources or targets
+    does: every gateway process reads its budget afresh for the next request.
+    """
+    unknown = set(changes) - _UPDATABLE
+    if unknown:
+        raise ValueError(f"not updatable: {sorted(unknown)}")
+    names = sorted(changes)
+    sets = "".join(f", {name} = ${i}" for i, name in enumerate(names, start=2))
+    row = await conn.fetchrow(
+        f"UPDATE tenants SET config_version = config_version + 1{sets} WHERE id = $1 RETURNING *",
+        tenant_id,
+        *(changes[name] for name in names),
+    )
+    return Tenant.maybe(row)
 
 
 async def list_tenants(

@@ -19,7 +19,12 @@ async def test_create_tenant_returns_key_once(client: Any) -> None:
     assert body["created_at"].endswith("Z")
     # And reading it back shows no key
     got = await (await client.get(f"/v1/tenants/{body['id']}", headers=OPERATOR)).json()
-    assert got == {"id": body["id"], "name": "Acme Books", "created_at": body["created_at"]}
+    assert got == {
+        "id": body["id"],
+        "name": "Acme Books",
+        "created_at": body["created_at"],
+        "limits": {"ingest_bytes_per_s": None, "deliveries_per_s": None},
+    }
     keys = await (await client.get(f"/v1/tenants/{body['id']}/api-keys", headers=OPERATOR)).json()
     assert keys == {
         "data": [

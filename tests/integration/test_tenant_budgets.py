@@ -1,0 +1,313 @@
+"""A tenant's budget on the shared relay (issue 21): ingest bytes and deliveries per second.
+
+The operator sets it with ``PATCH /v1/tenants/{id}`` (``limits``), or for every tenant
+without one with RELAY_TENANT_INGEST_BYTES_PER_S / RELAY_TENANT_DELIVERIES_PER_S. Before,
+a tenant could take as much of the gateway, Postgres and the workers as it could send:
+under tests/faults/noise.py's noise, a quiet tenant's ingest p99 was 387 ms
+(bench/noisy_neighbour.py). The budget is one for all gateway processes: the tests
+that count it run two `relay serve` replicas on one database and Redis, and send
+alternately through each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from relay.core.config import ConfigError, Settings
+from tests.conftest import ADMIN_TOKEN, OPERATOR, Tenant, assert_error, stack_env
+from tests.services import replicas as start_replicas
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+BILL = {"date": "2026-12-06T12:00:00Z", "objectType": "Bill", "action": "paid", "objectId": 7}
+#: the replicas' largest body, and so the burst of a bytes budget below it
+MAX_BODY = 65_536
+
+
+# ---- the setting, in the API ----
+
+
+async def test_the_operator_sets_shows_and_clears_a_budget(client: Any, tenant: Tenant) -> None:
+    url = f"/v1/tenants/{tenant.id}"
+    # Given a new tenant: no budget of its own
+    got = await (await client.get(url, headers=OPERATOR)).json()
+    assert got["limits"] == {"ingest_bytes_per_s": None, "deliveries_per_s": None}
+    # When the operator sets both (a JSON integer may be written 2000.0)
+    resp = await client.patch(
+        url,
+        json={"limits": {"ingest_bytes_per_s": 500_000, "deliveries_per_s": 2000.0}},
+        headers=OPERATOR,
+    )
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["limits"] == {
+        "ingest_bytes_per_s": 500_000,
+        "deliveries_per_s": 2000,
+    }
+    # Then reading the tenant shows them, and a list too
+    assert (await (await client.get(url, headers=OPERATOR)).json())["limits"] == {
+        "ingest_bytes_per_s": 500_000,
+        "deliveries_per_s": 2000,
+    }
+    listed = await (await client.get("/v1/tenants", headers=OPERATOR)).json()
+    assert [t["limits"] for t in listed["data"] if t["id"] == tenant.id] == [
+        {"ingest_bytes_per_s": 500_000, "deliveries_per_s": 2000}
+    ]
+    # And a field left out is left as it is; null clears one (back to the default)
+    resp = await client.patch(url, json={"limits": {"deliveries_per_s": None}}, headers=OPERATOR)
+    assert (await resp.json())["limits"] == {
+        "ingest_bytes_per_s": 500_000,
+        "deliveries_per_s": None,
+    }
+    # And a rename leaves the budget alone
+    resp = await client.patch(url, json={"name": "Acme Ltd"}, headers=OPERATOR)
+    body = await resp.json()
+    assert body["name"] == "Acme Ltd" and body["limits"]["ingest_bytes_per_s"] == 500_000
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"limits": {"deliveries_per_s": 0}}, "deliveries_per_s"),
+        ({"limits": {"deliveries_per_s": -5}}, "deliveries_per_s"),
+        ({"limits": {"deliveries_per_s": 1.5}}, "deliveries_per_s"),
+        ({"limits": {"deliveries_per_s": "100"}}, "deliveries_per_s"),
+        ({"limits": {"deliveries_per_s": True}}, "deliveries_per_s"),
+        ({"limits": {"deliveries_per_s": 1 << 31}}, "deliveries_per_s"),
+        ({"limits": {"ingest_bytes_per_s": (1 << 40) + 1}}, "ingest_bytes_per_s"),
+        ({"limits": {"events_per_s": 5}}, "events_per_s"),
+        ({"limits": None}, "limits"),
+        ({"limits": []}, "limits"),
+        ({"name": None}, "name"),
+        ({"name": ""}, "name"),
+        ({"id": "ten_x"}, "id"),
+    ],
+)
+async def test_a_bad_budget_is_422_naming_the_field_and_changes_nothing(
+    client: Any, tenant: Tenant, body: dict[str, Any], field: str
+) -> None:
+    url = f"/v1/tenants/{tenant.id}"
+    before = await (await client.get(url, headers=OPERATOR)).json()
+    error = await assert_error(
+        await client.patch(url, json=body, headers=OPERATOR), 422, "validation_error"
+    )
+    assert any(field in d["field"] for d in error["details"]), error
+    assert await (await client.get(url, headers=OPERATOR)).json() == before
+
+
+async def test_a_budget_is_the_operators_alone(client: Any, tenant: Tenant) -> None:
+    url = f"/v1/tenants/{tenant.id}"
+    limits = {"limits": {"deliveries_per_s": 1_000_000}}
+    # A tenant cannot raise its own budget, with its key or none
+    await assert_error(
+        await client.patch(url, json=limits, headers=tenant.auth), 401, "unauthorized"
+    )
+    await assert_error(await client.patch(url, json=limits), 401, "unauthorized")
+    # And an unknown tenant is 404
+    await assert_error(
+        await client.patch("/v1/tenants/ten_nope", json=limits, headers=OPERATOR), 404, "not_found"
+    )
+
+
+def test_the_default_budget_comes_from_the_environment() -> None:
+    assert Settings.from_env({}).tenant_deliveries_per_s is None  # none unless set
+    settings = Settings.from_env(
+        {"RELAY_TENANT_INGEST_BYTES_PER_S": "2000000", "RELAY_TENANT_DELIVERIES_PER_S": "0"}
+    )
+    assert settings.tenant_ingest_bytes_per_s == 2_000_000
+    assert settings.tenant_deliveries_per_s is None  # 0: none
+    for bad in ("-1", "1.5", "lots"):
+        with pytest.raises(ConfigError, match="RELAY_TENANT_DELIVERIES_PER_S"):
+            Settings.from_env({"RELAY_TENANT_DELIVERIES_PER_S": bad})
+
+
+# ---- the budget, across two gateway replicas ----
+
+
+@pytest.fixture
+def replicas(database_url: str, clean_redis: str, tmp_path: Path) -> Iterator[list[str]]:
+    env = stack_env(
+        database_url,
+        clean_redis,
+        RELAY_CACHE_TTL_S="300",  # only read-your-writes, never a cache's expiry, can pass
+        RELAY_MAX_BODY_BYTES=str(MAX_BODY),
+        RELAY_AUTH_FAILURE_LIMIT="1000",
+        RELAY_AUTH_FAILURE_DELAY_S="0",
+    )
+    with start_replicas(env, tmp_path) as urls:
+        yield urls
+
+
+class Replicas:
+    """Two replicas, and a tenant with one target (no worker: deliveries are only stored)."""
+
+    def __init__(self, http: aiohttp.ClientSession, urls: list[str]) -> None:
+        self.http, self.urls = http, urls
+        self.tenant_id = self.key = ""
+
+    async def call(self, n: int, method: str, path: str, body: Any = None, **headers: str) -> Any:
+        async with self.http.request(
+            method, self.urls[n % 2] + path, json=body, headers=headers
+        ) as resp:
+            answer = await resp.json()
+            assert resp.status < 300, f"{method} {path}: {resp.status} {answer}"
+            return answer
+
+    async def setup(self) -> None:
+        tenant = await self.call(0, "POST", "/v1/tenants", {"name": "Acme"}, **ADMIN)
+        self.tenant_id, self.key = tenant["id"], tenant["api_key"]
+        await self.call(
+            0,
+            "POST",
+            "/v1/targets",
+            {"url": "http://127.0.0.1:9/hook"},
+            Authorization=f"Bearer {self.key}",
+        )
+
+    async def source(self, auth: dict[str, Any]) -> dict[str, Any]:
+        body = {"name": "upstream", "auth": auth}
+        return dict(
+            await self.call(0, "POST", "/v1/sources", body, Authorization=f"Bearer {self.key}")
+        )
+
+    async def limits(self, n: int, **limits: int | None) -> None:
+        await self.call(n, "PATCH", f"/v1/tenants/{self.tenant_id}", {"limits": limits}, **ADMIN)
+
+    async def ingest(
+        self, n: int, source: dict[str, Any], body: bytes, **headers: str
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        async with self.http.post(
+            f"{self.urls[n % 2]}/in/{source['id']}",
+            data=body,
+            headers={"Content-Type": "application/json", **headers},
+        ) as resp:
+            return resp.status, await resp.json(), dict(resp.headers)
+
+    async def events(self) -> int:
+        answer = await self.call(
+            0, "GET", "/v1/events?limit=500", Authorization=f"Bearer {self.key}"
+        )
+        return len(answer["data"])
+
+
+@pytest.fixture
+async def two(replicas: list[str], fresh_http: aiohttp.ClientSession) -> Replicas:
+    stack = Replicas(fresh_http, replicas)
+    await stack.setup()
+    return stack
+
+
+def batch(count: int, pad: int = 0) -> bytes:
+    return json.dumps([{**BILL, "objectId": i, "pad": "x" * pad} for i in range(count)]).encode()
+
+
+@pytest.mark.slow
+async def test_a_deliveries_budget_is_one_for_both_replicas(two: Replicas) -> None:
+    # Given a budget of 1 delivery per second, set through replica 0
+    source = await two.source({"type": "token"})
+    token = {"Authorization": f"Bearer {source['secret']}"}
+    await two.limits(0, deliveries_per_s=1)
+    # When ten one-event requests go as fast as they can, alternately through each replica
+    started = time.monotonic()
+    answers = [await two.ingest(n, source, batch(1), **token) for n in range(10)]
+    elapsed = time.monotonic() - started
+    # Then the two together accepted one per second (a replica with a budget of its own
+    # would have let a second one in), and refused the rest with 429 and a Retry-After
+    accepted = [a for a in answers if a[0] == 202]
+    assert 1 <= len(accepted) <= 1 + int(elapsed), (elapsed, [a[0] for a in answers])
+    refused = [a for a in answers if a[0] != 202]
+    assert {status for status, _, _ in refused} == {429}
+    for _, body, headers in refused:
+        assert body["error"]["code"] == "rate_limited"
+        assert "budget of 1 deliveries/s" in body["error"]["message"]
+        assert int(headers["Retry-After"]) >= 1
+    # And nothing refused was stored
+    assert await two.events() == len(accepted)
+    # And a request creating more than a second's worth never fits, and says so
+    status, body, _ = await two.ingest(1, source, batch(2), **token)
+    assert status == 429 and "send smaller batches" in body["error"]["message"]
+    # And once the budget has recovered, either replica takes an event again
+    await asyncio.sleep(1.1)
+    status, _, _ = await two.ingest(1, source, batch(1), **token)
+    assert status == 202
+
+
+@pytest.mark.slow
+async def test_a_budget_changed_through_one_replica_holds_at_once_on_the_other(
+    two: Replicas,
+) -> None:
+    source = await two.source({"type": "token"})
+    token = {"Authorization": f"Bearer {source['secret']}"}
+    # Given replica 1 has the source cached (for 300 s) with no budget
+    assert (await two.ingest(1, source, batch(1), **token))[0] == 202
+    # When a budget of 1 delivery/s is set through replica 0
+    await two.limits(0, deliveries_per_s=1)
+    # Then replica 1's very next requests are held to it
+    statuses = [(await two.ingest(1, source, batch(1), **token))[0] for _ in range(3)]
+    assert statuses.count(202) <= 1 and statuses.count(429) >= 2, statuses
+    # And once the budget is cleared through replica 0, replica 1 takes the next at once
+    await two.limits(0, deliveries_per_s=None)
+    statuses = [(await two.ingest(1, source, batch(1), **token))[0] for _ in range(3)]
+    assert statuses == [202, 202, 202]
+
+
+@pytest.mark.slow
+async def test_a_bytes_budget_refuses_before_the_body_is_read(two: Replicas) -> None:
+    # Given a budget of 1,000 bytes/s (its burst: the largest body, 64 KiB), spent by
+    # a 60 KB request through replica 0
+    source = await two.source({"type": "token"})
+    await two.limits(0, ingest_bytes_per_s=1000)
+    body = batch(100, pad=500)
+    assert 60_000 < len(body) < MAX_BODY
+    token = {"Authorization": f"Bearer {source['secret']}"}
+    assert (await two.ingest(0, source, body, **token))[0] == 202
+    # When another 60 KB request to replica 1 sends its head and only a tenth of its body
+    host, port = two.urls[1].removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        (
+            f"POST /in/{source['id']}?token={source['secret']} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body[: len(body) // 10]
+    )
+    await writer.drain()
+    # Then it is answered 429 without waiting for the rest, and the connection closed
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 429"), answer[:300]
+    assert b"budget of 1000 ingest bytes/s" in rest
+    assert await two.events() == 100
+
+
+@pytest.mark.slow
+async def test_a_stranger_cannot_spend_a_signed_sources_budget(two: Replicas) -> None:
+    # Given an hmac source whose tenant may send 1,000 bytes/s (bursts of 64 KiB)
+    source = await two.source({"type": "hmac"})
+    await two.limits(0, ingest_bytes_per_s=1000)
+    body = batch(100, pad=500)
+
+    def signed(payload: bytes) -> dict[str, str]:
+        digest = hmac.new(source["secret"].encode(), payload, hashlib.sha256).hexdigest()
+        return {"X-Signature": digest}
+
+    # When a stranger sends five 60 KB bodies with a wrong signature through both replicas
+    for n in range(5):
+        status, _, _ = await two.ingest(n, source, body, **{"X-Signature": "00" * 32})
+        assert status == 401
+    # Then the tenant's own signed 60 KB body still fits: the stranger spent nothing
+    status, answer, _ = await two.ingest(1, source, body, **signed(body))
+    assert status == 202, answer
+    # And the next one, now over the budget, is refused
+    status, answer, _ = await two.ingest(0, source, body, **signed(body))
+    assert status == 429 and "ingest bytes/s" in answer["error"]["message"]
+    assert await two.events() == 100
