@@ -1,7 +1,8 @@
 """A quiet tenant beside a noisy one (issue 21): its latencies with and without the noise.
 
     python bench/noisy_neighbour.py [--events 120] [--seconds 20] [--kinds bomb,big,keys,list]
-                                    [--budget 500000,1000 | --budget none] [--results]
+                                    [--budget 500000,1000 | --budget none] [--patient]
+                                    [--results]
 
 Prints figures; asserts nothing. Needs Postgres (DATABASE_URL, default
 postgresql://root@127.0.0.1:5432/test: a database of its own, dropped at the end)
@@ -25,7 +26,9 @@ time.time() at each first receipt), as two tenants' endpoints are two machines.
 The noisy tenant has the budget an operator gives a tenant that hogs the relay
 (``PATCH /v1/tenants/{id}`` ``limits``): by default 500,000 ingest bytes and 1,000
 deliveries created per second; ``--budget none`` leaves it unbounded, as every
-tenant was before budgets.
+tenant was before budgets. The noise sends again at once after a 429, as an
+abusive client would; with ``--patient`` it waits the Retry-After, as a
+well-behaved one does, and so uses its whole budget.
 
 Figures, for both phases: the quiet tenant's ingest latency (POST to 202, in
 this process) and delivery latency (just before the POST to the receiver's
@@ -216,6 +219,7 @@ async def run(args: argparse.Namespace, logdir: Path) -> tuple[Quiet, Quiet, dic
             "key": noisy_key,
             "seconds": args.seconds,
             "kinds": args.kinds,
+            "patient": args.patient,
         }
         noise_out = logdir / "noise.out"
         with noise_out.open("wb") as out:
@@ -266,6 +270,9 @@ def main() -> None:
         "--budget",
         default="500000,1000",
         help="the noisy tenant's ingest bytes/s,deliveries/s, or none",
+    )
+    parser.add_argument(
+        "--patient", action="store_true", help="the noise waits a 429's Retry-After"
     )
     parser.add_argument("--results", action="store_true", help="append to bench/RESULTS.md")
     parser.add_argument("--logs", type=Path, help="keep the processes' logs in this folder")

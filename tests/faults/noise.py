@@ -8,7 +8,9 @@ route, ~900 KB events to ten ordered targets, batches of 1,000 events with
 distinct ordering keys, and lists of 1 MB events at ``limit=500``. It prints
 one JSON line of counts when done. Every request is bounded in time, and the
 whole run stops by itself. ``kinds`` (default all four: bomb, big, keys, list)
-picks which noises are made, so a benchmark can tell them apart.
+picks which noises are made, so a benchmark can tell them apart. With
+``patient``, its ingest waits the Retry-After of a 429 before the next request,
+as a well-behaved client does (by default it sends again at once).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ async def posts(
     until: float,
     counts: Counter[str],
     name: str,
+    patient: bool = False,
 ) -> None:
     n = 0
     while time.monotonic() < until:
@@ -71,6 +74,9 @@ async def posts(
             ) as r:
                 await r.read()
                 counts[f"{name}-{r.status}"] += 1
+                if patient and r.status == 429:  # as a well-behaved client: wait as told
+                    wait = float(r.headers.get("Retry-After", "1"))
+                    await asyncio.sleep(min(wait, max(0.0, until - time.monotonic())))
         except (aiohttp.ClientError, TimeoutError):
             counts[f"{name}-error"] += 1
             await asyncio.sleep(0.05)
@@ -123,15 +129,18 @@ async def main(config: dict[str, Any]) -> None:
         ).encode()
 
     kinds = set(config.get("kinds", KINDS))
+    patient = bool(config.get("patient", False))
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         tasks = []
         if "bomb" in kinds:
             tasks += [bombs(config["host"], config["port"], bomb, until, counts) for _ in range(4)]
         if "big" in kinds:
-            tasks += [posts(http, ingest, big, until, counts, "big") for _ in range(3)]
+            tasks += [posts(http, ingest, big, until, counts, "big", patient) for _ in range(3)]
         if "keys" in kinds:
-            tasks += [posts(http, ingest, many_keys, until, counts, "keys") for _ in range(2)]
+            tasks += [
+                posts(http, ingest, many_keys, until, counts, "keys", patient) for _ in range(2)
+            ]
         if "list" in kinds:
             listed = f"{config['base']}/v1/events?limit=500"
             tasks += [lists(http, listed, config["key"], until, counts) for _ in range(2)]
