@@ -1,7 +1,7 @@
 """A quiet tenant beside a noisy one (issue 21): its latencies with and without the noise.
 
     python bench/noisy_neighbour.py [--events 120] [--seconds 20] [--kinds bomb,big,keys,list]
-                                    [--budget 500000,1000 | --budget none] [--patient]
+                                    [--budget 500000,1000,20 | --budget none] [--patient]
                                     [--results]
 
 Prints figures; asserts nothing. Needs Postgres (DATABASE_URL, default
@@ -24,8 +24,8 @@ time.time() at each first receipt), as two tenants' endpoints are two machines.
    picks some); 3 s after it started, the quiet tenant does the same as in 1.
 
 The noisy tenant has the budget an operator gives a tenant that hogs the relay
-(``PATCH /v1/tenants/{id}`` ``limits``): by default 500,000 ingest bytes and 1,000
-deliveries created per second; ``--budget none`` leaves it unbounded, as every
+(``PATCH /v1/tenants/{id}`` ``limits``): by default 500,000 ingest bytes, 1,000
+deliveries created and 20 API requests per second; ``--budget none`` leaves it unbounded, as every
 tenant was before budgets. The noise sends again at once after a 429, as an
 abusive client would; with ``--patient`` it waits the Retry-After, as a
 well-behaved one does, and so uses its whole budget.
@@ -195,7 +195,8 @@ async def run(args: argparse.Namespace, logdir: Path) -> tuple[Quiet, Quiet, dic
         noisy_tenant = await stack.api("/v1/tenants", engine.TOKEN, {"name": "Noisy"})
         noisy_key = noisy_tenant["api_key"]
         if args.budget is not None:
-            limits = dict(zip(("ingest_bytes_per_s", "deliveries_per_s"), args.budget, strict=True))
+            names = ("ingest_bytes_per_s", "deliveries_per_s", "api_requests_per_s")
+            limits = dict(zip(names, args.budget, strict=True))
             path = f"/v1/tenants/{noisy_tenant['id']}"
             await stack.api(path, engine.TOKEN, {"limits": limits}, method="PATCH")
         source = await stack.api("/v1/sources", noisy_key, {"name": "n", "auth": {"type": "token"}})
@@ -268,8 +269,8 @@ def main() -> None:
     parser.add_argument("--kinds", default=",".join(KINDS), help="noises to make (comma list)")
     parser.add_argument(
         "--budget",
-        default="500000,1000",
-        help="the noisy tenant's ingest bytes/s,deliveries/s, or none",
+        default="500000,1000,20",
+        help="the noisy tenant's ingest bytes/s,deliveries/s,API requests/s, or none",
     )
     parser.add_argument(
         "--patient", action="store_true", help="the noise waits a 429's Retry-After"
@@ -284,9 +285,9 @@ def main() -> None:
         try:
             args.budget = [int(v) for v in args.budget.split(",")]
         except ValueError:
-            parser.error("--budget is BYTES_PER_S,DELIVERIES_PER_S or none")
-        if len(args.budget) != 2 or min(args.budget) < 1:
-            parser.error("--budget is BYTES_PER_S,DELIVERIES_PER_S or none")
+            parser.error("--budget is BYTES_PER_S,DELIVERIES_PER_S,API_REQUESTS_PER_S or none")
+        if len(args.budget) != 3 or min(args.budget) < 1:
+            parser.error("--budget is BYTES_PER_S,DELIVERIES_PER_S,API_REQUESTS_PER_S or none")
     unknown = set(args.kinds) - set(KINDS)
     if unknown:
         parser.error(f"unknown kinds: {', '.join(sorted(unknown))}")
@@ -297,7 +298,9 @@ def main() -> None:
     load = os.getloadavg()
     before = f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, CPU {cpu_busy():.0%} busy"
     budget = (
-        "none" if args.budget is None else "{:,} bytes/s, {:,} deliveries/s".format(*args.budget)
+        "none"
+        if args.budget is None
+        else "{:,} bytes/s, {:,} deliveries/s, {:,} API requests/s".format(*args.budget)
     )
     print(f"Relay noisy neighbour: {header}; before: {before}; noisy budget: {budget}", flush=True)
     try:

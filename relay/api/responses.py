@@ -30,6 +30,7 @@ class TenantLimits(pydantic.BaseModel):
 
     ingest_bytes_per_s: int | None
     deliveries_per_s: int | None
+    api_requests_per_s: int | None
 
 
 class Tenant(TenantBase):

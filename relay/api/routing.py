@@ -7,6 +7,7 @@ document, so the two cannot drift apart.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ from aiohttp import web
 from relay.core import errors, strict_json
 from relay.core.auth_throttle import MANAGEMENT
 from relay.core.crypto import constant_time_equals, hash_api_key
+from relay.core.metrics import TENANT_BUDGET_REFUSED
 from relay.store import tenants as tenant_store
-from relay.web.app_keys import POOL, SETTINGS, TENANT_ID, THROTTLE
+from relay.web.app_keys import LIMITER, POOL, SETTINGS, TENANT_ID, THROTTLE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Every id the relay makes: a type prefix and a ULID (relay.crypto.new_id).
@@ -95,13 +97,24 @@ def _with_auth(route: Route) -> Handler:
             token = _bearer(request)
             if token is None:
                 raise errors.Unauthorized("a tenant API key is required")
-            tenant_id = await tenant_store.tenant_for_key(request.app[POOL], hash_api_key(token))
-            throttle = request.app[THROTTLE]
-            if tenant_id is None:
+            app = request.app
+            holder = await tenant_store.key_holder(app[POOL], hash_api_key(token))
+            throttle = app[THROTTLE]
+            if holder is None:
                 await throttle.failed("api_key", MANAGEMENT, request.remote)
                 raise errors.Unauthorized("invalid or revoked API key")
             await throttle.admit("api_key", MANAGEMENT, request.remote)
-            request[TENANT_ID] = tenant_id
+            rate = holder.api_requests_per_s or app[SETTINGS].tenant_api_requests_per_s
+            if rate is not None:
+                # the tenant's budget of API requests, one for every process (a second's
+                # worth may go at once): a client listing in a loop cannot take the gateway
+                wait = await app[LIMITER].spend(f"tenant-api:{holder.tenant_id}", rate, rate, 1)
+                if wait > 0:
+                    TENANT_BUDGET_REFUSED.labels("api_requests").inc()
+                    raise errors.RateLimited(
+                        math.ceil(wait), f"over this tenant's budget of {rate} API requests/s"
+                    )
+            request[TENANT_ID] = holder.tenant_id
             return await handler(request)
 
         return tenant

@@ -19,7 +19,9 @@ from relay.web.app_keys import POOL
 
 #: The largest budgets that may be set (the columns' ranges, and beyond any machine).
 MAX_BYTES_PER_S = 1 << 40
-MAX_DELIVERIES_PER_S = (1 << 31) - 1
+MAX_PER_S = (1 << 31) - 1
+#: A budget of things per second: a JSON integer, whether written ``39`` or ``39.0``.
+PerSecond = Annotated[int, pydantic.Field(gt=0, le=MAX_PER_S), pydantic.BeforeValidator(integral)]
 
 
 class TenantCreate(pydantic.BaseModel):
@@ -31,7 +33,8 @@ class TenantCreate(pydantic.BaseModel):
 
 class TenantLimits(pydantic.BaseModel):
     """A tenant's budget on the shared relay; null (or absent at creation): the relay's
-    default (RELAY_TENANT_INGEST_BYTES_PER_S, RELAY_TENANT_DELIVERIES_PER_S)."""
+    default (RELAY_TENANT_INGEST_BYTES_PER_S, RELAY_TENANT_DELIVERIES_PER_S,
+    RELAY_TENANT_API_REQUESTS_PER_S)."""
 
     model_config = pydantic.ConfigDict(extra="forbid", strict=True)
     #: body bytes its sources may send per second, all gateway processes together
@@ -40,12 +43,9 @@ class TenantLimits(pydantic.BaseModel):
         | None
     ) = None
     #: deliveries its ingest may create per second (a second's worth may go at once)
-    deliveries_per_s: (
-        Annotated[
-            int, pydantic.Field(gt=0, le=MAX_DELIVERIES_PER_S), pydantic.BeforeValidator(integral)
-        ]
-        | None
-    ) = None
+    deliveries_per_s: PerSecond | None = None
+    #: requests with its API keys per second (a second's worth may go at once)
+    api_requests_per_s: PerSecond | None = None
 
 
 class TenantPatch(pydantic.BaseModel):
@@ -64,6 +64,7 @@ def render_tenant(row: Tenant) -> dict[str, Any]:
         "limits": {
             "ingest_bytes_per_s": row.ingest_bytes_per_s,
             "deliveries_per_s": row.deliveries_per_s,
+            "api_requests_per_s": row.api_requests_per_s,
         },
     }
 

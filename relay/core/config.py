@@ -85,6 +85,8 @@ class Settings:
     #: ingest, per second, shared by every gateway process. None: no budget.
     tenant_ingest_bytes_per_s: int | None = None
     tenant_deliveries_per_s: int | None = None
+    #: and requests with its API keys per second
+    tenant_api_requests_per_s: int | None = None
     #: Attempts one worker process keeps in flight at once, shared fairly by tenants.
     worker_concurrency: int = 256
     #: A target's circuit breaker opens after this many timeouts, connection
@@ -189,6 +191,7 @@ class Settings:
         for name, key in (
             ("RELAY_TENANT_INGEST_BYTES_PER_S", "tenant_ingest_bytes_per_s"),
             ("RELAY_TENANT_DELIVERIES_PER_S", "tenant_deliveries_per_s"),
+            ("RELAY_TENANT_API_REQUESTS_PER_S", "tenant_api_requests_per_s"),
         ):
             if (v := get(name)) is not None and v != "0":
                 values[key] = int(_positive(v, name, integer=True))

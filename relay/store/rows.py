@@ -53,6 +53,7 @@ class Tenant(Row):
     #: its budget (None: the relay's default, relay/core/config.py)
     ingest_bytes_per_s: int | None = None
     deliveries_per_s: int | None = None
+    api_requests_per_s: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from relay.store.db import Conn, Queries
 from relay.store.rows import ApiKey, Tenant
@@ -33,7 +33,7 @@ async def get_tenant(conn: Queries, tenant_id: str) -> Tenant | None:
 
 
 #: What PATCH /v1/tenants/{id} may change.
-_UPDATABLE = frozenset({"name", "ingest_bytes_per_s", "deliveries_per_s"})
+_UPDATABLE = frozenset({"name", "ingest_bytes_per_s", "deliveries_per_s", "api_requests_per_s"})
 
 
 async def update_tenant(conn: Queries, tenant_id: str, changes: dict[str, Any]) -> Tenant | None:
@@ -116,12 +116,30 @@ async def revoke_api_key(conn: Queries, tenant_id: str, key_id: str) -> bool:
     return row is not None
 
 
-async def tenant_for_key(conn: Queries, key_hash: bytes) -> str | None:
+class KeyHolder(NamedTuple):
+    """The tenant an API key authenticates, with its own budget of API requests."""
+
+    tenant_id: str
+    api_requests_per_s: int | None
+
+
+async def key_holder(conn: Queries, key_hash: bytes) -> KeyHolder | None:
     """The tenant owning a live key with this hash, or None."""
-    tenant_id: str | None = await conn.fetchval(
-        "SELECT tenant_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", key_hash
+    row = await conn.fetchrow(
+        """
+        SELECT k.tenant_id, t.api_requests_per_s
+        FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+        WHERE k.key_hash = $1 AND k.revoked_at IS NULL
+        """,
+        key_hash,
     )
-    return tenant_id
+    return None if row is None else KeyHolder(row["tenant_id"], row["api_requests_per_s"])
+
+
+async def tenant_for_key(conn: Queries, key_hash: bytes) -> str | None:
+    """The id of the tenant owning a live key with this hash, or None."""
+    holder = await key_holder(conn, key_hash)
+    return None if holder is None else holder.tenant_id
 
 
 async def lock_and_count_live(

@@ -9,7 +9,7 @@ distinct ordering keys, and lists of 1 MB events at ``limit=500``. It prints
 one JSON line of counts when done. Every request is bounded in time, and the
 whole run stops by itself. ``kinds`` (default all four: bomb, big, keys, list)
 picks which noises are made, so a benchmark can tell them apart. With
-``patient``, its ingest waits the Retry-After of a 429 before the next request,
+``patient``, it waits the Retry-After of a 429 before the next request,
 as a well-behaved client does (by default it sends again at once).
 """
 
@@ -56,6 +56,12 @@ async def bombs(host: str, port: int, body: bytes, until: float, counts: Counter
             await asyncio.sleep(0.05)
 
 
+async def _retry_after(answer: aiohttp.ClientResponse, until: float) -> None:
+    """Wait as a 429 says, as a well-behaved client does (not past ``until``)."""
+    wait = float(answer.headers.get("Retry-After", "1"))
+    await asyncio.sleep(min(wait, max(0.0, until - time.monotonic())))
+
+
 async def posts(
     http: aiohttp.ClientSession,
     url: str,
@@ -74,22 +80,28 @@ async def posts(
             ) as r:
                 await r.read()
                 counts[f"{name}-{r.status}"] += 1
-                if patient and r.status == 429:  # as a well-behaved client: wait as told
-                    wait = float(r.headers.get("Retry-After", "1"))
-                    await asyncio.sleep(min(wait, max(0.0, until - time.monotonic())))
+                if patient and r.status == 429:
+                    await _retry_after(r, until)
         except (aiohttp.ClientError, TimeoutError):
             counts[f"{name}-error"] += 1
             await asyncio.sleep(0.05)
 
 
 async def lists(
-    http: aiohttp.ClientSession, url: str, key: str, until: float, counts: Counter[str]
+    http: aiohttp.ClientSession,
+    url: str,
+    key: str,
+    until: float,
+    counts: Counter[str],
+    patient: bool = False,
 ) -> None:
     while time.monotonic() < until:
         try:
             async with http.get(url, headers={"Authorization": f"Bearer {key}"}) as r:
                 await r.read()
                 counts[f"list-{r.status}"] += 1
+                if patient and r.status == 429:
+                    await _retry_after(r, until)
         except (aiohttp.ClientError, TimeoutError):
             counts["list-error"] += 1
             await asyncio.sleep(0.05)
@@ -143,7 +155,7 @@ async def main(config: dict[str, Any]) -> None:
             ]
         if "list" in kinds:
             listed = f"{config['base']}/v1/events?limit=500"
-            tasks += [lists(http, listed, config["key"], until, counts) for _ in range(2)]
+            tasks += [lists(http, listed, config["key"], until, counts, patient) for _ in range(2)]
         await asyncio.gather(*tasks)
     print(json.dumps(counts), flush=True)
 

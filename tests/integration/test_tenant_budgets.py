@@ -1,7 +1,9 @@
-"""A tenant's budget on the shared relay (issue 21): ingest bytes and deliveries per second.
+"""A tenant's budget on the shared relay (issue 21): ingest bytes, deliveries created and
+API requests per second.
 
 The operator sets it with ``PATCH /v1/tenants/{id}`` (``limits``), or for every tenant
-without one with RELAY_TENANT_INGEST_BYTES_PER_S / RELAY_TENANT_DELIVERIES_PER_S. Before,
+without one with RELAY_TENANT_INGEST_BYTES_PER_S, RELAY_TENANT_DELIVERIES_PER_S and
+RELAY_TENANT_API_REQUESTS_PER_S. Before,
 a tenant could take as much of the gateway, Postgres and the workers as it could send:
 under tests/faults/noise.py's noise, a quiet tenant's ingest p99 was 387 ms
 (bench/noisy_neighbour.py). The budget is one for all gateway processes: the tests
@@ -40,33 +42,21 @@ async def test_the_operator_sets_shows_and_clears_a_budget(client: Any, tenant: 
     url = f"/v1/tenants/{tenant.id}"
     # Given a new tenant: no budget of its own
     got = await (await client.get(url, headers=OPERATOR)).json()
-    assert got["limits"] == {"ingest_bytes_per_s": None, "deliveries_per_s": None}
-    # When the operator sets both (a JSON integer may be written 2000.0)
-    resp = await client.patch(
-        url,
-        json={"limits": {"ingest_bytes_per_s": 500_000, "deliveries_per_s": 2000.0}},
-        headers=OPERATOR,
-    )
+    none = {"ingest_bytes_per_s": None, "deliveries_per_s": None, "api_requests_per_s": None}
+    assert got["limits"] == none
+    # When the operator sets all three (a JSON integer may be written 2000.0)
+    limits = {"ingest_bytes_per_s": 500_000, "deliveries_per_s": 2000.0, "api_requests_per_s": 20}
+    resp = await client.patch(url, json={"limits": limits}, headers=OPERATOR)
     assert resp.status == 200, await resp.text()
-    assert (await resp.json())["limits"] == {
-        "ingest_bytes_per_s": 500_000,
-        "deliveries_per_s": 2000,
-    }
+    set_ = {"ingest_bytes_per_s": 500_000, "deliveries_per_s": 2000, "api_requests_per_s": 20}
+    assert (await resp.json())["limits"] == set_
     # Then reading the tenant shows them, and a list too
-    assert (await (await client.get(url, headers=OPERATOR)).json())["limits"] == {
-        "ingest_bytes_per_s": 500_000,
-        "deliveries_per_s": 2000,
-    }
+    assert (await (await client.get(url, headers=OPERATOR)).json())["limits"] == set_
     listed = await (await client.get("/v1/tenants", headers=OPERATOR)).json()
-    assert [t["limits"] for t in listed["data"] if t["id"] == tenant.id] == [
-        {"ingest_bytes_per_s": 500_000, "deliveries_per_s": 2000}
-    ]
+    assert [t["limits"] for t in listed["data"] if t["id"] == tenant.id] == [set_]
     # And a field left out is left as it is; null clears one (back to the default)
     resp = await client.patch(url, json={"limits": {"deliveries_per_s": None}}, headers=OPERATOR)
-    assert (await resp.json())["limits"] == {
-        "ingest_bytes_per_s": 500_000,
-        "deliveries_per_s": None,
-    }
+    assert (await resp.json())["limits"] == {**set_, "deliveries_per_s": None}
     # And a rename leaves the budget alone
     resp = await client.patch(url, json={"name": "Acme Ltd"}, headers=OPERATOR)
     body = await resp.json()
@@ -83,6 +73,7 @@ async def test_the_operator_sets_shows_and_clears_a_budget(client: Any, tenant: 
         ({"limits": {"deliveries_per_s": True}}, "deliveries_per_s"),
         ({"limits": {"deliveries_per_s": 1 << 31}}, "deliveries_per_s"),
         ({"limits": {"ingest_bytes_per_s": (1 << 40) + 1}}, "ingest_bytes_per_s"),
+        ({"limits": {"api_requests_per_s": 0}}, "api_requests_per_s"),
         ({"limits": {"events_per_s": 5}}, "events_per_s"),
         ({"limits": None}, "limits"),
         ({"limits": []}, "limits"),
@@ -120,10 +111,15 @@ async def test_a_budget_is_the_operators_alone(client: Any, tenant: Tenant) -> N
 def test_the_default_budget_comes_from_the_environment() -> None:
     assert Settings.from_env({}).tenant_deliveries_per_s is None  # none unless set
     settings = Settings.from_env(
-        {"RELAY_TENANT_INGEST_BYTES_PER_S": "2000000", "RELAY_TENANT_DELIVERIES_PER_S": "0"}
+        {
+            "RELAY_TENANT_INGEST_BYTES_PER_S": "2000000",
+            "RELAY_TENANT_DELIVERIES_PER_S": "0",
+            "RELAY_TENANT_API_REQUESTS_PER_S": "50",
+        }
     )
     assert settings.tenant_ingest_bytes_per_s == 2_000_000
     assert settings.tenant_deliveries_per_s is None  # 0: none
+    assert settings.tenant_api_requests_per_s == 50
     for bad in ("-1", "1.5", "lots"):
         with pytest.raises(ConfigError, match="RELAY_TENANT_DELIVERIES_PER_S"):
             Settings.from_env({"RELAY_TENANT_DELIVERIES_PER_S": bad})
@@ -311,3 +307,39 @@ async def test_a_stranger_cannot_spend_a_signed_sources_budget(two: Replicas) ->
     status, answer, _ = await two.ingest(0, source, body, **signed(body))
     assert status == 429 and "ingest bytes/s" in answer["error"]["message"]
     assert await two.events() == 100
+
+
+@pytest.mark.slow
+async def test_an_api_budget_is_one_for_both_replicas_and_the_tenants_alone(
+    two: Replicas,
+) -> None:
+    # Given a budget of 1 API request per second, and a source for ingest
+    source = await two.source({"type": "token"})
+    token = {"Authorization": f"Bearer {source['secret']}"}
+    await two.limits(0, api_requests_per_s=1)
+    other = await two.call(0, "POST", "/v1/tenants", {"name": "Other"}, **ADMIN)
+    # When the tenant lists its events ten times, alternately through each replica
+    started = time.monotonic()
+    answers = []
+    for n in range(10):
+        async with two.http.get(
+            f"{two.urls[n % 2]}/v1/events", headers={"Authorization": f"Bearer {two.key}"}
+        ) as resp:
+            answers.append((resp.status, await resp.json(), resp.headers.get("Retry-After")))
+    elapsed = time.monotonic() - started
+    # Then the two replicas together answered one a second, and 429 the rest
+    ok = [a for a in answers if a[0] == 200]
+    assert 1 <= len(ok) <= 1 + int(elapsed), (elapsed, [a[0] for a in answers])
+    for status, body, retry_after in answers:
+        if status != 200:
+            assert status == 429 and body["error"]["code"] == "rate_limited"
+            assert "budget of 1 API requests/s" in body["error"]["message"]
+            assert retry_after is not None and int(retry_after) >= 1
+    # And its ingest is not counted in it, nor is another tenant held by it
+    assert (await two.ingest(1, source, batch(1), **token))[0] == 202
+    for n in range(3):
+        async with two.http.get(
+            f"{two.urls[n % 2]}/v1/events",
+            headers={"Authorization": f"Bearer {other['api_key']}"},
+        ) as resp:
+            assert resp.status == 200

@@ -23,7 +23,11 @@ async def test_create_tenant_returns_key_once(client: Any) -> None:
         "id": body["id"],
         "name": "Acme Books",
         "created_at": body["created_at"],
-        "limits": {"ingest_bytes_per_s": None, "deliveries_per_s": None},
+        "limits": {
+            "ingest_bytes_per_s": None,
+            "deliveries_per_s": None,
+            "api_requests_per_s": None,
+        },
     }
     keys = await (await client.get(f"/v1/tenants/{body['id']}/api-keys", headers=OPERATOR)).json()
     assert keys == {
