@@ -166,6 +166,8 @@ class WorkerProcess:
     log_path: Path
     processes: int = 1
     threads: int = 8
+    #: a command the worker's runs under (tests/faults/slow_dns.py: its own resolv.conf)
+    prefix: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def start(self) -> WorkerProcess:
@@ -176,6 +178,7 @@ class WorkerProcess:
     def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [
+                *self.prefix,
                 sys.executable,
                 "-m",
                 "relay.cli",

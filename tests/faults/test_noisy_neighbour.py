@@ -17,9 +17,14 @@ bench/noisy_neighbour.py (the same scenario, each tenant's targets on a receiver
 process of its own, beside a no-noise baseline); on a 2-core machine that also
 runs Postgres, the worker and the noise they are above the 100 ms p99 the
 issue asks for without a budget (302.2 ms ingest p99, 547.9 ms delivery), and
-under it with one (50.5 ms, 73.5 ms). Slow DNS is the one noise not made here:
-the worker resolves through its own bounded pool, tested with a stubbed
-resolver in tests/integration/test_egress_dns.py.
+under it with one (50.5 ms, 73.5 ms).
+
+Slow DNS too, where the test runs as root (CI does): the worker runs in a mount
+namespace whose resolv.conf names a name server on 127.0.0.53
+(tests/faults/slow_dns.py); three more of the noisy tenant's targets are names in a
+zone it answers after 6 s, the quiet tenant's target a name in a zone it answers
+at once. Elsewhere the scenario runs without it and says so; the worker's bounded
+lookups are also tested with a stubbed resolver in tests/integration/test_egress_dns.py.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, stack_env
+from tests.faults.slow_dns import FAST_ZONE, SLOW_ZONE, SlowDns, slow_dns
 from tests.services import GatewayProcess
 from tests.stack import Receiver, WorkerProcess, eventually
 
@@ -73,15 +79,28 @@ def p99(values: list[float]) -> float:
 async def test_a_noisy_tenant_does_not_starve_a_quiet_one(
     database_url: str, clean_redis: str, tmp_path: Path
 ) -> None:
+    with slow_dns(tmp_path) as dns:
+        await _scenario(database_url, clean_redis, tmp_path, dns)
+
+
+async def _scenario(
+    database_url: str, clean_redis: str, tmp_path: Path, dns: SlowDns | None
+) -> None:
     receiver = await Receiver().start()
+    assert receiver.server is not None
+    port = receiver.server.port
     env = stack_env(
         database_url,
         clean_redis,
         RELAY_ALLOW_PRIVATE_TARGETS="1",
         RELAY_LOG_LEVEL="WARNING",
+        # (a batch of 1,000 keys to the 13 targets the noisy tenant has with slow DNS
+        # stays within the quota, and meets its budget instead)
+        RELAY_MAX_DELIVERIES_PER_REQUEST="13000",
     )
     gateway = GatewayProcess(env, tmp_path / "gateway.log", processes=1).start()
-    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    # the worker resolves names through the slow name server where there is one
+    worker = WorkerProcess(env, tmp_path / "worker.log", prefix=dns.prefix if dns else []).start()
     base = gateway.url
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     noise: subprocess.Popen[bytes] | None = None
@@ -108,7 +127,8 @@ async def test_a_noisy_tenant_does_not_starve_a_quiet_one(
             quiet_source = await call(
                 "POST", "/v1/sources", quiet, {"name": "q", "auth": {"type": "token"}}
             )
-            await call("POST", "/v1/targets", quiet, {"url": receiver.url("/quiet")})
+            quiet_url = f"http://quiet.{FAST_ZONE}:{port}/quiet" if dns else receiver.url("/quiet")
+            await call("POST", "/v1/targets", quiet, {"url": quiet_url})
             noisy_source = await call(
                 "POST", "/v1/sources", noisy, {"name": "n", "auth": {"type": "token"}}
             )
@@ -124,6 +144,10 @@ async def test_a_noisy_tenant_does_not_starve_a_quiet_one(
                         "max_in_flight": 50,
                     },
                 )
+            if dns is not None:  # and three more in a zone whose server is slow
+                for i in range(3):
+                    url = f"http://n{i}.{SLOW_ZONE}:{port}/slow/{i}"
+                    await call("POST", "/v1/targets", noisy, {"url": url})
             # When the noisy tenant's process makes all its noise for NOISE_S seconds
             config = {
                 "base": base,
@@ -196,6 +220,11 @@ async def test_a_noisy_tenant_does_not_starve_a_quiet_one(
         "gateway max RSS MiB": max(rss),
         "noise": noise_counts,
         "noisy deliveries received": sum(len(receiver.at(f"/noisy/{i}")) for i in range(10)),
+        "slow DNS": (
+            {"slow zone queries": dns.zones.slow_queries, "fast": dns.zones.fast_queries}
+            if dns
+            else "not made: needs root for a mount namespace and port 53"
+        ),
     }
     print(json.dumps(figures, indent=1))
     # the noise really was made (the stack was loaded), and nothing of it was a 500;
@@ -204,6 +233,8 @@ async def test_a_noisy_tenant_does_not_starve_a_quiet_one(
     assert noise_counts.get("bomb", 0) > 0 and noise_counts.get("list-200", 0) > 0
     assert noise_counts.get("big-429", 0) > 0 and noise_counts.get("keys-429", 0) > 0
     assert noise_counts.get("list-429", 0) > 0
+    if dns is not None:  # the slow zone was asked, and the quiet target's name resolved
+        assert dns.zones.slow_queries > 0 and dns.zones.fast_queries > 0, figures
     # (unbounded, 24-28 of its 900 KB events went in: 22-25 MB in 20 s)
     let_in = noise_counts.get("big-202", 0) * 900_000
     assert let_in <= limits["ingest_bytes_per_s"] * (NOISE_S + 3) + 1_048_576, noise_counts
