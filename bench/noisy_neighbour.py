@@ -2,7 +2,7 @@
 
     python bench/noisy_neighbour.py [--events 120] [--seconds 20] [--kinds bomb,big,keys,list]
                                     [--budget 500000,1000,20 | --budget none] [--patient]
-                                    [--results]
+                                    [--dns] [--results]
 
 Prints figures; asserts nothing. Needs Postgres (DATABASE_URL, default
 postgresql://root@127.0.0.1:5432/test: a database of its own, dropped at the end)
@@ -28,7 +28,10 @@ The noisy tenant has the budget an operator gives a tenant that hogs the relay
 deliveries created and 20 API requests per second; ``--budget none`` leaves it unbounded, as every
 tenant was before budgets. The noise sends again at once after a 429, as an
 abusive client would; with ``--patient`` it waits the Retry-After, as a
-well-behaved one does, and so uses its whole budget.
+well-behaved one does, and so uses its whole budget. With ``--dns`` (root only),
+slow DNS too: tests/faults/slow_dns.py's name server, the worker in a mount
+namespace resolving through it, three more noisy targets in its slow zone, and
+the quiet target a name in its fast one.
 
 Figures, for both phases: the quiet tenant's ingest latency (POST to 202, in
 this process) and delivery latency (just before the POST to the receiver's
@@ -62,8 +65,11 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 import engine
 from engine import JSON, PROCS, Stack, cpu_busy, event, free_port, pct, stop, wait_port
+
+from tests.faults.slow_dns import FAST_ZONE, SLOW_ZONE, SlowDns, slow_dns
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -170,8 +176,12 @@ async def quiet_phase(
     return out
 
 
-async def run(args: argparse.Namespace, logdir: Path) -> tuple[Quiet, Quiet, dict[str, int]]:
+async def run(
+    args: argparse.Namespace, logdir: Path, dns: SlowDns | None
+) -> tuple[Quiet, Quiet, dict[str, int]]:
     async with Stack("noisy", logdir) as stack:
+        if dns is not None:  # 1,000 keys to 13 targets stay within the quota
+            stack.env["RELAY_MAX_DELIVERIES_PER_REQUEST"] = "13000"
         quiet_port = free_port()
         await stack.start(
             [sys.executable, str(HERE / "engine.py"), "receiver", str(quiet_port), str(free_port())]
@@ -181,7 +191,12 @@ async def run(args: argparse.Namespace, logdir: Path) -> tuple[Quiet, Quiet, dic
             engine.relay("serve", "--port", str(stack.gw_port), "--processes", "1")
         )
         await wait_port(stack.gw_port)
-        worker = await stack.start(engine.relay("worker", "--processes", "1", "--threads", "8"))
+        worker = await stack.start(
+            [
+                *(dns.prefix if dns else []),
+                *engine.relay("worker", "--processes", "1", "--threads", "8"),
+            ]
+        )
         load_groups = {os.getpgrp(), *(p.pid for p in stack.procs if p not in (gateway, worker))}
         groups: Groups = [
             ("gateway", lambda pgid, _: pgid == gateway.pid),
@@ -191,7 +206,8 @@ async def run(args: argparse.Namespace, logdir: Path) -> tuple[Quiet, Quiet, dic
             ("load", lambda pgid, cmd: pgid in load_groups and "py-spy" not in cmd),
         ]
 
-        quiet_url = await stack.tenant("Quiet", [(f"http://127.0.0.1:{quiet_port}/quiet", [])])
+        quiet_host = f"quiet.{FAST_ZONE}" if dns else "127.0.0.1"
+        quiet_url = await stack.tenant("Quiet", [(f"http://{quiet_host}:{quiet_port}/quiet", [])])
         noisy_tenant = await stack.api("/v1/tenants", engine.TOKEN, {"name": "Noisy"})
         noisy_key = noisy_tenant["api_key"]
         if args.budget is not None:
@@ -208,6 +224,9 @@ async def run(args: argparse.Namespace, logdir: Path) -> tuple[Quiet, Quiet, dic
                 "max_in_flight": 50,
             }
             await stack.api("/v1/targets", noisy_key, target)
+        for i in range(3 if dns else 0):  # names in the zone whose server is slow
+            slow = {"url": f"http://n{i}.{SLOW_ZONE}:{stack.port}/slow/{i}"}
+            await stack.api("/v1/targets", noisy_key, slow)
         await quiet_phase(quiet_url, 10, quiet_port, gateway.pid, groups)  # the worker is up, warm
         baseline = await quiet_phase(quiet_url, args.events, quiet_port, gateway.pid, groups)
 
@@ -275,6 +294,9 @@ def main() -> None:
     parser.add_argument(
         "--patient", action="store_true", help="the noise waits a 429's Retry-After"
     )
+    parser.add_argument(
+        "--dns", action="store_true", help="slow DNS too (root: tests/faults/slow_dns.py)"
+    )
     parser.add_argument("--results", action="store_true", help="append to bench/RESULTS.md")
     parser.add_argument("--logs", type=Path, help="keep the processes' logs in this folder")
     args = parser.parse_args()
@@ -307,7 +329,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-noisy-") as scratch:
             logdir = args.logs or Path(scratch)
             logdir.mkdir(parents=True, exist_ok=True)
-            baseline, noisy, counts = asyncio.run(run(args, logdir))
+            with slow_dns(logdir) if args.dns else contextlib.nullcontext() as dns:
+                if args.dns and dns is None:
+                    sys.exit("--dns needs root (a mount namespace, and port 53 on 127.0.0.53)")
+                baseline, noisy, counts = asyncio.run(run(args, logdir, dns))
+                if dns is not None:
+                    counts["dns-slow-queries"] = dns.zones.slow_queries
+                    counts["dns-fast-queries"] = dns.zones.fast_queries
     except KeyboardInterrupt:
         sys.exit("interrupted: every process stopped, the database dropped")
     finally:
