@@ -24,7 +24,7 @@ namespace whose resolv.conf names a name server on 127.0.0.53
 (tests/faults/slow_dns.py); three more of the noisy tenant's targets are names in a
 zone it answers after 6 s, the quiet tenant's target a name in a zone it answers
 at once. Elsewhere the scenario runs without it and says so; the worker's bounded
-lookups are also tested with a stubbed resolver in tests/integration/test_egress_dns.py.
+lookups are also tested with a stubbed resolver in tests/integration/test_delivery_dns.py.
 """
 
 from __future__ import annotations
