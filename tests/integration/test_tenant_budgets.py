@@ -174,6 +174,11 @@ class Replicas:
             await self.call(0, "POST", "/v1/sources", body, Authorization=f"Bearer {self.key}")
         )
 
+    async def token_source(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """A token source, and the headers that authenticate ingest with it."""
+        source = await self.source({"type": "token"})
+        return source, {"Authorization": f"Bearer {source['secret']}"}
+
     async def limits(self, n: int, **limits: int | None) -> None:
         await self.call(n, "PATCH", f"/v1/tenants/{self.tenant_id}", {"limits": limits}, **ADMIN)
 
@@ -208,8 +213,7 @@ def batch(count: int, pad: int = 0) -> bytes:
 @pytest.mark.slow
 async def test_a_deliveries_budget_is_one_for_both_replicas(two: Replicas) -> None:
     # Given a budget of 1 delivery per second, set through replica 0
-    source = await two.source({"type": "token"})
-    token = {"Authorization": f"Bearer {source['secret']}"}
+    source, token = await two.token_source()
     await two.limits(0, deliveries_per_s=1)
     # When ten one-event requests go as fast as they can, alternately through each replica
     started = time.monotonic()
@@ -240,8 +244,7 @@ async def test_a_deliveries_budget_is_one_for_both_replicas(two: Replicas) -> No
 async def test_a_budget_changed_through_one_replica_holds_at_once_on_the_other(
     two: Replicas,
 ) -> None:
-    source = await two.source({"type": "token"})
-    token = {"Authorization": f"Bearer {source['secret']}"}
+    source, token = await two.token_source()
     # Given replica 1 has the source cached (for 300 s) with no budget
     assert (await two.ingest(1, source, batch(1), **token))[0] == 202
     # When a budget of 1 delivery/s is set through replica 0
@@ -259,11 +262,10 @@ async def test_a_budget_changed_through_one_replica_holds_at_once_on_the_other(
 async def test_a_bytes_budget_refuses_before_the_body_is_read(two: Replicas) -> None:
     # Given a budget of 1,000 bytes/s (its burst: the largest body, 64 KiB), spent by
     # a 60 KB request through replica 0
-    source = await two.source({"type": "token"})
+    source, token = await two.token_source()
     await two.limits(0, ingest_bytes_per_s=1000)
     body = batch(100, pad=500)
     assert 60_000 < len(body) < MAX_BODY
-    token = {"Authorization": f"Bearer {source['secret']}"}
     assert (await two.ingest(0, source, body, **token))[0] == 202
     # When another 60 KB request to replica 1 sends its head and only a tenth of its body
     host, port = two.urls[1].removeprefix("http://").split(":")
@@ -314,8 +316,7 @@ async def test_an_api_budget_is_one_for_both_replicas_and_the_tenants_alone(
     two: Replicas,
 ) -> None:
     # Given a budget of 1 API request per second, and a source for ingest
-    source = await two.source({"type": "token"})
-    token = {"Authorization": f"Bearer {source['secret']}"}
+    source, token = await two.token_source()
     await two.limits(0, api_requests_per_s=1)
     other = await two.call(0, "POST", "/v1/tenants", {"name": "Other"}, **ADMIN)
     # When the tenant lists its events ten times, alternately through each replica
