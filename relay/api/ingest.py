@@ -213,6 +213,9 @@ async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response
     )
     if declared is None or source.auth_type not in PRE_BODY_TYPES:
         source = await _within_budget(app, source, lambda s: _spend_bytes(app, s, len(raw)))
+    elif len(raw) > declared:  # a compressed body pays for what it inflated to
+        extra = len(raw) - declared
+        source = await _within_budget(app, source, lambda s: _spend_bytes(app, s, extra))
     remembered = None
     if source.auth_type == "standard-webhooks":
         remembered = await replay_guard.first_sighting(

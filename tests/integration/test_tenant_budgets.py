@@ -14,6 +14,7 @@ alternately through each.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import hmac
 import json
@@ -344,3 +345,21 @@ async def test_an_api_budget_is_one_for_both_replicas_and_the_tenants_alone(
             headers={"Authorization": f"Bearer {other['api_key']}"},
         ) as resp:
             assert resp.status == 200
+
+
+@pytest.mark.slow
+async def test_a_compressed_body_pays_for_what_it_inflates_to(two: Replicas) -> None:
+    # Given a budget of 1,000 bytes/s (bursts of 64 KiB), and a 60 KB batch gzipped to ~1 KB
+    source, token = await two.token_source()
+    await two.limits(0, ingest_bytes_per_s=1000)
+    body = batch(100, pad=500)
+    packed = gzip.compress(body)
+    assert len(packed) < 5_000 < 60_000 < len(body)
+    headers = {**token, "Content-Encoding": "gzip"}
+    # When it is sent once, then again through the other replica
+    first = await two.ingest(0, source, packed, **headers)
+    second = await two.ingest(1, source, packed, **headers)
+    # Then the first spent 60 KB of the budget, not 1 KB, and the second does not fit
+    assert first[0] == 202, first
+    assert second[0] == 429 and "ingest bytes/s" in second[1]["error"]["message"], second
+    assert await two.events() == 100
