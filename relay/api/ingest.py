@@ -42,6 +42,7 @@ from relay.core.metrics import (
     INGEST_REROUTED,
     TENANT_BUDGET_REFUSED,
 )
+from relay.core.ratelimit import budget_of
 from relay.ingest import replay_guard
 from relay.ingest.auth import (
     PRE_BODY_TYPES,
@@ -83,12 +84,12 @@ async def load_source(app: web.Application, source_id: str) -> SourceEntry | Non
     row = await source_store.get_source_for_ingest(app[POOL], source_id)
     if row is None:
         return None
-    box = app[SECRETS]
+    box, settings = app[SECRETS], app[SETTINGS]
     previous = None
     valid_until = None
     if row.previous_secret_enc is not None and row.secret_rotated_at is not None:
         previous = box.open(row.previous_secret_enc, bound_to=row.id)
-        valid_until = row.secret_rotated_at.timestamp() + app[SETTINGS].secret_overlap_s
+        valid_until = row.secret_rotated_at.timestamp() + settings.secret_overlap_s
     return SourceEntry(
         id=row.id,
         tenant_id=row.tenant_id,
@@ -99,8 +100,8 @@ async def load_source(app: web.Application, source_id: str) -> SourceEntry | Non
         previous_valid_until=valid_until,
         rate_limit=row.rate_limit,
         config_version=row.config_version,
-        ingest_bytes_per_s=row.ingest_bytes_per_s or app[SETTINGS].tenant_ingest_bytes_per_s,
-        deliveries_per_s=row.deliveries_per_s or app[SETTINGS].tenant_deliveries_per_s,
+        ingest_bytes_per_s=budget_of(row.ingest_bytes_per_s, settings.tenant_ingest_bytes_per_s),
+        deliveries_per_s=budget_of(row.deliveries_per_s, settings.tenant_deliveries_per_s),
     )
 
 
@@ -196,13 +197,13 @@ async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise errors.PayloadTooLarge(f"the body is larger than {settings.max_body_bytes} bytes")
     declared = request.content_length
-    if declared is not None:
-        # over budget: refused before the body is read; a source that signs its body has
-        # not proven itself yet, so its bytes are only asked for here and spent below
-        if source.auth_type in PRE_BODY_TYPES:
-            source = await _within_budget(app, source, lambda s: _spend_bytes(app, s, declared))
-        else:  # from a stranger perhaps: no read afresh on its account
-            await _spend_bytes(app, source, declared, only_ask=True)
+    paid_before = 0
+    if declared is not None and source.auth_type in PRE_BODY_TYPES:
+        paid_before = declared
+        # over the tenant's budget: refused before the body is read. A source that signs
+        # its body pays below, once the signature proved it: a stranger spends nothing,
+        # and learns nothing of the budget
+        source = await _within_budget(app, source, lambda s: _spend_bytes(app, s, declared))
     raw = await request.read()  # aiohttp stops at client_max_size while reading: 413
     source = await _authenticated(
         request,
@@ -211,11 +212,6 @@ async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response
         pre_body=False,
         refusal="invalid or missing signature",
     )
-    if declared is None or source.auth_type not in PRE_BODY_TYPES:
-        source = await _within_budget(app, source, lambda s: _spend_bytes(app, s, len(raw)))
-    elif len(raw) > declared:  # a compressed body pays for what it inflated to
-        extra = len(raw) - declared
-        source = await _within_budget(app, source, lambda s: _spend_bytes(app, s, extra))
     remembered = None
     if source.auth_type == "standard-webhooks":
         remembered = await replay_guard.first_sighting(
@@ -228,6 +224,12 @@ async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response
         if remembered is None:
             raise errors.Unauthorized("this signature was already received")
     try:
+        # what is still to pay: a signed body, once its replay check passed (a captured
+        # request sent again spends nothing), or what a compressed one inflated beyond
+        # its declared length
+        unpaid = len(raw) - paid_before
+        if unpaid > 0:
+            source = await _within_budget(app, source, lambda s: _spend_bytes(app, s, unpaid))
         return await _accept(request, source, raw, context)
     except Exception:
         if remembered:
@@ -261,6 +263,7 @@ async def _accept(
                 math.ceil(wait), f"over this source's limit of {limit} events/s"
             )
     source = await _within_budget(app, source, lambda s: _spend_deliveries(app, s, planned))
+    paid = planned
     # The ordering keys, from the body's one parse, before the group commit (which only
     # looks them up); the parse is not kept while the commit is waited for.
     if len(events) * len(routes.targets) > KEYS_ON_LOOP:
@@ -298,6 +301,10 @@ async def _accept(
             budget = _budget(source)
             await _spend_bytes(app, source, len(raw))
             await _spend_deliveries(app, source, planned)
+            paid = planned
+        elif planned > paid:  # routed afresh to more targets: the new ones are paid for
+            await _spend_deliveries(app, source, planned - paid)
+            paid = planned
         keys = order_keys(source.id, events, routes.targets)  # rare: each payload parsed again
     else:
         raise errors.Unavailable(
@@ -344,9 +351,7 @@ async def _within_budget(
     return source
 
 
-async def _spend_bytes(
-    app: web.Application, source: SourceEntry, size: int, *, only_ask: bool = False
-) -> None:
+async def _spend_bytes(app: web.Application, source: SourceEntry, size: int) -> None:
     """429 if the tenant's budget of ingest bytes per second has no room for ``size``.
 
     Its burst is a second's worth, or the largest body, whichever is more: any body
@@ -356,9 +361,7 @@ async def _spend_bytes(
     if rate is None:
         return
     burst = max(rate, app[SETTINGS].max_body_bytes)
-    wait = await app[LIMITER].spend(
-        f"tenant-bytes:{source.tenant_id}", rate, burst, size, only_ask=only_ask
-    )
+    wait = await app[LIMITER].spend(f"tenant-bytes:{source.tenant_id}", rate, burst, size)
     if wait > 0:
         TENANT_BUDGET_REFUSED.labels("ingest_bytes").inc()
         raise errors.RateLimited(

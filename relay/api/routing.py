@@ -21,6 +21,7 @@ from relay.core import errors, strict_json
 from relay.core.auth_throttle import MANAGEMENT
 from relay.core.crypto import constant_time_equals, hash_api_key
 from relay.core.metrics import TENANT_BUDGET_REFUSED
+from relay.core.ratelimit import budget_of
 from relay.store import tenants as tenant_store
 from relay.web.app_keys import LIMITER, POOL, SETTINGS, TENANT_ID, THROTTLE
 
@@ -104,7 +105,7 @@ def _with_auth(route: Route) -> Handler:
                 await throttle.failed("api_key", MANAGEMENT, request.remote)
                 raise errors.Unauthorized("invalid or revoked API key")
             await throttle.admit("api_key", MANAGEMENT, request.remote)
-            rate = holder.api_requests_per_s or app[SETTINGS].tenant_api_requests_per_s
+            rate = budget_of(holder.api_requests_per_s, app[SETTINGS].tenant_api_requests_per_s)
             if rate is not None:
                 # the tenant's budget of API requests, one for every process (a second's
                 # worth may go at once): a client listing in a loop cannot take the gateway

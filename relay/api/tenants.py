@@ -6,7 +6,6 @@ from typing import Annotated, Any
 
 import pydantic
 from aiohttp import web
-from pydantic.json_schema import SkipJsonSchema
 
 from relay.api.fields import Name
 from relay.api.routing import ListQuery, Route, no_content, page, read_body, read_query, respond
@@ -21,7 +20,7 @@ from relay.web.app_keys import POOL
 MAX_BYTES_PER_S = 1 << 40
 MAX_PER_S = (1 << 31) - 1
 #: A budget of things per second: a JSON integer, whether written ``39`` or ``39.0``.
-PerSecond = Annotated[int, pydantic.Field(gt=0, le=MAX_PER_S), pydantic.BeforeValidator(integral)]
+PerSecond = Annotated[int, pydantic.Field(ge=0, le=MAX_PER_S), pydantic.BeforeValidator(integral)]
 
 
 class TenantCreate(pydantic.BaseModel):
@@ -34,12 +33,12 @@ class TenantCreate(pydantic.BaseModel):
 class TenantLimits(pydantic.BaseModel):
     """A tenant's budget on the shared relay; null (or absent at creation): the relay's
     default (RELAY_TENANT_INGEST_BYTES_PER_S, RELAY_TENANT_DELIVERIES_PER_S,
-    RELAY_TENANT_API_REQUESTS_PER_S)."""
+    RELAY_TENANT_API_REQUESTS_PER_S); 0: none for this tenant, whatever the default."""
 
     model_config = pydantic.ConfigDict(extra="forbid", strict=True)
     #: body bytes its sources may send per second, all gateway processes together
     ingest_bytes_per_s: (
-        Annotated[int, pydantic.Field(gt=0, le=MAX_BYTES_PER_S), pydantic.BeforeValidator(integral)]
+        Annotated[int, pydantic.Field(ge=0, le=MAX_BYTES_PER_S), pydantic.BeforeValidator(integral)]
         | None
     ) = None
     #: deliveries its ingest may create per second (a second's worth may go at once)
@@ -53,8 +52,10 @@ class TenantPatch(pydantic.BaseModel):
     the relay's default."""
 
     model_config = pydantic.ConfigDict(extra="forbid", strict=True)
-    name: Name | SkipJsonSchema[None] = None
-    limits: TenantLimits | SkipJsonSchema[None] = None
+    # absent: unchanged (the default None, which pydantic does not validate); null is
+    # refused with a 422 naming the field alone (a union with None would name its branch)
+    name: Name = pydantic.Field(default=None)  # type: ignore[assignment]
+    limits: TenantLimits = pydantic.Field(default=None)  # type: ignore[assignment]
 
 
 def render_tenant(row: Tenant) -> dict[str, Any]:
@@ -109,10 +110,6 @@ async def update_tenant(request: web.Request) -> web.Response:
     """Rename a tenant or change its budget; every gateway process applies a new budget
     to the next request."""
     body = await read_body(request, TenantPatch)
-    fields = body.model_fields_set
-    for required in ("name", "limits"):
-        if required in fields and getattr(body, required) is None:
-            raise errors.ValidationFailed.field(required, "may not be null")
     changes: dict[str, Any] = {}
     if body.name is not None:
         changes["name"] = body.name

@@ -24,6 +24,10 @@ REQUIRED_FOR_WORKER = ("DATABASE_URL", "REDIS_URL", "RELAY_SECRET_KEY")
 REQUIRED_FOR_MIGRATE = ("DATABASE_URL",)
 
 
+#: The largest budget per second a tenant may be given (an int8 column's range is wider).
+MAX_PER_S = 1 << 40
+
+
 class ConfigError(Exception):
     """A setting is missing or malformed; the message names the variable."""
 
@@ -193,8 +197,11 @@ class Settings:
             ("RELAY_TENANT_DELIVERIES_PER_S", "tenant_deliveries_per_s"),
             ("RELAY_TENANT_API_REQUESTS_PER_S", "tenant_api_requests_per_s"),
         ):
-            if (v := get(name)) is not None and v != "0":
-                values[key] = int(_positive(v, name, integer=True))
+            if (v := get(name)) is not None:
+                per_s = int(_positive(v, name, integer=True, allow_zero=True))
+                if per_s > MAX_PER_S:
+                    raise ConfigError(f"{name} must be at most {MAX_PER_S}")
+                values[key] = per_s or None  # 0: none
         if (v := get("RELAY_WORKER_CONCURRENCY")) is not None:
             values["worker_concurrency"] = int(
                 _positive(v, "RELAY_WORKER_CONCURRENCY", integer=True)

@@ -85,28 +85,36 @@ return {0, wait_for(1)}
 )
 
 # A budget: ARGV[1] units per second, ARGV[2] the burst (units that may go at once
-# after a quiet spell), ARGV[3] the units wanted, ARGV[4] "1" to spend them or "0"
-# only to ask. The generic cell rate algorithm: KEYS[1] holds the moment (ms, Redis's
-# clock) when everything spent so far will have been paid back at the rate. Returns 0
-# if the units fit now (and, with ARGV[4] = "1", spends them), else the milliseconds
-# until they would.
+# after a quiet spell), ARGV[3] the units wanted. The generic cell rate algorithm:
+# KEYS[1] holds the moment (whole microseconds, Redis's clock) when everything spent so
+# far will have been paid back at the rate. A spend costs its units' time, and at least
+# a microsecond: a double holds today's time in microseconds to a quarter of one, so a
+# smaller cost would be lost (at 1e9 bytes/s, a 400-byte request was free). Storing
+# whole microseconds is off by half of one at most, hence the half a microsecond the
+# check allows. Returns 0 if the units fit now (and spends them), else the
+# milliseconds until they would.
 _BUDGET = """
 local rate, burst, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local stored = redis.call('GET', KEYS[1])
 local paid = now
 if stored then paid = math.max(tonumber(stored), now) end
-local after = paid + n * 1000 / rate
-local wait = after - burst * 1000 / rate - now
-if wait > 0 then
-  return math.max(1, math.ceil(wait))
+local after = paid + math.max(n * 1000000 / rate, 1)
+local wait = after - burst * 1000000 / rate - now
+if wait > 0.5 then
+  return math.max(1, math.ceil(wait / 1000))
 end
-if ARGV[4] == '1' then
-  redis.call('SET', KEYS[1], string.format('%.3f', after), 'PX', math.ceil(after - now) + 1000)
-end
+local ttl_ms = math.ceil((after - now) / 1000) + 1000
+redis.call('SET', KEYS[1], string.format('%.0f', after), 'PX', ttl_ms)
 return 0
 """
+
+
+def budget_of(own: int | None, default: int | None) -> int | None:
+    """A tenant's budget per second: its own (0: none), else the relay's default."""
+    rate = default if own is None else own
+    return rate or None
 
 
 class RateLimiter:
@@ -139,14 +147,13 @@ class RateLimiter:
             return want, 0.0
         return int(taken), int(wait_ms) / 1000
 
-    async def spend(
-        self, key: str, rate: int, burst: int, units: int, *, only_ask: bool = False
-    ) -> float:
+    async def spend(self, key: str, rate: int, burst: int, units: int) -> float:
         """Spend ``units`` of a budget of ``rate`` per second that lets ``burst`` go at once.
 
-        0 if they fit (and were spent, unless ``only_ask``), else the seconds until they
-        would (``inf``: ``units`` exceeds ``burst``, they never will). Unreachable Redis
-        admits, as :meth:`admit` does.
+        0 if they fit (and were spent), else the seconds until they would (``inf``:
+        ``units`` exceeds ``burst``, they never will). The key names the rate and the
+        burst: a budget changed starts afresh, owing nothing run up at the old rate.
+        Unreachable Redis admits, as :meth:`admit` does.
         """
         if units > burst:
             return math.inf
@@ -154,8 +161,7 @@ class RateLimiter:
             return 0.0
         try:
             wait_ms = await self._budget(
-                keys=[f"{self._namespace}:{key}"],
-                args=[rate, burst, units, "0" if only_ask else "1"],
+                keys=[f"{self._namespace}:{key}:{rate}:{burst}"], args=[rate, burst, units]
             )
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             log.warning("rate limiter unavailable, admitting: %s", type(exc).__name__)

@@ -27,7 +27,8 @@ import aiohttp
 import pytest
 
 from relay.core.config import ConfigError, Settings
-from tests.conftest import ADMIN_TOKEN, OPERATOR, Tenant, assert_error, stack_env
+from relay.web.app import create_app
+from tests.conftest import ADMIN_TOKEN, OPERATOR, Tenant, assert_error, make_tenant, stack_env
 from tests.services import replicas as start_replicas
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -67,14 +68,13 @@ async def test_the_operator_sets_shows_and_clears_a_budget(client: Any, tenant: 
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"limits": {"deliveries_per_s": 0}}, "deliveries_per_s"),
         ({"limits": {"deliveries_per_s": -5}}, "deliveries_per_s"),
         ({"limits": {"deliveries_per_s": 1.5}}, "deliveries_per_s"),
         ({"limits": {"deliveries_per_s": "100"}}, "deliveries_per_s"),
         ({"limits": {"deliveries_per_s": True}}, "deliveries_per_s"),
         ({"limits": {"deliveries_per_s": 1 << 31}}, "deliveries_per_s"),
         ({"limits": {"ingest_bytes_per_s": (1 << 40) + 1}}, "ingest_bytes_per_s"),
-        ({"limits": {"api_requests_per_s": 0}}, "api_requests_per_s"),
+        ({"limits": {"api_requests_per_s": -1}}, "api_requests_per_s"),
         ({"limits": {"events_per_s": 5}}, "events_per_s"),
         ({"limits": None}, "limits"),
         ({"limits": []}, "limits"),
@@ -121,7 +121,10 @@ def test_the_default_budget_comes_from_the_environment() -> None:
     assert settings.tenant_ingest_bytes_per_s == 2_000_000
     assert settings.tenant_deliveries_per_s is None  # 0: none
     assert settings.tenant_api_requests_per_s == 50
-    for bad in ("-1", "1.5", "lots"):
+    assert (
+        Settings.from_env({"RELAY_TENANT_DELIVERIES_PER_S": "00"}).tenant_deliveries_per_s is None
+    )
+    for bad in ("-1", "1.5", "lots", str(1 << 41)):
         with pytest.raises(ConfigError, match="RELAY_TENANT_DELIVERIES_PER_S"):
             Settings.from_env({"RELAY_TENANT_DELIVERIES_PER_S": bad})
 
@@ -309,7 +312,87 @@ async def test_a_stranger_cannot_spend_a_signed_sources_budget(two: Replicas) ->
     # And the next one, now over the budget, is refused
     status, answer, _ = await two.ingest(0, source, body, **signed(body))
     assert status == 429 and "ingest bytes/s" in answer["error"]["message"]
+    # And a stranger still learns nothing of the budget: 401 before any 429
+    status, _, _ = await two.ingest(1, source, body, **{"X-Signature": "00" * 32})
+    assert status == 401
     assert await two.events() == 100
+
+
+@pytest.mark.slow
+async def test_a_captured_signed_request_sent_again_spends_nothing(two: Replicas) -> None:
+    # Given an hmac source with a timestamp header, whose tenant may send 1,000 bytes/s
+    source = await two.source({"type": "hmac", "timestamp_header": "X-Timestamp"})
+    await two.limits(0, ingest_bytes_per_s=1000)
+    body = batch(50, pad=500)  # ~33 KB: one fits the 64 KiB burst, two do not
+    stamp = str(int(time.time()))
+    digest = hmac.new(
+        source["secret"].encode(), stamp.encode() + b"." + body, hashlib.sha256
+    ).hexdigest()
+    captured = {"X-Signature": digest, "X-Timestamp": stamp}
+    assert (await two.ingest(0, source, body, **captured))[0] == 202
+    # When someone who captured it sends it again, five times, through both replicas
+    for n in range(5):
+        assert (await two.ingest(n, source, body, **captured))[0] == 401
+    # Then the tenant's own next request of the same size still fits its budget
+    stamp = str(int(time.time()))
+    other = batch(50, pad=400)
+    digest = hmac.new(
+        source["secret"].encode(), stamp.encode() + b"." + other, hashlib.sha256
+    ).hexdigest()
+    headers = {"X-Signature": digest, "X-Timestamp": stamp}
+    status, answer, _ = await two.ingest(1, source, other, **headers)
+    assert status == 202, answer
+
+
+@pytest.mark.slow
+async def test_raising_a_budget_lifts_the_debt_run_up_at_the_old_one(two: Replicas) -> None:
+    # Given a tenant that spent 60 KB of a 1,000 bytes/s budget: a minute to wait
+    source, token = await two.token_source()
+    await two.limits(0, ingest_bytes_per_s=1000)
+    body = batch(100, pad=500)
+    assert (await two.ingest(0, source, body, **token))[0] == 202
+    status, _, headers = await two.ingest(1, source, body, **token)
+    assert status == 429 and int(headers["Retry-After"]) > 30
+    # When the operator raises it to 10 MB/s
+    await two.limits(1, ingest_bytes_per_s=10_000_000)
+    # Then the next request through either replica goes at once (before: 429, a minute)
+    assert (await two.ingest(1, source, body, **token))[0] == 202
+    assert (await two.ingest(0, source, body, **token))[0] == 202
+
+
+@pytest.mark.slow
+async def test_a_request_routed_again_pays_for_the_targets_it_found(two: Replicas) -> None:
+    # Given a tenant with no target yet, whose replica 1 has cached its empty routes
+    tenant = await two.call(0, "POST", "/v1/tenants", {"name": "Empty"}, **ADMIN)
+    key = {"Authorization": f"Bearer {tenant['api_key']}"}
+    body = {"name": "s", "auth": {"type": "token"}}
+    source = await two.call(0, "POST", "/v1/sources", body, **key)
+    token = {"Authorization": f"Bearer {source['secret']}"}
+    path = f"/v1/tenants/{tenant['id']}"
+    await two.call(0, "PATCH", path, {"limits": {"deliveries_per_s": 10}}, **ADMIN)
+    assert (await two.ingest(1, source, batch(1), **token))[0] == 202  # no delivery
+    # When a target is created through replica 0, and replica 1 is sent 100 events
+    await two.call(0, "POST", "/v1/targets", {"url": "http://127.0.0.1:9/hook"}, **key)
+    status, answer, _ = await two.ingest(1, source, batch(100), **token)
+    # Then the 100 deliveries it found on routing again are paid for: more than a
+    # second's worth, refused (before: let in, 100 deliveries on a budget of 10)
+    assert status == 429 and "100 deliveries" in answer["error"]["message"], answer
+
+
+async def test_zero_exempts_a_tenant_from_the_default_budget(
+    aiohttp_client: Any, settings: Settings
+) -> None:
+    client = await aiohttp_client(create_app(settings.with_overrides(tenant_api_requests_per_s=1)))
+    held, exempt = await make_tenant(client, "Held"), await make_tenant(client, "Exempt")
+    await client.patch(
+        f"/v1/tenants/{exempt.id}", json={"limits": {"api_requests_per_s": 0}}, headers=OPERATOR
+    )
+    # Given a default of 1 API request a second: the one tenant is held to it
+    statuses = [(await client.get("/v1/sources", headers=held.auth)).status for _ in range(3)]
+    assert statuses.count(429) >= 2, statuses
+    # And the one whose own budget is 0 is held to none
+    statuses = [(await client.get("/v1/sources", headers=exempt.auth)).status for _ in range(3)]
+    assert statuses == [200, 200, 200]
 
 
 @pytest.mark.slow
