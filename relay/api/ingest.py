@@ -198,12 +198,14 @@ async def _ingest(request: web.Request, context: dict[str, Any]) -> web.Response
         raise errors.PayloadTooLarge(f"the body is larger than {settings.max_body_bytes} bytes")
     declared = request.content_length
     paid_before = 0
-    if declared is not None and source.auth_type in PRE_BODY_TYPES:
-        paid_before = declared
-        # over the tenant's budget: refused before the body is read. A source that signs
-        # its body pays below, once the signature proved it: a stranger spends nothing,
-        # and learns nothing of the budget
-        source = await _within_budget(app, source, lambda s: _spend_bytes(app, s, declared))
+    if source.auth_type in PRE_BODY_TYPES:
+        # over the tenant's budget: refused before the body is read (a body of unknown
+        # length pays a byte now, so an exhausted budget is refused before it too). A
+        # source that signs its body pays below, once the signature proved it: a
+        # stranger spends nothing, and learns nothing of the budget
+        paid_before = 1 if declared is None else declared
+        if paid_before:
+            source = await _within_budget(app, source, lambda s: _spend_bytes(app, s, paid_before))
     raw = await request.read()  # aiohttp stops at client_max_size while reading: 413
     source = await _authenticated(
         request,

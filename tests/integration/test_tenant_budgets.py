@@ -264,31 +264,43 @@ async def test_a_budget_changed_through_one_replica_holds_at_once_on_the_other(
 
 @pytest.mark.slow
 async def test_a_bytes_budget_refuses_before_the_body_is_read(two: Replicas) -> None:
-    # Given a budget of 1,000 bytes/s (its burst: the largest body, 64 KiB), spent by
-    # a 60 KB request through replica 0
+    # Given a budget of 1 byte/s (its burst: the largest body, 64 KiB), 60 KB of it spent
+    # by a request through replica 0
     source, token = await two.token_source()
-    await two.limits(0, ingest_bytes_per_s=1000)
+    await two.limits(0, ingest_bytes_per_s=1)
     body = batch(100, pad=500)
     assert 60_000 < len(body) < MAX_BODY
     assert (await two.ingest(0, source, body, **token))[0] == 202
-    # When another 60 KB request to replica 1 sends its head and only a tenth of its body
     host, port = two.urls[1].removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(
-        (
-            f"POST /in/{source['id']}?token={source['secret']} HTTP/1.1\r\nHost: {host}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        + body[: len(body) // 10]
-    )
-    await writer.drain()
+
+    async def head_and_some(head: str, some: bytes) -> bytes:
+        """What replica 1 answers a request of which only ``some`` of the body was sent."""
+        reader, writer = await asyncio.open_connection(host, int(port))
+        line = f"POST /in/{source['id']}?token={source['secret']} HTTP/1.1\r\nHost: {host}\r\n"
+        writer.write(f"{line}Content-Type: application/json\r\n{head}\r\n".encode() + some)
+        await writer.drain()
+        try:
+            return await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+
+    # When another 60 KB request to replica 1 sends its head and only a tenth of its body
+    answer = await head_and_some(f"Content-Length: {len(body)}\r\n", body[: len(body) // 10])
     # Then it is answered 429 without waiting for the rest, and the connection closed
-    answer = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 429"), answer[:300]
-    assert b"budget of 1000 ingest bytes/s" in rest
-    assert await two.events() == 100
+    assert b"budget of 1 ingest bytes/s" in rest
+    # And once the rest of the burst is spent exactly, a body of unknown length (chunked)
+    # is refused too, on its head and first chunk
+    fill = json.dumps({"pad": "x" * (MAX_BODY - len(body) - 11)}).encode()
+    assert len(body) + len(fill) == MAX_BODY
+    assert (await two.ingest(0, source, fill, **token))[0] == 202
+    chunk = body[:1000]
+    answer = await head_and_some(
+        "Transfer-Encoding: chunked\r\n", f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 429"), answer[:300]
+    assert await two.events() == 101
 
 
 @pytest.mark.slow
