@@ -254,8 +254,10 @@ async def test_a_budget_changed_through_one_replica_holds_at_once_on_the_other(
     # When a budget of 1 delivery/s is set through replica 0
     await two.limits(0, deliveries_per_s=1)
     # Then replica 1's very next requests are held to it
+    started = time.monotonic()
     statuses = [(await two.ingest(1, source, batch(1), **token))[0] for _ in range(3)]
-    assert statuses.count(202) <= 1 and statuses.count(429) >= 2, statuses
+    elapsed = time.monotonic() - started
+    assert set(statuses) <= {202, 429} and statuses.count(202) <= 1 + int(elapsed), statuses
     # And once the budget is cleared through replica 0, replica 1 takes the next at once
     await two.limits(0, deliveries_per_s=None)
     statuses = [(await two.ingest(1, source, batch(1), **token))[0] for _ in range(3)]
@@ -400,8 +402,10 @@ async def test_zero_exempts_a_tenant_from_the_default_budget(
         f"/v1/tenants/{exempt.id}", json={"limits": {"api_requests_per_s": 0}}, headers=OPERATOR
     )
     # Given a default of 1 API request a second: the one tenant is held to it
+    started = time.monotonic()
     statuses = [(await client.get("/v1/sources", headers=held.auth)).status for _ in range(3)]
-    assert statuses.count(429) >= 2, statuses
+    elapsed = time.monotonic() - started
+    assert set(statuses) <= {200, 429} and statuses.count(200) <= 1 + int(elapsed), statuses
     # And the one whose own budget is 0 is held to none
     statuses = [(await client.get("/v1/sources", headers=exempt.auth)).status for _ in range(3)]
     assert statuses == [200, 200, 200]
