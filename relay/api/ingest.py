@@ -36,13 +36,8 @@ from aiohttp import web
 
 from relay.api.routing import Route, is_json_content_type, respond
 from relay.core import errors, offload
-from relay.core.metrics import (
-    EVENTS_INGESTED,
-    INGEST_LATENCY,
-    INGEST_REROUTED,
-    TENANT_BUDGET_REFUSED,
-)
-from relay.core.ratelimit import budget_of
+from relay.core.metrics import EVENTS_INGESTED, INGEST_LATENCY, INGEST_REROUTED
+from relay.core.ratelimit import budget_of, spend_budget
 from relay.ingest import replay_guard
 from relay.ingest.auth import (
     PRE_BODY_TYPES,
@@ -360,14 +355,16 @@ async def _spend_bytes(app: web.Application, source: SourceEntry, size: int) -> 
     the relay takes fits once the budget has recovered.
     """
     rate = source.ingest_bytes_per_s
-    if rate is None:
-        return
-    burst = max(rate, app[SETTINGS].max_body_bytes)
-    wait = await app[LIMITER].spend(f"tenant-bytes:{source.tenant_id}", rate, burst, size)
-    if wait > 0:
-        TENANT_BUDGET_REFUSED.labels("ingest_bytes").inc()
-        raise errors.RateLimited(
-            math.ceil(wait), f"over this tenant's budget of {rate} ingest bytes/s"
+    if rate is not None:
+        burst = max(rate, app[SETTINGS].max_body_bytes)
+        await spend_budget(
+            app[LIMITER],
+            "ingest_bytes",
+            source.tenant_id,
+            rate=rate,
+            burst=burst,
+            units=size,
+            unit="ingest bytes",
         )
 
 
@@ -375,20 +372,15 @@ async def _spend_deliveries(app: web.Application, source: SourceEntry, planned: 
     """429 if the tenant's budget of deliveries created per second has no room for
     ``planned`` (a second's worth may go at once; a request creating more never fits)."""
     rate = source.deliveries_per_s
-    if rate is None:
-        return
-    wait = await app[LIMITER].spend(f"tenant-deliveries:{source.tenant_id}", rate, rate, planned)
-    if math.isinf(wait):
-        TENANT_BUDGET_REFUSED.labels("deliveries").inc()
-        raise errors.RateLimited(
-            math.ceil(planned / rate),
-            f"this request would create {planned} deliveries, more than this tenant's "
-            f"budget of {rate} deliveries/s; send smaller batches",
-        )
-    if wait > 0:
-        TENANT_BUDGET_REFUSED.labels("deliveries").inc()
-        raise errors.RateLimited(
-            math.ceil(wait), f"over this tenant's budget of {rate} deliveries/s"
+    if rate is not None:
+        await spend_budget(
+            app[LIMITER],
+            "deliveries",
+            source.tenant_id,
+            rate=rate,
+            burst=rate,
+            units=planned,
+            unit="deliveries",
         )
 
 

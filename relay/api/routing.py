@@ -7,7 +7,6 @@ document, so the two cannot drift apart.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,8 +19,7 @@ from aiohttp import web
 from relay.core import errors, strict_json
 from relay.core.auth_throttle import MANAGEMENT
 from relay.core.crypto import constant_time_equals, hash_api_key
-from relay.core.metrics import TENANT_BUDGET_REFUSED
-from relay.core.ratelimit import budget_of
+from relay.core.ratelimit import budget_of, spend_budget
 from relay.store import tenants as tenant_store
 from relay.web.app_keys import LIMITER, POOL, SETTINGS, TENANT_ID, THROTTLE
 
@@ -109,12 +107,15 @@ def _with_auth(route: Route) -> Handler:
             if rate is not None:
                 # the tenant's budget of API requests, one for every process (a second's
                 # worth may go at once): a client listing in a loop cannot take the gateway
-                wait = await app[LIMITER].spend(f"tenant-api:{holder.tenant_id}", rate, rate, 1)
-                if wait > 0:
-                    TENANT_BUDGET_REFUSED.labels("api_requests").inc()
-                    raise errors.RateLimited(
-                        math.ceil(wait), f"over this tenant's budget of {rate} API requests/s"
-                    )
+                await spend_budget(
+                    app[LIMITER],
+                    "api_requests",
+                    holder.tenant_id,
+                    rate=rate,
+                    burst=rate,
+                    units=1,
+                    unit="API requests",
+                )
             request[TENANT_ID] = holder.tenant_id
             return await handler(request)
 

@@ -11,16 +11,20 @@ from relay.api.fields import Name
 from relay.api.routing import ListQuery, Route, no_content, page, read_body, read_query, respond
 from relay.api.sources import integral
 from relay.core import errors
+from relay.core.config import MAX_PER_S
 from relay.core.crypto import hash_api_key, new_api_key, new_id
 from relay.store import tenants as store
 from relay.store.rows import ApiKey, Tenant
 from relay.web.app_keys import POOL
 
-#: The largest budgets that may be set (the columns' ranges, and beyond any machine).
-MAX_BYTES_PER_S = 1 << 40
-MAX_PER_S = (1 << 31) - 1
-#: A budget of things per second: a JSON integer, whether written ``39`` or ``39.0``.
-PerSecond = Annotated[int, pydantic.Field(ge=0, le=MAX_PER_S), pydantic.BeforeValidator(integral)]
+#: A budget per second: a JSON integer, whether written ``39`` or ``39.0``, of at most
+#: the relay's largest (bytes, a bigint column) or an integer column's range (counts).
+BytesPerSecond = Annotated[
+    int, pydantic.Field(ge=0, le=MAX_PER_S), pydantic.BeforeValidator(integral)
+]
+CountPerSecond = Annotated[
+    int, pydantic.Field(ge=0, le=(1 << 31) - 1), pydantic.BeforeValidator(integral)
+]
 
 
 class TenantCreate(pydantic.BaseModel):
@@ -37,14 +41,11 @@ class TenantLimits(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid", strict=True)
     #: body bytes its sources may send per second, all gateway processes together
-    ingest_bytes_per_s: (
-        Annotated[int, pydantic.Field(ge=0, le=MAX_BYTES_PER_S), pydantic.BeforeValidator(integral)]
-        | None
-    ) = None
+    ingest_bytes_per_s: BytesPerSecond | None = None
     #: deliveries its ingest may create per second (a second's worth may go at once)
-    deliveries_per_s: PerSecond | None = None
+    deliveries_per_s: CountPerSecond | None = None
     #: requests with its API keys per second (a second's worth may go at once)
-    api_requests_per_s: PerSecond | None = None
+    api_requests_per_s: CountPerSecond | None = None
 
 
 class TenantPatch(pydantic.BaseModel):

@@ -31,8 +31,8 @@ INGEST_REROUTED = Counter(
 )
 TENANT_BUDGET_REFUSED = Counter(
     "relay_tenant_budget_refused_total",
-    "Ingest requests answered 429 because their tenant's budget (ingest bytes or "
-    "deliveries created per second) had no room; no tenant label, to keep it small.",
+    "Requests answered 429 because their tenant's budget (ingest bytes, deliveries "
+    "created or API requests per second) had no room; no tenant label, to keep it small.",
     ["budget"],
 )
 INGEST_WAITING = Gauge(

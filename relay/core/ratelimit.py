@@ -22,6 +22,9 @@ from typing import Any
 
 import redis.exceptions
 
+from relay.core import errors
+from relay.core.metrics import TENANT_BUDGET_REFUSED
+
 log = logging.getLogger(__name__)
 
 # The window: KEYS[1] is a hash of slot (100 ms) -> units; ARGV[2] the limit per
@@ -115,6 +118,31 @@ def budget_of(own: int | None, default: int | None) -> int | None:
     """A tenant's budget per second: its own (0: none), else the relay's default."""
     rate = default if own is None else own
     return rate or None
+
+
+async def spend_budget(
+    limiter: RateLimiter,
+    budget: str,
+    tenant_id: str,
+    *,
+    rate: int,
+    burst: int,
+    units: int,
+    unit: str,
+) -> None:
+    """Spend ``units`` of the tenant's ``budget`` (ingest_bytes, deliveries, api_requests);
+    a 429 with Retry-After if they do not fit, counted by budget, never by tenant."""
+    wait = await limiter.spend(f"tenant-{budget}:{tenant_id}", rate, burst, units)
+    if wait <= 0:
+        return
+    TENANT_BUDGET_REFUSED.labels(budget).inc()
+    if math.isinf(wait):
+        raise errors.RateLimited(
+            math.ceil(units / rate),
+            f"this request would create {units} {unit}, more than this tenant's "
+            f"budget of {rate} {unit}/s; send smaller batches",
+        )
+    raise errors.RateLimited(math.ceil(wait), f"over this tenant's budget of {rate} {unit}/s")
 
 
 class RateLimiter:

@@ -136,12 +136,6 @@ async def key_holder(conn: Queries, key_hash: bytes) -> KeyHolder | None:
     return None if row is None else KeyHolder(row["tenant_id"], row["api_requests_per_s"])
 
 
-async def tenant_for_key(conn: Queries, key_hash: bytes) -> str | None:
-    """The id of the tenant owning a live key with this hash, or None."""
-    holder = await key_holder(conn, key_hash)
-    return None if holder is None else holder.tenant_id
-
-
 async def lock_and_count_live(
     conn: Queries, tenant_id: str, table: Literal["sources", "targets"]
 ) -> int:

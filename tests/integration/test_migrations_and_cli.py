@@ -137,11 +137,12 @@ def test_tenants_create_prints_a_working_key(database_url: str) -> None:
 
     async def owner() -> Any:
         from relay.core.crypto import hash_api_key
-        from relay.store.tenants import tenant_for_key
+        from relay.store.tenants import key_holder
 
         conn = await asyncpg.connect(database_url)
         try:
-            return await tenant_for_key(conn, hash_api_key(api_key))
+            holder = await key_holder(conn, hash_api_key(api_key))
+            return None if holder is None else holder.tenant_id
         finally:
             await conn.close()
 
