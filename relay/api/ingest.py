@@ -34,7 +34,7 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.api.routing import Route, is_json_content_type, respond
+from relay.api.routing import CALLER_GONE, Route, caller_gone, is_json_content_type, respond
 from relay.core import errors, offload
 from relay.core.metrics import EVENTS_INGESTED, INGEST_LATENCY, INGEST_REROUTED
 from relay.core.ratelimit import budget_of, spend_budget
@@ -398,6 +398,10 @@ async def ingest_events(request: web.Request) -> web.Response:
         raise
     except web.HTTPException as exc:
         status = exc.status
+        raise
+    except BaseException:
+        if caller_gone(request):
+            status = CALLER_GONE  # nothing was stored, and no one waits for the answer
         raise
     finally:
         elapsed = time.perf_counter() - started

@@ -146,6 +146,21 @@ def _invalid(exc: pydantic.ValidationError) -> errors.ValidationFailed:
     return errors.ValidationFailed(summary or "invalid input", details=details)
 
 
+#: The status logged and counted for a request whose caller hung up before its
+#: answer (nginx's 499): neither the caller's error nor the relay's.
+CALLER_GONE = 499
+
+
+def caller_gone(request: web.Request) -> bool:
+    """Whether the caller's connection is gone: it hung up before its answer.
+
+    aiohttp then fails the body's read with ConnectionResetError, which is no
+    dependency's failure.
+    """
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 def is_json_content_type(request: web.Request) -> bool:
     """True for application/json and application/*+json."""
     ctype = request.content_type.lower()

@@ -25,6 +25,7 @@ import redis.exceptions
 from aiohttp import web
 from aiohttp_session import session_middleware
 
+from relay.api.routing import caller_gone
 from relay.console import dead_letters, deliveries, events, overview, portal, signin, targets
 from relay.console.render import FILTERS, GLOBALS, PREFIX, error_page, see_other
 from relay.console.session import VIEWER, csrf_ok, current_viewer, session_storage
@@ -108,6 +109,10 @@ async def console_errors(request: web.Request, handler: Handler) -> web.StreamRe
         message = _HTTP_MESSAGES[404] if exc.status == 404 else exc.message
         response = await error_page(request, exc.status, message)
     except DEPENDENCY_ERRORS as exc:
+        if isinstance(exc, ConnectionResetError) and caller_gone(request):
+            # the browser went away mid-request (aiohttp fails the form's read)
+            log.debug("console: caller gone on %s", portal.loggable(request.path))
+            raise
         log.warning(
             "console: dependency unavailable on %s: %s",
             portal.loggable(request.path),

@@ -22,7 +22,7 @@ from relay.api import (
     targets,
     tenants,
 )
-from relay.api.routing import Route, add_routes, respond
+from relay.api.routing import Route, add_routes, caller_gone, respond
 from relay.console import setup as setup_console
 from relay.core import errors
 from relay.core.auth_throttle import AuthThrottle
@@ -146,6 +146,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except asyncio.CancelledError:
         raise
     except DEPENDENCY_ERRORS as exc:
+        if isinstance(exc, ConnectionResetError) and caller_gone(request):
+            # the caller hung up (aiohttp fails the body's read): no one to answer
+            log.debug("caller gone on %s %s", request.method, request.path)
+            return error_response(errors.InvalidRequest("the caller hung up"))
         log.warning(
             "dependency unavailable on %s %s: %s", request.method, request.path, type(exc).__name__
         )
