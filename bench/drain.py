@@ -58,6 +58,13 @@ def cpu_of(pid: int, *, children: bool = False) -> float:
     return ticks / TICK
 
 
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot (/proc/stat)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]
+    return (sum(ticks) - idle) / TICK, sum(ticks) / TICK
+
+
 def postgres_cpu() -> float:
     """The postmaster's live children and its reaped ones, in CPU seconds."""
     out = subprocess.run(["pgrep", "-o", "-x", "postgres"], capture_output=True, text=True)
@@ -95,7 +102,7 @@ def run(events: int, spy: str | None, n: int, cap: int = 32) -> None:
         subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "root", db], check=True)
         subprocess.run(["redis-cli", "-n", "11", "flushdb"], capture_output=True)
         sp = dr.free_port()
-        start(sys.executable, str(SHARED / "durable_ratio.py"), "sink", str(sp))
+        sink_proc = start(sys.executable, str(SHARED / "durable_ratio.py"), "sink", str(sp))
         dr.wait_port(sp)
         sink = f"http://127.0.0.1:{sp}"
         env = {
@@ -156,6 +163,8 @@ def run(events: int, spy: str | None, n: int, cap: int = 32) -> None:
             assert urllib.request.urlopen(req).status == 202
         time.sleep(2)
         pg_before = postgres_cpu()
+        sink_before = cpu_of(sink_proc.pid)
+        busy_before = machine_busy()
         w = start("relay", "worker", "--processes", "2", env=env)
         spies: list[subprocess.Popen[bytes]] = []
         if spy:
@@ -174,6 +183,9 @@ def run(events: int, spy: str | None, n: int, cap: int = 32) -> None:
         kids = subprocess.run(["pgrep", "-P", str(w.pid)], capture_output=True, text=True)
         workers_cpu = [round(cpu_of(int(p)), 2) for p in kids.stdout.split()]
         pg = postgres_cpu() - pg_before
+        sink_cpu = cpu_of(sink_proc.pid) - sink_before
+        busy_after = machine_busy()
+        busy = (busy_after[0] - busy_before[0]) / max(busy_after[1] - busy_before[1], 1e-9)
         for s in spies:
             s.send_signal(signal.SIGINT)
             s.wait(30)
@@ -181,7 +193,7 @@ def run(events: int, spy: str | None, n: int, cap: int = 32) -> None:
         stop(g)
         print(
             f"drain: {rate:,.0f} deliveries/s; workers CPU {workers_cpu} s; "
-            f"Postgres CPU {pg:.2f} s",
+            f"Postgres CPU {pg:.2f} s; sink CPU {sink_cpu:.2f} s; machine {busy:.0%} busy",
             flush=True,
         )
     finally:
@@ -234,6 +246,8 @@ def ceiling(events: int, n: int) -> None:
         )
         time.sleep(1)
         pg_before = postgres_cpu()
+        sink_before = cpu_of(procs[0].pid)
+        busy_before = machine_busy()
         worker = [sys.executable, str(SHARED / "limit_durable_worker.py")]
         workers = [
             subprocess.Popen(
@@ -246,9 +260,12 @@ def ceiling(events: int, n: int) -> None:
         rate = asyncio.run(dr.drained(sink, "ceiling", 2 * events))
         workers_cpu = [round(cpu_of(w.pid), 2) for w in workers]
         pg = postgres_cpu() - pg_before
+        sink_cpu = cpu_of(procs[0].pid) - sink_before
+        busy_after = machine_busy()
+        busy = (busy_after[0] - busy_before[0]) / max(busy_after[1] - busy_before[1], 1e-9)
         print(
             f"ceiling drain: {rate:,.0f} deliveries/s; workers CPU {workers_cpu} s; "
-            f"Postgres CPU {pg:.2f} s",
+            f"Postgres CPU {pg:.2f} s; sink CPU {sink_cpu:.2f} s; machine {busy:.0%} busy",
             flush=True,
         )
     finally:
