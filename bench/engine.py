@@ -169,17 +169,57 @@ def group_rss(pgid: int) -> dict[int, float]:
     return found
 
 
+def cpu_sample() -> tuple[int, int]:
+    """The machine's (total, idle + iowait) CPU ticks since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split()[1:9]]
+    return sum(values), values[3] + values[4]
+
+
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """Every process's (command line, CPU seconds so far)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    got: dict[int, tuple[str, float]] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        got[int(proc.name)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
+    return got
+
+
+def cpu_by_kind(before: dict[int, tuple[str, float]], seconds: float) -> str:
+    """Cores used since ``before``, by kind of process (gateway, worker, Postgres...)."""
+    kinds = {
+        "gateway": "relay.cli serve",
+        "worker": "dramatiq workers.broker",
+        "Postgres": "postgres",
+        "Redis": "redis-server",
+        "receiver": "engine.py receiver",
+    }
+    used: dict[str, float] = {}
+    for pid, (cmd, cpu) in process_cpu().items():
+        spent = cpu - before.get(pid, (cmd, 0.0))[1]
+        kind = next((k for k, v in kinds.items() if v in cmd), None)
+        if kind is None and pid == os.getpid():
+            kind = "this bench (the sender)"
+        if kind is not None and spent > 0:
+            used[kind] = used.get(kind, 0.0) + spent
+    return ", ".join(f"{k} {v / seconds:.2f}" for k, v in sorted(used.items(), key=lambda x: -x[1]))
+
+
+def busy_since(before: tuple[int, int]) -> float:
+    """Fraction of the machine's CPU time spent busy since the sample ``before``."""
+    total1, idle1 = cpu_sample()
+    return 1 - (idle1 - before[1]) / max(1, total1 - before[0])
+
+
 def cpu_busy(seconds: float = 1.0) -> float:
     """Fraction of the machine's CPU time spent busy over ``seconds``."""
-
-    def sample() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split()[1:9]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
-    total0, idle0 = sample()
+    before = cpu_sample()
     time.sleep(seconds)
-    total1, idle1 = sample()
-    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+    return busy_since(before)
 
 
 class Stack:
@@ -378,6 +418,7 @@ class Paced:
     lag: float = 0.0  # the worst lag of a send behind its schedule, s
     queued: int = 0  # POSTs that waited for a free connection (limit 900)
     rate: float = 0.0  # POSTs answered per second, first send to last answer
+    busy: float = 0.0  # the machine's busy share while sending (latency runs)
 
 
 async def send_paced(url: str, count: int, per_second: float) -> Paced:
@@ -458,7 +499,10 @@ async def latency(stack: Stack, seconds: int, rate: int = 500) -> tuple[Paced, l
     url = await stack.tenant("L", [("/l", [])])
     await stack.worker()
     await latencies(stack, (await send_paced(url, 1, 1)).sent, wait=60)  # the worker is up
+    before, procs, started = cpu_sample(), process_cpu(), time.monotonic()
     paced = await send_paced(url, seconds * rate, rate)
+    paced.busy = busy_since(before)
+    print(f"  cores used while sending: {cpu_by_kind(procs, time.monotonic() - started)}")
     return paced, await latencies(stack, paced.sent)
 
 
@@ -482,8 +526,8 @@ def latency_runs(
             row = (
                 f"4. latency run {n}, {rate:,} events/s for {seconds} s, p50/p99",
                 f"{pct(ms, 50):,.1f}/{pct(ms, 99):,.1f} ms",
-                f"answered {paced.rate:,.0f}/s; targets < 10/50 ms"
-                + (f"; {missing} never arrived" if missing else ""),
+                f"answered {paced.rate:,.0f}/s, machine {paced.busy:.0%} busy;"
+                " targets < 10/50 ms" + (f"; {missing} never arrived" if missing else ""),
             )
             print(f"  {row[0]:<52} {row[1]:>16}   {row[2]}", flush=True)
             rows.append(row)
