@@ -36,6 +36,9 @@ sys.path.insert(0, str(SHARED))
 _argv, sys.argv = sys.argv, sys.argv[:1]  # it reads its own arguments when imported
 import durable_ratio as dr  # type: ignore[import-not-found]  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_gateway import ingest_backlog  # noqa: E402
+
 sys.argv = _argv
 
 PG = "postgresql://root@127.0.0.1:5432"
@@ -142,25 +145,7 @@ def run(events: int, spy: str | None, n: int, cap: int = 32) -> None:
             call("/v1/targets", key, {"url": f"{sink}/relay/{t}", "max_in_flight": cap})
         time.sleep(1.5)
         url = f"{base}/in/{src['id']}?token={src['secret']}"
-        for i in range(events // 100):
-            batch = [
-                {
-                    "uuid": f"w{i}-{j}",
-                    "date": "2026-11-28T12:00:00Z",
-                    "objectType": "Bill",
-                    "action": "paid",
-                    "objectId": 4711,
-                    "tenantId": 42,
-                }
-                for j in range(100)
-            ]
-            req = urllib.request.Request(
-                url,
-                data=json.dumps(batch).encode(),
-                method="POST",
-                headers={"content-type": "application/json"},
-            )
-            assert urllib.request.urlopen(req).status == 202
+        ingest_backlog(url, events)
         time.sleep(2)
         pg_before = postgres_cpu()
         sink_before = cpu_of(sink_proc.pid)

@@ -149,11 +149,8 @@ def _spy(pid: int, seconds: int, collapsed: str) -> subprocess.Popen[bytes]:
     )
 
 
-def _drain(
-    args: argparse.Namespace, env: dict[str, str], ingest: str, database: str
-) -> subprocess.Popen[bytes]:
-    """Ingest 10,000 events (a delivery per target each), start the worker, profile it."""
-    events = 10_000
+def ingest_backlog(url: str, events: int) -> None:
+    """POST ``events`` events to the source at ``url``, in batches of 100 (durable_ratio's)."""
     for i in range(events // 100):
         batch = [
             {
@@ -167,9 +164,18 @@ def _drain(
             for j in range(100)
         ]
         request = urllib.request.Request(
-            ingest, data=json.dumps(batch).encode(), headers={"content-type": "application/json"}
+            url, data=json.dumps(batch).encode(), headers={"content-type": "application/json"}
         )
-        urllib.request.urlopen(request).read()
+        with urllib.request.urlopen(request) as answer:
+            assert answer.status == 202, answer.status
+
+
+def _drain(
+    args: argparse.Namespace, env: dict[str, str], ingest: str, database: str
+) -> subprocess.Popen[bytes]:
+    """Ingest 10,000 events (a delivery per target each), start the worker, profile it."""
+    events = 10_000
+    ingest_backlog(ingest, events)
     time.sleep(1)
     worker = subprocess.Popen(
         ["relay", "worker", "--processes", "2"],

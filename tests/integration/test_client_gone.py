@@ -28,7 +28,7 @@ async def test_a_caller_hanging_up_mid_body_is_not_logged_as_a_dependency_down(
     caplog.set_level(logging.DEBUG)
     body = b'{"uuid": "gone-1", "objectType": "Bill", "action": "paid", "pad": "' + b"x" * 5000
     # Given a request whose head promises 10,000 bytes of body, of which 100 are sent
-    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
     head = (
         f"POST /in/{source['id']}?token={source['secret']} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         "Content-Type: application/json\r\nContent-Length: 10000\r\n\r\n"
@@ -73,7 +73,7 @@ async def test_callers_hanging_up_after_their_whole_request_are_not_a_dependency
     # (as wrk does at the end of a run, with 64 requests in flight)
     for n in range(20):
         body = f'{{"uuid": "whole-{n}", "objectType": "Bill", "action": "paid"}}'.encode()
-        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
         head = (
             f"POST /in/{source['id']}?token={source['secret']} HTTP/1.1\r\n"
             f"Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
