@@ -399,9 +399,10 @@ async def ingest_events(request: web.Request) -> web.Response:
     except web.HTTPException as exc:
         status = exc.status
         raise
-    except BaseException:
+    except ConnectionResetError:
         if caller_gone(request):
-            status = CALLER_GONE  # nothing was stored, and no one waits for the answer
+            # the body's read failed: nothing was stored, and no one waits for the answer
+            status = CALLER_GONE
         raise
     finally:
         elapsed = time.perf_counter() - started
