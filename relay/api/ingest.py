@@ -26,6 +26,7 @@ committed again (at most ``FRESH_TRIES`` times, then 503).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -399,9 +400,10 @@ async def ingest_events(request: web.Request) -> web.Response:
     except web.HTTPException as exc:
         status = exc.status
         raise
-    except ConnectionResetError:
+    except (ConnectionResetError, asyncio.CancelledError):
+        # the caller hung up: the body's read failed (or, with aiohttp's
+        # handler_cancellation, the handler was cancelled); no one waits for the answer
         if caller_gone(request):
-            # the body's read failed: nothing was stored, and no one waits for the answer
             status = CALLER_GONE
         raise
     finally:

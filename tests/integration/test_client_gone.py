@@ -10,15 +10,19 @@ every wrk run: 14 warnings, with Postgres and Redis up).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import struct
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
-from tests.conftest import OPERATOR, Tenant
+from tests.conftest import OPERATOR, Tenant, stack_env
 from tests.integration.test_ingest import make_source
+from tests.services import GatewayProcess
 
 
 async def test_a_caller_hanging_up_mid_body_is_not_logged_as_a_dependency_down(
@@ -100,3 +104,58 @@ async def test_callers_hanging_up_after_their_whole_request_are_not_a_dependency
         json={"uuid": "after", "objectType": "Bill", "action": "paid"},
     )
     assert answer.status == 202, await answer.text()
+
+
+@pytest.mark.slow
+async def test_callers_hanging_up_on_relay_serve_leave_no_warning_and_no_500(
+    database_url: str, clean_redis: str, tmp_path: Path, fresh_http: aiohttp.ClientSession
+) -> None:
+    # Given `relay serve` itself (aiohttp's handlers not cancelled when a caller goes:
+    # the body's read fails instead), a tenant with a budget and a token source
+    env = stack_env(database_url, clean_redis, RELAY_LOG_LEVEL="INFO")
+    gateway = GatewayProcess(env, tmp_path / "gateway.log", processes=1).start()
+    try:
+        async with fresh_http.post(
+            gateway.url + "/v1/tenants", json={"name": "gone"}, headers=OPERATOR
+        ) as resp:
+            tenant = await resp.json()
+        async with fresh_http.patch(
+            f"{gateway.url}/v1/tenants/{tenant['id']}",
+            json={"limits": {"ingest_bytes_per_s": 10_000_000}},
+            headers=OPERATOR,
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+        async with fresh_http.post(
+            gateway.url + "/v1/sources",
+            json={"name": "s", "auth": {"type": "token"}},
+            headers={"Authorization": f"Bearer {tenant['api_key']}"},
+        ) as resp:
+            source = await resp.json()
+        # When 20 callers send a whole request each and reset the connection at once
+        for n in range(20):
+            body = f'{{"uuid": "serve-{n}", "objectType": "Bill", "action": "paid"}}'.encode()
+            _reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            head = (
+                f"POST /in/{source['id']}?token={source['secret']} HTTP/1.1\r\n"
+                f"Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+            await asyncio.sleep(0)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        await asyncio.sleep(1.5)
+        log = gateway.log()
+    finally:
+        gateway.stop()
+    # Then the gateway's log says no dependency is down, and no request was a 500
+    assert "dependency unavailable" not in log, log[-3000:]
+    statuses = [
+        json.loads(line).get("status")
+        for line in log.splitlines()
+        if line.startswith("{") and '"msg": "ingest"' in line
+    ]
+    assert len(statuses) == 20, log[-3000:]
+    assert 500 not in statuses, statuses
