@@ -25,6 +25,24 @@ from tests.integration.test_ingest import make_source
 from tests.services import GatewayProcess
 
 
+async def send_and_reset(port: int, source: dict[str, Any], uuid: str) -> None:
+    """POST a whole one-event request to ``source``, then reset the connection at once."""
+    body = f'{{"uuid": "{uuid}", "objectType": "Bill", "action": "paid"}}'.encode()
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        f"POST /in/{source['id']}?token={source['secret']} HTTP/1.1\r\n"
+        f"Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    writer.write(head.encode() + body)
+    await writer.drain()
+    await asyncio.sleep(0)  # the gateway reads the head and starts the handler
+    # hung up with a reset (SO_LINGER 0), as a socket closed with answers unread is
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
 async def test_a_caller_hanging_up_mid_body_is_not_logged_as_a_dependency_down(
     client: Any, tenant: Tenant, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -76,20 +94,7 @@ async def test_callers_hanging_up_after_their_whole_request_are_not_a_dependency
     # Given callers that send a whole request and hang up at once, before its answer
     # (as wrk does at the end of a run, with 64 requests in flight)
     for n in range(20):
-        body = f'{{"uuid": "whole-{n}", "objectType": "Bill", "action": "paid"}}'.encode()
-        _reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
-        head = (
-            f"POST /in/{source['id']}?token={source['secret']} HTTP/1.1\r\n"
-            f"Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
-        writer.write(head.encode() + body)
-        await writer.drain()
-        await asyncio.sleep(0)  # the gateway reads the head and starts the handler
-        # hung up with a reset (SO_LINGER 0), as a socket closed with answers unread is
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()
+        await send_and_reset(client.server.port, source, f"whole-{n}")
     await asyncio.sleep(1.0)
     # Then nothing says a dependency is down, nothing is logged at WARNING or above
     loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -133,19 +138,7 @@ async def test_callers_hanging_up_on_relay_serve_leave_no_warning_and_no_500(
             source = await resp.json()
         # When 20 callers send a whole request each and reset the connection at once
         for n in range(20):
-            body = f'{{"uuid": "serve-{n}", "objectType": "Bill", "action": "paid"}}'.encode()
-            _reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-            head = (
-                f"POST /in/{source['id']}?token={source['secret']} HTTP/1.1\r\n"
-                f"Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
-            await writer.drain()
-            await asyncio.sleep(0)
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+            await send_and_reset(gateway.port, source, f"serve-{n}")
         await asyncio.sleep(1.5)
         log = gateway.log()
     finally:
