@@ -37,35 +37,16 @@ _argv, sys.argv = sys.argv, sys.argv[:1]  # it reads its own arguments when impo
 import durable_ratio as dr  # type: ignore[import-not-found]  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import busy_since, cpu_of, cpu_sample  # noqa: E402
 from profile_gateway import ingest_backlog  # noqa: E402
 
 sys.argv = _argv
 
 PG = "postgresql://root@127.0.0.1:5432"
 REDIS = "redis://127.0.0.1:6379/11"
-TICK = os.sysconf("SC_CLK_TCK")
 SPY = ["py-spy", "record", "--idle", "-r", "200", "-f", "raw"]
 #: durable_ratio's: 4 drainers a process, claims of 256, 32 requests in flight a process
 CEILING_ARGS = ["4", "256", "32"]
-
-
-def cpu_of(pid: int, *, children: bool = False) -> float:
-    """User + system seconds of ``pid`` (and of its reaped children)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    ticks = int(fields[11]) + int(fields[12])
-    if children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / TICK
-
-
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot (/proc/stat)."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = ticks[3] + ticks[4]
-    return (sum(ticks) - idle) / TICK, sum(ticks) / TICK
 
 
 def postgres_cpu() -> float:
@@ -74,6 +55,24 @@ def postgres_cpu() -> float:
     master = int(out.stdout.split()[0])
     kids = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True)
     return cpu_of(master, children=True) + sum(cpu_of(int(p)) for p in kids.stdout.split())
+
+
+class Meter:
+    """The CPU Postgres, the sink and the whole machine use from its making to ``line``."""
+
+    def __init__(self, sink_pid: int) -> None:
+        self.sink_pid = sink_pid
+        self.postgres, self.sink = postgres_cpu(), cpu_of(sink_pid)
+        self.machine = cpu_sample()
+
+    def line(self, label: str, rate: float, workers_cpu: list[float]) -> str:
+        postgres = postgres_cpu() - self.postgres
+        sink = cpu_of(self.sink_pid) - self.sink
+        return (
+            f"{label}: {rate:,.0f} deliveries/s; workers CPU {workers_cpu} s; "
+            f"Postgres CPU {postgres:.2f} s; sink CPU {sink:.2f} s; "
+            f"machine {busy_since(self.machine):.0%} busy"
+        )
 
 
 def run(events: int, spy: str | None, n: int, cap: int = 32) -> None:
@@ -147,9 +146,7 @@ def run(events: int, spy: str | None, n: int, cap: int = 32) -> None:
         url = f"{base}/in/{src['id']}?token={src['secret']}"
         ingest_backlog(url, events)
         time.sleep(2)
-        pg_before = postgres_cpu()
-        sink_before = cpu_of(sink_proc.pid)
-        busy_before = machine_busy()
+        meter = Meter(sink_proc.pid)
         w = start("relay", "worker", "--processes", "2", env=env)
         spies: list[subprocess.Popen[bytes]] = []
         if spy:
@@ -166,21 +163,13 @@ def run(events: int, spy: str | None, n: int, cap: int = 32) -> None:
                 )
         rate = asyncio.run(dr.drained(sink, "relay", 2 * events))
         kids = subprocess.run(["pgrep", "-P", str(w.pid)], capture_output=True, text=True)
-        workers_cpu = [round(cpu_of(int(p)), 2) for p in kids.stdout.split()]
-        pg = postgres_cpu() - pg_before
-        sink_cpu = cpu_of(sink_proc.pid) - sink_before
-        busy_after = machine_busy()
-        busy = (busy_after[0] - busy_before[0]) / max(busy_after[1] - busy_before[1], 1e-9)
+        figures = meter.line("drain", rate, [round(cpu_of(int(p)), 2) for p in kids.stdout.split()])
         for s in spies:
             s.send_signal(signal.SIGINT)
             s.wait(30)
         stop(w)
         stop(g)
-        print(
-            f"drain: {rate:,.0f} deliveries/s; workers CPU {workers_cpu} s; "
-            f"Postgres CPU {pg:.2f} s; sink CPU {sink_cpu:.2f} s; machine {busy:.0%} busy",
-            flush=True,
-        )
+        print(figures, flush=True)
     finally:
         for p in procs:
             stop(p)
@@ -230,9 +219,7 @@ def ceiling(events: int, n: int) -> None:
             capture_output=True,
         )
         time.sleep(1)
-        pg_before = postgres_cpu()
-        sink_before = cpu_of(procs[0].pid)
-        busy_before = machine_busy()
+        meter = Meter(procs[0].pid)
         worker = [sys.executable, str(SHARED / "limit_durable_worker.py")]
         workers = [
             subprocess.Popen(
@@ -244,15 +231,7 @@ def ceiling(events: int, n: int) -> None:
         procs.extend(workers)
         rate = asyncio.run(dr.drained(sink, "ceiling", 2 * events))
         workers_cpu = [round(cpu_of(w.pid), 2) for w in workers]
-        pg = postgres_cpu() - pg_before
-        sink_cpu = cpu_of(procs[0].pid) - sink_before
-        busy_after = machine_busy()
-        busy = (busy_after[0] - busy_before[0]) / max(busy_after[1] - busy_before[1], 1e-9)
-        print(
-            f"ceiling drain: {rate:,.0f} deliveries/s; workers CPU {workers_cpu} s; "
-            f"Postgres CPU {pg:.2f} s; sink CPU {sink_cpu:.2f} s; machine {busy:.0%} busy",
-            flush=True,
-        )
+        print(meter.line("ceiling drain", rate, workers_cpu), flush=True)
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):

@@ -175,17 +175,27 @@ def cpu_sample() -> tuple[int, int]:
     return sum(values), values[3] + values[4]
 
 
+def cpu_of(pid: int, *, children: bool = False) -> float:
+    """User + system CPU seconds of ``pid`` so far (and of its reaped children); 0 if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def process_cpu() -> dict[int, tuple[str, float]]:
     """Every process's (command line, CPU seconds so far)."""
-    tick = os.sysconf("SC_CLK_TCK")
     got: dict[int, tuple[str, float]] = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        got[int(proc.name)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
+        got[int(proc.name)] = (cmd, cpu_of(int(proc.name)))
     return got
 
 
