@@ -26,7 +26,6 @@ committed again (at most ``FRESH_TRIES`` times, then 503).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -400,11 +399,9 @@ async def ingest_events(request: web.Request) -> web.Response:
     except web.HTTPException as exc:
         status = exc.status
         raise
-    except (ConnectionResetError, asyncio.CancelledError):
-        # the caller hung up: the body's read failed (or, with aiohttp's
-        # handler_cancellation, the handler was cancelled); no one waits for the answer
-        if caller_gone(request):
-            status = CALLER_GONE
+    except BaseException as exc:
+        if caller_gone(request, exc):
+            status = CALLER_GONE  # no one waits for the answer
         raise
     finally:
         elapsed = time.perf_counter() - started

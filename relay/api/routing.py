@@ -6,6 +6,7 @@ document, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -14,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 import pydantic
+import redis.exceptions
 from aiohttp import web
 
 from relay.core import errors, strict_json
@@ -21,6 +23,7 @@ from relay.core.auth_throttle import MANAGEMENT
 from relay.core.crypto import constant_time_equals, hash_api_key
 from relay.core.ratelimit import budget_of, spend_budget
 from relay.store import tenants as tenant_store
+from relay.store.db import POSTGRES_DOWN
 from relay.web.app_keys import LIMITER, POOL, SETTINGS, TENANT_ID, THROTTLE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -146,17 +149,26 @@ def _invalid(exc: pydantic.ValidationError) -> errors.ValidationFailed:
     return errors.ValidationFailed(summary or "invalid input", details=details)
 
 
+#: Failures of a dependency, not of the request: the API answers 503, the console
+#: its error page (unless the caller itself is gone: ``caller_gone``).
+DEPENDENCY_ERRORS = (
+    *POSTGRES_DOWN,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
 #: The status logged and counted for a request whose caller hung up before its
 #: answer (nginx's 499): neither the caller's error nor the relay's.
 CALLER_GONE = 499
 
 
-def caller_gone(request: web.Request) -> bool:
-    """Whether the caller's connection is gone: it hung up before its answer.
+def caller_gone(request: web.Request, exc: BaseException) -> bool:
+    """Whether ``exc`` is the caller hanging up before its answer, not a failure.
 
-    aiohttp then fails the body's read with ConnectionResetError, which is no
-    dependency's failure.
+    aiohttp then fails the body's read with ConnectionResetError (an OSError, as
+    Postgres's are), or cancels the handler under ``handler_cancellation``.
     """
+    if not isinstance(exc, ConnectionResetError | asyncio.CancelledError):
+        return False
     transport = request.transport
     return transport is None or transport.is_closing()
 

@@ -21,17 +21,15 @@ from urllib.parse import quote
 
 import aiohttp_jinja2
 import jinja2
-import redis.exceptions
 from aiohttp import web
 from aiohttp_session import session_middleware
 
-from relay.api.routing import caller_gone
+from relay.api.routing import DEPENDENCY_ERRORS, caller_gone
 from relay.console import dead_letters, deliveries, events, overview, portal, signin, targets
 from relay.console.render import FILTERS, GLOBALS, PREFIX, error_page, see_other
 from relay.console.session import VIEWER, csrf_ok, current_viewer, session_storage
 from relay.core import errors
 from relay.core.crypto import new_id
-from relay.store.db import POSTGRES_DOWN
 from relay.web.app_keys import CACHE, ENQUEUER, POOL, REDIS, SECRETS, SETTINGS, THROTTLE
 
 log = logging.getLogger(__name__)
@@ -41,12 +39,6 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=web.NotAppKeyWarning, module="aiohttp_session")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-#: Failures of a dependency, not of the request (as the API's error middleware has them).
-DEPENDENCY_ERRORS = (
-    *POSTGRES_DOWN,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-)
 
 HERE = Path(__file__).parent
 STATIC_DIR = HERE / "static"
@@ -109,7 +101,7 @@ async def console_errors(request: web.Request, handler: Handler) -> web.StreamRe
         message = _HTTP_MESSAGES[404] if exc.status == 404 else exc.message
         response = await error_page(request, exc.status, message)
     except DEPENDENCY_ERRORS as exc:
-        if isinstance(exc, ConnectionResetError) and caller_gone(request):
+        if caller_gone(request, exc):
             # the browser went away mid-request (aiohttp fails the form's read)
             log.debug("console: caller gone on %s", portal.loggable(request.path))
             raise

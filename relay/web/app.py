@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
-import redis.exceptions
 from aiohttp import StreamReader, web
 
 from relay.api import (
@@ -22,7 +21,7 @@ from relay.api import (
     targets,
     tenants,
 )
-from relay.api.routing import Route, add_routes, caller_gone, respond
+from relay.api.routing import DEPENDENCY_ERRORS, Route, add_routes, caller_gone, respond
 from relay.console import setup as setup_console
 from relay.core import errors
 from relay.core.auth_throttle import AuthThrottle
@@ -32,7 +31,7 @@ from relay.core.ratelimit import RateLimiter
 from relay.delivery.wakeups import Enqueuer, make_broker
 from relay.ingest.group_commit import GroupCommit
 from relay.ingest.routes import RoutingCache
-from relay.store.db import POSTGRES_DOWN, create_pool
+from relay.store.db import create_pool
 from relay.store.migrations import require_schema
 from relay.web.app_keys import (
     CACHE,
@@ -54,12 +53,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-#: Failures of a dependency, not of the request: answered 503.
-DEPENDENCY_ERRORS = (
-    *POSTGRES_DOWN,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-)
 
 _HTTP_ERRORS: dict[int, type[errors.RelayError]] = {
     400: errors.InvalidRequest,
@@ -146,7 +139,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except asyncio.CancelledError:
         raise
     except DEPENDENCY_ERRORS as exc:
-        if isinstance(exc, ConnectionResetError) and caller_gone(request):
+        if caller_gone(request, exc):
             # the caller hung up (aiohttp fails the body's read): no one to answer
             log.debug("caller gone on %s %s", request.method, request.path)
             return error_response(errors.InvalidRequest("the caller hung up"))
