@@ -418,8 +418,9 @@ FROM targets WHERE id = $1 AND kind = 'events' AND enabled AND deleted_at IS NUL
 
 
 def _touches_target(failing: bool, succeeded: bool, disable: str | None) -> bool:
-    """Whether a batch changes the target row: its failing state, or disabling it."""
-    return (failing and succeeded) or (not succeeded and (not failing or disable is not None))
+    """Whether a batch changes the target row: its failing state, or disabling it (a
+    410 disables it even among successes of the same batch)."""
+    return disable is not None or (failing and succeeded) or (not succeeded and not failing)
 
 
 async def record_batch(
@@ -530,7 +531,7 @@ async def record_batch(
                     on_breaker(BreakerChange(before, after, until))
         recorded = await write(None)
         assert recorded is not None
-        if recorded and touch_target and succeeded:
+        if recorded and touch_target and succeeded and disable is None:
             await conn.execute(_RECOVERED, target_id, recovered_after_s)
         elif recorded and touch_target:
             if disable is not None:

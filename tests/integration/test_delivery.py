@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import itertools
 import json
 import os
@@ -14,12 +15,14 @@ import standardwebhooks
 import svix.webhooks
 
 from relay.core.crypto import SecretBox, seal_headers
+from relay.store import claims
 from relay.store import targets as target_store
 from tests.conftest import SECRET_KEY, Tenant, make_tenant
 from tests.integration.test_ingest import SOFTLEDGER, make_source, make_target, post_token
 from tests.stack import (
     Receiver,
     drained,
+    ended_attempt,
     eventually,
     fail_then_succeed,
     fetch,
@@ -192,6 +195,40 @@ async def test_410_disables_the_target(
     # and nothing more is routed to it
     [second] = (await (await post_token(gateway, source, {"n": 2})).json())["event_ids"]
     assert await delivery_of(database_url, second, target["id"]) is None
+
+
+async def test_a_410_among_successes_disables_the_target(
+    gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    # Given a busy target: two attempts ended together, recorded in one batch, one of
+    # them answered 410 Gone and the other 200
+    tenant, source, target = await setup(gateway, receiver, "/busy")
+    assert (await post_token(gateway, source, [{"n": 1}, {"n": 2}])).status == 202
+    conn = await asyncpg.connect(database_url)
+    try:
+        _, [ok, gone] = await claims.claim_batch(conn, target["id"], want=2, lease_s=60)
+        answered_gone = dataclasses.replace(
+            ended_attempt(gone, 410),
+            status="dead",
+            delay_s=None,
+            disable_reason="the target answered 410 Gone",
+        )
+        batch = [ended_attempt(ok, 200), answered_gone]
+        recorded = await claims.record_batch(conn, target["id"], batch, breaker=None)
+    finally:
+        await conn.close()
+    # Then the target is disabled all the same (before, a success in the batch kept
+    # it enabled, and the backlog went on to a receiver that said it is gone)
+    assert sorted(recorded) == sorted([ok.id, gone.id])
+    got = await (await gateway.get(f"/v1/targets/{target['id']}", headers=tenant.auth)).json()
+    assert got["enabled"] is False and "410" in got["disabled_reason"]
+    [told] = await fetch(
+        database_url,
+        "SELECT payload FROM events WHERE tenant_id = $1 AND operational"
+        " AND object_type = 'Target' AND action = 'disabled'",
+        tenant.id,
+    )
+    assert "410" in json.loads(told["payload"])["data"]["reason"]
 
 
 async def test_hanging_receiver_times_out_and_the_error_is_recorded(
