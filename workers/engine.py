@@ -259,6 +259,27 @@ class _Handover:
     handing_off: bool = False
 
 
+class _Queued(NamedTuple):
+    """A delivery leased ahead of the drainer's part of the cap (migration 0024): its
+    attempt starts, with what its claim read, as one of the drainer's attempts ends."""
+
+    target: SendTarget
+    sealed: tuple[list[str], dict[str, str]]
+    row: Claimed
+    #: when its lease no longer outlasts an attempt (Engine._attempt gives it back)
+    deadline: float
+    #: the slots it holds (slot_weight)
+    weight: int
+
+
+#: A drainer alone on a target with a closed breaker leases this many times its part
+#: of the cap ahead (migration 0024), while its attempts all succeed and end within
+#: DRAINING_SOON_S: the rows past the part wait in its process, and one starts the
+#: moment an attempt ends, while the next claim is made. Without it, every slot of
+#: the cap waited ~40 % of the time for the next claim (bench/drain.py: a cycle of
+#: 32 took 10.3 ms, 4.15 of it the claim, 3.06 waiting for the record).
+AHEAD_PARTS = 1
+
 #: Deliveries a drainer claims first, before it knows the target's own cap.
 FIRST_CLAIM = 10
 #: A drainer kept out of its target's cap by other processes' drainers (a backlog
@@ -529,21 +550,39 @@ class Engine:
         handover = _Handover()
         # the last claim left due deliveries (it took all it asked, or was kept out)
         backlog = False
+        # leased ahead of this drainer's part of the cap, started as attempts end; and
+        # whether the attempts that ended last all succeeded (it leases ahead only then)
+        queued: deque[_Queued] = deque()
+        clean = False
         try:
             while True:
+                if self._closing and queued:
+                    backlog = True  # another process is woken for them, once it ends
+                    await self._give_back(target_id, tenant_id, queued)
                 if handover.handing_off and target_id in self._rewake:
                     handover.handing_off = False  # woken meanwhile: it claims again, sharing
                 self._rewake.discard(target_id)
                 if claim.more and not self._closing and not handover.handing_off:
                     try:
-                        started = len(in_flight)
+                        started = len(in_flight) + len(queued)
                         owed = False
+                        ahead = (
+                            clean
+                            and waited_s < DRAINING_SOON_S
+                            and not handover.handing_off
+                            and claim.sharers == 0
+                            and claim.target is not None
+                            and claim.target.breaker == "closed"
+                            and not claim.target.failing
+                            # (a rate limit's tokens are taken at the claim: none ahead)
+                            and claim.target.rate_limit is None
+                        )
                         claim = await self._claim_more(
-                            target_id, tenant_id, claim, in_flight, ending
+                            target_id, tenant_id, claim, in_flight, ending, queued, ahead=ahead
                         )
                         sharing = sharing or claim.sharing
                         backlog = claim.more or claim.kept_out
-                        fresh = len(in_flight) > started  # it found work
+                        fresh = len(in_flight) + len(queued) > started  # it found work
                         found += fresh
                         keep = fresh and found >= 2 and self._keeps_target(claim, waited_s)
                         if keep and (
@@ -577,6 +616,7 @@ class Engine:
                         claim = claim._replace(more=True)
                         handover.handing_off = False
                         continue
+                self._start_queued(tenant_id, in_flight, queued, self._part(claim))
                 if not in_flight:
                     if self._closing:
                         break
@@ -612,17 +652,24 @@ class Engine:
                 waiting_since = time.monotonic()
                 done = await self._wait_some(tenant_id, in_flight)
                 waited_s = time.monotonic() - waiting_since
+                clean = all(isinstance(t, _Sent) and t.attempt.status == "succeeded" for t in done)
+                if clean:
+                    # what was leased ahead takes the ended attempts' places at once
+                    self._start_queued(tenant_id, in_flight, queued, self._part(claim))
                 recording = asyncio.ensure_future(
                     self._record_ended(target_id, tenant_id, claim.target, done)
                 )
-                if all(isinstance(t, _Sent) and t.attempt.status == "succeeded" for t in done):
+                if clean:
                     # recorded while the next claim is made, which does not count
                     # their leases against the cap: they are not in flight any more
                     ending = [t.attempt.delivery.id for t in done if isinstance(t, _Sent)]
                 else:
                     # a failure may open the breaker or disable the target, a
-                    # skipped claim is given back: the next claim sees the record
+                    # skipped claim is given back: the next claim sees the record;
+                    # what was leased ahead is given back unsent
                     await asyncio.wait({recording})
+                    if queued:
+                        await self._give_back(target_id, tenant_id, queued)
                 claim = claim._replace(more=True)
         finally:
             self._backlogged.discard(target_id)
@@ -632,6 +679,9 @@ class Engine:
                     task.cancel()
                 self.slots.release(tenant_id, self._held_by(in_flight))
                 ENGINE_IN_FLIGHT.dec(len(in_flight))
+            if queued:  # likewise: their leases lapse, and the sweeper wakes them
+                self.slots.release(tenant_id, sum(q.weight for q in queued))
+                queued.clear()
             current = asyncio.current_task()
             if recording is not None and current is not None and current.cancelling():
                 recording.cancel()  # their leases lapse: the sweeper resends them
@@ -696,20 +746,27 @@ class Engine:
         last: _Round,
         in_flight: set[asyncio.Task[_Sent | Claimed]],
         ending: list[str],
+        queued: deque[_Queued],
+        *,
+        ahead: bool,
     ) -> _Round:
         """Claim and start what the target's cap (this drainer's part of it), the slots
-        and its rate limit allow (``ending``: leases whose attempts ended, being recorded)."""
+        and its rate limit allow (``ending``: leases whose attempts ended, being recorded);
+        ``ahead``: lease AHEAD_PARTS parts more if alone on the target, into ``queued``."""
         target = last.target
         cap = target.max_in_flight if target is not None else FIRST_CLAIM
+        part = claims.part_of_cap(cap, last.sharers)
+        extra = AHEAD_PARTS * part if ahead else 0
+        held = len(in_flight) + len(queued)
         # with no room, nothing is claimed: whether a backlog waits is as the last
         # claim found (a process asking for help goes on asking while its part of the
         # cap is full, and hands the target over once the helper drains it)
-        room = claims.part_of_cap(cap, last.sharers) - len(in_flight)
+        room = part + extra - held
         if room <= 0:
             return last._replace(kept_out=False)
         slots = (
             self.slots.try_acquire(tenant_id, room)
-            if in_flight
+            if held
             else await self.slots.acquire(tenant_id, room)
         )
         if slots == 0:
@@ -744,13 +801,19 @@ class Engine:
                     want=want,
                     lease_s=self.lease_s,
                     holder=self.holder,
-                    holding=len(in_flight),
+                    holding=held,
                     ending=ending,
+                    ahead=extra,
                 )
         except BaseException:
             self.slots.release(tenant_id, slots)
             raise
         fresh, rows = share.target, share.rows
+        if queued and (
+            fresh is None or not fresh.live or fresh.cooling or fresh.breaker != "closed"
+        ):
+            # gone, disabled or its breaker opened since they were leased: not sent
+            await self._give_back(target_id, tenant_id, queued)
         if fresh is None:
             self.slots.release(tenant_id, slots)
             return _Round(None, False, False, share.sharing, 0)
@@ -769,7 +832,7 @@ class Engine:
                 await self._mark_rate_limited(tenant_id, target_id, wait_s)
                 DELIVERIES.labels("rate-limited").inc()
         weights = [slot_weight(len(row.payload)) for row in rows]
-        kept = self.slots.weigh(tenant_id, weights, slots, first=not in_flight)
+        kept = self.slots.weigh(tenant_id, weights, slots, first=not held)
         rows, given_back, weights = rows[:kept], rows[kept:], weights[:kept]
         if rows:
             if len(self._weight_hint) >= MAX_WEIGHT_HINTS:
@@ -777,14 +840,13 @@ class Engine:
             self._weight_hint[target_id] = max(1, sum(weights) // len(rows))
             box = self._sealed(fresh)
             deadline = claimed_at + self.lease_s - LEASE_GUARD_S
-            for row, weight in zip(rows, weights, strict=True):
-                task = asyncio.get_running_loop().create_task(
-                    self._attempt(fresh, box, row, deadline)
-                )
-                in_flight.add(task)
-                if weight > 1:
-                    self._weights[task] = weight
-            ENGINE_IN_FLIGHT.inc(len(rows))
+            queued.extend(
+                _Queued(fresh, box, row, deadline, weight)
+                for row, weight in zip(rows, weights, strict=True)
+            )
+            self._start_queued(
+                tenant_id, in_flight, queued, claims.part_of_cap(fresh.max_in_flight, share.sharers)
+            )
         if given_back:
             # the tenant's share of the slots does not hold their payloads: given back
             # (after the kept ones' slots went to their attempts), due at once, claimed
@@ -795,7 +857,50 @@ class Engine:
         # last claim: another process joined) takes fewer than it wanted, and leaves
         # a backlog all the same: it shares because as many were due as it asked
         more = len(rows) == want or (share.sharing and bool(rows))
+        if not rows and held >= claims.part_of_cap(fresh.max_in_flight, share.sharers):
+            # asked to lease ahead, it found its part full (the cap is shared now, or
+            # another drainer holds leases): as with no room, the backlog is as it was
+            more = last.more
         return _Round(fresh, more, share.kept_out, share.sharing, share.sharers)
+
+    @staticmethod
+    def _part(claim: _Round) -> int:
+        """The attempts a drainer may have in flight at once: its part of the cap."""
+        cap = claim.target.max_in_flight if claim.target is not None else FIRST_CLAIM
+        return claims.part_of_cap(cap, claim.sharers)
+
+    def _start_queued(
+        self,
+        tenant_id: str,
+        in_flight: set[asyncio.Task[_Sent | Claimed]],
+        queued: deque[_Queued],
+        part: int,
+    ) -> None:
+        """Start what is queued, in claim order, while fewer than ``part`` are in flight
+        (nothing once the engine closes: what is queued is given back)."""
+        if self._closing:
+            return
+        started = 0
+        loop = asyncio.get_running_loop()
+        while queued and len(in_flight) < part:
+            q = queued.popleft()
+            task = loop.create_task(self._attempt(q.target, q.sealed, q.row, q.deadline))
+            in_flight.add(task)
+            if q.weight > 1:
+                self._weights[task] = q.weight
+            started += 1
+        ENGINE_IN_FLIGHT.inc(started)
+
+    async def _give_back(self, target_id: str, tenant_id: str, queued: deque[_Queued]) -> None:
+        """Give back what was leased ahead and not started, due at once, no attempt spent."""
+        rows = [q.row for q in queued]
+        self.slots.release(tenant_id, sum(q.weight for q in queued))
+        queued.clear()
+        try:
+            await self._release(tenant_id, rows, delay_s=0.0)
+        except Exception as exc:  # their leases lapse: the sweeper wakes them
+            log.warning("release of %d claims of %s failed: %r", len(rows), target_id, exc)
+        self._rewake.add(target_id)
 
     def _held_by(self, tasks: Iterable[asyncio.Task[_Sent | Claimed]]) -> int:
         """The slots ``tasks`` hold, forgetting their weights."""

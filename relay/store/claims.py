@@ -123,7 +123,7 @@ WHERE t.id = $1
 # One call claims (migrations 0016, 0018, 0019: the lock, the target read after it,
 # the claim, the cap's share among drainers, the payloads up to INLINE_PAYLOAD_BYTES):
 # see relay_claim() there.
-_CLAIM = "SELECT * FROM relay_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_CLAIM = "SELECT * FROM relay_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 
 #: A claim answers its events' payloads up to this many bytes in all (no round trip
 #: more); the others are read apart, a row each, once the claim's transaction (and its
@@ -184,6 +184,7 @@ async def claim_share(
     holder: str | None = None,
     holding: int = 0,
     ending: Sequence[str] = (),
+    ahead: int = 0,
 ) -> Share:
     """Claim up to ``want`` due deliveries of a target, within its cap and its breaker.
 
@@ -207,6 +208,12 @@ async def claim_share(
     is on its way (another connection): they are not in flight at the target, so
     the claim does not count them against the cap, and a drainer can claim their
     replacements while it records them.
+
+    ``ahead``: leases past its part that the holder may take while no other
+    drainer holds a lease of the target and its breaker is closed (migration
+    0024). Its process starts no more than its part at once, and queues the
+    rest; another drainer's claim counts them as in flight, so the cap stays
+    strict across processes.
     """
     row = await conn.fetchrow(
         _CLAIM,
@@ -220,6 +227,7 @@ async def claim_share(
         SHARE_MIN_PART,
         list(ending),
         INLINE_PAYLOAD_BYTES,
+        ahead,
     )
     if row is None:
         return Share(None, [], 0, False, False)

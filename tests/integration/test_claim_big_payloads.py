@@ -52,7 +52,7 @@ async def test_a_claim_of_big_events_spills_nothing_and_answers_each_payload_who
     bodies = _bodies(count, size)
     target = await _due(client, tenant, bodies)
     args = [target["id"], claims._CLAIM_LOCK, 100, 30.0, None, 0]
-    args += [claims.SHARE_S, claims.SHARE_MIN_PART, [], claims.INLINE_PAYLOAD_BYTES]
+    args += [claims.SHARE_S, claims.SHARE_MIN_PART, [], claims.INLINE_PAYLOAD_BYTES, 0]
     conn = await asyncpg.connect(database_url)
     try:
         # When the claim runs (measured, then rolled back), and when a worker claims

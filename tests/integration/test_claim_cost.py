@@ -114,6 +114,7 @@ async def pages_read(conn: asyncpg.Connection, target: str, want: int) -> tuple[
             1,
             [],
             None,
+            0,
         )
         assert warm["claimed"] == []  # its statements planned, on a target with nothing due
         [plan] = json.loads(
@@ -129,6 +130,7 @@ async def pages_read(conn: asyncpg.Connection, target: str, want: int) -> tuple[
                 claims.SHARE_MIN_PART,
                 [],
                 claims.INLINE_PAYLOAD_BYTES,
+                0,
             )
         )
         claimed = await conn.fetchval(
@@ -172,7 +174,7 @@ async def test_a_record_reads_pages_for_what_it_records_not_for_the_backlog(
     try:
         # (the backlog's deliveries have no events: the call's own answer names them)
         claim = await conn.fetchrow(
-            claims._CLAIM, target, claims._CLAIM_LOCK, CAP, 30.0, None, 0, 0.0, 1, [], None
+            claims._CLAIM, target, claims._CLAIM_LOCK, CAP, 30.0, None, 0, 0.0, 1, [], None, 0
         )
         assert len(claim["claimed"]) == CAP
         now = datetime.now(UTC)
