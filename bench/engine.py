@@ -255,6 +255,8 @@ class Stack:
         self.port, self.hang_port, self.gw_port = free_port(), free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.gw_port}"
         self.http: aiohttp.ClientSession
+        #: leave the database when done (its name printed), to look into afterwards
+        self.keep = False
 
     async def __aenter__(self) -> Stack:
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512))
@@ -276,7 +278,10 @@ class Stack:
         await self.http.close()
         for proc in self.procs:
             stop(proc)
-        await sql(ADMIN_DSN, f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+        if self.keep:
+            print(f"database kept: {self.dsn}", flush=True)
+        else:
+            await sql(ADMIN_DSN, f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
         if exc[0] is not None:
             tail = self.log.read_text(errors="replace")[-3000:]
             print(f"--- last lines of the relay's output ({self.log}):\n{tail}", file=sys.stderr)

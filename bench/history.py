@@ -1,10 +1,10 @@
 """Does anything cost more as history grows? Every figure empty, then with history, in one run.
 
-    python bench/history.py [--events 2000000] [--quick] [--results] [--redis URL]
+    python bench/history.py [--events 2000000] [--quick] [--results] [--redis URL] [--keep]
 
 Prints figures; asserts nothing. Needs Postgres (DATABASE_URL, default
 postgresql://root@127.0.0.1:5432/test: a fresh database bench_history_<pid> is
-created and dropped at the end, error or not), Redis (--redis, default db 12,
+created and dropped at the end, error or not, unless --keep), Redis (--redis, default db 12,
 flushed at the start) and wrk on the PATH. The relay it starts is the one of
 this checkout (PYTHONPATH is set to it). Every process it starts is in its own
 process group and is killed at the end.
@@ -407,6 +407,7 @@ def ratio(empty: tuple[float, ...], full: tuple[float, ...]) -> str:
 async def run(args: argparse.Namespace, logdir: Path) -> list[tuple[str, str, str, str]]:
     engine.REDIS_URL = args.redis
     stack = Stack("history", logdir)
+    stack.keep = args.keep
     stack.env |= {
         "PYTHONPATH": str(ROOT),
         "REDIS_URL": args.redis,
@@ -460,6 +461,9 @@ def main() -> None:
         "--day-partitions",
         action="store_true",
         help="fill the history into its days' partitions (realistic; a much slower fill)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the database at the end (its name printed)"
     )
     args = parser.parse_args()
     global DAY_PARTITIONS
