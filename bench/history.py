@@ -13,9 +13,13 @@ process group and is killed at the end.
    3650, so the sweeper purges nothing by itself); tenant H (one token source, two
    targets on a local receiver that answers 200 at once), tenant I (a source, no
    target: the ingest figure), tenant D (a source, one target: the drain figure).
-2. The figures, measured on the empty database (but for a seed of 1,000 events of
-   history, so every list has a page of rows), then again with history, writes
-   first:
+2. The figures, measured on the "empty" database, then again with history, writes
+   first. The empty database holds the history's last day (--events / 40 events over
+   the last day, as the history fills it): what a page shows (its lists, a chart of
+   the last hours, figures of the last day) is then the same in both runs, and the
+   ratio says what the 39 older days cost. With --sparse-seed it holds 1,000 events
+   over 40 days instead (the baseline before 2026-12-07): its lists have a page of
+   rows, but its charts and figures are nearly empty, so a page draws less;
    - e2e: 300 single events/s to H for --seconds, open loop, POST start to the
      receiver's receipt, p50/p99;
    - ingest: wrk -t1 -c64 POSTing a single event to I for --seconds, events/s;
@@ -27,12 +31,14 @@ process group and is killed at the end.
    - retention: the sweeper's own entry point (housekeeping.purge_old_events,
      batch after batch until a batch is short, then purge_old_rollups when the
      checkout has it) with a retention of 30 days, so the oldest 10 of the 40
-     days of history go (on the empty database, the seed's oldest quarter).
-3. The history, between the two: --events events to H (default 2,000,000), filled
-   with set-based SQL (generate_series) in chunks, spread evenly over the 40 days
-   up to a minute ago, each with 2 deliveries (one per target) and one attempt per
-   delivery (so 2 per event): 98.5 % succeeded (200 in 5..54 ms), 1.5 % dead (a
-   503), with their delivery_deaths rows; then the figures' deltas are folded
+     days of history go (on the empty database, nothing, or with --sparse-seed the
+     seed's oldest quarter).
+3. The history, between the two: --events events to H in all (default 2,000,000),
+   filled with set-based SQL (generate_series) in chunks, spread evenly over the 39
+   days before the last (over the 40 days with --sparse-seed), each with 2
+   deliveries (one per target) and one attempt per delivery (so 2 per event):
+   98.5 % succeeded (200 in 5..54 ms), 1.5 % dead (a 503), with their
+   delivery_deaths rows; then the figures' deltas are folded
    (when the checkout keeps figures), VACUUM ANALYZE, a CHECKPOINT, and the
    gateway and the worker are restarted (no plan cached from the empty run).
 
@@ -122,9 +128,16 @@ def ident(prefix: str, serial: str) -> str:
 
 
 async def fill(
-    dsn: str, tenant_id: str, viewer: Viewer, events: int, *, quiet: bool = False
+    dsn: str,
+    tenant_id: str,
+    viewer: Viewer,
+    events: int,
+    *,
+    days: tuple[int, int] = (0, DAYS),
+    quiet: bool = False,
 ) -> float:
-    """``events`` events of history to the tenant, with their deliveries and attempts."""
+    """``events`` events of history to the tenant, with their deliveries and attempts,
+    spread evenly from ``days[1]`` days ago to ``days[0]`` days ago (and a minute)."""
     started = time.perf_counter()
     conn = await asyncpg.connect(dsn)
     try:
@@ -155,14 +168,16 @@ async def fill(
         for first in range(0, events, CHUNK):
             last = min(events, first + CHUNK)
             async with conn.transaction():
-                # event g at now() - 40 days + g/N of 40 days (the last a minute ago)
+                # event g at days[1] days ago + g/N of the span (the last days[0] days
+                # and a minute ago)
                 await conn.execute(
                     f"""
                     CREATE TEMP TABLE chunk ON COMMIT DROP AS
                     SELECT g, at, pg_temp.ulid_time(at) AS tp, (hashint8(g) & 1023) < 15 AS dead
                     FROM (
-                        SELECT g, now() - interval '1 minute'
-                                  - (($3::bigint - g)::float8 / $3) * interval '{DAYS} days' AS at
+                        SELECT g, now() - interval '1 minute' - interval '{days[0]} days'
+                                  - (($3::bigint - g)::float8 / $3)
+                                    * interval '{days[1] - days[0]} days' AS at
                         FROM generate_series($1::bigint, $2::bigint) AS g
                     ) x
                     """,
@@ -421,19 +436,24 @@ async def run(args: argparse.Namespace, logdir: Path) -> list[tuple[str, str, st
         h_id, h = await make_tenant(stack, "h", 2)
         _, i = await make_tenant(stack, "i", 0)
         d = await make_tenant(stack, "d", 1)
-        # a page's worth of every list, so the empty run's pages hold rows too
+        # the last day's traffic as the history has it (the pages' windows and lists
+        # show the same then), or with --sparse-seed a page's worth of every list
         relay.stop_worker()
-        await fill(stack.dsn, h_id, h, SEED, quiet=True)
+        if args.sparse_seed:
+            seed, seed_days, history_days = SEED, (0, DAYS), (0, DAYS)
+        else:
+            seed, seed_days, history_days = args.events // DAYS, (0, 1), (1, DAYS)
+        await fill(stack.dsn, h_id, h, seed, days=seed_days, quiet=True)
         relay.worker = await stack.worker()
         await latencies(stack, (await send_paced(h.ingest_url, 1, 1)).sent, wait=60)  # warm
-        print(f"  empty database (a seed of {SEED:,} events over {DAYS} days):", flush=True)
+        print(f"  empty database (a seed of {seed:,} events over {seed_days[1]} days):", flush=True)
         empty = await measure(relay, h, i, d, args)
         empty["retention of 10 days"] = await retention(stack.dsn)
         for name, value in empty.items():
             print(f"    {name:<44} {show(value, name)}", flush=True)
-        print(f"  filling {args.events:,} events of history:", flush=True)
+        print(f"  filling {args.events - seed:,} events of history:", flush=True)
         relay.stop_worker()
-        took = await fill(stack.dsn, h_id, h, args.events)
+        took = await fill(stack.dsn, h_id, h, args.events - seed, days=history_days)
         print(f"    filled in {took:,.0f} s", flush=True)
         await relay.restart()
         await latencies(stack, (await send_paced(h.ingest_url, 1, 1)).sent, wait=60)  # warm
@@ -464,6 +484,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the database at the end (its name printed)"
+    )
+    parser.add_argument(
+        "--sparse-seed",
+        action="store_true",
+        help=f"the empty database holds {SEED:,} events over {DAYS} days (before 2026-12-07:"
+        " its pages' windows nearly empty), not the history's last day",
     )
     args = parser.parse_args()
     global DAY_PARTITIONS
