@@ -146,6 +146,7 @@ class Sweeper:
             log.info("purged %d events past retention", purged)
         await housekeeping.purge_old_rollups(conn, self.settings.retention_days)
         await housekeeping.vacuum_rollup_deltas(conn)
+        await housekeeping.vacuum_churned(conn)
         await housekeeping.purge_lapsed_leases(conn)
         await self.repair_stranded_keys(conn)
 
