@@ -619,6 +619,9 @@ class Engine:
                 self._start_queued(tenant_id, in_flight, queued, self._part(claim))
                 if not in_flight:
                     if self._closing:
+                        if queued:  # claimed as the engine closed: none was started
+                            backlog = True
+                            await self._give_back(target_id, tenant_id, queued)
                         break
                     if target_id in self._rewake:
                         claim = claim._replace(more=True)
@@ -813,7 +816,11 @@ class Engine:
             fresh is None or not fresh.live or fresh.cooling or fresh.breaker != "closed"
         ):
             # gone, disabled or its breaker opened since they were leased: not sent
-            await self._give_back(target_id, tenant_id, queued)
+            try:
+                await self._give_back(target_id, tenant_id, queued)
+            except BaseException:  # cancelled (a close that timed out): their leases lapse
+                self.slots.release(tenant_id, slots)
+                raise
         if fresh is None:
             self.slots.release(tenant_id, slots)
             return _Round(None, False, False, share.sharing, 0)

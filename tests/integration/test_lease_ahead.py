@@ -302,3 +302,44 @@ async def test_a_closing_process_gives_back_what_it_leased_ahead(
     sent = len(receiver.at("/closing"))
     assert statuses["succeeded"] == (sent, sent)
     assert statuses["pending"] == (events - sent, 0)
+
+
+async def test_what_a_claim_took_as_the_process_closed_is_given_back(
+    client: Any,
+    tenant: Tenant,
+    engines: list[Engine],
+    receiver: Receiver,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a backlog, and a process that begins to close while its first claim of it
+    # is on its way (nothing in flight yet)
+    events = 4 * CAP
+    target = await _backlog(client, tenant, receiver.on("/late", Concurrency(QUICK_S)), events)
+    first, _ = engines
+    claim_share = claims.claim_share
+
+    async def closing_meanwhile(*args: Any, **kwargs: Any) -> claims.Share:
+        share = await claim_share(*args, **kwargs)
+        first._closing = True  # (what Engine.close does first)
+        return share
+
+    monkeypatch.setattr(claims, "claim_share", closing_meanwhile)
+    first.wake(target["id"], tenant.id)
+
+    async def drainer_ended() -> bool:
+        return target["id"] not in first._drainers
+
+    await eventually(drainer_ended, timeout=10, every=0.01)
+    # Then what it claimed was neither sent nor kept leased (before, it stayed leased,
+    # unsent, until its lease lapsed): every delivery is due, no attempt spent
+    assert receiver.at("/late") == []
+    [row] = await fetch(database_url, LIVE_LEASES, target["id"])
+    assert row[0] == 0
+    rows = await fetch(
+        database_url,
+        "SELECT status, count(*) AS n, sum(attempt_count) AS attempts FROM deliveries"
+        " WHERE target_id = $1 GROUP BY status",
+        target["id"],
+    )
+    assert {r["status"]: (r["n"], r["attempts"]) for r in rows} == {"pending": (events, 0)}
