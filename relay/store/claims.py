@@ -539,6 +539,15 @@ async def record_batch(
                     on_breaker(BreakerChange(before, after, until))
         recorded = await write(None)
         assert recorded is not None
+        if disable is not None:
+            # only an answer that was recorded disables the target (a 410 whose lease
+            # was lost is another worker's to make again)
+            kept = set(recorded)
+            disable = next(
+                (a.disable_reason for a in attempts if a.disable_reason and a.delivery.id in kept),
+                None,
+            )
+            touch_target = _touches_target(failing_now, succeeded, disable)
         if recorded and touch_target and succeeded and disable is None:
             await conn.execute(_RECOVERED, target_id, recovered_after_s)
         elif recorded and touch_target:

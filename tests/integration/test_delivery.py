@@ -231,6 +231,36 @@ async def test_a_410_among_successes_disables_the_target(
     assert "410" in json.loads(told["payload"])["data"]["reason"]
 
 
+async def test_a_410_whose_lease_was_lost_does_not_disable_the_target(
+    gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    # Given two attempts recorded together, one 200 and one 410 whose lease another
+    # worker has taken since (its attempt is not recorded: that worker makes it again)
+    tenant, source, target = await setup(gateway, receiver, "/lost")
+    assert (await post_token(gateway, source, [{"n": 1}, {"n": 2}])).status == 202
+    conn = await asyncpg.connect(database_url)
+    try:
+        _, [ok, gone] = await claims.claim_batch(conn, target["id"], want=2, lease_s=60)
+        await conn.execute(
+            "UPDATE deliveries SET locked_until = locked_until + interval '1 s' WHERE id = $1",
+            gone.id,
+        )
+        answered_gone = dataclasses.replace(
+            ended_attempt(gone, 410),
+            status="dead",
+            delay_s=None,
+            disable_reason="the target answered 410 Gone",
+        )
+        batch = [ended_attempt(ok, 200), answered_gone]
+        recorded = await claims.record_batch(conn, target["id"], batch, breaker=None)
+    finally:
+        await conn.close()
+    # Then only the success is recorded, and the target stays enabled
+    assert recorded == [ok.id]
+    got = await (await gateway.get(f"/v1/targets/{target['id']}", headers=tenant.auth)).json()
+    assert got["enabled"] is True
+
+
 async def test_hanging_receiver_times_out_and_the_error_is_recorded(
     worker: Any, gateway: Any, receiver: Receiver, database_url: str
 ) -> None:
