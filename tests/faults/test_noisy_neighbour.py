@@ -148,6 +148,14 @@ async def _scenario(
                 for i in range(3):
                     url = f"http://n{i}.{SLOW_ZONE}:{port}/slow/{i}"
                     await call("POST", "/v1/targets", noisy, {"url": url})
+            # and one event of the noisy tenant's, within its budget: its targets (the
+            # slow zone's among them) have deliveries whatever the budget lets in of the
+            # noise's own 900 KB events (one, or none when another noise's bytes came first)
+            first = {"uuid": "noisy-first", "objectType": "Bill", "action": "paid"}
+            first["data"] = {"invoice": {"id": 1}}
+            noisy_url = f"{base}/in/{noisy_source['id']}?token={noisy_source['secret']}"
+            async with http.post(noisy_url, json=first) as r:
+                assert r.status == 202, await r.text()
             # When the noisy tenant's process makes all its noise for NOISE_S seconds
             config = {
                 "base": base,
