@@ -556,9 +556,6 @@ class Engine:
         clean = False
         try:
             while True:
-                if self._closing and queued:
-                    backlog = True  # another process is woken for them, once it ends
-                    await self._give_back(target_id, tenant_id, queued)
                 if handover.handing_off and target_id in self._rewake:
                     handover.handing_off = False  # woken meanwhile: it claims again, sharing
                 self._rewake.discard(target_id)
@@ -616,12 +613,14 @@ class Engine:
                         claim = claim._replace(more=True)
                         handover.handing_off = False
                         continue
+                if self._closing and queued:
+                    # none is started once the engine closes: given back, and another
+                    # process is woken for them once this drainer ends
+                    backlog = True
+                    await self._give_back(target_id, tenant_id, queued)
                 self._start_queued(tenant_id, in_flight, queued, self._part(claim))
                 if not in_flight:
                     if self._closing:
-                        if queued:  # claimed as the engine closed: none was started
-                            backlog = True
-                            await self._give_back(target_id, tenant_id, queued)
                         break
                     if target_id in self._rewake:
                         claim = claim._replace(more=True)
@@ -682,9 +681,7 @@ class Engine:
                     task.cancel()
                 self.slots.release(tenant_id, self._held_by(in_flight))
                 ENGINE_IN_FLIGHT.dec(len(in_flight))
-            if queued:  # likewise: their leases lapse, and the sweeper wakes them
-                self.slots.release(tenant_id, sum(q.weight for q in queued))
-                queued.clear()
+            self._unqueue(tenant_id, queued)  # likewise: their leases lapse, the sweeper wakes them
             current = asyncio.current_task()
             if recording is not None and current is not None and current.cancelling():
                 recording.cancel()  # their leases lapse: the sweeper resends them
@@ -757,8 +754,7 @@ class Engine:
         and its rate limit allow (``ending``: leases whose attempts ended, being recorded);
         ``ahead``: lease AHEAD_PARTS parts more if alone on the target, into ``queued``."""
         target = last.target
-        cap = target.max_in_flight if target is not None else FIRST_CLAIM
-        part = claims.part_of_cap(cap, last.sharers)
+        part = self._part(last)
         extra = AHEAD_PARTS * part if ahead else 0
         held = len(in_flight) + len(queued)
         # with no room, nothing is claimed: whether a backlog waits is as the last
@@ -824,6 +820,7 @@ class Engine:
         if fresh is None:
             self.slots.release(tenant_id, slots)
             return _Round(None, False, False, share.sharing, 0)
+        fresh_part = claims.part_of_cap(fresh.max_in_flight, share.sharers)
         if fresh.rate_limit is not None and limit is None and rows:
             # the first claim learnt of the limit: give back what it does not admit
             taken, wait_s = await self.ctx.limiter.take(
@@ -851,9 +848,7 @@ class Engine:
                 _Queued(fresh, box, row, deadline, weight)
                 for row, weight in zip(rows, weights, strict=True)
             )
-            self._start_queued(
-                tenant_id, in_flight, queued, claims.part_of_cap(fresh.max_in_flight, share.sharers)
-            )
+            self._start_queued(tenant_id, in_flight, queued, fresh_part)
         if given_back:
             # the tenant's share of the slots does not hold their payloads: given back
             # (after the kept ones' slots went to their attempts), due at once, claimed
@@ -864,7 +859,7 @@ class Engine:
         # last claim: another process joined) takes fewer than it wanted, and leaves
         # a backlog all the same: it shares because as many were due as it asked
         more = len(rows) == want or (share.sharing and bool(rows))
-        if not rows and held >= claims.part_of_cap(fresh.max_in_flight, share.sharers):
+        if not rows and held >= fresh_part:
             # asked to lease ahead, it found its part full (the cap is shared now, or
             # another drainer holds leases): as with no room, the backlog is as it was
             more = last.more
@@ -898,11 +893,16 @@ class Engine:
             started += 1
         ENGINE_IN_FLIGHT.inc(started)
 
-    async def _give_back(self, target_id: str, tenant_id: str, queued: deque[_Queued]) -> None:
-        """Give back what was leased ahead and not started, due at once, no attempt spent."""
+    def _unqueue(self, tenant_id: str, queued: deque[_Queued]) -> list[Claimed]:
+        """Empty ``queued``, its slots released; its claims."""
         rows = [q.row for q in queued]
         self.slots.release(tenant_id, sum(q.weight for q in queued))
         queued.clear()
+        return rows
+
+    async def _give_back(self, target_id: str, tenant_id: str, queued: deque[_Queued]) -> None:
+        """Give back what was leased ahead and not started, due at once, no attempt spent."""
+        rows = self._unqueue(tenant_id, queued)
         try:
             await self._release(tenant_id, rows, delay_s=0.0)
         except Exception as exc:  # their leases lapse: the sweeper wakes them
