@@ -197,16 +197,22 @@ async def test_410_disables_the_target(
     assert await delivery_of(database_url, second, target["id"]) is None
 
 
-async def test_a_410_among_successes_disables_the_target(
-    gateway: Any, receiver: Receiver, database_url: str
-) -> None:
-    # Given a busy target: two attempts ended together, recorded in one batch, one of
-    # them answered 410 Gone and the other 200
-    tenant, source, target = await setup(gateway, receiver, "/busy")
+async def _record_200_and_410(
+    gateway: Any, receiver: Receiver, database_url: str, path: str, *, lose_410_lease: bool
+) -> tuple[Tenant, dict[str, Any], list[str], list[str]]:
+    """Two attempts of one target recorded in one batch, as a worker does: one answered
+    200, the other 410 Gone (``lose_410_lease``: another worker took the 410's lease
+    meanwhile). The tenant, the target, the two deliveries' ids and those recorded."""
+    tenant, source, target = await setup(gateway, receiver, path)
     assert (await post_token(gateway, source, [{"n": 1}, {"n": 2}])).status == 202
     conn = await asyncpg.connect(database_url)
     try:
         _, [ok, gone] = await claims.claim_batch(conn, target["id"], want=2, lease_s=60)
+        if lose_410_lease:
+            await conn.execute(
+                "UPDATE deliveries SET locked_until = locked_until + interval '1 s' WHERE id = $1",
+                gone.id,
+            )
         answered_gone = dataclasses.replace(
             ended_attempt(gone, 410),
             status="dead",
@@ -217,9 +223,20 @@ async def test_a_410_among_successes_disables_the_target(
         recorded = await claims.record_batch(conn, target["id"], batch, breaker=None)
     finally:
         await conn.close()
+    return tenant, target, [ok.id, gone.id], recorded
+
+
+async def test_a_410_among_successes_disables_the_target(
+    gateway: Any, receiver: Receiver, database_url: str
+) -> None:
+    # Given a busy target: two attempts ended together, recorded in one batch, one of
+    # them answered 410 Gone and the other 200
+    tenant, target, [ok, gone], recorded = await _record_200_and_410(
+        gateway, receiver, database_url, "/busy", lose_410_lease=False
+    )
     # Then the target is disabled all the same (before, a success in the batch kept
     # it enabled, and the backlog went on to a receiver that said it is gone)
-    assert sorted(recorded) == sorted([ok.id, gone.id])
+    assert sorted(recorded) == sorted([ok, gone])
     got = await (await gateway.get(f"/v1/targets/{target['id']}", headers=tenant.auth)).json()
     assert got["enabled"] is False and "410" in got["disabled_reason"]
     [told] = await fetch(
@@ -236,27 +253,11 @@ async def test_a_410_whose_lease_was_lost_does_not_disable_the_target(
 ) -> None:
     # Given two attempts recorded together, one 200 and one 410 whose lease another
     # worker has taken since (its attempt is not recorded: that worker makes it again)
-    tenant, source, target = await setup(gateway, receiver, "/lost")
-    assert (await post_token(gateway, source, [{"n": 1}, {"n": 2}])).status == 202
-    conn = await asyncpg.connect(database_url)
-    try:
-        _, [ok, gone] = await claims.claim_batch(conn, target["id"], want=2, lease_s=60)
-        await conn.execute(
-            "UPDATE deliveries SET locked_until = locked_until + interval '1 s' WHERE id = $1",
-            gone.id,
-        )
-        answered_gone = dataclasses.replace(
-            ended_attempt(gone, 410),
-            status="dead",
-            delay_s=None,
-            disable_reason="the target answered 410 Gone",
-        )
-        batch = [ended_attempt(ok, 200), answered_gone]
-        recorded = await claims.record_batch(conn, target["id"], batch, breaker=None)
-    finally:
-        await conn.close()
+    tenant, target, [ok, _], recorded = await _record_200_and_410(
+        gateway, receiver, database_url, "/lost", lose_410_lease=True
+    )
     # Then only the success is recorded, and the target stays enabled
-    assert recorded == [ok.id]
+    assert recorded == [ok]
     got = await (await gateway.get(f"/v1/targets/{target['id']}", headers=tenant.auth)).json()
     assert got["enabled"] is True
 

@@ -58,6 +58,17 @@ async def _backlog(
     return target
 
 
+async def _deliveries_by_status(database_url: str, target_id: str) -> dict[str, tuple[int, int]]:
+    """The target's deliveries by status: how many, and their attempts in all."""
+    rows = await fetch(
+        database_url,
+        "SELECT status, count(*) AS n, sum(attempt_count) AS attempts FROM deliveries"
+        " WHERE target_id = $1 GROUP BY status",
+        target_id,
+    )
+    return {r["status"]: (r["n"], r["attempts"]) for r in rows}
+
+
 @pytest.fixture
 def held_after_claims(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The leases each drainer held after each of its claims (those it held before the
@@ -292,13 +303,7 @@ async def test_a_closing_process_gives_back_what_it_leased_ahead(
     # back at once, due for another process, rather than held until its lease lapses
     [row] = await fetch(database_url, LIVE_LEASES, target["id"])
     assert row[0] == 0
-    rows = await fetch(
-        database_url,
-        "SELECT status, count(*) AS n, sum(attempt_count) AS attempts FROM deliveries"
-        " WHERE target_id = $1 GROUP BY status",
-        target["id"],
-    )
-    statuses = {r["status"]: (r["n"], r["attempts"]) for r in rows}
+    statuses = await _deliveries_by_status(database_url, target["id"])
     sent = len(receiver.at("/closing"))
     assert statuses["succeeded"] == (sent, sent)
     assert statuses["pending"] == (events - sent, 0)
@@ -336,10 +341,4 @@ async def test_what_a_claim_took_as_the_process_closed_is_given_back(
     assert receiver.at("/late") == []
     [row] = await fetch(database_url, LIVE_LEASES, target["id"])
     assert row[0] == 0
-    rows = await fetch(
-        database_url,
-        "SELECT status, count(*) AS n, sum(attempt_count) AS attempts FROM deliveries"
-        " WHERE target_id = $1 GROUP BY status",
-        target["id"],
-    )
-    assert {r["status"]: (r["n"], r["attempts"]) for r in rows} == {"pending": (events, 0)}
+    assert await _deliveries_by_status(database_url, target["id"]) == {"pending": (events, 0)}
