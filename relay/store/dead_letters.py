@@ -11,6 +11,7 @@ from relay.store.db import Conn, Queries
 from relay.store.deliveries import DELIVERY_COLUMNS, delivery_page
 from relay.store.key_queues import lock_keys, promote_keys
 from relay.store.rows import Delivery, Replayed
+from relay.store.sql import optional_filters, pinned_order
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,30 +43,39 @@ class DeadLetterFilter:
 
 #: How many parameters ``dead_letter_match`` takes.
 DEAD_LETTER_PARAMS = 9
-#: The first parameter after those of ``dead_letter_match(1)``.
+#: The first parameter after those of ``dead_letter_match``.
 _NEXT = DEAD_LETTER_PARAMS + 1
 
 
-def dead_letter_match(first: int) -> str:
-    """The one rule of what a dead-letter selection holds, on ``deliveries d``.
+def dead_letter_match(args: Sequence[Any], *, descending: bool = True) -> tuple[str, str]:
+    """The one rule of what a dead-letter selection holds, on ``deliveries d``: its
+    condition and its ORDER BY (newest first, or oldest with ``descending`` False).
 
-    Parameters ``$first`` … ``$first+8``, in the order of ``dead_letter_args``.
+    Parameters ``$1`` … ``$9`` are ``args`` (``dead_letter_args``); a filter not
+    given is left out of the statement (``optional_filters``). The tenant and the
+    target are pinned (``pinned_order``): a tenant's dead letters are read off
+    ``(tenant_id, id DESC)`` (migration 0025), a target's off
+    ``(tenant_id, target_id, id DESC)`` or ``(target_id, id DESC)``, never past
+    other tenants'.
     """
-    p = [f"${first + i}" for i in range(DEAD_LETTER_PARAMS)]
-    return f"""
-        d.status = 'dead'
-        AND ({p[0]}::text IS NULL OR d.tenant_id = {p[0]})
-        AND ({p[1]}::text IS NULL OR d.target_id = {p[1]})
-        AND ({p[2]}::timestamptz IS NULL OR d.created_at >= {p[2]})
-        AND ({p[3]}::timestamptz IS NULL OR d.created_at < {p[3]})
-        AND ({p[4]}::int IS NULL OR d.last_status_code = {p[4]})
-        AND ({p[5]}::text IS NULL OR d.last_error ILIKE {p[5]})
-        AND ({p[6]}::text[] IS NULL OR d.id = ANY({p[6]}))
-        AND ({p[7]}::text IS NULL OR d.id <= {p[7]})
-        AND (NOT {p[8]}::bool OR EXISTS (
-            SELECT 1 FROM targets t WHERE t.id = d.target_id AND t.deleted_at IS NULL
-        ))
-    """
+    tenant_id, target_id, since, until, status_code, error, ids, up_to_id, replayable = args
+    pins = [("d.tenant_id", "$1::text")] if tenant_id is not None else []
+    pins += [("d.target_id", "$2::text")] if target_id is not None else []
+    pinned, order = pinned_order(pins, "d.id", descending=descending)
+    live_target = "SELECT 1 FROM targets t WHERE t.id = d.target_id AND t.deleted_at IS NULL"
+    where = optional_filters(
+        # the tenant and the target: pinned above when given, else "$n IS NULL"
+        ("$1::text", "", None) if tenant_id is None else None,
+        ("$2::text", "", None) if target_id is None else None,
+        ("$3::timestamptz", "d.created_at >= $3::timestamptz", since),
+        ("$4::timestamptz", "d.created_at < $4::timestamptz", until),
+        ("$5::int", "d.last_status_code = $5::int", status_code),
+        ("$6::text", "d.last_error ILIKE $6::text", error),
+        ("$7::text[]", "d.id = ANY($7::text[])", ids),
+        ("$8::text", "d.id <= $8::text", up_to_id),
+        ("$9::bool", f"$9::bool AND EXISTS ({live_target})", replayable),
+    )
+    return f"d.status = 'dead' AND {pinned} AND {where}", order
 
 
 def dead_letter_args(tenant_id: str | None, flt: DeadLetterFilter) -> list[Any]:
@@ -79,7 +89,7 @@ def dead_letter_args(tenant_id: str | None, flt: DeadLetterFilter) -> list[Any]:
         None if flt.error is None else _like(flt.error),
         flt.ids,
         flt.up_to_id,
-        flt.replayable,
+        True if flt.replayable else None,
     ]
 
 
@@ -93,13 +103,16 @@ async def list_dead_letters(
     conn: Queries, tenant_id: str | None, flt: DeadLetterFilter, *, limit: int, cursor: str | None
 ) -> tuple[list[Delivery], str | None]:
     """Dead letters matching ``flt``, newest first; ``tenant_id`` None only for operators."""
+    args = dead_letter_args(tenant_id, flt)
+    match, order = dead_letter_match(args)
+    before = optional_filters((f"${_NEXT}::text", f"d.id < ${_NEXT}::text", cursor))
     rows = await conn.fetch(
         f"""
         SELECT {DELIVERY_COLUMNS} FROM deliveries d
-        WHERE {dead_letter_match(1)} AND (${_NEXT}::text IS NULL OR d.id < ${_NEXT})
-        ORDER BY d.id DESC LIMIT ${_NEXT + 1}
+        WHERE {match} AND {before}
+        ORDER BY {order} LIMIT ${_NEXT + 1}
         """,
-        *dead_letter_args(tenant_id, flt),
+        *args,
         cursor,
         limit + 1,
     )
@@ -108,9 +121,9 @@ async def list_dead_letters(
 
 async def count_dead_letters(conn: Queries, tenant_id: str | None, flt: DeadLetterFilter) -> int:
     """How many dead letters match ``flt``."""
+    args = dead_letter_args(tenant_id, flt)
     count: int = await conn.fetchval(
-        f"SELECT count(*) FROM deliveries d WHERE {dead_letter_match(1)}",
-        *dead_letter_args(tenant_id, flt),
+        f"SELECT count(*) FROM deliveries d WHERE {dead_letter_match(args)[0]}", *args
     )
     return count
 
@@ -141,10 +154,11 @@ async def count_dead_letters_shown(
             flt.target_id,
         )
         return int(exact), False
+    args = dead_letter_args(tenant_id, flt)
     count: int = await conn.fetchval(
-        f"SELECT count(*) FROM (SELECT 1 FROM deliveries d WHERE {dead_letter_match(1)} "
+        f"SELECT count(*) FROM (SELECT 1 FROM deliveries d WHERE {dead_letter_match(args)[0]} "
         f"LIMIT ${_NEXT}) x",
-        *dead_letter_args(tenant_id, flt),
+        *args,
         cap + 1,
     )
     return min(count, cap), count > cap
@@ -154,9 +168,11 @@ async def dead_letter_ids(
     conn: Queries, tenant_id: str | None, flt: DeadLetterFilter, *, limit: int
 ) -> list[str]:
     """Ids of up to ``limit`` dead letters matching ``flt``, oldest first."""
+    args = dead_letter_args(tenant_id, flt)
+    match, order = dead_letter_match(args, descending=False)
     rows = await conn.fetch(
-        f"SELECT d.id FROM deliveries d WHERE {dead_letter_match(1)} ORDER BY d.id LIMIT ${_NEXT}",
-        *dead_letter_args(tenant_id, flt),
+        f"SELECT d.id FROM deliveries d WHERE {match} ORDER BY {order} LIMIT ${_NEXT}",
+        *args,
         limit,
     )
     return [r["id"] for r in rows]
@@ -213,12 +229,14 @@ async def _replay_batch(
     again, or wins and leaves them out), then the keys' locks, then the rows.
     """
     args = dead_letter_args(tenant_id, flt)
+    match, order = dead_letter_match(args, descending=False)
+    after = optional_filters((f"${_NEXT + 1}::text", f"d.id > ${_NEXT + 1}::text", after_id))
     async with conn.transaction():
         picked = await conn.fetch(
             f"""
             SELECT d.id, d.target_id, d.order_key FROM deliveries d
-            WHERE {dead_letter_match(1)} AND (${_NEXT + 1}::text IS NULL OR d.id > ${_NEXT + 1})
-            ORDER BY d.id LIMIT ${_NEXT}
+            WHERE {match} AND {after}
+            ORDER BY {order} LIMIT ${_NEXT}
             """,
             *args,
             batch,
@@ -237,7 +255,7 @@ async def _replay_batch(
             WITH picked AS (
                 SELECT d.id FROM deliveries d
                 WHERE d.id = ANY(${_NEXT}::text[]) AND d.target_id = ANY(${_NEXT + 2}::text[])
-                  AND {dead_letter_match(1)}
+                  AND {match}
                 FOR UPDATE SKIP LOCKED
             )
             UPDATE deliveries d
@@ -331,13 +349,14 @@ async def purge_dead_letters(
     The keys' locks are taken before the rows (``key_queues``' lock order).
     """
     args = dead_letter_args(tenant_id, DeadLetterFilter(target_id=target_id, until=older_than))
+    match, _ = dead_letter_match(args)
     total = 0
     while True:
         async with conn.transaction():
             picked = await conn.fetch(
                 f"""
                 SELECT d.id, d.target_id, d.order_key FROM deliveries d
-                WHERE {dead_letter_match(1)} LIMIT ${_NEXT}
+                WHERE {match} LIMIT ${_NEXT}
                 """,
                 *args,
                 batch,
@@ -346,7 +365,7 @@ async def purge_dead_letters(
             gone = await conn.fetch(
                 f"""
                 DELETE FROM deliveries d
-                WHERE d.id = ANY(${_NEXT}::text[]) AND {dead_letter_match(1)}
+                WHERE d.id = ANY(${_NEXT}::text[]) AND {match}
                 RETURNING d.target_id, d.order_key
                 """,
                 *args,

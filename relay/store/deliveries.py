@@ -8,7 +8,14 @@ from typing import Any
 from relay.store.db import Conn, Queries, fetch_past_moves
 from relay.store.key_queues import lock_keys, promote_keys
 from relay.store.rows import AttemptRecord, Delivery, DeliveryStatus
-from relay.store.sql import hold_reason, holds_key, key_queue_order, keyset_page
+from relay.store.sql import (
+    hold_reason,
+    holds_key,
+    key_queue_order,
+    keyset_page,
+    optional_filters,
+    pinned_order,
+)
 
 # A delivery that is due and not leased: if something holds it, waiting_for says what.
 _DUE = (
@@ -68,16 +75,23 @@ async def list_deliveries(
     event_id: str | None = None,
 ) -> tuple[list[Delivery], str | None]:
     """Deliveries newest first; ``tenant_id`` None only for operators."""
+    # an event's few deliveries come off its index; else the target's or the
+    # tenant's come off theirs, (target_id, id DESC) or (tenant_id, id DESC)
+    pin_target = event_id is None and target_id is not None
+    pin_tenant = event_id is None and not pin_target and tenant_id is not None
+    pins = [("d.target_id", "$4::text")] if pin_target else []
+    pins += [("d.tenant_id", "$1::text")] if pin_tenant else []
+    pinned, order = pinned_order(pins, "d.id", descending=True)
+    where = optional_filters(
+        None if pin_tenant else ("$1::text", "d.tenant_id = $1::text", tenant_id),
+        ("$2::text", "d.id < $2::text", cursor),
+        ("$3::text", "d.status = $3::text", status),
+        None if pin_target else ("$4::text", "d.target_id = $4::text", target_id),
+        ("$5::text", "d.event_id = $5::text", event_id),
+    )
     rows = await conn.fetch(
-        f"""
-        SELECT {DELIVERY_COLUMNS} FROM deliveries d
-        WHERE ($1::text IS NULL OR d.tenant_id = $1)
-          AND ($2::text IS NULL OR d.id < $2)
-          AND ($3::text IS NULL OR d.status = $3)
-          AND ($4::text IS NULL OR d.target_id = $4)
-          AND ($5::text IS NULL OR d.event_id = $5)
-        ORDER BY d.id DESC LIMIT $6
-        """,
+        f"SELECT {DELIVERY_COLUMNS} FROM deliveries d WHERE {pinned} AND {where}"
+        f" ORDER BY {order} LIMIT $6",
         tenant_id,
         cursor,
         status,

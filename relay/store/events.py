@@ -22,6 +22,8 @@ from relay.store.sql import (
     int_array,
     key_locks,
     keyset_page,
+    optional_filters,
+    pinned_order,
     text_array,
 )
 
@@ -445,20 +447,23 @@ async def list_events(
     headers, without reading them). So a page costs at most ``payload_bytes`` of
     payload whatever the events' sizes.
     """
+    where = optional_filters(
+        ("$2::text", "id < $2::text", cursor),
+        ("$3::text", "source_id = $3::text", source_id),
+        ("$4::text", "lower(object_type) = lower($4::text)", object_type),
+        ("$5::text", "lower(action) = lower($5::text)", action),
+        ("$6::timestamptz", "received_at >= $6::timestamptz", since),
+        ("$7::timestamptz", "received_at < $7::timestamptz", until),
+    )
+    tenant, order = pinned_order([("tenant_id", "$1::text")], "id", descending=True)
     rows = await conn.fetch(
-        """
+        f"""
         WITH page AS (
             SELECT id, source_id, received_at, object_type, action, object_id,
                    octet_length(payload) AS payload_size
             FROM events
-            WHERE tenant_id = $1 AND NOT operational
-              AND ($2::text IS NULL OR id < $2)
-              AND ($3::text IS NULL OR source_id = $3)
-              AND ($4::text IS NULL OR lower(object_type) = lower($4))
-              AND ($5::text IS NULL OR lower(action) = lower($5))
-              AND ($6::timestamptz IS NULL OR received_at >= $6)
-              AND ($7::timestamptz IS NULL OR received_at < $7)
-            ORDER BY id DESC LIMIT $8
+            WHERE {tenant} AND NOT operational AND {where}
+            ORDER BY {order} LIMIT $8
         )
         SELECT p.*,
                CASE WHEN sum(p.payload_size) OVER (ORDER BY p.id DESC) <= $9

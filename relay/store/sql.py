@@ -24,6 +24,47 @@ def set_clause(
     return ", ".join([*parts, "updated_at = now()"]), list(changes.values())
 
 
+def optional_filters(*filters: tuple[str, str, Any] | None) -> str:
+    """The AND of a list's optional filters, each written plainly when it is given.
+
+    Each filter is ``(parameter, condition, value)``: the parameter with its cast
+    (``"$3::text"``) and the condition that uses it (``"d.status = $3::text"``). A
+    filter whose value is None is written ``$3::text IS NULL`` instead: true, and the
+    parameter keeps its type and place. So each combination of filters is a
+    statement of its own, whose conditions an index can serve in any plan; the
+    catch-all ``($1::text IS NULL OR d.tenant_id = $1)`` is one no index serves.
+    A filter given as None is left out (its parameter is used elsewhere).
+    """
+    return (
+        "\n AND ".join(
+            f"{param} IS NULL" if value is None else f"({condition})"
+            for param, condition, value in filter(None, filters)
+        )
+        or "TRUE"
+    )
+
+
+def pinned_order(pins: Sequence[tuple[str, str]], key: str, *, descending: bool) -> tuple[str, str]:
+    """(condition, ORDER BY) of a keyset list of the rows whose pinned columns equal
+    their parameters, in ``key`` order; ``pins`` are ``(column, parameter)``.
+
+    Each pin is written ``col >= $p AND col <= $p`` and leads the ORDER BY. Written
+    ``col = $p``, Postgres drops the column from the ORDER BY (it is constant),
+    and ``ORDER BY id DESC`` alone is served by the primary key too. A generic plan
+    (what a prepared statement may run from its sixth execution, costed from
+    1/n_distinct of the rows per tenant) or a plan costed for a big tenant then
+    reads the newest rows of every tenant and filters them until the page is full:
+    for a small tenant, past all the others' history. Kept in the ORDER BY, the
+    pinned columns are served only by an index that leads with them (the events'
+    and deliveries' ``(tenant_id, id DESC)``), which reads this tenant's rows only.
+    """
+    condition = " AND ".join(f"{c} >= {p} AND {c} <= {p}" for c, p in pins) or "TRUE"
+    # an index (pins…, key DESC) read forward gives key DESC; backward, key ascending
+    pin_direction = "" if descending else " DESC"
+    order = [f"{c}{pin_direction}" for c, _ in pins]
+    return condition, ", ".join([*order, f"{key} DESC" if descending else key])
+
+
 # --- big arrays as text ---------------------------------------------------------
 #
 # asyncpg encodes a list argument element by element, asking of each whether it is a
