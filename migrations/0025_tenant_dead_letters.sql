@@ -4,8 +4,8 @@
 -- The lists pin the tenant (relay/store/sql.py, pinned_order): a tenant's dead
 -- letters are ordered (tenant_id, id DESC), which only an index leading with the
 -- tenant serves. deliveries_dead_idx leads with (tenant_id, target_id) and serves a
--- target's; without this one a tenant's page was read off deliveries_dead_all_idx,
--- every tenant's dead letters newest first, filtered, past all the others'.
+-- target's; deliveries_tenant_idx serves the tenant's too, but reads past its
+-- deliveries still to be sent (a target down for a day: every one of its retries).
 -- Partial: only dead rows are in it, so sending deliveries never touches it.
 
 CREATE INDEX deliveries_dead_tenant_idx ON deliveries_open (tenant_id, id DESC)

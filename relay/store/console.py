@@ -23,7 +23,13 @@ from typing import Literal
 from ulid import ULID
 
 from relay.store.db import Queries
-from relay.store.sql import about_target, hold_reason, keyset_page
+from relay.store.sql import (
+    about_target,
+    hold_reason,
+    keyset_page,
+    optional_filters,
+    pinned_order,
+)
 
 
 def floor_id(prefix: str, at: datetime) -> str:
@@ -538,21 +544,27 @@ class EventSearch:
 async def search_events(
     conn: Queries, tenant_id: str | None, search: EventSearch, *, limit: int, cursor: str | None
 ) -> tuple[list[EventRow], str | None]:
-    """Events matching ``search``, newest first, a page at a time."""
+    """Events matching ``search``, newest first, a page at a time (a tenant's off the
+    index of its own events: ``pinned_order``)."""
+    pins = [("tenant_id", "$1::text")] if tenant_id is not None else []
+    tenant, order = pinned_order(pins, "id", descending=True)
+    where = optional_filters(
+        ("$1::text", "", None) if tenant_id is None else None,
+        ("$2::text", "id < $2::text", cursor),
+        ("$3::text", "lower(object_type) = lower($3::text)", search.object_type),
+        ("$4::text", "lower(action) = lower($4::text)", search.action),
+        ("$5::text", "object_id = $5::text", search.object_id),
+        ("$6::text", "upstream_uuid = $6::text", search.upstream_uuid),
+        ("$7::timestamptz", "received_at >= $7::timestamptz", search.since),
+        ("$8::timestamptz", "received_at < $8::timestamptz", search.until),
+    )
     rows = await conn.fetch(
-        """
+        f"""
         SELECT id, tenant_id, source_id, received_at, object_type, action, object_id,
                upstream_uuid
         FROM events
-        WHERE ($1::text IS NULL OR tenant_id = $1) AND NOT operational
-          AND ($2::text IS NULL OR id < $2)
-          AND ($3::text IS NULL OR lower(object_type) = lower($3))
-          AND ($4::text IS NULL OR lower(action) = lower($4))
-          AND ($5::text IS NULL OR object_id = $5)
-          AND ($6::text IS NULL OR upstream_uuid = $6)
-          AND ($7::timestamptz IS NULL OR received_at >= $7)
-          AND ($8::timestamptz IS NULL OR received_at < $8)
-        ORDER BY id DESC LIMIT $9
+        WHERE {tenant} AND NOT operational AND {where}
+        ORDER BY {order} LIMIT $9
         """,
         tenant_id,
         cursor,
