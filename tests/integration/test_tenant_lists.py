@@ -32,6 +32,7 @@ from relay.store.sql import text_array
 
 BIG, SMALL = "ten_lists_big", "ten_lists_small"
 BIG_ROWS = 30_000
+BACKLOG = 20_000
 # ~1,000 pages hold the big tenant's rows; the small one's page is a few per partition
 MOST_PAGES = 150
 # Postgres plans a prepared statement's first five executions with their values;
@@ -97,7 +98,8 @@ def explained(request: pytest.FixtureRequest, conn: asyncpg.Connection) -> Expla
 
 @pytest.fixture(scope="module")
 async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """The small tenant's 20 events and deliveries (10 dead), then the big one's, newer."""
+    """The small tenant's 20 events and deliveries (6 dead), then the big one's, newer;
+    the big one's next 20,000 deliveries are still to be sent (a backlog, retrying)."""
     connection = await asyncpg.connect(database_url)
     fill = """
         INSERT INTO tenants (id, name) VALUES ($1, 'lists');
@@ -116,6 +118,16 @@ async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         for statement in fill.split(";")[:-1]:
             args = (tenant, rows) if "$2" in statement else (tenant,)
             await connection.execute(statement, *args)
+    await connection.execute(
+        """
+        INSERT INTO deliveries (id, tenant_id, event_id, target_id, status, next_attempt_at)
+        SELECT 'dlv_' || relay_ulid(), $1, 'evt_x', 'tgt_' || $1, 'retrying',
+               now() + interval '1 hour'
+        FROM generate_series(1, $2::int)
+        """,
+        BIG,
+        BACKLOG,
+    )
     await connection.execute("ANALYZE events; ANALYZE deliveries")
     yield connection
     await connection.close()
@@ -172,10 +184,20 @@ async def test_a_small_tenants_console_events_read_its_own_rows(explained: Expla
     read_little(explained, statements=2)
 
 
+async def test_a_tenants_dead_deliveries_are_not_read_past_its_backlog(
+    explained: Explained,
+) -> None:
+    """The big tenant's dead ones, older than its 20,000 retrying: off the dead letters'
+    own index (migration 0025), as ``status=dead`` is written in the statement."""
+    dead, _ = await list_deliveries(explained, BIG, limit=50, cursor=None, status="dead")  # type: ignore[arg-type]
+    assert len(dead) == 50 and {(d.tenant_id, d.status) for d in dead} == {(BIG, "dead")}
+    read_little(explained, statements=1)
+
+
 async def test_the_operators_lists_still_hold_every_tenant(conn: asyncpg.Connection) -> None:
-    deliveries, _ = await list_deliveries(conn, None, limit=BIG_ROWS + 50, cursor=None)
+    deliveries, _ = await list_deliveries(conn, None, limit=BIG_ROWS + BACKLOG + 50, cursor=None)
     assert {d.tenant_id for d in deliveries} == {BIG, SMALL}
-    assert len(deliveries) == BIG_ROWS + 20
+    assert len(deliveries) == BIG_ROWS + BACKLOG + 20
     dead, _ = await list_dead_letters(conn, None, DeadLetterFilter(), limit=BIG_ROWS, cursor=None)
     assert len(dead) == BIG_ROWS // 3 + 6
     assert [d.id for d in dead] == sorted((d.id for d in dead), reverse=True)
