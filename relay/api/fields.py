@@ -19,15 +19,17 @@ import pydantic
 #: Every character one of the engines (or ``str.strip``) calls whitespace, as a class body.
 WHITESPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
 
-#: A display name: stripped of surrounding whitespace, not only whitespace, no NUL.
+#: A display name: not only whitespace, no NUL, at most 200 characters as sent (what
+#: the document's maxLength says; stripped first, 201 with a space before passed),
+#: then stripped of surrounding whitespace.
 Name = Annotated[
     str,
     pydantic.StringConstraints(
-        strip_whitespace=True,
         min_length=1,
         max_length=200,
         pattern=rf"^[^\x00]*[^\x00{WHITESPACE}][^\x00]*$",
     ),
+    pydantic.AfterValidator(str.strip),
 ]
 
 #: A Basic auth username: no colon (it ends the username), whitespace or NUL.
