@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 
-from relay.store.console import EventSearch, search_events
+from relay.store.console import EventSearch, figures_by_tenant, held_deliveries, search_events
 from relay.store.dead_letters import DeadLetterFilter, list_dead_letters
 from relay.store.deliveries import list_deliveries
 from relay.store.events import list_events
@@ -33,6 +33,7 @@ from relay.store.sql import text_array
 BIG, SMALL = "ten_lists_big", "ten_lists_small"
 BIG_ROWS = 30_000
 BACKLOG = 20_000
+UTC_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # ~1,000 pages hold the big tenant's rows; the small one's page is a few per partition
 MOST_PAGES = 150
 # Postgres plans a prepared statement's first five executions with their values;
@@ -99,7 +100,7 @@ def explained(request: pytest.FixtureRequest, conn: asyncpg.Connection) -> Expla
 @pytest.fixture(scope="module")
 async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """The small tenant's 20 events and deliveries (6 dead), then the big one's, newer;
-    the big one's next 20,000 deliveries are still to be sent (a backlog, retrying)."""
+    the big one's next 20,000 deliveries are due, still to be sent (a backlog, retrying)."""
     connection = await asyncpg.connect(database_url)
     fill = """
         INSERT INTO tenants (id, name) VALUES ($1, 'lists');
@@ -122,7 +123,7 @@ async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         """
         INSERT INTO deliveries (id, tenant_id, event_id, target_id, status, next_attempt_at)
         SELECT 'dlv_' || relay_ulid(), $1, 'evt_x', 'tgt_' || $1, 'retrying',
-               now() + interval '1 hour'
+               now() - interval '1 minute'
         FROM generate_series(1, $2::int)
         """,
         BIG,
@@ -194,6 +195,18 @@ async def test_a_tenants_dead_deliveries_are_not_read_past_its_backlog(
     read_little(explained, statements=1)
 
 
+async def test_a_small_tenants_overview_counts_its_own_due_deliveries(
+    explained: Explained,
+) -> None:
+    """Due deliveries are counted through the tenant's targets, not past the big
+    tenant's 20,000 due ones."""
+    since = datetime.now(UTC) - timedelta(hours=1)
+    [mine] = await figures_by_tenant(explained, SMALL, since=since)  # type: ignore[arg-type]
+    assert (mine.tenant_id, mine.due, mine.oldest_due_at) == (SMALL, 0, None)
+    assert await held_deliveries(explained, SMALL) == []  # type: ignore[arg-type]
+    read_little(explained, statements=2)
+
+
 async def test_the_operators_lists_still_hold_every_tenant(conn: asyncpg.Connection) -> None:
     deliveries, _ = await list_deliveries(conn, None, limit=BIG_ROWS + BACKLOG + 50, cursor=None)
     assert {d.tenant_id for d in deliveries} == {BIG, SMALL}
@@ -201,5 +214,9 @@ async def test_the_operators_lists_still_hold_every_tenant(conn: asyncpg.Connect
     dead, _ = await list_dead_letters(conn, None, DeadLetterFilter(), limit=BIG_ROWS, cursor=None)
     assert len(dead) == BIG_ROWS // 3 + 6
     assert [d.id for d in dead] == sorted((d.id for d in dead), reverse=True)
+    figures = {f.tenant_id: f.due for f in await figures_by_tenant(conn, None, since=UTC_EPOCH)}
+    assert figures == {BIG: BACKLOG, SMALL: 0}
+    [big] = await figures_by_tenant(conn, BIG, since=UTC_EPOCH)
+    assert big.due == BACKLOG
     events, _ = await search_events(conn, None, EventSearch(), limit=BIG_ROWS + 50, cursor=None)
     assert len(events) == BIG_ROWS + 20 and {e.tenant_id for e in events} == {BIG, SMALL}
