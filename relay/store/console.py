@@ -122,9 +122,8 @@ def _of_viewer(d: str, tenant_id: str | None) -> str:
     tenant's due deliveries to count one tenant's (124 pages for its 5 beside another
     tenant's 5,000), so one tenant's backlog slowed another's overview.
     """
-    if tenant_id is None:
-        return "$1::text IS NULL"
-    return f"{d}.target_id = ANY(ARRAY(SELECT t.id FROM targets t WHERE t.tenant_id = $1::text))"
+    of_tenant = "SELECT t.id FROM targets t WHERE t.tenant_id = $1::text"
+    return optional_filters(("$1::text", f"{d}.target_id = ANY(ARRAY({of_tenant}))", tenant_id))
 
 
 async def figures_by_tenant(
@@ -558,10 +557,8 @@ async def search_events(
 ) -> tuple[list[EventRow], str | None]:
     """Events matching ``search``, newest first, a page at a time (a tenant's off the
     index of its own events: ``pinned_order``)."""
-    pins = [("tenant_id", "$1::text")] if tenant_id is not None else []
-    tenant, order = pinned_order(pins, "id", descending=True)
+    tenant, order = pinned_order([("tenant_id", "$1::text", tenant_id)], "id", descending=True)
     where = optional_filters(
-        ("$1::text", "", None) if tenant_id is None else None,
         ("$2::text", "id < $2::text", cursor),
         ("$3::text", "lower(object_type) = lower($3::text)", search.object_type),
         ("$4::text", "lower(action) = lower($4::text)", search.action),

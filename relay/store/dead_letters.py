@@ -59,14 +59,13 @@ def dead_letter_match(args: Sequence[Any], *, descending: bool = True) -> tuple[
     other tenants'.
     """
     tenant_id, target_id, since, until, status_code, error, ids, up_to_id, replayable = args
-    pins = [("d.tenant_id", "$1::text")] if tenant_id is not None else []
-    pins += [("d.target_id", "$2::text")] if target_id is not None else []
-    pinned, order = pinned_order(pins, "d.id", descending=descending)
+    pinned, order = pinned_order(
+        [("d.tenant_id", "$1::text", tenant_id), ("d.target_id", "$2::text", target_id)],
+        "d.id",
+        descending=descending,
+    )
     live_target = "SELECT 1 FROM targets t WHERE t.id = d.target_id AND t.deleted_at IS NULL"
     where = optional_filters(
-        # the tenant and the target: pinned above when given, else "$n IS NULL"
-        ("$1::text", "", None) if tenant_id is None else None,
-        ("$2::text", "", None) if target_id is None else None,
         ("$3::timestamptz", "d.created_at >= $3::timestamptz", since),
         ("$4::timestamptz", "d.created_at < $4::timestamptz", until),
         ("$5::int", "d.last_status_code = $5::int", status_code),

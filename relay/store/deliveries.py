@@ -79,8 +79,8 @@ async def list_deliveries(
     # tenant's come off theirs, (target_id, id DESC) or (tenant_id, id DESC)
     pin_target = event_id is None and target_id is not None
     pin_tenant = event_id is None and not pin_target and tenant_id is not None
-    pins = [("d.target_id", "$3::text")] if pin_target else []
-    pins += [("d.tenant_id", "$1::text")] if pin_tenant else []
+    pins = [("d.target_id", "$3::text", target_id)] if pin_target else []
+    pins += [("d.tenant_id", "$1::text", tenant_id)] if pin_tenant else []
     pinned, order = pinned_order(pins, "d.id", descending=True)
     if status is not None and status not in get_args(DeliveryStatus):
         raise ValueError(f"no such status: {status!r}")

@@ -455,7 +455,7 @@ async def list_events(
         ("$6::timestamptz", "received_at >= $6::timestamptz", since),
         ("$7::timestamptz", "received_at < $7::timestamptz", until),
     )
-    tenant, order = pinned_order([("tenant_id", "$1::text")], "id", descending=True)
+    tenant, order = pinned_order([("tenant_id", "$1::text", tenant_id)], "id", descending=True)
     rows = await conn.fetch(
         f"""
         WITH page AS (

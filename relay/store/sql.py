@@ -44,9 +44,13 @@ def optional_filters(*filters: tuple[str, str, Any] | None) -> str:
     )
 
 
-def pinned_order(pins: Sequence[tuple[str, str]], key: str, *, descending: bool) -> tuple[str, str]:
+def pinned_order(
+    pins: Sequence[tuple[str, str, Any]], key: str, *, descending: bool
+) -> tuple[str, str]:
     """(condition, ORDER BY) of a keyset list of the rows whose pinned columns equal
-    their parameters, in ``key`` order; ``pins`` are ``(column, parameter)``.
+    their parameters, in ``key`` order; ``pins`` are ``(column, parameter, value)``,
+    and a pin whose value is None is written ``$p IS NULL`` (as ``optional_filters``
+    does), not pinned.
 
     Each pin is written ``col >= $p AND col <= $p`` and leads the ORDER BY. Written
     ``col = $p``, Postgres drops the column from the ORDER BY (it is constant),
@@ -58,11 +62,15 @@ def pinned_order(pins: Sequence[tuple[str, str]], key: str, *, descending: bool)
     pinned columns are served only by an index that leads with them (the events'
     and deliveries' ``(tenant_id, id DESC)``), which reads this tenant's rows only.
     """
-    condition = " AND ".join(f"{c} >= {p} AND {c} <= {p}" for c, p in pins) or "TRUE"
+    given = [(c, p) for c, p, value in pins if value is not None]
+    condition = " AND ".join(
+        [f"{c} >= {p} AND {c} <= {p}" for c, p in given]
+        + [f"{p} IS NULL" for _, p, value in pins if value is None]
+    )
     # an index (pins…, key DESC) read forward gives key DESC; backward, key ascending
     pin_direction = "" if descending else " DESC"
-    order = [f"{c}{pin_direction}" for c, _ in pins]
-    return condition, ", ".join([*order, f"{key} DESC" if descending else key])
+    order = [f"{c}{pin_direction}" for c, _ in given]
+    return condition or "TRUE", ", ".join([*order, f"{key} DESC" if descending else key])
 
 
 # --- big arrays as text ---------------------------------------------------------

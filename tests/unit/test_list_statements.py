@@ -16,7 +16,7 @@ def test_a_filter_given_is_written_plainly_and_one_not_given_keeps_its_parameter
 
 
 def test_pinned_columns_lead_the_order_in_the_direction_their_index_reads() -> None:
-    pins = [("d.tenant_id", "$1::text"), ("d.target_id", "$2::text")]
+    pins = [("d.tenant_id", "$1::text", "ten_a"), ("d.target_id", "$2::text", "tgt_a")]
     condition, newest = pinned_order(pins, "d.id", descending=True)
     assert condition == (
         "d.tenant_id >= $1::text AND d.tenant_id <= $1::text"
@@ -28,3 +28,8 @@ def test_pinned_columns_lead_the_order_in_the_direction_their_index_reads() -> N
         "d.tenant_id DESC, d.target_id DESC, d.id"
     )
     assert pinned_order([], "id", descending=True) == ("TRUE", "id DESC")
+    # a pin not given keeps its parameter's place, true, and orders nothing
+    assert pinned_order([("tenant_id", "$1::text", None)], "id", descending=True) == (
+        "$1::text IS NULL",
+        "id DESC",
+    )
