@@ -45,6 +45,12 @@ sys.argv = _argv
 PG = "postgresql://root@127.0.0.1:5432"
 REDIS = "redis://127.0.0.1:6379/11"
 SPY = ["py-spy", "record", "--idle", "-r", "200", "-f", "raw"]
+#: DRAIN_STATS=1: print the calls of each PL/pgSQL function over the run (track_functions)
+STATS = bool(os.environ.get("DRAIN_STATS"))
+STATS_SQL = (
+    "SELECT funcname, calls, round(total_time) AS total_ms, round(self_time) AS self_ms"
+    " FROM pg_stat_user_functions ORDER BY self_time DESC LIMIT 12"
+)
 #: durable_ratio's: 4 drainers a process, claims of 256, 32 requests in flight a process
 CEILING_ARGS = ["4", "256", "32"]
 
@@ -124,6 +130,22 @@ def run(events: int, spy: str | None, n: int, cap: int = 32) -> None:
                 check=True,
                 capture_output=True,
             )
+        if STATS:
+            subprocess.run(
+                [
+                    "psql",
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "root",
+                    "-d",
+                    db,
+                    "-c",
+                    f"ALTER DATABASE {db} SET track_functions = 'pl'",
+                ],
+                check=True,
+                capture_output=True,
+            )
         gp = dr.free_port()
         g = start("relay", "serve", "--processes", "1", "--port", str(gp), env=env)
         dr.wait_port(gp)
@@ -164,6 +186,16 @@ def run(events: int, spy: str | None, n: int, cap: int = 32) -> None:
         rate = asyncio.run(dr.drained(sink, "relay", 2 * events))
         kids = subprocess.run(["pgrep", "-P", str(w.pid)], capture_output=True, text=True)
         figures = meter.line("drain", rate, [round(cpu_of(int(p)), 2) for p in kids.stdout.split()])
+        if STATS:
+            time.sleep(0.6)  # the backends' statistics are sent at most every 500 ms
+            print(
+                subprocess.run(
+                    ["psql", "-h", "127.0.0.1", "-U", "root", "-d", db, "-c", STATS_SQL],
+                    capture_output=True,
+                    text=True,
+                ).stdout,
+                flush=True,
+            )
         for s in spies:
             s.send_signal(signal.SIGINT)
             s.wait(30)

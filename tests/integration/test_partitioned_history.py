@@ -117,7 +117,8 @@ async def _fill(conn: asyncpg.Connection) -> None:
 _ROWS = {
     "events": "SELECT row_to_json(x)::text FROM events x ORDER BY id",
     "deliveries": "SELECT row_to_json(x)::text FROM deliveries x ORDER BY id",
-    "attempts": "SELECT row_to_json(x)::text FROM attempts x ORDER BY id",
+    # (less the target that 0026 adds to attempts: NULL in the rows made before it)
+    "attempts": "SELECT (to_jsonb(x) - 'target_id')::text FROM attempts x ORDER BY id",
 }
 
 

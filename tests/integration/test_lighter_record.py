@@ -1,0 +1,169 @@
+"""A record moves its deliveries without locking their tenant's and target's rows (0026).
+
+A succeeded delivery moves from deliveries_open to deliveries_sent. With the keys
+to tenants and targets on the parent, each move ran two foreign-key checks, and
+each attempt a third: a query apiece, each taking FOR KEY SHARE on the one tenant
+row and the one target row every worker's record touches (11.5 µs of 78 in
+Postgres a delivery, bench/pg_cycle.py). The keys are now checked where deliveries
+are made (deliveries_open), and an attempt carries its target, so that the
+attempts' rollup no longer looks each delivery up in every partition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from relay.core.crypto import new_id
+from relay.store import claims, housekeeping
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(database_url)
+    yield connection
+    await connection.close()
+
+
+async def tenant_and_target(conn: asyncpg.Connection, deliveries: int) -> tuple[str, str]:
+    """A tenant, a target of it with ``deliveries`` due deliveries."""
+    tenant, source, target = new_id("ten"), new_id("src"), new_id("tgt")
+    await conn.execute("INSERT INTO tenants (id, name) VALUES ($1, 'record')", tenant)
+    await conn.execute(
+        "INSERT INTO sources (id, tenant_id, name, auth_type, secret_enc)"
+        " VALUES ($1, $2, 's', 'token', '\\x00')",
+        source,
+        tenant,
+    )
+    await conn.execute(
+        "INSERT INTO targets (id, tenant_id, url, secret_enc, max_in_flight)"
+        " VALUES ($1, $2, 'http://127.0.0.1:9/', '\\x00', 50)",
+        target,
+        tenant,
+    )
+    for _ in range(deliveries):
+        event = new_id("evt")
+        await conn.execute(
+            "INSERT INTO events (id, tenant_id, source_id, payload) VALUES ($1, $2, $3, '{}')",
+            event,
+            tenant,
+            source,
+        )
+        await conn.execute(
+            "INSERT INTO deliveries (id, tenant_id, event_id, target_id, next_attempt_at,"
+            " enqueued_until) VALUES ($1, $2, $3, $4, now(), now() + interval '1 hour')",
+            new_id("dlv"),
+            tenant,
+            event,
+            target,
+        )
+    return tenant, target
+
+
+async def send_all(conn: asyncpg.Connection, target: str, code: int) -> list[str]:
+    """Claim the target's due deliveries and record one attempt each, answered ``code``."""
+    _, claimed = await claims.claim_batch(conn, target, want=50, lease_s=30)
+    now = datetime.now(UTC)
+    ok = 200 <= code < 300
+    return await claims.record_batch(
+        conn,
+        target,
+        [
+            claims.Attempt(
+                c,
+                now,
+                7,
+                code,
+                None,
+                None,
+                "succeeded" if ok else "retrying",
+                None if ok else 60.0,
+                None,
+                None,
+            )
+            for c in claimed
+        ],
+        breaker=None,
+        failing=False,
+    )
+
+
+async def xmax(conn: asyncpg.Connection, table: str, row_id: str) -> str:
+    """The last transaction that locked (or deleted) the row: a lock changes it."""
+    return str(await conn.fetchval(f"SELECT xmax::text FROM {table} WHERE id = $1", row_id))
+
+
+async def test_a_record_locks_neither_its_tenant_nor_its_target(conn: asyncpg.Connection) -> None:
+    # Given a healthy target with 20 due deliveries, claimed
+    tenant, target = await tenant_and_target(conn, 20)
+    before = [await xmax(conn, "tenants", tenant), await xmax(conn, "targets", target)]
+
+    # When they succeed and are recorded (the record of a healthy target: one call)
+    recorded = await send_all(conn, target, 200)
+
+    # Then all 20 moved to the sent deliveries, and neither the tenant's row nor the
+    # target's was locked by it (each row of a hot tenant or target that every
+    # worker's record share-locks turns into a multixact)
+    assert len(recorded) == 20
+    assert (
+        await conn.fetchval("SELECT count(*) FROM deliveries_sent WHERE target_id = $1", target)
+        == 20
+    )
+    after = [await xmax(conn, "tenants", tenant), await xmax(conn, "targets", target)]
+    assert after == before
+
+
+async def test_deliveries_still_need_a_real_tenant_and_target(conn: asyncpg.Connection) -> None:
+    tenant, target = await tenant_and_target(conn, 0)
+    event = await conn.fetchval("SELECT id FROM events LIMIT 1")
+    insert = (
+        "INSERT INTO deliveries (id, tenant_id, event_id, target_id, next_attempt_at)"
+        " VALUES ($1, $2, $3, $4, now())"
+    )
+    # a delivery to a target, or of a tenant, that does not exist is refused (deliveries
+    # are made pending, in deliveries_open, and move to deliveries_sent from there only)
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await conn.execute(insert, new_id("dlv"), tenant, event, "tgt_none")
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await conn.execute(insert, new_id("dlv"), "ten_none", event, target)
+
+
+async def test_attempts_are_counted_to_their_target_old_rows_included(
+    conn: asyncpg.Connection,
+) -> None:
+    # Given a target whose 5 deliveries were each attempted once (a 503: they stay open)
+    _, target = await tenant_and_target(conn, 5)
+    assert len(await send_all(conn, target, 503)) == 5
+    # and an attempt as written before 0026 (no target of its own) of another target
+    _, other = await tenant_and_target(conn, 1)
+    delivery = await conn.fetchval("SELECT id FROM deliveries WHERE target_id = $1", other)
+    await conn.execute(
+        "INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms, status_code)"
+        " VALUES ($1, $2, $3, now(), 12, 200)",
+        new_id("att"),
+        await conn.fetchval("SELECT tenant_id FROM targets WHERE id = $1", other),
+        delivery,
+    )
+
+    # When the deltas are folded
+    await housekeeping.fold_rollups(conn)
+
+    # Then each attempt carries its delivery's target, and the per-target figures
+    # count each where it belongs
+    assert await conn.fetchval(
+        "SELECT array_agg(DISTINCT a.target_id) FROM attempts a"
+        " JOIN deliveries d ON d.id = a.delivery_id WHERE d.target_id = $1",
+        target,
+    ) == [target]
+    figures = {
+        r["target_id"]: (r["ok"], r["failed"])
+        for r in await conn.fetch(
+            "SELECT target_id, sum(ok) AS ok, sum(failed) AS failed FROM target_minutes_now"
+            " WHERE target_id = ANY($1) GROUP BY 1",
+            [target, other],
+        )
+    }
+    assert figures == {target: (0, 5), other: (1, 0)}
