@@ -105,6 +105,8 @@ class Drain:
     record_s: float = 0.0
     cpu_s: float = 0.0
     done: int = 0
+    #: the share of the claims' updates of deliveries_open that were HOT
+    hot: float = 0.0
 
     async def cycle(self) -> bool:
         """One claim and its record; False once nothing was claimed."""
@@ -151,7 +153,7 @@ async def open_drain(
     return drain
 
 
-async def run_once(args: argparse.Namespace) -> list[tuple[float, float, float]]:
+async def run_once(args: argparse.Namespace) -> list[tuple[float, float, float, float]]:
     names = [f"bench_cycle_{os.getpid()}_a"] + (
         [f"bench_cycle_{os.getpid()}_b"] if args.sql else []
     )
@@ -165,6 +167,12 @@ async def run_once(args: argparse.Namespace) -> list[tuple[float, float, float]]
         while live:
             live = [d for d in live if await d.cycle()]
         for d in drains:
+            await d.conn.execute("SELECT pg_stat_force_next_flush()")
+        for d in drains:
+            d.hot = await d.conn.fetchval(
+                "SELECT n_tup_hot_upd::float8 / nullif(n_tup_upd, 0) FROM pg_stat_user_tables"
+                " WHERE relname = 'deliveries_open'"
+            )
             left = await d.conn.fetchval(
                 "SELECT count(*) FROM deliveries WHERE status <> 'succeeded'"
             )
@@ -176,7 +184,7 @@ async def run_once(args: argparse.Namespace) -> list[tuple[float, float, float]]
             await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         await admin.close()
     n = args.deliveries
-    return [(d.claim_s / n * 1e6, d.record_s / n * 1e6, d.cpu_s / n * 1e6) for d in drains]
+    return [(d.claim_s / n * 1e6, d.record_s / n * 1e6, d.cpu_s / n * 1e6, d.hot) for d in drains]
 
 
 def main() -> None:
@@ -187,19 +195,20 @@ def main() -> None:
     parser.add_argument("--sql", default="", help="run on the second database (an A/B)")
     args = parser.parse_args()
     labels = ["A (as migrated)", "B (with --sql)"] if args.sql else ["as migrated"]
-    figures: list[list[tuple[float, float, float]]] = []
+    figures: list[list[tuple[float, float, float, float]]] = []
     for i in range(args.runs):
         figures.append(asyncio.run(run_once(args)))
-        for label, (claim_us, record_us, cpu_us) in zip(labels, figures[-1], strict=True):
+        for label, (claim_us, record_us, cpu_us, hot) in zip(labels, figures[-1], strict=True):
             print(
                 f"run {i + 1} {label}: claim {claim_us:.1f} µs + record {record_us:.1f} µs"
-                f" a delivery (wall); Postgres backend CPU {cpu_us:.1f} µs a delivery"
+                f" a delivery (wall); Postgres backend CPU {cpu_us:.1f} µs a delivery;"
+                f" {hot:.0%} of the claims' updates HOT"
             )
     for k, label in enumerate(labels):
-        med = [statistics.median(f[k][j] for f in figures) for j in range(3)]
+        med = [statistics.median(f[k][j] for f in figures) for j in range(4)]
         print(
             f"median of {args.runs}, {label}: claim {med[0]:.1f} µs, record {med[1]:.1f} µs,"
-            f" Postgres CPU {med[2]:.1f} µs a delivery"
+            f" Postgres CPU {med[2]:.1f} µs a delivery, {med[3]:.0%} HOT"
         )
 
 

@@ -19,6 +19,15 @@
 --    The same holds for an attempt's tenant: relay_record writes its delivery's.
 -- 2. An attempt carries its target (target_id, NULL in the rows made before):
 --    relay_record writes it, and the rollup reads it rather than the delivery.
+-- 3. A claim's update of a delivery is HOT only if its new version fits on its
+--    page (0014). A drainer alone on its target leases up to twice its cap at
+--    once (0024): contiguous rows, most of a page's rows in one transaction, so
+--    the 30 % kept free held about half of their new versions (55 % HOT; each
+--    other one a new entry in the 7 indexes of a waiting delivery): 7.3 us a
+--    delivery. 55 % of each page is kept free now (a new version is 8 bytes
+--    wider than the one it replaces, locked_until set): 100 % HOT. The partition
+--    holds what waits to be sent and the dead letters; each row is written a few
+--    times and leaves, so the space is the price of a queue's table.
 
 ALTER TABLE deliveries DROP CONSTRAINT deliveries_target_id_fkey,
     DROP CONSTRAINT deliveries_tenant_id_fkey;
@@ -28,6 +37,9 @@ ALTER TABLE deliveries_open
 ALTER TABLE attempts DROP CONSTRAINT attempts_tenant_id_fkey;
 
 ALTER TABLE attempts ADD COLUMN target_id text;
+
+-- (pages filled before keep their room until they are rewritten)
+ALTER TABLE deliveries_open SET (fillfactor = 45);
 
 -- as 0011's, with the attempt's own target when it has one
 CREATE OR REPLACE FUNCTION rollup_attempts_inserted() RETURNS trigger LANGUAGE plpgsql AS $$

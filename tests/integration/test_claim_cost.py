@@ -258,3 +258,29 @@ async def test_a_claim_writes_no_index_entry(conn: asyncpg.Connection) -> None:
     # Then each claimed delivery's new version stayed on its page and no index
     # changed: a heap-only (HOT) update, not ~25 pages of index entries a row
     assert (updated, hot) == (CAP, CAP)
+
+
+async def test_a_claim_leasing_ahead_writes_no_index_entry_either(conn: asyncpg.Connection) -> None:
+    # Given a backlog inserted as the ingest inserts it, of a target whose cap is 32:
+    # a drainer alone on it leases 64 at once (its part and as many ahead, 0024),
+    # contiguous rows of the same pages
+    target = "tgt_claimahead"
+    await backlog(conn, target, 0)
+    await conn.execute("UPDATE targets SET max_in_flight = 32 WHERE id = $1", target)
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        # When it claims
+        share = await claims.claim_share(
+            conn, target, want=64, lease_s=30.0, holder="drn_ahead", ahead=32
+        )
+        updated, hot = await conn.fetchrow(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables"
+            " WHERE relname = 'deliveries_open'"
+        )
+    finally:
+        await transaction.rollback()
+    # Then every new version found room on its page (with 30 % of each page kept
+    # free, a page's rows leased at once did not all fit: 55 % of them were HOT)
+    assert len(share.rows) == 0  # (the backlog has no events: claimed, not returned)
+    assert (updated, hot) == (64, 64)
