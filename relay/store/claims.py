@@ -122,8 +122,18 @@ WHERE t.id = $1
 
 # One call claims (migrations 0016, 0018, 0019: the lock, the target read after it,
 # the claim, the cap's share among drainers, the payloads up to INLINE_PAYLOAD_BYTES):
-# see relay_claim() there.
-_CLAIM = "SELECT * FROM relay_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+# see relay_claim() there. Its transaction commits without waiting for its WAL to
+# reach the disk (synchronous_commit off, for that transaction only): a claim is a
+# lease, and a lease that a crash of Postgres loses is a delivery claimed again, as
+# when a worker dies holding it (an attempt in flight then may be made twice: at
+# least once, as always). The record that follows is a synchronous commit, and
+# flushes the claim's WAL with its own. It saves each claim a flush of the WAL
+# (bench/pg_cycle.py: 40.0 -> 30.3 us a delivery of claim and record at claims of 64,
+# ~75 us a claim of one).
+_CLAIM = (
+    "SELECT c.* FROM relay_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) c,"
+    " set_config('synchronous_commit', 'off', true) AS no_flush"
+)
 
 #: A claim answers its events' payloads up to this many bytes in all (no round trip
 #: more); the others are read apart, a row each, once the claim's transaction (and its
