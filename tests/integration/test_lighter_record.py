@@ -11,14 +11,16 @@ attempts' rollup no longer looks each delivery up in every partition.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
 from relay.core.crypto import new_id
 from relay.store import claims, housekeeping
+from tests.history import make_partitions
 
 
 @pytest.fixture
@@ -114,6 +116,48 @@ async def test_a_record_locks_neither_its_tenant_nor_its_target(conn: asyncpg.Co
     )
     after = [await xmax(conn, "tenants", tenant), await xmax(conn, "targets", target)]
     assert after == before
+
+
+async def test_a_record_locks_the_same_few_relations_however_many_days_are_kept(
+    conn: asyncpg.Connection,
+) -> None:
+    # Given 40 days of partitions (as with RELAY_RETENTION_DAYS 40) and a target whose
+    # 3 due deliveries are claimed
+    for days in range(1, 41):
+        await make_partitions(conn, datetime.now(UTC) - timedelta(days=days))
+    _, target = await tenant_and_target(conn, 3)
+    _, claimed = await claims.claim_batch(conn, target, want=10, lease_s=30)
+    assert len(claimed) == 3
+
+    # When they are recorded (its locks held to the end of the transaction)
+    async with conn.transaction():
+        now = datetime.now(UTC)
+        recorded = await claims.record_batch(
+            conn,
+            target,
+            [
+                claims.Attempt(c, now, 7, 200, None, None, "succeeded", None, None, None)
+                for c in claimed
+            ],
+            breaker=None,
+            failing=False,
+        )
+        locked = [
+            r["name"]
+            for r in await conn.fetch(
+                "SELECT relation::regclass::text AS name FROM pg_locks"
+                " WHERE pid = pg_backend_pid() AND relation IS NOT NULL"
+            )
+        ]
+
+    # Then it opened today's partitions only, not every day's: the attempts' rollup
+    # looks an attempt's target up in deliveries only for one written without it, and
+    # a plan holding that look-up opened (and locked) each day's partition, run or not
+    assert len(recorded) == 3
+    today = f"p{datetime.now(UTC):%Y%m%d}"
+    days = {m.group(1) for n in locked if (m := re.match(r"\w+_(p\d{8})", n))}
+    assert days <= {today}, sorted(days)
+    assert len(locked) < 60, len(locked)
 
 
 async def test_deliveries_still_need_a_real_tenant_and_target(conn: asyncpg.Connection) -> None:
