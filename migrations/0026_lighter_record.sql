@@ -29,11 +29,23 @@
 --    holds what waits to be sent and the dead letters; each row is written a few
 --    times and leaves, so the space is the price of a queue's table.
 
+-- Dropping a key locks its table and the one it references (ACCESS EXCLUSIVE): the
+-- relay's reads and writes of tenants, targets, deliveries and attempts wait for
+-- this migration, and it waits for theirs. It takes them all first, and gives up
+-- after 10 s rather than stall them behind it (run `relay migrate` again); a
+-- deadlock with a worker's transaction aborts one of the two, never half of this.
+SET LOCAL lock_timeout = '10s';
+LOCK TABLE tenants, targets, deliveries, attempts IN ACCESS EXCLUSIVE MODE;
+
 ALTER TABLE deliveries DROP CONSTRAINT deliveries_target_id_fkey,
     DROP CONSTRAINT deliveries_tenant_id_fkey;
+-- NOT VALID: the rows there now were checked by the keys just dropped (no scan
+-- while the locks are held); every row written from now on is checked
 ALTER TABLE deliveries_open
-    ADD CONSTRAINT deliveries_open_target_id_fkey FOREIGN KEY (target_id) REFERENCES targets (id),
-    ADD CONSTRAINT deliveries_open_tenant_id_fkey FOREIGN KEY (tenant_id) REFERENCES tenants (id);
+    ADD CONSTRAINT deliveries_open_target_id_fkey FOREIGN KEY (target_id) REFERENCES targets (id)
+        NOT VALID,
+    ADD CONSTRAINT deliveries_open_tenant_id_fkey FOREIGN KEY (tenant_id) REFERENCES tenants (id)
+        NOT VALID;
 ALTER TABLE attempts DROP CONSTRAINT attempts_tenant_id_fkey;
 
 ALTER TABLE attempts ADD COLUMN target_id text;
@@ -47,12 +59,17 @@ ALTER TABLE deliveries_open SET (fillfactor = 45);
 -- of deliveries (each day's sent ones) each time it starts, run or not (with 40
 -- days kept, ~+260 us a record of two deliveries, bench/pg_cycle.py).
 CREATE FUNCTION relay_delivery_target(p_delivery text) RETURNS text
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE
+SET enable_seqscan = off
+AS $$
     SELECT d.target_id FROM deliveries d WHERE d.id = p_delivery
 $$;
 
--- as 0011's, with the attempt's own target when it has one
-CREATE OR REPLACE FUNCTION rollup_attempts_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+-- as 0011's, with the attempt's own target when it has one (and 0018's setting,
+-- which CREATE OR REPLACE would drop)
+CREATE OR REPLACE FUNCTION rollup_attempts_inserted() RETURNS trigger LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
 BEGIN
     WITH a AS MATERIALIZED (
         SELECT a.tenant_id, coalesce(a.target_id, relay_delivery_target(a.delivery_id))
@@ -79,7 +96,7 @@ BEGIN
 END
 $$;
 
--- as 0018's, writing each attempt's target
+-- as 0018's, writing each attempt's target (its delivery's)
 CREATE OR REPLACE FUNCTION relay_record(
     p_ids text[], p_leases timestamptz[], p_statuses text[], p_delays float8[],
     p_carried float8[], p_codes int[], p_errors text[], p_attempt_ids text[],
@@ -106,7 +123,7 @@ BEGIN
             AS r(id, lease, status, delay, carried, code, error)
         WHERE d.id = r.id AND d.locked_until = r.lease AND d.status IN ('pending', 'retrying')
           AND (p_expect_failing IS NULL OR p_expect_failing = (SELECT x.failing FROM target x))
-        RETURNING d.id, d.tenant_id
+        RETURNING d.id, d.tenant_id, d.target_id
     ), freed AS (
         DELETE FROM delivery_leases l USING unnest(p_ids, p_leases) AS r(id, lease)
         WHERE l.delivery_id = r.id AND l.locked_until = r.lease
@@ -114,7 +131,7 @@ BEGIN
     ), kept AS (
         INSERT INTO attempts (id, tenant_id, target_id, delivery_id, started_at,
                               duration_ms, status_code, error, response_body)
-        SELECT a.id, k.tenant_id, p_target, a.delivery_id, a.started_at, a.duration_ms, a.code,
+        SELECT a.id, k.tenant_id, k.target_id, a.delivery_id, a.started_at, a.duration_ms, a.code,
                a.error, a.body
         FROM unnest(p_attempt_ids, p_ids, p_started, p_durations, p_codes, p_errors,
                     p_bodies) AS a(id, delivery_id, started_at, duration_ms, code, error, body)

@@ -23,12 +23,12 @@ async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     await connection.close()
 
 
-async def test_a_claim_commits_without_a_flush_and_a_record_with_one(
+async def test_a_claims_transaction_commits_without_a_flush(
     conn: asyncpg.Connection,
 ) -> None:
     # Given a target with a due delivery, on a connection that commits synchronously
     _, target = await tenant_and_target(conn, 1)
-    assert await conn.fetchval("SHOW synchronous_commit") == "on"
+    await conn.execute("SET synchronous_commit = on")
 
     # When a worker claims it, in the claim's transaction
     async with conn.transaction():
