@@ -55,6 +55,16 @@ STATS_SQL = (
 CEILING_ARGS = ["4", "256", "32"]
 
 
+def psql(db: str, sql: str) -> str:
+    """Run ``sql`` on database ``db`` (it must succeed); what psql printed."""
+    return subprocess.run(
+        ["psql", "-q", "-h", "127.0.0.1", "-U", "root", "-d", db, "-c", sql],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
 def postgres_cpu() -> float:
     """The postmaster's live children and its reaped ones, in CPU seconds."""
     out = subprocess.run(["pgrep", "-o", "-x", "postgres"], capture_output=True, text=True)
@@ -125,27 +135,9 @@ def run(events: int, spy: str | None, n: int, cap: int = 32) -> None:
         }
         subprocess.run(["relay", "migrate"], env=env, check=True, capture_output=True)
         if os.environ.get("DRAIN_SQL"):  # an experiment's change, made after the migrations
-            subprocess.run(
-                ["psql", "-h", "127.0.0.1", "-U", "root", "-d", db, "-c", os.environ["DRAIN_SQL"]],
-                check=True,
-                capture_output=True,
-            )
+            psql(db, os.environ["DRAIN_SQL"])
         if STATS:
-            subprocess.run(
-                [
-                    "psql",
-                    "-h",
-                    "127.0.0.1",
-                    "-U",
-                    "root",
-                    "-d",
-                    db,
-                    "-c",
-                    f"ALTER DATABASE {db} SET track_functions = 'pl'",
-                ],
-                check=True,
-                capture_output=True,
-            )
+            psql(db, f"ALTER DATABASE {db} SET track_functions = 'pl'")
         gp = dr.free_port()
         g = start("relay", "serve", "--processes", "1", "--port", str(gp), env=env)
         dr.wait_port(gp)
@@ -188,14 +180,7 @@ def run(events: int, spy: str | None, n: int, cap: int = 32) -> None:
         figures = meter.line("drain", rate, [round(cpu_of(int(p)), 2) for p in kids.stdout.split()])
         if STATS:
             time.sleep(0.6)  # the backends' statistics are sent at most every 500 ms
-            print(
-                subprocess.run(
-                    ["psql", "-h", "127.0.0.1", "-U", "root", "-d", db, "-c", STATS_SQL],
-                    capture_output=True,
-                    text=True,
-                ).stdout,
-                flush=True,
-            )
+            print(psql(db, STATS_SQL), flush=True)
         for s in spies:
             s.send_signal(signal.SIGINT)
             s.wait(30)
@@ -245,11 +230,7 @@ def ceiling(events: int, n: int) -> None:
         )
         dr.wait_port(sp)
         sink = f"http://127.0.0.1:{sp}"
-        subprocess.run(
-            ["psql", "-q", "-h", "127.0.0.1", "-U", "root", "-d", db, "-c", fill],
-            check=True,
-            capture_output=True,
-        )
+        psql(db, fill)
         time.sleep(1)
         meter = Meter(procs[0].pid)
         worker = [sys.executable, str(SHARED / "limit_durable_worker.py")]
