@@ -1,4 +1,6 @@
-"""A record moves its deliveries without locking their tenant's and target's rows (0026).
+"""A lighter record (0026) and claim.
+
+A record moves its deliveries without locking their tenant's and target's rows.
 
 A succeeded delivery moves from deliveries_open to deliveries_sent. With the keys
 to tenants and targets on the parent, each move ran two foreign-key checks, and
@@ -7,6 +9,11 @@ row and the one target row every worker's record touches (11.5 µs of 78 in
 Postgres a delivery, bench/pg_cycle.py). The keys are now checked where deliveries
 are made (deliveries_open), and an attempt carries its target, so that the
 attempts' rollup no longer looks each delivery up in every partition.
+
+A claim's transaction commits without waiting for its WAL to be flushed. A claim
+is a lease: one that a crash of Postgres loses is a delivery claimed again, as
+when a worker dies holding it. Its commit is spared the flush (an fsync here)
+that a record's commit pays anyway, and flushes the claim's WAL with.
 """
 
 from __future__ import annotations
@@ -216,3 +223,22 @@ async def test_attempts_are_counted_to_their_target_old_rows_included(
         )
     }
     assert figures == {target: (0, 5), other: (1, 0)}
+
+
+async def test_a_claims_transaction_commits_without_a_flush(
+    conn: asyncpg.Connection,
+) -> None:
+    # Given a target with a due delivery, on a connection that commits synchronously
+    _, target = await tenant_and_target(conn, 1)
+    await conn.execute("SET synchronous_commit = on")
+
+    # When a worker claims it, in the claim's transaction
+    async with conn.transaction():
+        _, claimed = await claims.claim_batch(conn, target, want=10, lease_s=30)
+        during = await conn.fetchval("SHOW synchronous_commit")
+
+    # Then that transaction committed asynchronously, and the connection's own
+    # setting is back for what follows: the record, a synchronous commit
+    assert len(claimed) == 1
+    assert during == "off"
+    assert await conn.fetchval("SHOW synchronous_commit") == "on"
