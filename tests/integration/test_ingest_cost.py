@@ -1,14 +1,18 @@
-"""Per-request CPU at ingest: a body is parsed once, whatever the number of ordered targets."""
+"""Per-request cost at ingest: a body is parsed once, whatever the number of ordered
+targets; a source and its routes are read once, however many requests miss them at once."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from typing import Any
 
 import pytest
 
+from relay.api import ingest
 from relay.ingest import group_commit
+from relay.web.app_keys import CACHE
 from tests.conftest import Tenant
 from tests.integration.test_ingest import db_rows, make_source, make_target, post_token
 
@@ -67,3 +71,40 @@ async def test_a_big_body_to_many_ordered_targets_is_parsed_once(
     assert {r["order_key"] for r in rows} == {'"inv-1"'}
     # And the body was parsed once, reading it, not once more per target in the commit
     assert big_parses == ["request"], Counter(big_parses)
+
+
+async def test_requests_that_miss_the_cache_at_once_read_the_source_and_routes_once(
+    client: Any, tenant: Tenant, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a source and a target, and a gateway whose cache has just expired
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant, filter={"objectType": ["Bill"]})
+    cache = client.server.app[CACHE]
+    cache.forget_source(source["id"])
+    cache.forget_tenant(tenant.id)
+    # And reads that take 50 ms, as on a busy database
+    reads: Counter[str] = Counter()
+
+    def slow(name: str, real: Any) -> Any:
+        async def read(*args: Any) -> Any:
+            reads[name] += 1
+            await asyncio.sleep(0.05)
+            return await real(*args)
+
+        return read
+
+    monkeypatch.setattr(ingest, "load_source", slow("source", ingest.load_source))
+    monkeypatch.setattr(ingest, "load_routes", slow("routes", ingest.load_routes))
+
+    # When 32 events arrive at once
+    bodies = [{"uuid": f"herd-{i}", "objectType": "Bill", "action": "paid"} for i in range(32)]
+    answers = await asyncio.gather(*(post_token(client, source, body) for body in bodies))
+
+    # Then each is accepted and routed to the target
+    assert [a.status for a in answers] == [202] * 32
+    rows = await db_rows(
+        database_url, "SELECT count(*) AS n FROM deliveries WHERE target_id = $1", target["id"]
+    )
+    assert rows[0]["n"] == 32
+    # And the source and the routes were each read once, not once a request
+    assert reads == {"source": 1, "routes": 1}
