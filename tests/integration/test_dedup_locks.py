@@ -65,3 +65,32 @@ async def test_one_uuid_always_waits_for_itself(
                 await take(two, "src_busy", [same])
     async with two.transaction():  # once the first committed, the second goes on
         await take(two, "src_busy", [same])
+
+
+async def test_one_uuid_waits_for_itself_in_a_big_group_too(
+    conns: tuple[asyncpg.Connection, asyncpg.Connection],
+) -> None:
+    # a big group (more uuids than buckets) and a small one with one of its uuids
+    one, two = conns
+    same = str(uuid.uuid4())
+    big = [str(uuid.uuid4()) for _ in range(events.UUID_LOCK_BUCKETS)] + [same]
+    for first, second in ((big, [same]), ([same], big)):
+        async with one.transaction():
+            await take(one, "src_busy", first)
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                async with two.transaction():
+                    await take(two, "src_busy", second)
+
+
+async def test_a_group_holds_at_most_a_bucket_count_of_uuid_locks_per_source(
+    conns: tuple[asyncpg.Connection, asyncpg.Connection],
+) -> None:
+    one, _ = conns
+    for size in (1, 8, events.UUID_LOCK_BUCKETS, events.UUID_LOCK_BUCKETS + 1, 2000):
+        async with one.transaction():
+            await take(one, "src_busy", [str(uuid.uuid4()) for _ in range(size)])
+            held = await one.fetchval(
+                "SELECT count(*) FROM pg_locks"
+                " WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+            )
+        assert 0 < held <= events.UUID_LOCK_BUCKETS, (size, held)
