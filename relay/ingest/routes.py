@@ -173,16 +173,17 @@ class TTLCache(Generic[K, V]):
         reading = self._reading.get(key)
         if reading is None:
             reading = self._reading[key] = asyncio.ensure_future(self._read(key, load))
+            # its failure is read even when every waiter went away (else asyncio logs it)
+            reading.add_done_callback(_retrieve)
         # shielded: a request that goes away must not cancel the others' read
         return await asyncio.shield(reading)
 
     async def _read(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
         began = self._clock()
-        this = asyncio.current_task()
         try:
             value = await load()
         finally:
-            ours = self._reading.get(key) is this  # else forgotten meanwhile
+            ours = self._reading.get(key) is asyncio.current_task()  # else forgotten meanwhile
             if ours:
                 del self._reading[key]
         if ours and self._ttl > 0 and value is not None:  # a miss is not kept: it may exist soon
@@ -195,6 +196,11 @@ class TTLCache(Generic[K, V]):
         """Drop one entry, and the read of it under way (the next get reads afresh)."""
         self._entries.pop(key, None)
         self._reading.pop(key, None)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class RoutingCache:

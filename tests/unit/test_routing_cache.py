@@ -11,6 +11,7 @@ version at commit) is never answered by a read that began before it.
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -28,7 +29,8 @@ class Clock:
 class Loader:
     """A read that waits until released, counting its calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "value") -> None:
+        self.name = name
         self.calls = 0
         self.release = asyncio.Event()
         self.fail: Exception | None = None
@@ -39,7 +41,7 @@ class Loader:
         await self.release.wait()
         if self.fail is not None:
             raise self.fail
-        return f"value {call}"
+        return f"{self.name} {call}"
 
 
 async def settle() -> None:
@@ -88,7 +90,7 @@ async def test_other_keys_are_read_apart() -> None:
 
 async def test_a_forget_is_never_answered_by_a_read_begun_before_it() -> None:
     cache: TTLCache[str, str] = TTLCache(1.0)
-    early, late = Loader(), Loader()
+    early, late = Loader("before the change"), Loader("after the change")
     before = asyncio.ensure_future(cache.get("tenant", early))
     await settle()
     assert early.calls == 1
@@ -97,11 +99,11 @@ async def test_a_forget_is_never_answered_by_a_read_begun_before_it() -> None:
     await settle()
     assert late.calls == 1  # a read of its own, not the one under way
     late.release.set()
-    assert await after == "value 1"
+    assert await after == "after the change 1"
     early.release.set()
-    assert await before == "value 1"  # (of the early read: it began before the change)
+    assert await before == "before the change 1"  # (it asked before the change)
     # and the early read, ended last, did not replace the newer value
-    assert await cache.get("tenant", Loader()) == "value 1"
+    assert await cache.get("tenant", Loader("unused")) == "after the change 1"
     assert early.calls == late.calls == 1
 
 
@@ -131,6 +133,39 @@ async def test_a_waiter_that_goes_away_does_not_cancel_the_others_read() -> None
     load.release.set()
     assert await second == "value 1"
     assert load.calls == 1
+
+
+async def test_a_read_that_fails_after_its_waiters_went_away_is_not_left_unread() -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        cache: TTLCache[str, str] = TTLCache(1.0)
+        load = Loader()
+        load.fail = ConnectionError("pool is closing")
+        only = asyncio.ensure_future(cache.get("tenant", load))
+        await settle()
+        only.cancel()  # its request was cancelled (the gateway shutting down)
+        with pytest.raises(asyncio.CancelledError):
+            await only
+        load.release.set()
+        await settle()
+        del only, load  # (the loader keeps the exception, and so the read's frames)
+        gc.collect()
+        # (asyncio reports an exception no one read when its task is collected)
+        assert reported == []
+    finally:
+        loop.set_exception_handler(None)
+
+
+async def test_reads_are_shared_with_no_ttl_and_nothing_is_kept() -> None:
+    cache: TTLCache[str, str] = TTLCache(0)
+    load = Loader()
+    waiters = [asyncio.ensure_future(cache.get("tenant", load)) for _ in range(5)]
+    await settle()
+    load.release.set()
+    assert await asyncio.gather(*waiters) == ["value 1"] * 5
+    assert await cache.get("tenant", load) == "value 2"
 
 
 async def test_a_missing_key_is_not_kept() -> None:
