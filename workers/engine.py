@@ -301,6 +301,8 @@ class _Round(NamedTuple):
     sharing: bool
     #: drainers of other processes sharing the cap
     sharers: int
+    #: a look instead of a claim found nothing due: what it saw (None: a claim)
+    looked: claims.LastLook | None = None
 
 
 #: A body this large is signed on a thread of the engine's, not on the event loop:
@@ -550,6 +552,11 @@ class Engine:
         handover = _Handover()
         # the last claim left due deliveries (it took all it asked, or was kept out)
         backlog = False
+        # the last claim took all that was due (fewer than it asked, none kept out by
+        # the cap) and no wake-up came since: once attempts that all succeeded end, a
+        # look at the target decides whether to claim (one cheap round trip, and the
+        # drainer's last look too, where the claim that found nothing was two more)
+        settled = False
         # leased ahead of this drainer's part of the cap, started as attempts end; and
         # whether the attempts that ended last all succeeded (it leases ahead only then)
         queued: deque[_Queued] = deque()
@@ -558,10 +565,20 @@ class Engine:
             while True:
                 if handover.handing_off and target_id in self._rewake:
                     handover.handing_off = False  # woken meanwhile: it claims again, sharing
+                if target_id in self._rewake:
+                    settled = False
                 self._rewake.discard(target_id)
                 if claim.more and not self._closing and not handover.handing_off:
                     try:
                         started = len(in_flight) + len(queued)
+                        look = (
+                            settled
+                            and clean
+                            and kept_at is None
+                            and not owed
+                            and not queued
+                            and not handover.handing_off
+                        )
                         owed = False
                         ahead = (
                             clean
@@ -575,8 +592,17 @@ class Engine:
                             and claim.target.rate_limit is None
                         )
                         claim = await self._claim_more(
-                            target_id, tenant_id, claim, in_flight, ending, queued, ahead=ahead
+                            target_id,
+                            tenant_id,
+                            claim,
+                            in_flight,
+                            ending,
+                            queued,
+                            ahead=ahead,
+                            look=look,
                         )
+                        if claim.looked is None:
+                            settled = not claim.more and not claim.kept_out
                         sharing = sharing or claim.sharing
                         backlog = claim.more or claim.kept_out
                         fresh = len(in_flight) + len(queued) > started  # it found work
@@ -611,6 +637,7 @@ class Engine:
                         # the record let the next of a key go, after the claim looked
                         # (the process the target is handed to claims it, if it drains)
                         claim = claim._replace(more=True)
+                        settled = False
                         handover.handing_off = False
                         continue
                 if self._closing and queued:
@@ -703,7 +730,7 @@ class Engine:
         # a drainer still handing over ended because, as its loop last asked, the
         # process it went to drains the target: that one times it
         if target is not None and target.live and not self._closing and not handover.handing_off:
-            await self._time_next(target_id, tenant_id)
+            await self._time_next(target_id, tenant_id, claim.looked)
 
     @staticmethod
     def _keeps_target(claim: _Round, waited_s: float) -> bool:
@@ -749,10 +776,13 @@ class Engine:
         queued: deque[_Queued],
         *,
         ahead: bool,
+        look: bool = False,
     ) -> _Round:
         """Claim and start what the target's cap (this drainer's part of it), the slots
         and its rate limit allow (``ending``: leases whose attempts ended, being recorded);
-        ``ahead``: lease AHEAD_PARTS parts more if alone on the target, into ``queued``."""
+        ``ahead``: lease AHEAD_PARTS parts more if alone on the target, into ``queued``;
+        ``look``: first look whether anything is due, and claim only then."""
+        last = last._replace(looked=None)
         target = last.target
         part = self._part(last)
         extra = AHEAD_PARTS * part if ahead else 0
@@ -763,6 +793,11 @@ class Engine:
         room = part + extra - held
         if room <= 0:
             return last._replace(kept_out=False)
+        if look:
+            async with self._connection(tenant_id) as conn:
+                seen = await claims.last_look(conn, target_id)
+            if not seen.due:
+                return last._replace(more=False, kept_out=False, looked=seen)
         slots = (
             self.slots.try_acquire(tenant_id, room)
             if held
@@ -1204,16 +1239,24 @@ class Engine:
                 conn, rows, delay_s=delay_s, carried_for_s=self.settings.requeue_after_s
             )
 
-    async def _time_next(self, target_id: str, tenant_id: str) -> None:
-        """Leave a timer for the target's next waiting delivery, if it falls due soon."""
-        try:
-            async with self._connection(tenant_id) as conn:
-                target = await claims.read_target(conn, target_id)
-                due_in = await claims.next_due_in(conn, target_id)
-        except (*POSTGRES_DOWN, TimeoutError):
-            return  # the sweeper wakes it
-        if target is not None and target.cooling and target.open_until is not None:
-            due_in = max(due_in or 0.0, (target.open_until - datetime.now(UTC)).total_seconds())
+    async def _time_next(
+        self, target_id: str, tenant_id: str, looked: claims.LastLook | None = None
+    ) -> None:
+        """Leave a timer for the target's next waiting delivery, if it falls due soon
+        (``looked``: as the drainer's last look saw it, else read now)."""
+        if looked is not None:
+            due_in, open_until = looked.due_in, looked.open_until
+        else:
+            try:
+                async with self._connection(tenant_id) as conn:
+                    target = await claims.read_target(conn, target_id)
+                    due_in = await claims.next_due_in(conn, target_id)
+            except (*POSTGRES_DOWN, TimeoutError):
+                return  # the sweeper wakes it
+            cooling = target is not None and target.cooling
+            open_until = target.open_until if cooling and target is not None else None
+        if open_until is not None:
+            due_in = max(due_in or 0.0, (open_until - datetime.now(UTC)).total_seconds())
         if due_in is not None and due_in <= SHORT_WAIT_S:
             self.wake_later(target_id, tenant_id, due_in + 0.05)
 

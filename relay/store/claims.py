@@ -653,6 +653,45 @@ async def end_past_window(
     return [Ended(r["id"], r["target_id"], r["tenant_id"]) for r in rows], promoted
 
 
+class LastLook(NamedTuple):
+    """What a drainer that found all that was due sees once its attempts end."""
+
+    #: a delivery of the target is due and not leased: claim
+    due: bool
+    #: seconds until its next waiting delivery falls due (None: it has none)
+    due_in: float | None
+    #: when its open breaker lets a probe through (None: it is not open)
+    open_until: datetime | None
+
+
+_LAST_LOOK = """
+SELECT EXISTS (
+           SELECT 1 FROM deliveries_open d
+           WHERE d.target_id = $1 AND d.status IN ('pending', 'retrying')
+             AND d.next_attempt_at <= now()
+             AND (d.locked_until IS NULL OR d.locked_until < now())
+       ) AS due,
+       (SELECT extract(epoch FROM d.next_attempt_at - now()) FROM deliveries_open d
+        WHERE d.target_id = $1 AND d.status IN ('pending', 'retrying')
+          AND d.next_attempt_at > now()
+        ORDER BY d.next_attempt_at LIMIT 1) AS due_in,
+       (SELECT h.open_until FROM target_health h
+        WHERE h.target_id = $1 AND h.open_until > now()) AS open_until
+"""
+
+
+async def last_look(conn: Queries, target_id: str) -> LastLook:
+    """Whether the target has a due delivery no one holds, and when its next falls due,
+    in one round trip: what a claim that finds nothing costs a drainer, at a fraction
+    of a claim's price (no lock, no target row, no shares; tests/integration/
+    test_drainer_last_look.py). The claim's own conditions: what this finds not due,
+    a claim made now would not take."""
+    row = await conn.fetchrow(_LAST_LOOK, target_id)
+    assert row is not None  # one row, always
+    due_in = row["due_in"]
+    return LastLook(row["due"], None if due_in is None else float(due_in), row["open_until"])
+
+
 async def next_due_in(conn: Queries, target_id: str) -> float | None:
     """Seconds until the target's next waiting delivery falls due (None: it has none)."""
     value = await conn.fetchval(
