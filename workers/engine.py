@@ -602,7 +602,13 @@ class Engine:
                             look=look,
                         )
                         if claim.looked is None:
-                            settled = not claim.more and not claim.kept_out
+                            # (a breaker not closed trims claims to one, with no kept_out)
+                            settled = (
+                                not claim.more
+                                and not claim.kept_out
+                                and claim.target is not None
+                                and claim.target.breaker == "closed"
+                            )
                         sharing = sharing or claim.sharing
                         backlog = claim.more or claim.kept_out
                         fresh = len(in_flight) + len(queued) > started  # it found work
@@ -621,7 +627,7 @@ class Engine:
                     except (*POSTGRES_DOWN, TimeoutError) as exc:
                         log.warning("claim of %s failed: %s", target_id, type(exc).__name__)
                         self.wake_later(target_id, tenant_id, 1.0)
-                        claim = claim._replace(more=False, kept_out=False)
+                        claim = claim._replace(more=False, kept_out=False, looked=None)
                 if recording is not None:
                     promoted = await recording
                     recording, ending = None, []

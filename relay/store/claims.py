@@ -664,20 +664,7 @@ class LastLook(NamedTuple):
     open_until: datetime | None
 
 
-_LAST_LOOK = """
-SELECT EXISTS (
-           SELECT 1 FROM deliveries_open d
-           WHERE d.target_id = $1 AND d.status IN ('pending', 'retrying')
-             AND d.next_attempt_at <= now()
-             AND (d.locked_until IS NULL OR d.locked_until < now())
-       ) AS due,
-       (SELECT extract(epoch FROM d.next_attempt_at - now()) FROM deliveries_open d
-        WHERE d.target_id = $1 AND d.status IN ('pending', 'retrying')
-          AND d.next_attempt_at > now()
-        ORDER BY d.next_attempt_at LIMIT 1) AS due_in,
-       (SELECT h.open_until FROM target_health h
-        WHERE h.target_id = $1 AND h.open_until > now()) AS open_until
-"""
+_LAST_LOOK = "SELECT due, due_in, open_until FROM relay_last_look($1)"  # (migration 0027)
 
 
 async def last_look(conn: Queries, target_id: str) -> LastLook:
@@ -685,7 +672,7 @@ async def last_look(conn: Queries, target_id: str) -> LastLook:
     in one round trip: what a claim that finds nothing costs a drainer, at a fraction
     of a claim's price (no lock, no target row, no shares; tests/integration/
     test_drainer_last_look.py). The claim's own conditions: what this finds not due,
-    a claim made now would not take."""
+    a claim made now would not take. Planned with sequential scans off."""
     row = await conn.fetchrow(_LAST_LOOK, target_id)
     assert row is not None  # one row, always
     due_in = row["due_in"]

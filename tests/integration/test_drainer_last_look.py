@@ -120,3 +120,51 @@ async def test_what_falls_due_before_the_look_is_claimed_and_sent(
         assert calls["claim_share"] == 2, calls
     finally:
         await conn.close()
+
+
+async def test_the_look_sees_what_a_claim_would_take_and_when_the_next_falls_due(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant)
+    conn = await asyncpg.connect(database_url)
+    try:
+        # nothing at all
+        assert await claims.last_look(conn, target["id"]) == (False, None, None)
+        # one delivery, leased (in flight): not due, and none waits
+        assert (await post_token(client, source, {"n": 1})).status == 202
+        await conn.execute(
+            "UPDATE deliveries SET locked_until = now() + interval '1 minute' WHERE target_id = $1",
+            target["id"],
+        )
+        assert await claims.last_look(conn, target["id"]) == (False, None, None)
+        # its lease lapsed: due
+        await conn.execute(
+            "UPDATE deliveries SET locked_until = now() - interval '1 second' WHERE target_id = $1",
+            target["id"],
+        )
+        assert (await claims.last_look(conn, target["id"])).due
+        # due in 30 s, and the breaker open for a minute
+        await conn.execute(
+            "UPDATE deliveries SET locked_until = NULL,"
+            " next_attempt_at = now() + interval '30 seconds' WHERE target_id = $1",
+            target["id"],
+        )
+        await conn.execute(
+            "INSERT INTO target_health (target_id, breaker, open_until)"
+            " VALUES ($1, 'open', now() + interval '1 minute')"
+            " ON CONFLICT (target_id) DO UPDATE SET breaker = 'open',"
+            " open_until = excluded.open_until",
+            target["id"],
+        )
+        look = await claims.last_look(conn, target["id"])
+        assert not look.due
+        assert look.due_in is not None and 28 < look.due_in <= 30
+        assert look.open_until is not None
+        # and it plans as the worker's other statements do (migration 0018)
+        config = await conn.fetchval(
+            "SELECT proconfig FROM pg_proc WHERE proname = 'relay_last_look'"
+        )
+        assert "enable_seqscan=off" in config
+    finally:
+        await conn.close()
