@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from relay.delivery.outcome import Breaker
 from relay.store import claims
 from tests.conftest import Tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
@@ -150,12 +151,8 @@ async def test_the_look_sees_what_a_claim_would_take_and_when_the_next_falls_due
             " next_attempt_at = now() + interval '30 seconds' WHERE target_id = $1",
             target["id"],
         )
-        await conn.execute(
-            "INSERT INTO target_health (target_id, breaker, open_until)"
-            " VALUES ($1, 'open', now() + interval '1 minute')"
-            " ON CONFLICT (target_id) DO UPDATE SET breaker = 'open',"
-            " open_until = excluded.open_until",
-            target["id"],
+        await claims.save_breaker(
+            conn, target["id"], Breaker("open", 5, 1, "5 failures in a row", open_for_s=60)
         )
         look = await claims.last_look(conn, target["id"])
         assert not look.due
