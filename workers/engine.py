@@ -602,10 +602,12 @@ class Engine:
                             look=look,
                         )
                         if claim.looked is None:
-                            # (a breaker not closed trims claims to one, with no kept_out)
+                            # (a claim trimmed by others' leases, or by a breaker not
+                            # closed, also takes fewer than it asked: then it claims)
                             settled = (
                                 not claim.more
                                 and not claim.kept_out
+                                and claim.sharers == 0
                                 and claim.target is not None
                                 and claim.target.breaker == "closed"
                             )
