@@ -633,6 +633,8 @@ class Engine:
                 if recording is not None:
                     promoted = await recording
                     recording, ending = None, []
+                    if promoted:  # the next of a key was made due: claim, do not look
+                        settled = False
                     if (
                         promoted
                         and not in_flight
@@ -645,7 +647,6 @@ class Engine:
                         # the record let the next of a key go, after the claim looked
                         # (the process the target is handed to claims it, if it drains)
                         claim = claim._replace(more=True)
-                        settled = False
                         handover.handing_off = False
                         continue
                 if self._closing and queued:
