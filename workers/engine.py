@@ -1253,17 +1253,13 @@ class Engine:
     ) -> None:
         """Leave a timer for the target's next waiting delivery, if it falls due soon
         (``looked``: as the drainer's last look saw it, else read now)."""
-        if looked is not None:
-            due_in, open_until = looked.due_in, looked.open_until
-        else:
+        if looked is None:
             try:
                 async with self._connection(tenant_id) as conn:
-                    target = await claims.read_target(conn, target_id)
-                    due_in = await claims.next_due_in(conn, target_id)
+                    looked = await claims.last_look(conn, target_id)
             except (*POSTGRES_DOWN, TimeoutError):
                 return  # the sweeper wakes it
-            cooling = target is not None and target.cooling
-            open_until = target.open_until if cooling and target is not None else None
+        due_in, open_until = looked.due_in, looked.open_until
         if open_until is not None:
             due_in = max(due_in or 0.0, (open_until - datetime.now(UTC)).total_seconds())
         if due_in is not None and due_in <= SHORT_WAIT_S:

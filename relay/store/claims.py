@@ -109,17 +109,6 @@ class Attempt:
     disable_reason: str | None
 
 
-_TARGET = """
-SELECT t.id, t.tenant_id, t.url, t.headers_enc, t.secret_enc, t.previous_secret_enc,
-       t.secret_rotated_at, t.rate_limit, t.max_in_flight,
-       t.enabled AND t.deleted_at IS NULL AS live, t.failing_since IS NOT NULL AS failing,
-       coalesce(h.breaker, 'closed') AS breaker,
-       coalesce(h.consecutive_failures, 0) AS consecutive_failures,
-       coalesce(h.open_until > now(), false) AS cooling, h.open_until, t.on_dead
-FROM targets t LEFT JOIN target_health h ON h.target_id = t.id
-WHERE t.id = $1
-"""
-
 # One call claims (migrations 0016, 0018, 0019: the lock, the target read after it,
 # the claim, the cap's share among drainers, the payloads up to INLINE_PAYLOAD_BYTES):
 # see relay_claim() there. Its transaction commits without waiting for its WAL to
@@ -143,12 +132,6 @@ INLINE_PAYLOAD_BYTES = 256 * 1024
 
 # The payloads a claim left out, by their events' ids (migration 0019).
 _PAYLOADS = "SELECT id, payload FROM relay_payloads($1::text[])"
-
-
-async def read_target(conn: Queries, target_id: str) -> SendTarget | None:
-    """A target as the engine sees it (None if it does not exist)."""
-    row = await conn.fetchrow(_TARGET, target_id)
-    return None if row is None else SendTarget.from_row(row)
 
 
 class Share(NamedTuple):
@@ -677,19 +660,6 @@ async def last_look(conn: Queries, target_id: str) -> LastLook:
     assert row is not None  # one row, always
     due_in = row["due_in"]
     return LastLook(row["due"], None if due_in is None else float(due_in), row["open_until"])
-
-
-async def next_due_in(conn: Queries, target_id: str) -> float | None:
-    """Seconds until the target's next waiting delivery falls due (None: it has none)."""
-    value = await conn.fetchval(
-        """
-        SELECT extract(epoch FROM next_attempt_at - now()) FROM deliveries
-        WHERE target_id = $1 AND status IN ('pending', 'retrying') AND next_attempt_at > now()
-        ORDER BY next_attempt_at LIMIT 1
-        """,
-        target_id,
-    )
-    return None if value is None else float(value)
 
 
 async def targets_to_wake(conn: Queries, *, grace_s: float, limit: int) -> list[Wake]:

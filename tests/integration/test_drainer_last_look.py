@@ -16,29 +16,35 @@ The engine runs in this process, on a real pool, Redis and receiver.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from typing import Any
 
 import asyncpg
 import pytest
 
+from relay.core.config import Settings
 from relay.delivery.outcome import Breaker
 from relay.store import claims
 from tests.conftest import Tenant
 from tests.integration.test_ingest import make_source, make_target, post_token
-from tests.stack import Receiver, eventually, hang
+from tests.stack import Receiver, eventually, fail_then_succeed, hang
 from workers.engine import Engine
 
-LOOKED_UP = ("claim_share", "last_look", "read_target", "next_due_in")
+LOOKED_UP = ("claim_share", "last_look")
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """A retry schedule whose first wait is short: a timer of the worker carries it."""
+    return dataclasses.replace(settings, retry_schedule=(0, 1.5, 300))
 
 
 def counting(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """The engine's calls of the store functions that claim or look, counted."""
     calls: Counter[str] = Counter()
     for name in LOOKED_UP:
-        real = getattr(claims, name, None)
-        if real is None:
-            continue
+        real = getattr(claims, name)
 
         def wrapper(*args: Any, _name: str = name, _real: Any = real, **kwargs: Any) -> Any:
             calls[_name] += 1
@@ -121,6 +127,39 @@ async def test_what_falls_due_before_the_look_is_claimed_and_sent(
         assert calls["claim_share"] == 2, calls
     finally:
         await conn.close()
+
+
+async def test_a_drainer_that_ends_after_a_failure_times_the_retry_with_one_look(
+    client: Any,
+    tenant: Tenant,
+    engine: Engine,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a target whose receiver fails once, then answers 200
+    source = await make_source(client, tenant)
+    target = await make_target(client, tenant, url=receiver.on("/flaky", fail_then_succeed(1)))
+    calls = counting(monkeypatch)
+
+    # When one event arrives, its attempt fails (a retry in 1.5 s), and the drainer
+    # ends (after one more claim: a failure may have changed what it can take)
+    assert (await post_token(client, source, {"n": 1})).status == 202
+    engine.wake(target["id"], tenant.id)
+
+    async def failed_once() -> bool:
+        return len(receiver.at("/flaky")) == 1
+
+    await eventually(failed_once, timeout=10)
+    await drained(engine, target["id"])
+    # Then it read when the retry falls due in one round trip, its look (before: the
+    # target, then its next due delivery, read apart)
+    assert calls == {"claim_share": 2, "last_look": 1}, calls
+
+    # and the timer it left sends the retry when due, not the sweeper (30 s)
+    async def succeeded() -> bool:
+        return len(receiver.at("/flaky")) == 2
+
+    await eventually(succeeded, timeout=5)
 
 
 async def test_the_look_sees_what_a_claim_would_take_and_when_the_next_falls_due(
