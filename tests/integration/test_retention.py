@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 
 from relay.core.config import Settings
 from relay.delivery.wakeups import Enqueuer, make_broker
@@ -19,6 +20,7 @@ from relay.store import housekeeping
 from tests.conftest import Tenant
 from tests.history import backdate, partition_exists
 from tests.integration.test_ingest import make_source, make_target, post_token
+from tests.stack import eventually
 from workers.sweeper import Sweeper
 
 
@@ -69,6 +71,26 @@ async def _old_history(client: Any, tenant: Tenant, conn: asyncpg.Connection) ->
 
 async def _count(conn: asyncpg.Connection, query: str, *args: Any) -> int:
     return int(await conn.fetchval(query, *args))
+
+
+async def _counted(conn: asyncpg.Connection, tenant_id: str) -> list[tuple[Any, ...]]:
+    """The tenant's deliveries by target and status, as the counters have them."""
+    rows = await conn.fetch(
+        "SELECT target_id, status, n FROM delivery_counts_now"
+        " WHERE tenant_id = $1 AND n <> 0 ORDER BY 1, 2",
+        tenant_id,
+    )
+    return [tuple(r) for r in rows]
+
+
+async def _scanned(conn: asyncpg.Connection, tenant_id: str) -> list[tuple[Any, ...]]:
+    """The tenant's deliveries by target and status, counted row by row."""
+    rows = await conn.fetch(
+        "SELECT target_id, status, count(*) AS n FROM deliveries WHERE tenant_id = $1"
+        " GROUP BY 1, 2 ORDER BY 1, 2",
+        tenant_id,
+    )
+    return [tuple(r) for r in rows]
 
 
 async def test_housekeeping_drops_the_days_past_retention_and_keeps_what_is_unsent(
@@ -156,6 +178,8 @@ async def test_housekeeping_drops_the_days_past_retention_and_keeps_what_is_unse
         assert (
             await _count(conn, "SELECT count(*) FROM events WHERE id = ANY($1)", h["recent"]) == 2
         )
+        # and the counters no longer count it (it went from the DEFAULT partition)
+        assert await _counted(conn, tenant.id) == await _scanned(conn, tenant.id)
     finally:
         await sweeper.enqueuer.close()
         await conn.close()
@@ -223,3 +247,63 @@ async def test_a_row_of_a_day_without_partition_is_kept_and_moved_when_the_day_i
         assert await housekeeping.ensure_partitions(conn, days_ahead=11) == []
     finally:
         await conn.close()
+
+
+async def test_a_day_of_sent_deliveries_is_counted_out_before_the_deliveries_are_held(
+    client: Any,
+    tenant: Tenant,
+    settings: Settings,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conn, blocker, writer = [await asyncpg.connect(database_url) for _ in range(3)]
+    try:
+        # Given an old day of sent deliveries, and a writer holding that day's partition
+        # (as a late success moving into it would), the drop's lock waiting long
+        h = await _old_history(client, tenant, conn)
+        part = f"deliveries_sent_p{h['at']:%Y%m%d}"
+        monkeypatch.setattr(housekeeping, "LOCK_TIMEOUT", "20s")
+        holding = blocker.transaction()
+        await holding.start()
+        await blocker.execute(f"LOCK TABLE {part} IN ROW EXCLUSIVE MODE")
+
+        # When retention comes to that day: it waits for the writer
+        purging = asyncio.create_task(housekeeping.drop_expired_partitions(conn, 30))
+        pid = conn.get_server_pid()
+
+        async def waits() -> bool:
+            return bool(
+                await writer.fetchval(
+                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
+                )
+            )
+
+        await eventually(waits, timeout=10, every=0.02)
+
+        # Then meanwhile it holds no lock of the deliveries' tables: a claim or a record
+        # of any other delivery goes through (before: the drop held all of them while
+        # it waited, and while it read the day's rows to take them out of the counters)
+        held = await writer.fetch(
+            "SELECT c.relname FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+            " WHERE l.pid = $1 AND l.granted AND c.relname LIKE 'deliveries%'",
+            pid,
+        )
+        assert held == []
+        await writer.execute("SET lock_timeout = '2s'")
+        updated = await writer.execute(  # two recent deliveries recorded sent, as relay_record
+            "UPDATE deliveries SET status = 'succeeded', next_attempt_at = NULL"
+            " WHERE status IN ('pending', 'retrying') AND event_id = ANY($1)",
+            h["recent"],
+        )
+        assert updated == "UPDATE 2"
+        assert not purging.done()
+
+        # and once the writer is done, the day goes, counted out of the figures exactly
+        await holding.rollback()
+        dropped = await asyncio.wait_for(purging, timeout=30)
+        assert dropped["deliveries_sent"] == 2
+        assert not await partition_exists(conn, "deliveries_sent", h["at"])
+        assert await _counted(conn, tenant.id) == await _scanned(conn, tenant.id)
+    finally:
+        for c in (conn, blocker, writer):
+            await c.close()
