@@ -32,11 +32,16 @@ process group and is killed at the end.
      batch after batch until a batch is short, then purge_old_rollups when the
      checkout has it) with a retention of 30 days, so the oldest 10 of the 40
      days of history go (on the empty database, nothing, or with --sparse-seed the
-     seed's oldest quarter).
+     seed's oldest quarter); meanwhile H gets 100 single events/s, open loop, from
+     5 s before it until 1 s after it: the e2e p50/p99 of those posted before it
+     began and of those posted while it ran (and how many).
 3. The history, between the two: --events events to H in all (default 2,000,000),
    filled with set-based SQL (generate_series) in chunks, spread evenly over the 39
-   days before the last (over the 40 days with --sparse-seed), each with 2
-   deliveries (one per target) and one attempt per delivery (so 2 per event):
+   days before the last (over the 40 days with --sparse-seed), into each day's
+   partitions, made first as the sweeper makes them ahead of each day (with
+   --default-partitions, into the DEFAULT partitions: retention then deletes rows),
+   each with 2 deliveries (one per target) and one attempt per delivery (so 2 per
+   event, each with its target, as relay_record writes it):
    98.5 % succeeded (200 in 5..54 ms), 1.5 % dead (a 503), with their
    delivery_deaths rows; then the figures' deltas are folded
    (when the checkout keeps figures), VACUUM ANALYZE, a CHECKPOINT, and the
@@ -76,8 +81,8 @@ from ingest import EVENT, wrk  # noqa: E402
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 DAYS = 40
-#: --day-partitions: make the history's days' partitions before the fill
-DAY_PARTITIONS = False
+#: make the history's days' partitions before the fill (not with --default-partitions)
+DAY_PARTITIONS = True
 RETENTION_DAYS = 30
 CHUNK = 250_000  # events per fill statement
 SEED = 1_000  # events of the "empty" database: a page of each list
@@ -143,11 +148,16 @@ async def fill(
     try:
         await conn.execute("SET synchronous_commit = off")
         await conn.execute(ULID_TIME)
+        with_target = bool(
+            await conn.fetchval(
+                "SELECT count(*) FROM information_schema.columns"
+                " WHERE table_name = 'attempts' AND column_name = 'target_id'"
+            )
+        )
         # a database that lived those days has their partitions (the sweeper makes each
-        # day's ahead of it): without them the history lands in the DEFAULT partitions,
-        # and retention deletes it row by row instead of dropping days. Opt-in: with
-        # them, each chunk's attempts cost minutes in the attempts' rollup trigger
-        # (its join to deliveries over 40 day partitions for 250,000 rows at once)
+        # day's ahead of it): without them (--default-partitions) the history lands in
+        # the DEFAULT partitions, and retention deletes it row by row instead of
+        # dropping days
         if DAY_PARTITIONS and await conn.fetchval(
             "SELECT to_regproc('relay_ensure_partition') IS NOT NULL"
         ):
@@ -214,18 +224,24 @@ async def fill(
                     t1,
                     t2,
                 )
+                # each attempt with its target, as relay_record writes it (0026): a
+                # row without one has the rollup look its delivery up in every
+                # deliveries partition (minutes a chunk over 40 day partitions)
+                target = ", target_id" if with_target else ""
                 await conn.execute(
                     f"""
                     INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms,
-                                          status_code, error)
+                                          status_code, error{target})
                     SELECT {ident("att", "2 * g + k")}, $1,
                            {ident("dlv", "2 * g + k")}, at + interval '5 ms',
                            5 + (hashint8(g * 2 + k) & 1023) % 50,
                            CASE WHEN dead THEN 503 ELSE 200 END,
                            CASE WHEN dead THEN 'HTTP 503' END
+                           {", CASE k WHEN 0 THEN $2 ELSE $3 END" if with_target else ""}
                     FROM chunk CROSS JOIN (VALUES (0), (1)) AS t(k)
                     """,
                     tenant_id,
+                    *((t1, t2) if with_target else ()),
                 )
                 await conn.execute(
                     f"""
@@ -401,6 +417,66 @@ async def retention(dsn: str) -> tuple[float, int]:
         await conn.close()
 
 
+#: retention's probe: H's source gets this many events/s from LEAD_S before the
+#: retention begins until a second after it ends
+PROBE_RATE = 100
+LEAD_S = 5.0
+
+
+async def retention_under_load(stack: Stack, h: Viewer) -> Figures:
+    """Retention (as ``retention``) while events go to H at PROBE_RATE/s, open loop:
+    its time, and the e2e p50/p99 of the events posted before it began and while it ran."""
+    sent: dict[str, float] = {}
+    posts: list[asyncio.Task[None]] = []
+    purging: dict[str, float] = {}
+
+    async def post(session: aiohttp.ClientSession, key: str, body: str) -> None:
+        sent[key] = time.time()
+        async with session.post(h.ingest_url, data=body, headers=engine.JSON) as resp:
+            await resp.read()
+            assert resp.status == 202, f"ingest: {resp.status}"
+
+    async def purge() -> tuple[float, int]:
+        await asyncio.sleep(LEAD_S)
+        purging["start"] = time.time()
+        try:
+            return await retention(stack.dsn)
+        finally:
+            purging["end"] = time.time()
+
+    purged = asyncio.create_task(purge())
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=900)) as session:
+        start, i = time.perf_counter(), 0
+        while not purged.done() or time.time() < purging["end"] + 1.0:
+            delay = start + i / PROBE_RATE - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            posts.append(asyncio.create_task(post(session, *event())))
+            i += 1
+        await asyncio.gather(*posts)
+    took, removed = await purged
+    await latencies(stack, sent)  # waits for them all (30 s at most)
+    at = (await stack.receipts(full=True))["at"]
+    before = [1000 * (at[k] - t) for k, t in sent.items() if k in at and t < purging["start"]]
+    during = [
+        1000 * (at[k] - t)
+        for k, t in sent.items()
+        if k in at and purging["start"] <= t <= purging["end"]
+    ]
+    missing = len(sent) - sum(k in at for k in sent)
+    if missing:
+        print(f"    warning: {missing} of {len(sent)} probe events never arrived")
+    return {
+        "retention of 10 days": (took, removed),
+        f"e2e at {PROBE_RATE}/s before retention p50/p99": (pct(before, 50), pct(before, 99)),
+        f"e2e at {PROBE_RATE}/s during retention p50/p99": (
+            pct(during, 50),
+            pct(during, 99),
+            len(during),
+        ),
+    }
+
+
 # --- the run ---------------------------------------------------------------------------
 
 LOWER_IS_BETTER = ("p50", "p99", "retention")
@@ -411,6 +487,8 @@ def show(value: tuple[float, ...], name: str) -> str:
         return f"{value[0]:,.0f}/s"
     if name.startswith("retention"):
         return f"{value[0]:,.1f} s ({value[1]:,.0f} events)"
+    if "during retention" in name:
+        return f"{value[0]:,.1f}/{value[1]:,.1f} ms ({value[2]:,.0f} events)"
     return "/".join(f"{v:,.1f}" for v in value) + " ms"
 
 
@@ -448,7 +526,7 @@ async def run(args: argparse.Namespace, logdir: Path) -> list[tuple[str, str, st
         await latencies(stack, (await send_paced(h.ingest_url, 1, 1)).sent, wait=60)  # warm
         print(f"  empty database (a seed of {seed:,} events over {seed_days[1]} days):", flush=True)
         empty = await measure(relay, h, i, d, args)
-        empty["retention of 10 days"] = await retention(stack.dsn)
+        empty |= await retention_under_load(stack, h)
         for name, value in empty.items():
             print(f"    {name:<44} {show(value, name)}", flush=True)
         print(f"  filling {args.events - seed:,} events of history:", flush=True)
@@ -459,7 +537,7 @@ async def run(args: argparse.Namespace, logdir: Path) -> list[tuple[str, str, st
         await latencies(stack, (await send_paced(h.ingest_url, 1, 1)).sent, wait=60)  # warm
         print("  with history:", flush=True)
         full = await measure(relay, h, i, d, args)
-        full["retention of 10 days"] = await retention(stack.dsn)
+        full |= await retention_under_load(stack, h)
         for name, value in full.items():
             print(f"    {name:<44} {show(value, name)}", flush=True)
         relay.stop_worker()
@@ -478,9 +556,10 @@ def main() -> None:
     parser.add_argument("--results", action="store_true", help="append to bench/RESULTS.md")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/12", help="flushed")
     parser.add_argument(
-        "--day-partitions",
+        "--default-partitions",
         action="store_true",
-        help="fill the history into its days' partitions (realistic; a much slower fill)",
+        help="fill the history into the DEFAULT partitions, not its days' (before"
+        " 2026-12-07: retention then deletes it row by row)",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the database at the end (its name printed)"
@@ -493,7 +572,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     global DAY_PARTITIONS
-    DAY_PARTITIONS = args.day_partitions
+    DAY_PARTITIONS = not args.default_partitions
     args.seconds, args.drain, args.requests = (2, 2_000, 10) if args.quick else (10, 20_000, 100)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.default_int_handler)
