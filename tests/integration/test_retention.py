@@ -307,3 +307,66 @@ async def test_a_day_of_sent_deliveries_is_counted_out_before_the_deliveries_are
     finally:
         for c in (conn, blocker, writer):
             await c.close()
+
+
+async def _set_aside(conn: asyncpg.Connection) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT relname FROM pg_class WHERE relname LIKE 'relay\\_detached\\_%' ORDER BY 1"
+    )
+    return [r["relname"] for r in rows]
+
+
+async def test_days_detached_by_a_pass_that_stopped_before_their_drop_are_dropped_by_the_next(
+    client: Any, tenant: Tenant, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        # Given an old day, and a retention pass that stops once it has detached the
+        # day's partitions from their tables, before it drops them (a worker killed)
+        h = await _old_history(client, tenant, conn)
+        day = f"{h['at']:%Y%m%d}"
+        drop = housekeeping._drop_detached
+
+        calls = []
+
+        async def stopped(c: Any) -> None:
+            calls.append(c)
+            if len(calls) > 1:  # (the first: what an earlier pass set aside, nothing)
+                raise ConnectionError("killed")
+            await drop(c)
+
+        monkeypatch.setattr(housekeeping, "_drop_detached", stopped)
+        try:
+            await housekeeping.purge_old_events(conn, 30)
+        except ConnectionError:
+            pass
+        # Then the day is out of its table already (the unfinished event kept), and its
+        # partition is set aside
+        assert await _set_aside(conn) == [f"relay_detached_attempts_p{day}"]
+        assert not await conn.fetchval(
+            "SELECT count(*) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id"
+            " WHERE d.event_id = ANY($1)",
+            h["old"],
+        )
+        # When the next pass runs
+        monkeypatch.setattr(housekeeping, "_drop_detached", drop)
+        await housekeeping.purge_old_events(conn, 30)
+
+        # Then it drops what was set aside, and the rest of the day; nothing is left
+        assert await _set_aside(conn) == []
+        for parent in ("events", "deliveries_sent", "attempts"):
+            assert not await partition_exists(conn, parent, h["at"]), parent
+        assert await _count(conn, "SELECT count(*) FROM events WHERE id = ANY($1)", h["old"]) == 0
+        assert await _count(conn, "SELECT count(*) FROM events WHERE id = $1", h["unfinished"]) == 1
+        assert (
+            await _count(
+                conn,
+                "SELECT count(*) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id"
+                " WHERE d.event_id = $1",
+                h["unfinished"],
+            )
+            == 1
+        )
+        assert await _counted(conn, tenant.id) == await _scanned(conn, tenant.id)
+    finally:
+        await conn.close()
