@@ -289,6 +289,16 @@ LOCK_TIMEOUT = "200ms"
 DROP_DAYS_AT_ONCE = 16
 #: The name a day's partition takes once retention detached it, until it is dropped.
 DETACHED = "relay_detached_"
+#: The tables whose days are detached with the table held, then dropped once it is
+#: free: a DROP's commit removes the days' files (~25 ms for ten days of one table,
+#: several times that on a busy host). Only tables with no foreign key: a detached
+#: partition keeps its parent's keys as its own, and dropping it then locks the
+#: tables they reference (events': tenants and sources) for every reader
+#: (tests/integration/test_retention.py holds them to it).
+_DETACHED_FIRST = frozenset({"attempts", "deliveries_sent"})
+#: How far apart the clocks of the processes that make ids may be: an attempt's id
+#: (its worker's clock) may fall before its delivery's (the gateway's or Postgres's).
+CLOCKS_APART = timedelta(hours=1)
 #: How many times a drop whose lock timed out is tried again in one pass.
 LOCK_TRIES = 5
 
@@ -340,8 +350,12 @@ _KEPT = {
 # writes, is locked for the drop.
 _COUNTED = frozenset({"deliveries_sent"})
 _UNCOUNT = """
-INSERT INTO delivery_count_deltas (tenant_id, target_id, status, n)
-SELECT tenant_id, target_id, status, -count(*) FROM {part} GROUP BY 1, 2, 3
+WITH told AS (
+    INSERT INTO delivery_count_deltas (tenant_id, target_id, status, n)
+    SELECT tenant_id, target_id, status, -count(*) FROM {part} GROUP BY 1, 2, 3
+    RETURNING n
+)
+SELECT coalesce(-sum(n), 0)::bigint FROM told
 """
 
 # Dead letters of events past retention: their keys go on (on_dead "block").
@@ -415,15 +429,20 @@ async def _drop_partitions(conn: Conn, parent: str, prefix: str, days: list[date
     not free within ``LOCK_TIMEOUT`` (nothing done: try again).
     """
     parts = {f"{parent}_p{day:%Y%m%d}": day for day in days}
-    # counted before the lock (rows rarely move into an old day: a late success)
+    # counted before the lock (rows rarely move into an old day: a late success); a
+    # counted table's rows are counted as they are counted out, below (one read)
+    counted = parent in _COUNTED
     total = 0
     for part in list(parts):
+        if counted:
+            continue
         try:
             total += await conn.fetchval(f"SELECT count(*) FROM {part}")
         except asyncpg.UndefinedTableError:
             del parts[part]  # another sweeper dropped it
     if not parts:
         return 0
+    detach = parent in _DETACHED_FIRST
     try:
         async with conn.transaction():
             await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
@@ -440,18 +459,28 @@ async def _drop_partitions(conn: Conn, parent: str, prefix: str, days: list[date
             parts = {part: day for part, day in parts.items() if part in there}
             if not parts:
                 return 0  # another sweeper dropped them
-            if parent in _COUNTED:
+            if counted:
                 # a DROP fires no trigger: the counters of deliveries by status
                 # (migration 0011) are told, in the same transaction, what goes; no
                 # writer changes the day's rows from here until the drop commits (a
-                # late success into it waits, or, holding the parent, makes this
-                # lock's or the parent's time out: tried again)
+                # late success into it waits; one that holds the parent meanwhile
+                # makes the parent's lock below time out, or is the one a deadlock
+                # aborts: a record is made again)
                 for part in parts:
                     await conn.execute(f"LOCK TABLE {part} IN SHARE MODE")
-                    await conn.execute(_UNCOUNT.format(part=part))
+                    total += await conn.fetchval(_UNCOUNT.format(part=part))
             # the parent's lock before the rest (DROP takes it): no reader holds the
-            # parent while waiting for the partition behind us
-            await conn.execute(f"LOCK TABLE {parent} IN ACCESS EXCLUSIVE MODE")
+            # parent while waiting for the partition behind us; a busy parent is
+            # asked again, not the days' rows read again
+            for attempt in range(LOCK_TRIES):
+                try:
+                    async with conn.transaction():
+                        await conn.execute(f"LOCK TABLE {parent} IN ACCESS EXCLUSIVE MODE")
+                    break
+                except asyncpg.LockNotAvailableError:
+                    if attempt == LOCK_TRIES - 1:
+                        raise
+                    await asyncio.sleep(0.05 * (attempt + 1))
             locked = clock.perf_counter()
             kept_rows = " UNION ALL ".join(
                 _KEPT[parent].format(
@@ -459,26 +488,28 @@ async def _drop_partitions(conn: Conn, parent: str, prefix: str, days: list[date
                     lo=floor_id(prefix, datetime.combine(day, time(), UTC)),
                     hi=floor_id(prefix, datetime.combine(day + timedelta(days=1), time(), UTC)),
                     delivery_hi=floor_id(
-                        "dlv", datetime.combine(day + timedelta(days=1), time(), UTC)
+                        "dlv",
+                        datetime.combine(day + timedelta(days=1), time(), UTC) + CLOCKS_APART,
                     ),
                 )
                 for part, day in parts.items()
             )
             await conn.execute(f"CREATE TEMP TABLE relay_kept ON COMMIT DROP AS {kept_rows}")
-            for part in parts:
-                # detached and set aside here, dropped once the parent is free: a
-                # DROP's commit removes the tables' files (~25 ms for ten days' of
-                # one table, several times that on a busy host), the parent held
-                await conn.execute(f"ALTER TABLE {parent} DETACH PARTITION {part}")
-                await conn.execute(f"ALTER TABLE {part} RENAME TO {DETACHED}{part}")
+            if detach:
+                for part in parts:
+                    await conn.execute(f"ALTER TABLE {parent} DETACH PARTITION {part}")
+                    await conn.execute(f"ALTER TABLE {part} RENAME TO {DETACHED}{part}")
+            else:
+                await conn.execute(f"DROP TABLE {', '.join(parts)}")
             kept: int = await conn.fetchval(
                 f"WITH moved AS (INSERT INTO {parent} SELECT * FROM relay_kept RETURNING 1) "
                 "SELECT count(*) FROM moved"
             )
-    except asyncpg.LockNotAvailableError:
-        return None
+    except (asyncpg.LockNotAvailableError, asyncpg.DuplicateTableError):
+        return None  # (a name taken: what an earlier pass set aside is not dropped yet)
     held_ms = (clock.perf_counter() - locked) * 1000
-    await _drop_detached(conn)
+    if detach:
+        await _drop_detached(conn)
     log.info(
         "retention: dropped %s (%d rows, %d kept) holding %s for %.0f ms",
         ", ".join(parts),
@@ -492,16 +523,22 @@ async def _drop_partitions(conn: Conn, parent: str, prefix: str, days: list[date
 
 async def _drop_detached(conn: Conn) -> None:
     """Drop the partitions retention detached (and any a pass that stopped between its
-    detach and its drop left): no other table is locked for it."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
-        names = await conn.fetch(
-            "SELECT relname FROM pg_class WHERE relkind = 'r' AND starts_with(relname, $1)"
-            " AND relnamespace = current_schema()::regnamespace",
-            DETACHED,
-        )
-        if names:
-            await conn.execute(f"DROP TABLE {', '.join(r['relname'] for r in names)}")
+    detach and its drop left): no other table is locked for them (_DETACHED_FIRST).
+    A table still in use is left to the next pass."""
+    try:
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
+            names = await conn.fetch(
+                "SELECT format('%I', relname) AS name FROM pg_class"
+                " WHERE relkind = 'r' AND starts_with(relname, $1)"
+                " AND relnamespace = current_schema()::regnamespace",
+                DETACHED,
+            )
+            if names:
+                await conn.execute(f"DROP TABLE {', '.join(r['name'] for r in names)}")
+    except asyncpg.LockNotAvailableError:
+        log.warning("retention: detached partitions stay until the next pass (in use)")
 
 
 async def drop_expired_partitions(conn: Conn, retention_days: int) -> dict[str, int]:

@@ -322,33 +322,35 @@ async def test_days_detached_by_a_pass_that_stopped_before_their_drop_are_droppe
     conn = await asyncpg.connect(database_url)
     try:
         # Given an old day, and a retention pass that stops once it has detached the
-        # day's partitions from their tables, before it drops them (a worker killed)
+        # day's sent deliveries from their table (counted out of the counters), before
+        # it drops them (its worker killed)
         h = await _old_history(client, tenant, conn)
         day = f"{h['at']:%Y%m%d}"
         drop = housekeeping._drop_detached
 
-        calls = []
-
-        async def stopped(c: Any) -> None:
-            calls.append(c)
-            if len(calls) > 1:  # (the first: what an earlier pass set aside, nothing)
+        async def killed_once_sent_is_set_aside(c: Any) -> None:
+            if f"relay_detached_deliveries_sent_p{day}" in await _set_aside(c):
                 raise ConnectionError("killed")
             await drop(c)
 
-        monkeypatch.setattr(housekeeping, "_drop_detached", stopped)
-        try:
+        monkeypatch.setattr(housekeeping, "_drop_detached", killed_once_sent_is_set_aside)
+        with pytest.raises(ConnectionError):
             await housekeeping.purge_old_events(conn, 30)
-        except ConnectionError:
-            pass
-        # Then the day is out of its table already (the unfinished event kept), and its
-        # partition is set aside
-        assert await _set_aside(conn) == [f"relay_detached_attempts_p{day}"]
-        assert not await conn.fetchval(
-            "SELECT count(*) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id"
-            " WHERE d.event_id = ANY($1)",
-            h["old"],
+        # Then the day's sent deliveries are out of their table already, and set aside;
+        # the counters count what the table holds
+        assert await _set_aside(conn) == [f"relay_detached_deliveries_sent_p{day}"]
+        assert (
+            await _count(
+                conn,
+                "SELECT count(*) FROM deliveries WHERE event_id = ANY($1) AND status = 'succeeded'",
+                h["old"],
+            )
+            == 0
         )
-        # When the next pass runs
+        assert await _counted(conn, tenant.id) == await _scanned(conn, tenant.id)
+
+        # When the next pass runs (no day of sent deliveries left to drop: only what was
+        # set aside)
         monkeypatch.setattr(housekeeping, "_drop_detached", drop)
         await housekeeping.purge_old_events(conn, 30)
 
@@ -368,5 +370,27 @@ async def test_days_detached_by_a_pass_that_stopped_before_their_drop_are_droppe
             == 1
         )
         assert await _counted(conn, tenant.id) == await _scanned(conn, tenant.id)
+    finally:
+        await conn.close()
+
+
+async def test_the_tables_whose_days_are_detached_before_their_drop_have_no_foreign_key(
+    database_url: str,
+) -> None:
+    # A detached partition keeps its table's foreign keys as its own: dropping it then
+    # locks the tables they reference (events': tenants and sources), so only tables
+    # with none are detached first (housekeeping._DETACHED_FIRST)
+    conn = await asyncpg.connect(database_url)
+    try:
+        keys = await conn.fetch(
+            "SELECT conrelid::regclass::text AS owner, conname FROM pg_constraint"
+            " WHERE contype = 'f' AND conrelid::regclass::text = ANY($1::text[])",
+            sorted(housekeeping._DETACHED_FIRST),
+        )
+        assert [tuple(k) for k in keys] == []
+        assert await conn.fetchval(
+            "SELECT count(*) FROM pg_constraint WHERE contype = 'f'"
+            " AND conrelid = 'events'::regclass"
+        ), "events has keys: it is dropped with its table held, not detached"
     finally:
         await conn.close()
