@@ -436,8 +436,11 @@ class Paced:
     busy: float = 0.0  # the machine's busy share while sending (latency runs)
 
 
-async def send_paced(url: str, count: int, per_second: float) -> Paced:
-    """Open loop: ``count`` single-event POSTs at ``per_second``, whatever the answers."""
+async def send_paced(
+    url: str, count: int, per_second: float, *, until: Callable[[], bool] | None = None
+) -> Paced:
+    """Open loop: ``count`` single-event POSTs at ``per_second``, whatever the answers
+    (fewer if ``until`` turns true first: no POST is sent after it does)."""
     out = Paced()
 
     async def queued(*_: object) -> None:
@@ -461,10 +464,12 @@ async def send_paced(url: str, count: int, per_second: float) -> Paced:
             delay = start + i / per_second - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if until is not None and until():
+                break
             out.lag = max(out.lag, -delay)
             tasks.append(asyncio.create_task(post(*event())))
         await asyncio.gather(*tasks)
-        out.rate = count / (time.perf_counter() - start)
+        out.rate = len(tasks) / (time.perf_counter() - start)
     return out
 
 

@@ -426,15 +426,7 @@ LEAD_S = 5.0
 async def retention_under_load(stack: Stack, h: Viewer) -> Figures:
     """Retention (as ``retention``) while events go to H at PROBE_RATE/s, open loop:
     its time, and the e2e p50/p99 of the events posted before it began and while it ran."""
-    sent: dict[str, float] = {}
-    posts: list[asyncio.Task[None]] = []
     purging: dict[str, float] = {}
-
-    async def post(session: aiohttp.ClientSession, key: str, body: str) -> None:
-        sent[key] = time.time()
-        async with session.post(h.ingest_url, data=body, headers=engine.JSON) as resp:
-            await resp.read()
-            assert resp.status == 202, f"ingest: {resp.status}"
 
     async def purge() -> tuple[float, int]:
         await asyncio.sleep(LEAD_S)
@@ -444,16 +436,11 @@ async def retention_under_load(stack: Stack, h: Viewer) -> Figures:
         finally:
             purging["end"] = time.time()
 
+    def ended() -> bool:  # a second after the retention ended
+        return "end" in purging and time.time() >= purging["end"] + 1.0
+
     purged = asyncio.create_task(purge())
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=900)) as session:
-        start, i = time.perf_counter(), 0
-        while not purged.done() or time.time() < purging["end"] + 1.0:
-            delay = start + i / PROBE_RATE - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            posts.append(asyncio.create_task(post(session, *event())))
-            i += 1
-        await asyncio.gather(*posts)
+    sent = (await send_paced(h.ingest_url, 10**9, PROBE_RATE, until=ended)).sent
     took, removed = await purged
     await latencies(stack, sent)  # waits for them all (30 s at most)
     at = (await stack.receipts(full=True))["at"]

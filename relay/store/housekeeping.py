@@ -418,6 +418,11 @@ async def ensure_partitions(conn: Conn, *, days_ahead: int = DAYS_AHEAD) -> list
     return [r["name"] for r in rows]
 
 
+def _start(day: date) -> datetime:
+    """The first instant of the UTC ``day``."""
+    return datetime.combine(day, time(), UTC)
+
+
 async def _drop_partitions(conn: Conn, parent: str, prefix: str, days: list[date]) -> int | None:
     """Drop ``parent``'s partitions of ``days`` in one transaction, keeping what ``_KEPT``
     says; rows dropped.
@@ -485,12 +490,9 @@ async def _drop_partitions(conn: Conn, parent: str, prefix: str, days: list[date
             kept_rows = " UNION ALL ".join(
                 _KEPT[parent].format(
                     part=part,
-                    lo=floor_id(prefix, datetime.combine(day, time(), UTC)),
-                    hi=floor_id(prefix, datetime.combine(day + timedelta(days=1), time(), UTC)),
-                    delivery_hi=floor_id(
-                        "dlv",
-                        datetime.combine(day + timedelta(days=1), time(), UTC) + CLOCKS_APART,
-                    ),
+                    lo=floor_id(prefix, _start(day)),
+                    hi=floor_id(prefix, _start(day + timedelta(days=1))),
+                    delivery_hi=floor_id("dlv", _start(day + timedelta(days=1)) + CLOCKS_APART),
                 )
                 for part, day in parts.items()
             )
