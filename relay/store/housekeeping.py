@@ -141,7 +141,8 @@ async def vacuum_churned(conn: Queries) -> list[str]:
     return churned
 
 
-#: The per-minute and per-hour figures and their time column, trimmed by ``purge_old_rollups``.
+#: The per-minute and per-hour figures and their time column, partitioned by UTC day
+#: (migration 0028) and trimmed by ``purge_old_rollups``.
 _FIGURE_TABLES = (
     ("tenant_minutes", "minute"),
     ("target_minutes", "minute"),
@@ -149,17 +150,54 @@ _FIGURE_TABLES = (
     ("tenant_hours", "hour"),
 )
 
+# The figures' daily partitions whose whole day is past the retention, by table.
+_EXPIRED_FIGURES = """
+SELECT p.relname AS parent, array_agg(c.relname::text ORDER BY c.relname) AS parts
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+JOIN pg_class p ON p.oid = i.inhparent
+WHERE p.relname = ANY($1::text[]) AND c.relname ~ '_p[0-9]{8}$'
+  AND (to_date(right(c.relname, 8), 'YYYYMMDD') + 1)::timestamp AT TIME ZONE 'UTC'
+      <= now() - make_interval(days => $2)
+GROUP BY 1 ORDER BY 1
+"""
 
-async def purge_old_rollups(conn: Queries, retention_days: int, batch: int = 10000) -> int:
-    """Delete up to ``batch`` per-minute and per-hour figures (of each kind) older than the
-    retention."""
+
+async def purge_old_rollups(conn: Conn, retention_days: int, batch: int = 10000) -> int:
+    """Drop the days of per-minute and per-hour figures past the retention, whole, then
+    delete up to ``batch`` of the figures (of each kind) past it in the DEFAULT
+    partitions; the rows deleted.
+
+    A day goes once all of it is past the retention (as the history's days). Only
+    the folder writes these tables and the console reads them, never the hot path:
+    a table whose lock is not free within ``LOCK_TIMEOUT`` keeps its days until the
+    next call.
+    """
+    for row in await conn.fetch(_EXPIRED_FIGURES, [t for t, _ in _FIGURE_TABLES], retention_days):
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
+                # (another sweeper may have dropped some since they were listed)
+                parts = await conn.fetchval(
+                    "SELECT array_agg(format('%I', relname)) FROM pg_class"
+                    " WHERE relname = ANY($1::text[])"
+                    " AND relnamespace = current_schema()::regnamespace",
+                    row["parts"],
+                )
+                if parts:
+                    await conn.execute(f"DROP TABLE {', '.join(parts)}")
+            if parts:
+                log.info("retention: dropped %s", ", ".join(parts))
+        except asyncpg.LockNotAvailableError:
+            log.warning("retention: %s's old days stay until the next pass (busy)", row["parent"])
     total = 0
     for table, column in _FIGURE_TABLES:
         deleted: int = await conn.fetchval(
             f"""
             WITH gone AS (
-                DELETE FROM {table} WHERE ctid IN (
-                    SELECT ctid FROM {table}
+                DELETE FROM {table}_default WHERE ctid IN (
+                    SELECT ctid FROM {table}_default
                     WHERE {column} < now() - make_interval(days => $1) LIMIT $2
                 ) RETURNING 1
             ) SELECT count(*) FROM gone
@@ -302,12 +340,14 @@ CLOCKS_APART = timedelta(hours=1)
 #: How many times a drop whose lock timed out is tried again in one pass.
 LOCK_TRIES = 5
 
+# (a table without an id prefix is a table of figures, partitioned by its time: 0028)
 _ENSURE = """
 SELECT h.parent || '_p' || to_char(d, 'YYYYMMDD') AS name
 FROM unnest($1::text[], $2::text[]) AS h(parent, prefix)
 CROSS JOIN generate_series((now() AT TIME ZONE 'UTC')::date,
                            (now() AT TIME ZONE 'UTC')::date + $3::int, interval '1 day') AS d
-WHERE relay_ensure_partition(h.parent, h.prefix, d::date)
+WHERE CASE WHEN h.prefix IS NULL THEN relay_ensure_figures_partition(h.parent, d::date)
+           ELSE relay_ensure_partition(h.parent, h.prefix, d::date) END
 """
 
 # The daily partitions of the history whose whole day is past the retention, oldest first.
@@ -404,7 +444,8 @@ SELECT (SELECT count(*) FROM events_gone) AS events,
 
 
 async def ensure_partitions(conn: Conn, *, days_ahead: int = DAYS_AHEAD) -> list[str]:
-    """Make the history's partitions of today and ``days_ahead`` days ahead; the names made.
+    """Make the partitions of the history and of the figures of today and ``days_ahead``
+    days ahead; the names made.
 
     Safe from any number of processes at once (``PARTITION_LOCK``). An insert never
     fails for want of a partition: the DEFAULT partitions catch what has none, and
@@ -412,9 +453,8 @@ async def ensure_partitions(conn: Conn, *, days_ahead: int = DAYS_AHEAD) -> list
     """
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
-        rows = await conn.fetch(
-            _ENSURE, [t for t, _ in HISTORY], [p for _, p in HISTORY], days_ahead
-        )
+        tables = [*HISTORY, *((t, None) for t, _ in _FIGURE_TABLES)]
+        rows = await conn.fetch(_ENSURE, [t for t, _ in tables], [p for _, p in tables], days_ahead)
     return [r["name"] for r in rows]
 
 

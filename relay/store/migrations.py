@@ -129,8 +129,9 @@ async def migrate(
                 )
             log.info("applied migration %s", migration.name)
             applied.append(migration.name)
-        if await conn.fetchval("SELECT to_regproc('relay_ensure_partition') IS NOT NULL"):
-            # the history's partitions of the days ahead (0012; the sweeper makes them too)
+        if await conn.fetchval("SELECT to_regproc('relay_ensure_figures_partition') IS NOT NULL"):
+            # the partitions of the days ahead of the history (0012) and of the figures
+            # (0028); the sweeper makes them too
             await ensure_partitions(conn)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)

@@ -1,0 +1,187 @@
+"""The per-minute and per-hour figures are partitioned by UTC day (migration 0028).
+
+Retention deleted the figures past it 10,000 rows at a time: with 2 M events of
+history to two targets, ~1.4 M rows of latency histograms for ten days, 4 s of
+DELETEs, and more with every target a relay serves. A day of figures is now a
+partition of each table, dropped whole once all of it is past the retention.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from relay.store import housekeeping
+from relay.store.migrations import load_migrations, migrate
+from tests.conftest import _admin, with_database
+
+FIGURES = [table for table, _ in housekeeping._FIGURE_TABLES]
+PARTITIONED = 28
+#: minutes of figures on each old day (a busy target's histogram rows, in small)
+MINUTES = 300
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(database_url)
+    yield connection
+    await connection.close()
+
+
+async def _figures(conn: asyncpg.Connection, tenant: str, target: str, days_ago: int) -> None:
+    """``MINUTES`` minutes of figures of each kind ``days_ago`` days ago, as the triggers
+    append them (deltas), not folded."""
+    await conn.execute(
+        """
+        WITH m AS (
+            SELECT date_trunc('day', now(), 'UTC') - $3::int * interval '1 day'
+                   + g * interval '1 minute' AS minute, g
+            FROM generate_series(0, $4::int - 1) g
+        ), tenants AS (
+            INSERT INTO tenant_minute_deltas (tenant_id, minute, events, ok, failed, died)
+            SELECT $1, minute, 1, 1, 0, 0 FROM m
+        ), targets AS (
+            INSERT INTO target_minute_deltas (target_id, minute, tenant_id, ok, failed,
+                                              last_attempt_at)
+            SELECT $2, minute, $1, 1, 0, minute FROM m
+        )
+        INSERT INTO target_latency_minute_deltas (target_id, minute, bucket, n)
+        SELECT $2, minute, b, 1 FROM m CROSS JOIN generate_series(1, 3) b
+        """,
+        tenant,
+        target,
+        days_ago,
+        MINUTES,
+    )
+
+
+async def _rows(conn: asyncpg.Connection, tenant: str, target: str) -> dict[str, list[tuple]]:
+    """Every figure row of the tenant and its target, by table, as (time, values...)."""
+    return {
+        table: [
+            tuple(r)
+            for r in await conn.fetch(
+                f"SELECT * FROM {table} WHERE {'tenant_id' if 'tenant' in table else 'target_id'}"
+                " = $1 ORDER BY 1, 2, 3",
+                tenant if "tenant" in table else target,
+            )
+        ]
+        for table in FIGURES
+    }
+
+
+async def test_a_day_of_figures_past_the_retention_is_dropped_whole(
+    conn: asyncpg.Connection,
+) -> None:
+    tenant, target = f"ten_{uuid.uuid4().hex[:12]}", f"tgt_{uuid.uuid4().hex[:12]}"
+    await conn.execute("INSERT INTO tenants (id, name) VALUES ($1, 'figures')", tenant)
+    # Given a day of figures 40 days ago in its partitions (the sweeper made them ahead
+    # of that day), a minute 35 days ago that fell in no partition, and today's, folded
+    old_day = (datetime.now(UTC) - timedelta(days=40)).date()
+    for table in FIGURES:
+        await conn.execute("SELECT relay_ensure_figures_partition($1, $2)", table, old_day)
+    await _figures(conn, tenant, target, 40)
+    await conn.execute(
+        "INSERT INTO tenant_minute_deltas (tenant_id, minute, events, ok, failed, died)"
+        " VALUES ($1, date_trunc('minute', now()) - interval '35 days', 1, 0, 0, 0)",
+        tenant,
+    )
+    await _figures(conn, tenant, target, 0)
+    await housekeeping.fold_rollups(conn)
+    where = "SELECT tableoid::regclass::text FROM tenant_minutes WHERE tenant_id = $1 AND minute"
+    assert await conn.fetchval(f"{where} < now() - interval '38 days' LIMIT 1", tenant) == (
+        f"tenant_minutes_p{old_day:%Y%m%d}"
+    )
+    assert (
+        await conn.fetchval(
+            f"{where} < now() - interval '30 days' ORDER BY minute DESC LIMIT 1", tenant
+        )
+        == "tenant_minutes_default"
+    )
+    today = await _rows(conn, tenant, target)
+
+    # When the sweeper trims what is past a retention of 30 days
+    async with conn.transaction():
+        await housekeeping.purge_old_rollups(conn, 30)
+        deleted = await conn.fetchval(
+            "SELECT coalesce(sum(n_tup_del), 0) FROM pg_stat_xact_user_tables"
+            " WHERE relname ~ ('^(' || array_to_string($1::text[], '|') || ')_')",
+            FIGURES,
+        )
+
+    # Then the old day's partitions are gone, the day dropped whole: the only rows
+    # deleted are the minute in no partition and its hour (before: also the day's
+    # 2,101 rows of figures, 10,000 a statement), and today's figures are all there
+    for table in FIGURES:
+        assert await conn.fetchval("SELECT to_regclass($1)", f"{table}_p{old_day:%Y%m%d}") is None
+    assert deleted == 2
+    recent = datetime.now(UTC) - timedelta(days=2)
+    assert await _rows(conn, tenant, target) == {
+        t: [r for r in rows if r[1] > recent] for t, rows in today.items()
+    }
+    assert len(today["target_latency_minutes"]) == 2 * 3 * MINUTES
+
+
+@pytest.fixture
+async def old_db(services: dict[str, str], tmp_path: Path) -> AsyncIterator[str]:
+    """A database migrated up to the migration before 0028."""
+    name = f"relay_f_{uuid.uuid4().hex[:12]}"
+    admin = services["postgres"]
+    await _admin(admin, f'CREATE DATABASE "{name}"')
+    old = tmp_path / "old"
+    old.mkdir()
+    for migration in load_migrations():
+        if migration.version < PARTITIONED:
+            (old / migration.name).write_text(migration.sql)
+    url = with_database(admin, name)
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn, old)
+    finally:
+        await conn.close()
+    yield url
+    await _admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_the_migration_puts_each_figure_in_its_day_and_loses_none(old_db: str) -> None:
+    conn = await asyncpg.connect(old_db)
+    try:
+        # Given a database before 0028 with figures of 40, 3 and 0 days ago, folded, and
+        # today's figures appended again (deltas not folded yet)
+        tenant, target = "ten_f", "tgt_f"
+        await conn.execute("INSERT INTO tenants (id, name) VALUES ($1, 'figures')", tenant)
+        for days_ago in (40, 3, 0):
+            await _figures(conn, tenant, target, days_ago)
+        await housekeeping.fold_rollups(conn)
+        await _figures(conn, tenant, target, 0)
+        before = await _rows(conn, tenant, target)
+
+        # When it is migrated
+        applied = await migrate(conn)
+        assert applied[0] == "0028_partitioned_figures.sql", applied
+
+        # Then every folded figure is there, each in its day's partition (from the first
+        # day of figures to the days ahead), and the deltas fold into them as before
+        assert await _rows(conn, tenant, target) == before
+        for table, column in housekeeping._FIGURE_TABLES:
+            misplaced = await conn.fetchval(
+                f"SELECT count(*) FROM {table}"
+                f" WHERE tableoid::regclass::text <> '{table}_p'"
+                f" || to_char({column} AT TIME ZONE 'UTC', 'YYYYMMDD')"
+            )
+            assert misplaced == 0, table
+            ahead = datetime.now(UTC).date() + timedelta(days=housekeeping.DAYS_AHEAD)
+            assert await conn.fetchval("SELECT to_regclass($1)", f"{table}_p{ahead:%Y%m%d}")
+        await housekeeping.fold_rollups(conn)
+        after = await _rows(conn, tenant, target)
+        latency = "target_latency_minutes"
+        assert sum(r[-1] for r in after[latency]) == sum(r[-1] for r in before[latency]) + (
+            3 * MINUTES  # today's second round of deltas
+        )
+    finally:
+        await conn.close()
