@@ -329,11 +329,17 @@ DROP_DAYS_AT_ONCE = 16
 DETACHED = "relay_detached_"
 #: The tables whose days are detached with the table held, then dropped once it is
 #: free: a DROP's commit removes the days' files (~25 ms for ten days of one table,
-#: several times that on a busy host). Only tables with no foreign key: a detached
-#: partition keeps its parent's keys as its own, and dropping it then locks the
-#: tables they reference (events': tenants and sources) for every reader
-#: (tests/integration/test_retention.py holds them to it).
-_DETACHED_FIRST = frozenset({"attempts", "deliveries_sent"})
+#: 250 ms for ten days of the 2 M-event history's events, several times that on a
+#: busy host), and every ingest and record waits for its table meanwhile. A detached
+#: partition keeps its parent's foreign keys as its own (events': to tenants and
+#: sources), and dropping a table with keys locks the tables they reference for
+#: every reader until its commit: the keys are dropped first, in a transaction of
+#: their own (catalog changes only), then the tables.
+_DETACHED_FIRST = frozenset({"attempts", "deliveries_sent", "events"})
+#: How long the drop of a detached day's keys waits for the tables they reference
+#: (which every ingest reads, and queues behind it while it waits): a busy moment
+#: leaves the day to the next pass.
+KEYS_LOCK_TIMEOUT = "50ms"
 #: How far apart the clocks of the processes that make ids may be: an attempt's id
 #: (its worker's clock) may fall before its delivery's (the gateway's or Postgres's).
 CLOCKS_APART = timedelta(hours=1)
@@ -565,16 +571,30 @@ async def _drop_partitions(conn: Conn, parent: str, prefix: str, days: list[date
 
 async def _drop_detached(conn: Conn) -> None:
     """Drop the partitions retention detached (and any a pass that stopped between its
-    detach and its drop left): no other table is locked for them (_DETACHED_FIRST).
-    A table still in use is left to the next pass."""
+    detach and its drop left): their foreign keys first, then the tables, so that the
+    removal of their files locks no other table (_DETACHED_FIRST). A table still in
+    use, or a referenced table busy, leaves them to the next pass."""
     try:
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{KEYS_LOCK_TIMEOUT}'")
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
+            for row in await conn.fetch(
+                "SELECT format('ALTER TABLE %I DROP CONSTRAINT %I', c.relname, k.conname) AS s"
+                " FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid"
+                " WHERE k.contype = 'f' AND starts_with(c.relname, $1)"
+                " AND c.relnamespace = current_schema()::regnamespace",
+                DETACHED,
+            ):
+                await conn.execute(row["s"])
         async with conn.transaction():
             await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
             await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
             names = await conn.fetch(
                 "SELECT format('%I', relname) AS name FROM pg_class"
                 " WHERE relkind = 'r' AND starts_with(relname, $1)"
-                " AND relnamespace = current_schema()::regnamespace",
+                " AND relnamespace = current_schema()::regnamespace"
+                " AND NOT EXISTS (SELECT 1 FROM pg_constraint k"
+                "                 WHERE k.conrelid = pg_class.oid AND k.contype = 'f')",
                 DETACHED,
             )
             if names:

@@ -374,23 +374,58 @@ async def test_days_detached_by_a_pass_that_stopped_before_their_drop_are_droppe
         await conn.close()
 
 
-async def test_the_tables_whose_days_are_detached_before_their_drop_have_no_foreign_key(
-    database_url: str,
+async def test_the_drop_of_a_detached_day_of_events_locks_no_table_its_keys_reference(
+    client: Any, tenant: Tenant, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A detached partition keeps its table's foreign keys as its own: dropping it then
-    # locks the tables they reference (events': tenants and sources), so only tables
-    # with none are detached first (housekeeping._DETACHED_FIRST)
     conn = await asyncpg.connect(database_url)
     try:
-        keys = await conn.fetch(
-            "SELECT conrelid::regclass::text AS owner, conname FROM pg_constraint"
-            " WHERE contype = 'f' AND conrelid::regclass::text = ANY($1::text[])",
-            sorted(housekeeping._DETACHED_FIRST),
-        )
-        assert [tuple(k) for k in keys] == []
-        assert await conn.fetchval(
-            "SELECT count(*) FROM pg_constraint WHERE contype = 'f'"
-            " AND conrelid = 'events'::regclass"
-        ), "events has keys: it is dropped with its table held, not detached"
+        # Given an old day whose events were detached from their table by a pass that
+        # stopped before their drop: a detached partition keeps its table's foreign
+        # keys (to tenants and sources) as its own
+        h = await _old_history(client, tenant, conn)
+        day = f"{h['at']:%Y%m%d}"
+        drop = housekeeping._drop_detached
+
+        async def killed_once_events_are_set_aside(c: Any) -> None:
+            if f"relay_detached_events_p{day}" in await _set_aside(c):
+                raise ConnectionError("killed")
+            await drop(c)
+
+        monkeypatch.setattr(housekeeping, "_drop_detached", killed_once_events_are_set_aside)
+        with pytest.raises(ConnectionError):
+            await housekeeping.purge_old_events(conn, 30)
+        monkeypatch.setattr(housekeeping, "_drop_detached", drop)
+        detached = f"relay_detached_events_p{day}"
+        keys = "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND conrelid = $1::regclass"
+        assert await conn.fetchval(keys, detached) == 2
+
+        # When the next pass drops what was set aside, the locks its DROP holds are
+        # looked at just before it commits (when the files are removed)
+        held: list[str] = []
+
+        class Watched:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(conn, name)
+
+            async def execute(self, query: str, *args: Any) -> str:
+                done: str = await conn.execute(query, *args)
+                if query.startswith("DROP TABLE"):
+                    held.extend(
+                        r["relname"]
+                        for r in await conn.fetch(
+                            "SELECT c.relname FROM pg_locks l JOIN pg_class c"
+                            " ON c.oid = l.relation WHERE l.pid = pg_backend_pid()"
+                            " AND c.relname IN ('tenants', 'sources')"
+                        )
+                    )
+                return done
+
+        await housekeeping._drop_detached(Watched())  # type: ignore[arg-type]
+
+        # Then the day is gone, and its drop held neither tenants nor sources, which
+        # every ingest reads (before: both, for as long as the files' removal took)
+        assert await _set_aside(conn) == []
+        assert held == []
+        assert await conn.fetchval("SELECT to_regclass($1)", detached) is None
     finally:
         await conn.close()
