@@ -654,16 +654,19 @@ async def purge_old_events(
     deliveries made due. Everything past the retention is removed by one call.
     """
     await ensure_partitions(conn)
-    await conn.execute(
-        """
-        DELETE FROM delivery_deaths WHERE ctid IN (
-            SELECT ctid FROM delivery_deaths
-            WHERE died_at < now() - make_interval(days => $1) LIMIT $2
+    while True:
+        gone = await conn.execute(
+            """
+            DELETE FROM delivery_deaths WHERE ctid IN (
+                SELECT ctid FROM delivery_deaths
+                WHERE died_at < now() - make_interval(days => $1) LIMIT $2
+            )
+            """,
+            retention_days,
+            batch,
         )
-        """,
-        retention_days,
-        batch,
-    )
+        if int(gone.split()[-1]) < batch:
+            break
     removed = 0
     promoted: list[Replayed] = []
     while True:

@@ -429,3 +429,32 @@ async def test_the_drop_of_a_detached_day_of_events_locks_no_table_its_keys_refe
         assert await conn.fetchval("SELECT to_regclass($1)", detached) is None
     finally:
         await conn.close()
+
+
+async def test_one_pass_removes_every_record_of_a_death_past_the_retention(
+    database_url: str,
+) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        # Given 25 deaths recorded 40 days ago and one today (the console's chart of
+        # deaths), and a pass that deletes 10 rows a statement
+        await conn.execute(
+            "INSERT INTO delivery_deaths (delivery_id, tenant_id, target_id, died_at)"
+            " SELECT 'dlv_old_' || g, 'ten_deaths', 'tgt_deaths', now() - interval '40 days'"
+            " FROM generate_series(1, 25) g"
+        )
+        await conn.execute(
+            "INSERT INTO delivery_deaths (delivery_id, tenant_id, target_id)"
+            " VALUES ('dlv_new', 'ten_deaths', 'tgt_deaths')"
+        )
+
+        # When one retention pass runs
+        await housekeeping.purge_old_events(conn, 30, batch=10)
+
+        # Then every old one is gone (before: 10 a pass), today's is there
+        left = await conn.fetch(
+            "SELECT delivery_id FROM delivery_deaths WHERE tenant_id = 'ten_deaths'"
+        )
+        assert [r["delivery_id"] for r in left] == ["dlv_new"]
+    finally:
+        await conn.close()
