@@ -57,8 +57,10 @@ RETURNS boolean LANGUAGE sql AS $$
 $$;
 
 -- The figures' days: the rows whose time (the table's partition key) is in that UTC day.
+-- (The bounds are written as text and read back: in ISO and UTC, whatever the
+-- session's DateStyle and TimeZone, so that no zone abbreviation is read as another.)
 CREATE FUNCTION relay_ensure_figures_partition(parent text, day date)
-RETURNS boolean LANGUAGE sql AS $$
+RETURNS boolean LANGUAGE sql SET datestyle = 'ISO, YMD' SET timezone = 'UTC' AS $$
     SELECT relay_attach_day(
         parent, day,
         (SELECT a.attname::text FROM pg_partitioned_table p
@@ -93,11 +95,20 @@ BEGIN
                        ' INCLUDING STORAGE) PARTITION BY RANGE (%I)',
                        t.name, t.name || '_unpartitioned', t.key);
         EXECUTE format('CREATE TABLE %I PARTITION OF %I DEFAULT', t.name || '_default', t.name);
-        -- a partition for each day of the rows there, and the next three (as the
-        -- sweeper makes them: housekeeping.DAYS_AHEAD)
-        EXECUTE format('SELECT min((%I AT TIME ZONE ''UTC'')::date) FROM %I',
-                       t.key, t.name || '_unpartitioned') INTO day;
-        day := least(coalesce(day, today), today);
+        -- a partition for each of the last 40 days that has rows, today's, and the next
+        -- three (as the sweeper makes them: housekeeping.DAYS_AHEAD); older rows (a
+        -- retention longer than 40 days) go to the DEFAULT partition, where retention
+        -- deletes them as before: one transaction cannot make a partition for each day of
+        -- a long history (each takes locks: 400 days of four tables exhaust the lock
+        -- table of a default server)
+        FOR day IN EXECUTE format(
+            'SELECT DISTINCT (%I AT TIME ZONE ''UTC'')::date FROM %I'
+            ' WHERE %I >= now() - interval ''40 days'' AND %I < now()',
+            t.key, t.name || '_unpartitioned', t.key, t.key)
+        LOOP
+            PERFORM relay_ensure_figures_partition(t.name, day);
+        END LOOP;
+        day := today;
         WHILE day <= today + 3 LOOP
             PERFORM relay_ensure_figures_partition(t.name, day);
             day := day + 1;
@@ -116,6 +127,26 @@ ALTER TABLE target_latency_minutes ADD PRIMARY KEY (target_id, minute, bucket);
 CREATE INDEX target_latency_minutes_minute_idx ON target_latency_minutes (minute);
 ALTER TABLE tenant_hours ADD PRIMARY KEY (tenant_id, hour);
 CREATE INDEX tenant_hours_hour_idx ON tenant_hours (hour);
+
+-- A DELETE of the parent tables is refused: the release before this one trimmed them
+-- with `DELETE ... WHERE ctid IN (SELECT ctid ... LIMIT n)`, and a ctid names a row
+-- only within one partition, so on a partitioned table that statement also deleted
+-- today's figures. Retention now drops the days and deletes from the DEFAULT
+-- partitions (a statement on a partition fires no statement trigger of its parent).
+CREATE FUNCTION relay_refuse_figures_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the figures are partitioned by day (migration 0028): delete from %_default, or drop a day', TG_TABLE_NAME
+        USING HINT = 'an older relay is running its retention: upgrade it';
+END
+$$;
+CREATE TRIGGER tenant_minutes_no_delete BEFORE DELETE ON tenant_minutes
+    FOR EACH STATEMENT EXECUTE FUNCTION relay_refuse_figures_delete();
+CREATE TRIGGER target_minutes_no_delete BEFORE DELETE ON target_minutes
+    FOR EACH STATEMENT EXECUTE FUNCTION relay_refuse_figures_delete();
+CREATE TRIGGER target_latency_minutes_no_delete BEFORE DELETE ON target_latency_minutes
+    FOR EACH STATEMENT EXECUTE FUNCTION relay_refuse_figures_delete();
+CREATE TRIGGER tenant_hours_no_delete BEFORE DELETE ON tenant_hours
+    FOR EACH STATEMENT EXECUTE FUNCTION relay_refuse_figures_delete();
 
 -- What readers read: folded rows plus the deltas not folded yet (as 0011 made them).
 CREATE VIEW tenant_minutes_now AS

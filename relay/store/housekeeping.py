@@ -173,7 +173,14 @@ async def purge_old_rollups(conn: Conn, retention_days: int, batch: int = 10000)
     a table whose lock is not free within ``LOCK_TIMEOUT`` keeps its days until the
     next call.
     """
-    for row in await conn.fetch(_EXPIRED_FIGURES, [t for t, _ in _FIGURE_TABLES], retention_days):
+    expired = [
+        (row["parent"], row["parts"][first : first + DROP_DAYS_AT_ONCE])
+        for row in await conn.fetch(
+            _EXPIRED_FIGURES, [t for t, _ in _FIGURE_TABLES], retention_days
+        )
+        for first in range(0, len(row["parts"]), DROP_DAYS_AT_ONCE)
+    ]
+    for parent, some in expired:
         try:
             async with conn.transaction():
                 await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
@@ -183,14 +190,14 @@ async def purge_old_rollups(conn: Conn, retention_days: int, batch: int = 10000)
                     "SELECT array_agg(format('%I', relname)) FROM pg_class"
                     " WHERE relname = ANY($1::text[])"
                     " AND relnamespace = current_schema()::regnamespace",
-                    row["parts"],
+                    some,
                 )
                 if parts:
                     await conn.execute(f"DROP TABLE {', '.join(parts)}")
             if parts:
                 log.info("retention: dropped %s", ", ".join(parts))
         except asyncpg.LockNotAvailableError:
-            log.warning("retention: %s's old days stay until the next pass (busy)", row["parent"])
+            log.warning("retention: %s's old days stay until the next pass (busy)", parent)
     total = 0
     for table, column in _FIGURE_TABLES:
         deleted: int = await conn.fetchval(
@@ -340,6 +347,9 @@ _DETACHED_FIRST = frozenset({"attempts", "deliveries_sent", "events"})
 #: (which every ingest reads, and queues behind it while it waits): a busy moment
 #: leaves the day to the next pass.
 KEYS_LOCK_TIMEOUT = "50ms"
+#: The tables the keys of the detached days reference, in the order the ingest locks
+#: them (tests/integration/test_retention.py holds the keys to them).
+_KEYS_REFERENCE = ("tenants", "sources")
 #: How far apart the clocks of the processes that make ids may be: an attempt's id
 #: (its worker's clock) may fall before its delivery's (the gateway's or Postgres's).
 CLOCKS_APART = timedelta(hours=1)
@@ -578,13 +588,21 @@ async def _drop_detached(conn: Conn) -> None:
         async with conn.transaction():
             await conn.execute(f"SET LOCAL lock_timeout = '{KEYS_LOCK_TIMEOUT}'")
             await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
-            for row in await conn.fetch(
+            keys = await conn.fetch(
                 "SELECT format('ALTER TABLE %I DROP CONSTRAINT %I', c.relname, k.conname) AS s"
                 " FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid"
                 " WHERE k.contype = 'f' AND starts_with(c.relname, $1)"
-                " AND c.relnamespace = current_schema()::regnamespace",
+                " AND c.relnamespace = current_schema()::regnamespace ORDER BY 1",
                 DETACHED,
-            ):
+            )
+            if keys:
+                # dropping a key locks the table it references: both at once, in the
+                # order an ingest takes them (it reads the tenant, then its insert checks
+                # the keys), or each drop deadlocks with the ingests under way
+                await conn.execute(
+                    f"LOCK TABLE {', '.join(_KEYS_REFERENCE)} IN ACCESS EXCLUSIVE MODE"
+                )
+            for row in keys:
                 await conn.execute(row["s"])
         async with conn.transaction():
             await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")

@@ -151,30 +151,41 @@ async def old_db(services: dict[str, str], tmp_path: Path) -> AsyncIterator[str]
 async def test_the_migration_puts_each_figure_in_its_day_and_loses_none(old_db: str) -> None:
     conn = await asyncpg.connect(old_db)
     try:
-        # Given a database before 0028 with figures of 40, 3 and 0 days ago, folded, and
-        # today's figures appended again (deltas not folded yet)
+        # Given a database before 0028 with figures of 60, 3 and 0 days ago (each day's
+        # first at midnight UTC), folded, and today's appended again (not folded yet),
+        # migrated from a session whose DateStyle and TimeZone are not ISO and UTC
+        # ("IST" written by that style would be read back as Israel's, not India's)
         tenant, target = "ten_f", "tgt_f"
         await conn.execute("INSERT INTO tenants (id, name) VALUES ($1, 'figures')", tenant)
-        for days_ago in (40, 3, 0):
+        for days_ago in (60, 3, 0):
             await _figures(conn, tenant, target, days_ago)
         await housekeeping.fold_rollups(conn)
         await _figures(conn, tenant, target, 0)
         before = await _rows(conn, tenant, target)
+        await conn.execute("SET DateStyle = 'SQL, DMY'")
+        await conn.execute("SET TimeZone = 'Asia/Kolkata'")
 
         # When it is migrated
         applied = await migrate(conn)
         assert applied[0] == "0028_partitioned_figures.sql", applied
+        await conn.execute("RESET DateStyle")
+        await conn.execute("RESET TimeZone")
 
-        # Then every folded figure is there, each in its day's partition (from the first
-        # day of figures to the days ahead), and the deltas fold into them as before
+        # Then every folded figure is there; those of the last 40 days each in its UTC
+        # day's partition, midnight's included, older ones in the DEFAULT partition (one
+        # transaction cannot make a partition for each day of a long history); the
+        # days ahead are made, and the deltas fold into them as before
         assert await _rows(conn, tenant, target) == before
         for table, column in housekeeping._FIGURE_TABLES:
-            misplaced = await conn.fetchval(
-                f"SELECT count(*) FROM {table}"
-                f" WHERE tableoid::regclass::text <> '{table}_p'"
-                f" || to_char({column} AT TIME ZONE 'UTC', 'YYYYMMDD')"
+            placed = await conn.fetch(
+                f"SELECT DISTINCT tableoid::regclass::text AS part,"
+                f" to_char({column} AT TIME ZONE 'UTC', 'YYYYMMDD') AS day FROM {table}"
             )
-            assert misplaced == 0, table
+            assert placed and all(
+                r["part"] == (f"{table}_default" if r["day"] < old else f"{table}_p{r['day']}")
+                for r in placed
+                for old in [f"{datetime.now(UTC) - timedelta(days=40):%Y%m%d}"]
+            ), (table, placed)
             ahead = datetime.now(UTC).date() + timedelta(days=housekeeping.DAYS_AHEAD)
             assert await conn.fetchval("SELECT to_regclass($1)", f"{table}_p{ahead:%Y%m%d}")
         await housekeeping.fold_rollups(conn)
@@ -183,5 +194,15 @@ async def test_the_migration_puts_each_figure_in_its_day_and_loses_none(old_db: 
         assert sum(r[-1] for r in after[latency]) == sum(r[-1] for r in before[latency]) + (
             3 * MINUTES  # today's second round of deltas
         )
+
+        # And the trim of the release before (a DELETE of the parent by ctid, which on
+        # partitioned tables matches rows of every day) is refused, today's kept
+        for table, column in housekeeping._FIGURE_TABLES:
+            with pytest.raises(asyncpg.RaiseError, match="partitioned by day"):
+                await conn.execute(
+                    f"DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table}"
+                    f" WHERE {column} < now() - make_interval(days => 30) LIMIT 10000)"
+                )
+        assert await _rows(conn, tenant, target) == after
     finally:
         await conn.close()
