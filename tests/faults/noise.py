@@ -5,7 +5,7 @@
 For ``seconds`` it does, on several connections at once, everything a tenant
 (or a stranger) can do to hog a shared relay: gzip bombs on an unauthenticated
 route, ~900 KB events to ten ordered targets, batches of 1,000 events with
-distinct ordering keys, and lists of 1 MB events at ``limit=500``. It prints
+distinct ordering keys, and lists of 1 MB events at ``limit=500`` (and of one). It prints
 one JSON line of counts when done. Every request is bounded in time, and the
 whole run stops by itself. ``kinds`` (default all four: bomb, big, keys, list)
 picks which noises are made, so a benchmark can tell them apart. With
@@ -156,6 +156,10 @@ async def main(config: dict[str, Any]) -> None:
         if "list" in kinds:
             listed = f"{config['base']}/v1/events?limit=500"
             tasks += [lists(http, listed, config["key"], until, counts, patient) for _ in range(2)]
+            # and small pages, as fast as they are answered: on a slow host two loops of
+            # the big pages alone asked less than the API's rate limit (17 a second)
+            small = f"{config['base']}/v1/events?limit=1"
+            tasks += [lists(http, small, config["key"], until, counts, patient) for _ in range(2)]
         await asyncio.gather(*tasks)
     print(json.dumps(counts), flush=True)
 
