@@ -8,13 +8,18 @@ would have had then (same random part), into that day's partitions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 
 from relay.store.console import floor_id
 from relay.store.housekeeping import HISTORY
+from relay.store.migrations import load_migrations, migrate
+from tests.conftest import _admin, with_database
 
 
 def aged_id(row_id: str, at: datetime) -> str:
@@ -94,3 +99,28 @@ async def partition_exists(conn: asyncpg.Connection, parent: str, at: datetime) 
     """Whether ``parent`` has its partition of the UTC day of ``at``."""
     name = f"{parent}_p{at:%Y%m%d}"
     return bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name))
+
+
+@asynccontextmanager
+async def migrated_before(
+    admin: str, tmp_path: Path, version: int
+) -> AsyncIterator[tuple[Path, str]]:
+    """A database of its own migrated up to the migration before ``version``: the
+    directory of those migrations, and its URL. Dropped after."""
+    name = f"relay_m{version}_{uuid.uuid4().hex[:12]}"
+    await _admin(admin, f'CREATE DATABASE "{name}"')
+    old = tmp_path / f"before_{version}"
+    old.mkdir()
+    for migration in load_migrations():
+        if migration.version < version:
+            (old / migration.name).write_text(migration.sql)
+    url = with_database(admin, name)
+    try:
+        conn = await asyncpg.connect(url)
+        try:
+            await migrate(conn, old)
+        finally:
+            await conn.close()
+        yield old, url
+    finally:
+        await _admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time as clock
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
@@ -163,6 +165,29 @@ GROUP BY 1 ORDER BY 1
 """
 
 
+@contextlib.asynccontextmanager
+async def _managing(conn: Conn, lock_timeout: str) -> AsyncIterator[None]:
+    """A transaction of the partition manager: one at a time (``PARTITION_LOCK``), and
+    never waiting longer than ``lock_timeout`` for a table's lock (LockNotAvailableError:
+    nothing done)."""
+    async with conn.transaction():
+        await conn.execute(f"SET LOCAL lock_timeout = '{lock_timeout}'")
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
+        yield
+
+
+async def _existing(conn: Conn, names: list[str]) -> list[str]:
+    """Which of the tables ``names`` are there (another sweeper may have dropped some
+    since they were listed; pg_class read anew: to_regclass may answer from a cache not
+    yet told)."""
+    rows = await conn.fetch(
+        "SELECT relname FROM pg_class WHERE relname = ANY($1::text[])"
+        " AND relnamespace = current_schema()::regnamespace",
+        names,
+    )
+    return [r["relname"] for r in rows]
+
+
 async def purge_old_rollups(conn: Conn, retention_days: int, batch: int = 10000) -> int:
     """Drop the days of per-minute and per-hour figures past the retention, whole, then
     delete up to ``batch`` of the figures (of each kind) past it in the DEFAULT
@@ -182,16 +207,8 @@ async def purge_old_rollups(conn: Conn, retention_days: int, batch: int = 10000)
     ]
     for parent, some in expired:
         try:
-            async with conn.transaction():
-                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
-                # (another sweeper may have dropped some since they were listed)
-                parts = await conn.fetchval(
-                    "SELECT array_agg(format('%I', relname)) FROM pg_class"
-                    " WHERE relname = ANY($1::text[])"
-                    " AND relnamespace = current_schema()::regnamespace",
-                    some,
-                )
+            async with _managing(conn, LOCK_TIMEOUT):
+                parts = await _existing(conn, some)
                 if parts:
                     await conn.execute(f"DROP TABLE {', '.join(parts)}")
             if parts:
@@ -505,18 +522,8 @@ async def _drop_partitions(conn: Conn, parent: str, prefix: str, days: list[date
         return 0
     detach = parent in _DETACHED_FIRST
     try:
-        async with conn.transaction():
-            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
-            # (pg_class read anew: to_regclass may answer from a cache not yet told)
-            there = {
-                r["relname"]
-                for r in await conn.fetch(
-                    "SELECT relname FROM pg_class WHERE relname = ANY($1::text[])"
-                    " AND relnamespace = current_schema()::regnamespace",
-                    list(parts),
-                )
-            }
+        async with _managing(conn, LOCK_TIMEOUT):
+            there = set(await _existing(conn, list(parts)))
             parts = {part: day for part, day in parts.items() if part in there}
             if not parts:
                 return 0  # another sweeper dropped them
@@ -585,9 +592,7 @@ async def _drop_detached(conn: Conn) -> None:
     removal of their files locks no other table (_DETACHED_FIRST). A table still in
     use, or a referenced table busy, leaves them to the next pass."""
     try:
-        async with conn.transaction():
-            await conn.execute(f"SET LOCAL lock_timeout = '{KEYS_LOCK_TIMEOUT}'")
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
+        async with _managing(conn, KEYS_LOCK_TIMEOUT):
             keys = await conn.fetch(
                 "SELECT format('ALTER TABLE %I DROP CONSTRAINT %I', c.relname, k.conname) AS s"
                 " FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid"
@@ -604,9 +609,7 @@ async def _drop_detached(conn: Conn) -> None:
                 )
             for row in keys:
                 await conn.execute(row["s"])
-        async with conn.transaction():
-            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
+        async with _managing(conn, LOCK_TIMEOUT):
             names = await conn.fetch(
                 "SELECT format('%I', relname) AS name FROM pg_class"
                 " WHERE relkind = 'r' AND starts_with(relname, $1)"

@@ -17,8 +17,8 @@ import asyncpg
 import pytest
 
 from relay.store import housekeeping
-from relay.store.migrations import load_migrations, migrate
-from tests.conftest import _admin, with_database
+from relay.store.migrations import migrate
+from tests.history import migrated_before
 
 FIGURES = [table for table, _ in housekeeping._FIGURE_TABLES]
 PARTITIONED = 28
@@ -130,22 +130,8 @@ async def test_a_day_of_figures_past_the_retention_is_dropped_whole(
 @pytest.fixture
 async def old_db(services: dict[str, str], tmp_path: Path) -> AsyncIterator[str]:
     """A database migrated up to the migration before 0028."""
-    name = f"relay_f_{uuid.uuid4().hex[:12]}"
-    admin = services["postgres"]
-    await _admin(admin, f'CREATE DATABASE "{name}"')
-    old = tmp_path / "old"
-    old.mkdir()
-    for migration in load_migrations():
-        if migration.version < PARTITIONED:
-            (old / migration.name).write_text(migration.sql)
-    url = with_database(admin, name)
-    conn = await asyncpg.connect(url)
-    try:
-        await migrate(conn, old)
-    finally:
-        await conn.close()
-    yield url
-    await _admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with migrated_before(services["postgres"], tmp_path, PARTITIONED) as (_, url):
+        yield url
 
 
 async def test_the_migration_puts_each_figure_in_its_day_and_loses_none(old_db: str) -> None:

@@ -22,9 +22,9 @@ import pytest
 from relay.ingest.parse import ParsedEvent
 from relay.store import claims
 from relay.store.events import add_deliveries, record_events
-from relay.store.migrations import load_migrations, migrate
-from tests.conftest import Tenant, _admin, with_database
-from tests.history import aged_id, backdate, make_partitions
+from relay.store.migrations import migrate
+from tests.conftest import Tenant
+from tests.history import aged_id, backdate, make_partitions, migrated_before
 from tests.integration.test_ingest import make_source, make_target, post_token
 
 PARTITIONED = 12
@@ -33,22 +33,8 @@ PARTITIONED = 12
 @pytest.fixture
 async def old_db(services: dict[str, str], tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     """A database migrated up to the migration before 0012, and that migration's directory."""
-    name = f"relay_p_{uuid.uuid4().hex[:12]}"
-    admin = services["postgres"]
-    await _admin(admin, f'CREATE DATABASE "{name}"')
-    old = tmp_path / "old"
-    old.mkdir()
-    for migration in load_migrations():
-        if migration.version < PARTITIONED:
-            (old / migration.name).write_text(migration.sql)
-    url = with_database(admin, name)
-    conn = await asyncpg.connect(url)
-    try:
-        await migrate(conn, old)
-    finally:
-        await conn.close()
-    yield url, old
-    await _admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with migrated_before(services["postgres"], tmp_path, PARTITIONED) as (old, url):
+        yield url, old
 
 
 def _ids(prefix: str, n: int, days: int) -> list[str]:
