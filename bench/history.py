@@ -86,8 +86,6 @@ DAY_PARTITIONS = True
 RETENTION_DAYS = 30
 CHUNK = 250_000  # events per fill statement
 SEED = 1_000  # events of the "empty" database: a page of each list
-#: the per-minute and per-hour figures, partitioned by day where the checkout does so
-FIGURES = ("tenant_minutes", "target_minutes", "target_latency_minutes", "tenant_hours")
 
 
 @dataclass
@@ -145,6 +143,8 @@ async def fill(
 ) -> float:
     """``events`` events of history to the tenant, with their deliveries and attempts,
     spread evenly from ``days[1]`` days ago to ``days[0]`` days ago (and a minute)."""
+    from relay.store import housekeeping
+
     started = time.perf_counter()
     conn = await asyncpg.connect(dsn)
     try:
@@ -164,11 +164,7 @@ async def fill(
             "SELECT to_regproc('relay_ensure_partition') IS NOT NULL"
         ):
             for back in range(DAYS + 1):
-                for parent, prefix in (
-                    ("events", "evt"),
-                    ("deliveries_sent", "dlv"),
-                    ("attempts", "att"),
-                ):
+                for parent, prefix in housekeeping.HISTORY:
                     await conn.execute(
                         "SELECT relay_ensure_partition($1, $2,"
                         " (now() AT TIME ZONE 'UTC')::date - $3::int)",
@@ -182,7 +178,7 @@ async def fill(
                 "SELECT to_regproc('relay_ensure_figures_partition') IS NOT NULL"
             ):
                 for back in range(DAYS + 1):
-                    for parent in FIGURES:
+                    for parent, _ in housekeeping.FIGURES:
                         await conn.execute(
                             "SELECT relay_ensure_figures_partition($1,"
                             " (now() AT TIME ZONE 'UTC')::date - $2::int)",

@@ -145,24 +145,12 @@ async def vacuum_churned(conn: Queries) -> list[str]:
 
 #: The per-minute and per-hour figures and their time column, partitioned by UTC day
 #: (migration 0028) and trimmed by ``purge_old_rollups``.
-_FIGURE_TABLES = (
+FIGURES = (
     ("tenant_minutes", "minute"),
     ("target_minutes", "minute"),
     ("target_latency_minutes", "minute"),
     ("tenant_hours", "hour"),
 )
-
-# The figures' daily partitions whose whole day is past the retention, by table.
-_EXPIRED_FIGURES = """
-SELECT p.relname AS parent, array_agg(c.relname::text ORDER BY c.relname) AS parts
-FROM pg_inherits i
-JOIN pg_class c ON c.oid = i.inhrelid
-JOIN pg_class p ON p.oid = i.inhparent
-WHERE p.relname = ANY($1::text[]) AND c.relname ~ '_p[0-9]{8}$'
-  AND (to_date(right(c.relname, 8), 'YYYYMMDD') + 1)::timestamp AT TIME ZONE 'UTC'
-      <= now() - make_interval(days => $2)
-GROUP BY 1 ORDER BY 1
-"""
 
 
 @contextlib.asynccontextmanager
@@ -198,12 +186,13 @@ async def purge_old_rollups(conn: Conn, retention_days: int, batch: int = 10000)
     a table whose lock is not free within ``LOCK_TIMEOUT`` keeps its days until the
     next call.
     """
+    by_parent: dict[str, list[str]] = {}
+    for row in await conn.fetch(_EXPIRED, [t for t, _ in FIGURES], retention_days):
+        by_parent.setdefault(row["parent"], []).append(row["name"])
     expired = [
-        (row["parent"], row["parts"][first : first + DROP_DAYS_AT_ONCE])
-        for row in await conn.fetch(
-            _EXPIRED_FIGURES, [t for t, _ in _FIGURE_TABLES], retention_days
-        )
-        for first in range(0, len(row["parts"]), DROP_DAYS_AT_ONCE)
+        (parent, names[first : first + DROP_DAYS_AT_ONCE])
+        for parent, names in by_parent.items()
+        for first in range(0, len(names), DROP_DAYS_AT_ONCE)
     ]
     for parent, some in expired:
         try:
@@ -216,7 +205,7 @@ async def purge_old_rollups(conn: Conn, retention_days: int, batch: int = 10000)
         except asyncpg.LockNotAvailableError:
             log.warning("retention: %s's old days stay until the next pass (busy)", parent)
     total = 0
-    for table, column in _FIGURE_TABLES:
+    for table, column in FIGURES:
         deleted: int = await conn.fetchval(
             f"""
             WITH gone AS (
@@ -383,16 +372,17 @@ WHERE CASE WHEN h.prefix IS NULL THEN relay_ensure_figures_partition(h.parent, d
            ELSE relay_ensure_partition(h.parent, h.prefix, d::date) END
 """
 
-# The daily partitions of the history whose whole day is past the retention, oldest first.
+# The daily partitions of ``$1``'s tables whose whole day is past the retention, oldest
+# first: the history's (dropped a day at a time, all tables) and the figures'.
 _EXPIRED = """
-SELECT to_date(right(c.relname, 8), 'YYYYMMDD') AS day
+SELECT p.relname AS parent, c.relname AS name, to_date(right(c.relname, 8), 'YYYYMMDD') AS day
 FROM pg_inherits i
 JOIN pg_class c ON c.oid = i.inhrelid
 JOIN pg_class p ON p.oid = i.inhparent
 WHERE p.relname = ANY($1::text[]) AND c.relname ~ '_p[0-9]{8}$'
   AND (to_date(right(c.relname, 8), 'YYYYMMDD') + 1)::timestamp AT TIME ZONE 'UTC'
       <= now() - make_interval(days => $2)
-GROUP BY 1 ORDER BY 1
+ORDER BY day, parent
 """
 
 # What of a partition about to be dropped is kept (moved to the DEFAULT partition):
@@ -486,7 +476,7 @@ async def ensure_partitions(conn: Conn, *, days_ahead: int = DAYS_AHEAD) -> list
     """
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
-        tables = [*HISTORY, *((t, None) for t, _ in _FIGURE_TABLES)]
+        tables = [*HISTORY, *((t, None) for t, _ in FIGURES)]
         rows = await conn.fetch(_ENSURE, [t for t, _ in tables], [p for _, p in tables], days_ahead)
     return [r["name"] for r in rows]
 
@@ -634,7 +624,8 @@ async def drop_expired_partitions(conn: Conn, retention_days: int) -> dict[str, 
     """
     dropped = {parent: 0 for parent, _ in HISTORY}
     await _drop_detached(conn)
-    days = [r["day"] for r in await conn.fetch(_EXPIRED, [t for t, _ in HISTORY], retention_days)]
+    rows = await conn.fetch(_EXPIRED, [t for t, _ in HISTORY], retention_days)
+    days = sorted({r["day"] for r in rows})
     if not days:
         return dropped
     for first in range(0, len(days), DROP_DAYS_AT_ONCE):

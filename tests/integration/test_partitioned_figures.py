@@ -8,6 +8,7 @@ partition of each table, dropped whole once all of it is past the retention.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,7 @@ from relay.store import housekeeping
 from relay.store.migrations import migrate
 from tests.history import migrated_before
 
-FIGURES = [table for table, _ in housekeeping._FIGURE_TABLES]
+FIGURES = [table for table, _ in housekeeping.FIGURES]
 PARTITIONED = 28
 #: minutes of figures on each old day (a busy target's histogram rows, in small)
 MINUTES = 300
@@ -127,6 +128,53 @@ async def test_a_day_of_figures_past_the_retention_is_dropped_whole(
     assert len(today["target_latency_minutes"]) == 2 * 3 * MINUTES
 
 
+async def test_two_sweepers_at_once_drop_the_same_old_days_once_without_error(
+    database_url: str,
+) -> None:
+    conn, holder, *sweepers = [await asyncpg.connect(database_url) for _ in range(4)]
+    try:
+        tenant, target = f"ten_{uuid.uuid4().hex[:12]}", f"tgt_{uuid.uuid4().hex[:12]}"
+        await conn.execute("INSERT INTO tenants (id, name) VALUES ($1, 'figures')", tenant)
+        # Given two old days of figures in their partitions, and today's, folded
+        old_days = [(datetime.now(UTC) - timedelta(days=n)).date() for n in (40, 45)]
+        for day in old_days:
+            for table in FIGURES:
+                await conn.execute("SELECT relay_ensure_figures_partition($1, $2)", table, day)
+        for back in (40, 45, 0):
+            await _figures(conn, tenant, target, back)
+        await housekeeping.fold_rollups(conn)
+        today = await _rows(conn, tenant, target)
+
+        # When two sweepers trim at once, both having listed the same old days (the
+        # partition manager's lock held meanwhile, then let go)
+        await holder.execute("SELECT pg_advisory_lock($1)", housekeeping.PARTITION_LOCK)
+        trims = [asyncio.ensure_future(housekeeping.purge_old_rollups(c, 30)) for c in sweepers]
+        waiting = (
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND objid = $1"
+        )
+        deadline = asyncio.get_running_loop().time() + 10
+        while await conn.fetchval(waiting, housekeeping.PARTITION_LOCK) < 2:
+            assert asyncio.get_running_loop().time() < deadline, "the sweepers never met"
+            await asyncio.sleep(0.01)
+        await holder.execute("SELECT pg_advisory_unlock($1)", housekeeping.PARTITION_LOCK)
+        await asyncio.gather(*trims)
+
+        # Then neither failed, each old day's partitions are gone and today's figures stay
+        for day in old_days:
+            for table in FIGURES:
+                name = f"{table}_p{day:%Y%m%d}"
+                assert await conn.fetchval("SELECT to_regclass($1)", name) is None
+        recent = datetime.now(UTC) - timedelta(days=2)
+        assert await _rows(conn, tenant, target) == {
+            t: [r for r in rows if r[1] > recent] for t, rows in today.items()
+        }
+        assert len(today["tenant_minutes"]) == 3 * MINUTES
+    finally:
+        for c in (conn, holder, *sweepers):
+            await c.close()
+
+
 @pytest.fixture
 async def old_db(services: dict[str, str], tmp_path: Path) -> AsyncIterator[str]:
     """A database migrated up to the migration before 0028."""
@@ -162,7 +210,7 @@ async def test_the_migration_puts_each_figure_in_its_day_and_loses_none(old_db: 
         # transaction cannot make a partition for each day of a long history); the
         # days ahead are made, and the deltas fold into them as before
         assert await _rows(conn, tenant, target) == before
-        for table, column in housekeeping._FIGURE_TABLES:
+        for table, column in housekeeping.FIGURES:
             placed = await conn.fetch(
                 f"SELECT DISTINCT tableoid::regclass::text AS part,"
                 f" to_char({column} AT TIME ZONE 'UTC', 'YYYYMMDD') AS day FROM {table}"
@@ -183,7 +231,7 @@ async def test_the_migration_puts_each_figure_in_its_day_and_loses_none(old_db: 
 
         # And the trim of the release before (a DELETE of the parent by ctid, which on
         # partitioned tables matches rows of every day) is refused, today's kept
-        for table, column in housekeeping._FIGURE_TABLES:
+        for table, column in housekeeping.FIGURES:
             with pytest.raises(asyncpg.RaiseError, match="partitioned by day"):
                 await conn.execute(
                     f"DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table}"

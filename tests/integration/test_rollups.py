@@ -10,18 +10,17 @@ stats read agrees with a count over the rows, and the sweeper folds the deltas.
 from __future__ import annotations
 
 import math
-import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from yarl import URL
 
 from relay.store import console, dead_letters, housekeeping
-from relay.store.migrations import load_migrations, migrate
+from relay.store.migrations import migrate
 from tests.conftest import Tenant, make_tenant
+from tests.history import migrated_before
 from tests.integration.test_console import make_dead, sign_in
 from tests.integration.test_ingest import make_source, make_target, post_token
 from tests.stack import Receiver, Workers, eventually, fail_then_succeed, fetch, status
@@ -256,61 +255,45 @@ async def _statuses(database_url: str) -> dict[str, int]:
 
 
 async def test_an_upgraded_database_shows_the_figures_of_its_existing_rows(
-    database_url: str, tmp_path: Path
+    services: dict[str, str], tmp_path: Path
 ) -> None:
     # Given a database at the migration before 0011, with events, deliveries and attempts
-    admin = await asyncpg.connect(database_url)
-    name = f"upgrade_{datetime.now(UTC).strftime('%H%M%S%f')}"
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    base = URL(database_url)
-    url = str(base.with_path("/" + name).with_query(base.query))  # ?host= of embedded Postgres
-    before = tmp_path / "before"
-    before.mkdir()
-    every = load_migrations()
-    source_dir = Path(__file__).resolve().parents[2] / "migrations"
-    for m in every:
-        if m.version < 11:
-            shutil.copy(source_dir / m.name, before / m.name)
-    conn = await asyncpg.connect(url)
-    try:
-        await migrate(conn, before)
-        await conn.execute(
-            """
-            INSERT INTO tenants (id, name) VALUES ('ten_1', 'one');
-            INSERT INTO sources (id, tenant_id, name, auth_type, secret_enc)
-                VALUES ('src_1', 'ten_1', 's', 'token', '\\x00');
-            INSERT INTO targets (id, tenant_id, url, secret_enc)
-                VALUES ('tgt_1', 'ten_1', 'http://x/', '\\x00');
-            INSERT INTO events (id, tenant_id, source_id, payload, received_at)
-                SELECT 'evt_' || g, 'ten_1', 'src_1', '{}', now() - g * interval '1 minute'
-                FROM generate_series(1, 50) g;
-            INSERT INTO deliveries (id, tenant_id, event_id, target_id, status, next_attempt_at)
-                SELECT 'dlv_' || g, 'ten_1', 'evt_' || g, 'tgt_1',
-                       CASE WHEN g % 10 = 0 THEN 'dead' WHEN g % 7 = 0 THEN 'pending'
-                            ELSE 'succeeded' END,
-                       CASE WHEN g % 10 <> 0 AND g % 7 = 0 THEN now() END
-                FROM generate_series(1, 50) g;
-            INSERT INTO attempts (id, tenant_id, delivery_id, started_at, duration_ms, status_code)
-                SELECT 'att_' || g, 'ten_1', 'dlv_' || g, now() - g * interval '1 minute',
-                       g * 3, CASE WHEN g % 10 = 0 THEN 500 WHEN g % 11 = 0 THEN NULL ELSE 200 END
-                FROM generate_series(1, 50) g;
-            """
-        )
-        # When the rest of the migrations are applied
-        await migrate(conn)
-        # Then the figures are those of the rows
-        since = datetime.now(UTC) - timedelta(hours=2)
-        [fig] = await console.figures_by_tenant(conn, "ten_1", since=since)
-        health = (await console.target_health(conn, "ten_1", ["tgt_1"], since=since))["tgt_1"]
-    finally:
-        await conn.close()
-    try:
+    async with migrated_before(services["postgres"], tmp_path, 11) as (_, url):
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(
+                """
+                INSERT INTO tenants (id, name) VALUES ('ten_1', 'one');
+                INSERT INTO sources (id, tenant_id, name, auth_type, secret_enc)
+                    VALUES ('src_1', 'ten_1', 's', 'token', '\\x00');
+                INSERT INTO targets (id, tenant_id, url, secret_enc)
+                    VALUES ('tgt_1', 'ten_1', 'http://x/', '\\x00');
+                INSERT INTO events (id, tenant_id, source_id, payload, received_at)
+                    SELECT 'evt_' || g, 'ten_1', 'src_1', '{}', now() - g * interval '1 minute'
+                    FROM generate_series(1, 50) g;
+                INSERT INTO deliveries (id, tenant_id, event_id, target_id, status, next_attempt_at)
+                    SELECT 'dlv_' || g, 'ten_1', 'evt_' || g, 'tgt_1',
+                           CASE WHEN g % 10 = 0 THEN 'dead' WHEN g % 7 = 0 THEN 'pending'
+                                ELSE 'succeeded' END,
+                           CASE WHEN g % 10 <> 0 AND g % 7 = 0 THEN now() END
+                    FROM generate_series(1, 50) g;
+                INSERT INTO attempts
+                    (id, tenant_id, delivery_id, started_at, duration_ms, status_code)
+                    SELECT 'att_' || g, 'ten_1', 'dlv_' || g, now() - g * interval '1 minute',
+                           g * 3,
+                           CASE WHEN g % 10 = 0 THEN 500 WHEN g % 11 = 0 THEN NULL ELSE 200 END
+                    FROM generate_series(1, 50) g;
+                """
+            )
+            # When the rest of the migrations are applied
+            await migrate(conn)
+            # Then the figures are those of the rows
+            since = datetime.now(UTC) - timedelta(hours=2)
+            [fig] = await console.figures_by_tenant(conn, "ten_1", since=since)
+            health = (await console.target_health(conn, "ten_1", ["tgt_1"], since=since))["tgt_1"]
+        finally:
+            await conn.close()
         await assert_agree(url)
-    finally:
-        admin = await asyncpg.connect(database_url)
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
     assert (fig.events, fig.dead, fig.pending) == (50, 5, 7)
     assert (fig.succeeded, fig.failed_attempts) == (41, 9)
     assert (health.attempts, health.succeeded, health.dead) == (50, 41, 5)
