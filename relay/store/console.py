@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from ulid import ULID
@@ -47,6 +47,15 @@ class KeyOwner:
     key_id: str
     tenant_id: str
     tenant_name: str
+
+
+def minute_of(at: datetime) -> datetime:
+    """The UTC minute holding ``at``: the figures' queries take their bounds as such
+    values, not as date_trunc(..., $n) (stable, not immutable), so that the planner
+    prunes the figures' day partitions (migration 0028) before it plans them: with
+    40 days of partitions, the tenant's overview figures planned 88 partitions, 3.3 ms
+    of planning a call against 0.2 ms with today's alone."""
+    return at.astimezone(UTC).replace(second=0, microsecond=0)
 
 
 async def key_owner_by_hash(conn: Queries, key_hash: bytes) -> KeyOwner | None:
@@ -138,23 +147,20 @@ async def figures_by_tenant(
     Deliveries by status come from their counters; only the due ones are read, by
     their index (as many as are due, whatever the history; a tenant's, its own).
     """
+    first_minute = minute_of(since)
     rows = await conn.fetch(
         f"""
-        WITH bounds AS MATERIALIZED (
-            SELECT date_trunc('minute', $2::timestamptz) AS first_minute,
-                   date_trunc('hour', $2::timestamptz, 'UTC') + interval '1 hour' AS first_hour
-        ), traffic AS (
+        WITH traffic AS (
             SELECT tenant_id, sum(events) AS n, sum(ok) AS ok, sum(failed) AS failed
             FROM (
                 SELECT m.tenant_id, m.events, m.ok, m.failed
-                FROM tenant_minutes m, bounds b
-                WHERE m.minute >= b.first_minute AND m.minute < b.first_hour
+                FROM tenant_minutes m WHERE m.minute >= $2 AND m.minute < $3
                 UNION ALL
                 SELECT h.tenant_id, h.events, h.ok, h.failed
-                FROM tenant_hours h, bounds b WHERE h.hour >= b.first_hour
+                FROM tenant_hours h WHERE h.hour >= $3
                 UNION ALL
                 SELECT d.tenant_id, d.events, d.ok, d.failed
-                FROM tenant_minute_deltas d, bounds b WHERE d.minute >= b.first_minute
+                FROM tenant_minute_deltas d WHERE d.minute >= $2
             ) x
             WHERE ($1::text IS NULL OR tenant_id = $1)
             GROUP BY tenant_id
@@ -188,7 +194,8 @@ async def figures_by_tenant(
                  coalesce(traffic.n, 0) DESC, t.id
         """,
         tenant_id,
-        since,
+        first_minute,
+        first_minute.replace(minute=0) + timedelta(hours=1),
     )
     return [
         TenantFigures(
@@ -228,13 +235,13 @@ async def outcomes_by_minute(
         SELECT minute AS m, sum(ok)::int AS ok, sum(failed)::int AS failed,
                sum(died)::int AS died
         FROM tenant_minutes_now
-        WHERE minute >= date_trunc('minute', $2::timestamptz)
+        WHERE minute >= $2
           AND ($1::text IS NULL OR tenant_id = $1)
         GROUP BY minute HAVING sum(ok) + sum(failed) + sum(died) > 0
         ORDER BY minute
         """,
         tenant_id,
-        since,
+        minute_of(since),
     )
     return [MinuteOutcomes(r["m"], r["ok"], r["failed"], r["died"]) for r in rows]
 
@@ -381,7 +388,7 @@ async def target_health(
             SELECT target_id, sum(ok) + sum(failed) AS n, sum(ok) AS ok,
                    max(last_attempt_at) AS last_at
             FROM target_minutes_now
-            WHERE target_id = ANY($1::text[]) AND minute >= date_trunc('minute', $2::timestamptz)
+            WHERE target_id = ANY($1::text[]) AND minute >= $2
             GROUP BY target_id
         ), now_ AS (
             SELECT target_id, sum(n) FILTER (WHERE status = 'retrying') AS retrying,
@@ -397,17 +404,17 @@ async def target_health(
         LEFT JOIN att ON att.target_id = t.id LEFT JOIN now_ ON now_.target_id = t.id
         """,
         ids,
-        since,
+        minute_of(since),
     )
     latency: dict[str, dict[int, int]] = {}
     for r in await conn.fetch(
         """
         SELECT target_id, bucket, sum(n)::bigint AS n FROM target_latency_minutes_now
-        WHERE target_id = ANY($1::text[]) AND minute >= date_trunc('minute', $2::timestamptz)
+        WHERE target_id = ANY($1::text[]) AND minute >= $2
         GROUP BY target_id, bucket
         """,
         ids,
-        since,
+        minute_of(since),
     ):
         latency.setdefault(r["target_id"], {})[r["bucket"]] = r["n"]
     return {
@@ -468,7 +475,7 @@ async def targets_across_tenants(
         f"""
         WITH att AS (
             SELECT target_id, sum(ok) + sum(failed) AS n, sum(ok) AS ok
-            FROM target_minutes_now WHERE minute >= date_trunc('minute', $1::timestamptz)
+            FROM target_minutes_now WHERE minute >= $1
             GROUP BY target_id
         )
         SELECT t.id, t.tenant_id, tn.name AS tenant_name, t.url, t.enabled, t.disabled_reason,
@@ -483,7 +490,7 @@ async def targets_across_tenants(
         ORDER BY {_TARGET_ORDER[sort]}
         LIMIT $2
         """,
-        since,
+        minute_of(since),
         limit,
     )
     return [TargetAcross(**dict(r)) for r in rows]

@@ -13,11 +13,12 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
-from relay.store import housekeeping
+from relay.store import console, housekeeping
 from relay.store.migrations import migrate
 from tests.history import migrated_before
 
@@ -173,6 +174,56 @@ async def test_two_sweepers_at_once_drop_the_same_old_days_once_without_error(
     finally:
         for c in (conn, holder, *sweepers):
             await c.close()
+
+
+class _Planned:
+    """A connection that also keeps the plan Postgres makes of each statement it runs."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.plans: list[str] = []
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        plan = await self.conn.fetch("EXPLAIN " + query, *args)
+        self.plans.append("\n".join(r[0] for r in plan))
+        return await self.conn.fetch(query, *args)
+
+
+async def test_the_consoles_figures_plan_only_the_days_they_show(
+    conn: asyncpg.Connection,
+) -> None:
+    tenant, target = f"ten_{uuid.uuid4().hex[:12]}", f"tgt_{uuid.uuid4().hex[:12]}"
+    await conn.execute("INSERT INTO tenants (id, name) VALUES ($1, 'figures')", tenant)
+    await conn.execute(
+        "INSERT INTO targets (id, tenant_id, url, secret_enc) VALUES ($1, $2, 'http://x/', '')",
+        target,
+        tenant,
+    )
+    # Given 20 days of figures' partitions before yesterday (as a relay keeps for its
+    # retention), and figures of today
+    old_days = [(datetime.now(UTC) - timedelta(days=n)).date() for n in range(2, 22)]
+    for day in old_days:
+        for table in FIGURES:
+            await conn.execute("SELECT relay_ensure_figures_partition($1, $2)", table, day)
+    await _figures(conn, tenant, target, 0)
+    await housekeeping.fold_rollups(conn)
+
+    # When the console's pages read their figures of the last day (as the operator
+    # and as the tenant)
+    planned = _Planned(conn)
+    since = datetime.now(UTC) - timedelta(days=1)
+    for viewer in (None, tenant):
+        await console.figures_by_tenant(planned, viewer, since=since)
+        await console.outcomes_by_minute(planned, viewer, since=since)
+        await console.target_health(planned, viewer, [target], since=since)
+    await console.targets_across_tenants(planned, sort="failing", since=since, limit=10)
+
+    # Then no plan holds a partition of an older day: what they cost does not grow with
+    # the days kept (before: the overview's figures planned every day's partition)
+    assert len(planned.plans) == 11  # target_health: its targets, then two reads
+    older = [f"_p{day:%Y%m%d}" for day in old_days]
+    assert [name for plan in planned.plans for name in older if name in plan] == []
+    assert any(f"_p{datetime.now(UTC):%Y%m%d}" in plan for plan in planned.plans)
 
 
 @pytest.fixture
