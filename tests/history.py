@@ -13,13 +13,27 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
-from relay.store.console import floor_id
 from relay.store.housekeeping import HISTORY
 from relay.store.migrations import load_migrations, migrate
+from relay.store.sql import floor_id
 from tests.conftest import _admin, with_database
+
+
+class Planned:
+    """A connection that also keeps the plan Postgres makes of each statement it runs."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.plans: list[str] = []
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        plan = await self.conn.fetch("EXPLAIN " + query, *args)
+        self.plans.append("\n".join(r[0] for r in plan))
+        return await self.conn.fetch(query, *args)
 
 
 def aged_id(row_id: str, at: datetime) -> str:

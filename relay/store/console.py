@@ -7,10 +7,8 @@ viewer's ``tenant_id`` (None: an operator, every tenant) and filters by it.
 
 Figures never scan the history (issue 24): traffic over a window comes from
 the per-minute figures and deliveries by status from their counters, both kept
-by migration 0011's triggers as the work happens. ``floor_id`` still bounds a
-time window by id where a list needs one: ids are ULIDs whose first ten
-characters are the creation time, so ``id >= floor_id(prefix, t)`` is a range
-of the primary key holding every row made at or after ``t``.
+by migration 0011's triggers as the work happens. ``sql.floor_id`` still bounds
+a time window by id where a list needs one.
 """
 
 from __future__ import annotations
@@ -20,8 +18,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from ulid import ULID
-
 from relay.store.db import Queries
 from relay.store.sql import (
     about_target,
@@ -30,12 +26,6 @@ from relay.store.sql import (
     optional_filters,
     pinned_order,
 )
-
-
-def floor_id(prefix: str, at: datetime) -> str:
-    """The lowest id of type ``prefix`` that can have been made at or after ``at``."""
-    return f"{prefix}_{str(ULID.from_datetime(at))[:10]}{'0' * 16}"
-
 
 # --- signing in -------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from relay.store.sql import (
     holds_key,
     key_queue_order,
     keyset_page,
+    made_since,
     optional_filters,
     pinned_order,
 )
@@ -126,17 +127,26 @@ async def get_delivery_any_tenant(conn: Queries, delivery_id: str) -> Delivery |
 async def deliveries_of_event(
     conn: Queries, tenant_id: str, event_id: str, *, limit: int, cursor: str | None = None
 ) -> tuple[list[Delivery], str | None]:
-    """A page of an event's deliveries (of this tenant), newest first, after ``cursor``."""
+    """A page of an event's deliveries (of this tenant), newest first, after ``cursor``.
+
+    Read from the days since the event's only (``made_since``): an old event's page
+    costs what a new one's does, however many days of history are kept.
+    """
+    since = made_since("dlv", event_id)
+    where = optional_filters(
+        ("$3::text", "d.id < $3::text", cursor), ("$5::text", "d.id >= $5::text", since)
+    )
     rows = await conn.fetch(
         f"""
         SELECT {DELIVERY_COLUMNS} FROM deliveries d
-        WHERE d.tenant_id = $1 AND d.event_id = $2 AND ($3::text IS NULL OR d.id < $3)
+        WHERE d.tenant_id = $1 AND d.event_id = $2 AND {where}
         ORDER BY d.id DESC LIMIT $4
         """,
         tenant_id,
         event_id,
         cursor,
         limit + 1,
+        since,
     )
     return delivery_page(rows, limit)
 
@@ -146,9 +156,12 @@ _ATTEMPT_COLUMNS = "id, started_at, duration_ms, status_code, error, response_bo
 
 async def attempts_of(conn: Queries, delivery_id: str) -> list[AttemptRecord]:
     """Every attempt of a delivery, oldest first (operators' CLI; the API and console page)."""
+    since = made_since("att", delivery_id)
     rows = await conn.fetch(
-        f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE delivery_id = $1 ORDER BY id",
+        f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE delivery_id = $1"
+        f" AND {optional_filters(('$2::text', 'id >= $2::text', since))} ORDER BY id",
         delivery_id,
+        since,
     )
     return [AttemptRecord.from_row(r) for r in rows]
 
@@ -156,16 +169,22 @@ async def attempts_of(conn: Queries, delivery_id: str) -> list[AttemptRecord]:
 async def attempts_page(
     conn: Queries, delivery_id: str, *, limit: int, cursor: str | None = None
 ) -> tuple[list[AttemptRecord], str | None]:
-    """A page of a delivery's attempts, newest first, after ``cursor``."""
+    """A page of a delivery's attempts, newest first, after ``cursor`` (from the days
+    since the delivery only, as ``deliveries_of_event``)."""
+    since = made_since("att", delivery_id)
+    where = optional_filters(
+        ("$2::text", "id < $2::text", cursor), ("$4::text", "id >= $4::text", since)
+    )
     rows = await conn.fetch(
         f"""
         SELECT {_ATTEMPT_COLUMNS} FROM attempts
-        WHERE delivery_id = $1 AND ($2::text IS NULL OR id < $2)
+        WHERE delivery_id = $1 AND {where}
         ORDER BY id DESC LIMIT $3
         """,
         delivery_id,
         cursor,
         limit + 1,
+        since,
     )
     page, next_cursor = keyset_page(rows, limit)
     return [AttemptRecord.from_row(r) for r in page], next_cursor

@@ -12,10 +12,10 @@ from typing import Any
 
 import asyncpg
 
-from relay.store.console import floor_id
 from relay.store.db import Conn, Queries
 from relay.store.key_queues import lock_keys, promote_keys
 from relay.store.rows import Replayed
+from relay.store.sql import CLOCKS_APART, floor_id
 
 log = logging.getLogger(__name__)
 
@@ -356,9 +356,6 @@ KEYS_LOCK_TIMEOUT = "50ms"
 #: The tables the keys of the detached days reference, in the order the ingest locks
 #: them (tests/integration/test_retention.py holds the keys to them).
 _KEYS_REFERENCE = ("tenants", "sources")
-#: How far apart the clocks of the processes that make ids may be: an attempt's id
-#: (its worker's clock) may fall before its delivery's (the gateway's or Postgres's).
-CLOCKS_APART = timedelta(hours=1)
 #: How many times a drop whose lock timed out is tried again in one pass.
 LOCK_TRIES = 5
 

@@ -3,7 +3,39 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any
+
+from ulid import ULID
+
+#: How far apart the clocks of the processes that make ids may be: a row's id (made by
+#: its process's clock) may fall before the id of the row it was made after (another
+#: process's, or Postgres's): an attempt's before its delivery's, a delivery's before
+#: its event's.
+CLOCKS_APART = timedelta(hours=1)
+
+
+def floor_id(prefix: str, at: datetime) -> str:
+    """The lowest id of type ``prefix`` that can have been made at or after ``at``.
+
+    Ids are ULIDs whose first ten characters are the creation time, so
+    ``id >= floor_id(prefix, t)`` is a range of the key holding every row made at or
+    after ``t``: passed as a value, it lets the planner leave out the days' partitions
+    (migration 0012) made before it.
+    """
+    return f"{prefix}_{str(ULID.from_datetime(at))[:10]}{'0' * 16}"
+
+
+def made_since(prefix: str, parent_id: str) -> str | None:
+    """The lowest id of type ``prefix`` that a row made after the row ``parent_id`` can
+    have (an attempt of a delivery, a delivery of an event): ``parent_id``'s time, less
+    ``CLOCKS_APART``; None when ``parent_id`` holds no ULID (no bound, no row missed)."""
+    _, _, ulid = parent_id.partition("_")
+    try:
+        made = ULID.from_str(ulid).datetime
+    except ValueError:
+        return None
+    return floor_id(prefix, made - CLOCKS_APART)
 
 
 def keyset_page(rows: Sequence[Any], limit: int) -> tuple[list[Any], str | None]:

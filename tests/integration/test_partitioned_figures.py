@@ -13,14 +13,13 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
 
 from relay.store import console, housekeeping
 from relay.store.migrations import migrate
-from tests.history import migrated_before
+from tests.history import Planned, migrated_before
 
 FIGURES = [table for table, _ in housekeeping.FIGURES]
 PARTITIONED = 28
@@ -176,19 +175,6 @@ async def test_two_sweepers_at_once_drop_the_same_old_days_once_without_error(
             await c.close()
 
 
-class _Planned:
-    """A connection that also keeps the plan Postgres makes of each statement it runs."""
-
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        self.conn = conn
-        self.plans: list[str] = []
-
-    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        plan = await self.conn.fetch("EXPLAIN " + query, *args)
-        self.plans.append("\n".join(r[0] for r in plan))
-        return await self.conn.fetch(query, *args)
-
-
 async def test_the_consoles_figures_plan_only_the_days_they_show(
     conn: asyncpg.Connection,
 ) -> None:
@@ -210,7 +196,7 @@ async def test_the_consoles_figures_plan_only_the_days_they_show(
 
     # When the console's pages read their figures of the last day (as the operator
     # and as the tenant)
-    planned = _Planned(conn)
+    planned = Planned(conn)
     since = datetime.now(UTC) - timedelta(days=1)
     for viewer in (None, tenant):
         await console.figures_by_tenant(planned, viewer, since=since)

@@ -19,12 +19,13 @@ from typing import Any
 import asyncpg
 import pytest
 
+from relay.core.crypto import new_id
 from relay.ingest.parse import ParsedEvent
-from relay.store import claims
+from relay.store import claims, deliveries
 from relay.store.events import add_deliveries, record_events
 from relay.store.migrations import migrate
 from tests.conftest import Tenant
-from tests.history import aged_id, backdate, make_partitions, migrated_before
+from tests.history import Planned, aged_id, backdate, make_partitions, migrated_before
 from tests.integration.test_ingest import make_source, make_target, post_token
 
 PARTITIONED = 12
@@ -377,5 +378,48 @@ async def test_a_claim_locks_the_same_few_relations_however_many_days_are_kept(
         }
         assert days <= {today.split("_")[1]}, sorted(days)
         assert len(locked) < 100, len(locked)
+    finally:
+        await conn.close()
+
+
+async def test_an_events_deliveries_and_their_attempts_are_read_from_their_days_only(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    # Given 20 days of partitions before yesterday, and an event of today with its
+    # delivery and two attempts, one of them stamped 30 minutes before its delivery
+    # (made by a worker whose clock is behind the gateway's)
+    source = await make_source(client, tenant)
+    await make_target(client, tenant)
+    [event_id] = (await (await post_token(client, source, {"n": 1})).json())["event_ids"]
+    conn = await asyncpg.connect(database_url)
+    try:
+        old_days = [datetime.now(UTC) - timedelta(days=n) for n in range(2, 22)]
+        for day in old_days:
+            await make_partitions(conn, day)
+        delivery_id = await conn.fetchval("SELECT id FROM deliveries WHERE event_id = $1", event_id)
+        now = new_id("att")
+        behind = aged_id(now, datetime.now(UTC) - timedelta(minutes=30))
+        for attempt_id in (behind, now):
+            await conn.execute(
+                "INSERT INTO attempts (id, tenant_id, delivery_id, target_id, started_at,"
+                " duration_ms, status_code) SELECT $1, tenant_id, id, target_id, now(), 5, 500"
+                " FROM deliveries WHERE id = $2",
+                attempt_id,
+                delivery_id,
+            )
+
+        # When its event's page and its delivery's page are read
+        planned = Planned(conn)
+        page, _ = await deliveries.deliveries_of_event(planned, tenant.id, event_id, limit=10)
+        every = await deliveries.attempts_of(planned, delivery_id)
+        latest, _ = await deliveries.attempts_page(planned, delivery_id, limit=10)
+
+        # Then both attempts are there, and no plan holds an older day's partition:
+        # an old event's page costs what a new one's does, however many days are kept
+        assert [d.id for d in page] == [delivery_id]
+        assert [a.id for a in every] == [behind, now]
+        assert [a.id for a in latest] == [now, behind]
+        older = [f"_p{day:%Y%m%d}" for day in old_days]
+        assert [name for plan in planned.plans for name in older if name in plan] == []
     finally:
         await conn.close()

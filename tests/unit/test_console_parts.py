@@ -6,11 +6,14 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.console import forms
 from relay.console.chart import outcome_chart, totals
-from relay.store.console import MinuteOutcomes, floor_id
+from relay.store.console import MinuteOutcomes
 from relay.store.dead_letters import DeadLetterFilter
+from relay.store.sql import CLOCKS_APART, floor_id, made_since
 
 START = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
 
@@ -102,6 +105,25 @@ def test_ids_of_a_window_start_at_its_first_millisecond() -> None:
     floor = floor_id("att", at)
     assert floor < f"att_{ULID.from_datetime(at)}"
     assert floor > f"att_{ULID.from_datetime(at - timedelta(milliseconds=1))}"
+
+
+@given(st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2200, 1, 1)))
+def test_a_row_made_after_another_is_never_below_the_bound_its_id_gives(at: datetime) -> None:
+    from ulid import ULID
+
+    made = at.replace(tzinfo=UTC)
+    parent = f"dlv_{ULID.from_datetime(made)}"
+    bound = made_since("att", parent)
+    # a row made after it, even by a clock CLOCKS_APART behind, is at or above the bound,
+    # and the bound leaves out what was made a second before that
+    assert bound is not None
+    assert bound <= f"att_{ULID.from_datetime(made - CLOCKS_APART)}"
+    assert bound > f"att_{ULID.from_datetime(made - CLOCKS_APART - timedelta(seconds=1))}"
+
+
+@pytest.mark.parametrize("parent", ["dlv_x", "dlv_", "evt", "dlv_01JD!!!!!!!!!!!!!!!!!!!!!!", ""])
+def test_an_id_without_a_ulid_gives_no_bound(parent: str) -> None:
+    assert made_since("att", parent) is None
 
 
 def test_only_target_and_since_are_what_the_api_replay_can_select() -> None:
