@@ -32,10 +32,9 @@ def made_since(prefix: str, parent_id: str) -> str | None:
     ``CLOCKS_APART``; None when ``parent_id`` holds no ULID (no bound, no row missed)."""
     _, _, ulid = parent_id.partition("_")
     try:
-        made = ULID.from_str(ulid).datetime
-    except ValueError:
+        return floor_id(prefix, ULID.from_str(ulid).datetime - CLOCKS_APART)
+    except (ValueError, OverflowError):  # no ULID; or one of the epoch's first hour
         return None
-    return floor_id(prefix, made - CLOCKS_APART)
 
 
 def keyset_page(rows: Sequence[Any], limit: int) -> tuple[list[Any], str | None]:

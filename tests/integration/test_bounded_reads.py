@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,17 @@ MIB = 1024 * 1024
 BLOB = 1_000_000
 
 
+_PREFIXES: set[str] = set()
+
+
 def _prefix() -> str:
-    """10 characters that make synthetic ids unique in this module's database."""
-    return new_id("x")[-10:]
+    """10 characters that make synthetic ids unique in this module's database: the time
+    part of an id made now (a row's id says when it was made: its delivery's attempts,
+    its event's deliveries are read from the days since it only), a new one each call."""
+    while (prefix := new_id("x")[2:12]) in _PREFIXES:
+        time.sleep(0.001)
+    _PREFIXES.add(prefix)
+    return prefix
 
 
 def _rss_kib(pid: int, field: str) -> int:

@@ -121,7 +121,9 @@ def test_a_row_made_after_another_is_never_below_the_bound_its_id_gives(at: date
     assert bound > f"att_{ULID.from_datetime(made - CLOCKS_APART - timedelta(seconds=1))}"
 
 
-@pytest.mark.parametrize("parent", ["dlv_x", "dlv_", "evt", "dlv_01JD!!!!!!!!!!!!!!!!!!!!!!", ""])
+@pytest.mark.parametrize(
+    "parent", ["dlv_x", "dlv_", "evt", "dlv_01JD!!!!!!!!!!!!!!!!!!!!!!", "", "evt_" + "0" * 26]
+)
 def test_an_id_without_a_ulid_gives_no_bound(parent: str) -> None:
     assert made_since("att", parent) is None
 
