@@ -16,13 +16,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from relay.store.db import Queries
 from relay.store.sql import (
     about_target,
     hold_reason,
     keyset_page,
+    newest_first,
     optional_filters,
     pinned_order,
 )
@@ -555,33 +556,39 @@ async def search_events(
     """Events matching ``search``, newest first, a page at a time (a tenant's off the
     index of its own events: ``pinned_order``)."""
     tenant, order = pinned_order([("tenant_id", "$1::text", tenant_id)], "id", descending=True)
-    where = optional_filters(
-        ("$2::text", "id < $2::text", cursor),
-        ("$3::text", "lower(object_type) = lower($3::text)", search.object_type),
-        ("$4::text", "lower(action) = lower($4::text)", search.action),
-        ("$5::text", "object_id = $5::text", search.object_id),
-        ("$6::text", "upstream_uuid = $6::text", search.upstream_uuid),
-        ("$7::timestamptz", "received_at >= $7::timestamptz", search.since),
-        ("$8::timestamptz", "received_at < $8::timestamptz", search.until),
-    )
-    rows = await conn.fetch(
-        f"""
-        SELECT id, tenant_id, source_id, received_at, object_type, action, object_id,
-               upstream_uuid
-        FROM events
-        WHERE {tenant} AND NOT operational AND {where}
-        ORDER BY {order} LIMIT $9
-        """,
-        tenant_id,
-        cursor,
-        search.object_type,
-        search.action,
-        search.object_id,
-        search.upstream_uuid,
-        search.since,
-        search.until,
-        limit + 1,
-    )
+
+    async def fetch(lo: str | None, hi: str | None, n: int) -> list[Any]:
+        where = optional_filters(
+            ("$2::text", "id < $2::text", hi),
+            ("$3::text", "lower(object_type) = lower($3::text)", search.object_type),
+            ("$4::text", "lower(action) = lower($4::text)", search.action),
+            ("$5::text", "object_id = $5::text", search.object_id),
+            ("$6::text", "upstream_uuid = $6::text", search.upstream_uuid),
+            ("$7::timestamptz", "received_at >= $7::timestamptz", search.since),
+            ("$8::timestamptz", "received_at < $8::timestamptz", search.until),
+            ("$10::text", "id >= $10::text", lo),
+        )
+        return await conn.fetch(
+            f"""
+            SELECT id, tenant_id, source_id, received_at, object_type, action, object_id,
+                   upstream_uuid
+            FROM events
+            WHERE {tenant} AND NOT operational AND {where}
+            ORDER BY {order} LIMIT $9
+            """,
+            tenant_id,
+            hi,
+            search.object_type,
+            search.action,
+            search.object_id,
+            search.upstream_uuid,
+            search.since,
+            search.until,
+            n,
+            lo,
+        )
+
+    rows = await newest_first(fetch, "evt", cursor, limit + 1)
     page, next_cursor = keyset_page(rows, limit)
     return [EventRow(**dict(r)) for r in page], next_cursor
 

@@ -14,6 +14,7 @@ from relay.store.sql import (
     key_queue_order,
     keyset_page,
     made_since,
+    newest_first,
     optional_filters,
     pinned_order,
 )
@@ -85,24 +86,33 @@ async def list_deliveries(
     pinned, order = pinned_order(pins, "d.id", descending=True)
     if status is not None and status not in get_args(DeliveryStatus):
         raise ValueError(f"no such status: {status!r}")
-    where = optional_filters(
-        None if pin_tenant else ("$1::text", "d.tenant_id = $1::text", tenant_id),
-        ("$2::text", "d.id < $2::text", cursor),
-        None if pin_target else ("$3::text", "d.target_id = $3::text", target_id),
-        ("$4::text", "d.event_id = $4::text", event_id),
-    )
     # a status is one of four, written as a literal: the plan prunes the partitions and
     # may take a partial index of it (a tenant's dead ones, not its backlog before them)
     of_status = "TRUE" if status is None else f"d.status = '{status}'"
-    rows = await conn.fetch(
-        f"SELECT {DELIVERY_COLUMNS} FROM deliveries d WHERE {pinned} AND {where}"
-        f" AND {of_status} ORDER BY {order} LIMIT $5",
-        tenant_id,
-        cursor,
-        target_id,
-        event_id,
-        limit + 1,
-    )
+
+    async def fetch(lo: str | None, hi: str | None, n: int) -> list[Any]:
+        where = optional_filters(
+            None if pin_tenant else ("$1::text", "d.tenant_id = $1::text", tenant_id),
+            ("$2::text", "d.id < $2::text", hi),
+            None if pin_target else ("$3::text", "d.target_id = $3::text", target_id),
+            ("$4::text", "d.event_id = $4::text", event_id),
+            ("$6::text", "d.id >= $6::text", lo),
+        )
+        return await conn.fetch(
+            f"SELECT {DELIVERY_COLUMNS} FROM deliveries d WHERE {pinned} AND {where}"
+            f" AND {of_status} ORDER BY {order} LIMIT $5",
+            tenant_id,
+            hi,
+            target_id,
+            event_id,
+            n,
+            lo,
+        )
+
+    if event_id is not None:  # an event's: made since it (deliveries_of_event)
+        rows = await fetch(made_since("dlv", event_id), cursor, limit + 1)
+    else:
+        rows = await newest_first(fetch, "dlv", cursor, limit + 1)
     return delivery_page(rows, limit)
 
 

@@ -22,6 +22,7 @@ from relay.store.sql import (
     int_array,
     key_locks,
     keyset_page,
+    newest_first,
     optional_filters,
     pinned_order,
     text_array,
@@ -447,40 +448,54 @@ async def list_events(
     headers, without reading them). So a page costs at most ``payload_bytes`` of
     payload whatever the events' sizes.
     """
-    where = optional_filters(
-        ("$2::text", "id < $2::text", cursor),
-        ("$3::text", "source_id = $3::text", source_id),
-        ("$4::text", "lower(object_type) = lower($4::text)", object_type),
-        ("$5::text", "lower(action) = lower($5::text)", action),
-        ("$6::timestamptz", "received_at >= $6::timestamptz", since),
-        ("$7::timestamptz", "received_at < $7::timestamptz", until),
-    )
     tenant, order = pinned_order([("tenant_id", "$1::text", tenant_id)], "id", descending=True)
-    rows = await conn.fetch(
-        f"""
-        WITH page AS (
-            SELECT id, source_id, received_at, object_type, action, object_id,
-                   octet_length(payload) AS payload_size
-            FROM events
-            WHERE {tenant} AND NOT operational AND {where}
-            ORDER BY {order} LIMIT $8
+    spent = 0  # the payload bytes of the rows read before (newest_first's first read)
+
+    async def fetch(lo: str | None, hi: str | None, n: int) -> list[Any]:
+        nonlocal spent
+        where = optional_filters(
+            ("$2::text", "id < $2::text", hi),
+            ("$3::text", "source_id = $3::text", source_id),
+            ("$4::text", "lower(object_type) = lower($4::text)", object_type),
+            ("$5::text", "lower(action) = lower($5::text)", action),
+            ("$6::timestamptz", "received_at >= $6::timestamptz", since),
+            ("$7::timestamptz", "received_at < $7::timestamptz", until),
+            ("$10::text", "id >= $10::text", lo),
         )
-        SELECT p.*,
-               CASE WHEN sum(p.payload_size) OVER (ORDER BY p.id DESC) <= $9
-                    THEN (SELECT e.payload FROM events e WHERE e.id = p.id) END AS payload
-        FROM page p
-        ORDER BY p.id DESC
-        """,
-        tenant_id,
-        cursor,
-        source_id,
-        object_type,
-        action,
-        since,
-        until,
-        limit + 1,
-        payload_bytes,
-    )
+        # (the payloads' read too: a join by id prunes only as it runs, after it has
+        # opened every day's partition)
+        of_lo = optional_filters(("$10::text", "e.id >= $10::text", lo))
+        rows = await conn.fetch(
+            f"""
+            WITH page AS (
+                SELECT id, source_id, received_at, object_type, action, object_id,
+                       octet_length(payload) AS payload_size
+                FROM events
+                WHERE {tenant} AND NOT operational AND {where}
+                ORDER BY {order} LIMIT $8
+            )
+            SELECT p.*,
+                   CASE WHEN sum(p.payload_size) OVER (ORDER BY p.id DESC) <= $9
+                        THEN (SELECT e.payload FROM events e WHERE e.id = p.id AND {of_lo})
+                   END AS payload
+            FROM page p
+            ORDER BY p.id DESC
+            """,
+            tenant_id,
+            hi,
+            source_id,
+            object_type,
+            action,
+            since,
+            until,
+            n,
+            payload_bytes - spent,
+            lo,
+        )
+        spent += sum(r["payload_size"] or 0 for r in rows)
+        return rows
+
+    rows = await newest_first(fetch, "evt", cursor, limit + 1)
     page, next_cursor = keyset_page(rows, limit)
     return [Event.from_row(r) for r in page], next_cursor
 

