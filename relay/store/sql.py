@@ -80,7 +80,9 @@ async def newest_first(
         return await fetch(None, cursor, want)
     rows = await fetch(lo, cursor, want)
     if len(rows) < want:
-        rows += await fetch(None, lo, want - len(rows))
+        # (below the cursor still: one of another type may sort below the bound)
+        below = lo if cursor is None else min(lo, cursor)
+        rows += await fetch(None, below, want - len(rows))
     return rows
 
 
