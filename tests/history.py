@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,21 @@ class Planned:
         plan = await self.conn.fetch("EXPLAIN " + query, *args)
         self.plans.append("\n".join(r[0] for r in plan))
         return await self.conn.fetch(query, *args)
+
+    def partitions_of(self, days: Sequence[date | datetime]) -> list[str]:
+        """The partitions of ``days`` that the plans kept hold (none: each read pruned
+        them when it was planned)."""
+        names = [f"_p{day:%Y%m%d}" for day in days]
+        return [name for plan in self.plans for name in names if name in plan]
+
+
+async def make_old_days(conn: asyncpg.Connection, ago: range = range(2, 22)) -> list[datetime]:
+    """The history's partitions of the days ``ago`` days ago (as a relay keeping them
+    for its retention has); those days."""
+    days = [datetime.now(UTC) - timedelta(days=n) for n in ago]
+    for day in days:
+        await make_partitions(conn, day)
+    return days
 
 
 def aged_id(row_id: str, at: datetime) -> str:

@@ -207,8 +207,7 @@ async def test_the_consoles_figures_plan_only_the_days_they_show(
     # Then no plan holds a partition of an older day: what they cost does not grow with
     # the days kept (before: the overview's figures planned every day's partition)
     assert len(planned.plans) == 11  # target_health: its targets, then two reads
-    older = [f"_p{day:%Y%m%d}" for day in old_days]
-    assert [name for plan in planned.plans for name in older if name in plan] == []
+    assert planned.partitions_of(old_days) == []
     assert any(f"_p{datetime.now(UTC):%Y%m%d}" in plan for plan in planned.plans)
 
 

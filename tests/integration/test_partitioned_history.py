@@ -26,7 +26,13 @@ from relay.store import events as events_store
 from relay.store.events import add_deliveries, record_events
 from relay.store.migrations import migrate
 from tests.conftest import Tenant
-from tests.history import Planned, aged_id, backdate, make_partitions, migrated_before
+from tests.history import (
+    Planned,
+    aged_id,
+    backdate,
+    make_old_days,
+    migrated_before,
+)
 from tests.integration.test_ingest import make_source, make_target, post_token
 
 PARTITIONED = 12
@@ -356,8 +362,7 @@ async def test_a_claim_locks_the_same_few_relations_however_many_days_are_kept(
     await post_token(client, source, body)
     conn = await asyncpg.connect(database_url)
     try:
-        for days in range(1, 41):
-            await make_partitions(conn, datetime.now(UTC) - timedelta(days=days))
+        await make_old_days(conn, range(1, 41))
 
         # When a worker claims it (its locks held to the end of the transaction)
         async with conn.transaction():
@@ -394,9 +399,7 @@ async def test_an_events_deliveries_and_their_attempts_are_read_from_their_days_
     [event_id] = (await (await post_token(client, source, {"n": 1})).json())["event_ids"]
     conn = await asyncpg.connect(database_url)
     try:
-        old_days = [datetime.now(UTC) - timedelta(days=n) for n in range(2, 22)]
-        for day in old_days:
-            await make_partitions(conn, day)
+        old_days = await make_old_days(conn)
         delivery_id = await conn.fetchval("SELECT id FROM deliveries WHERE event_id = $1", event_id)
         now = new_id("att")
         behind = aged_id(now, datetime.now(UTC) - timedelta(minutes=30))
@@ -420,8 +423,7 @@ async def test_an_events_deliveries_and_their_attempts_are_read_from_their_days_
         assert [d.id for d in page] == [delivery_id]
         assert [a.id for a in every] == [behind, now]
         assert [a.id for a in latest] == [now, behind]
-        older = [f"_p{day:%Y%m%d}" for day in old_days]
-        assert [name for plan in planned.plans for name in older if name in plan] == []
+        assert planned.partitions_of(old_days) == []
     finally:
         await conn.close()
 
@@ -552,9 +554,7 @@ async def test_a_page_of_the_newest_reads_only_the_last_days_when_they_fill_it(
     await post_token(client, source, [{"n": i} for i in range(12)])
     conn = await asyncpg.connect(database_url)
     try:
-        old_days = [datetime.now(UTC) - timedelta(days=n) for n in range(2, 22)]
-        for day in old_days:
-            await make_partitions(conn, day)
+        old_days = await make_old_days(conn)
 
         # When the first page of each list is read
         planned = Planned(conn)
@@ -571,7 +571,6 @@ async def test_a_page_of_the_newest_reads_only_the_last_days_when_they_fill_it(
         # Then each is full, in one read that plans no older day's partition
         assert [len(rows) for rows, _ in read] == [10, 10, 10]
         assert len(planned.plans) == 3
-        older = [f"_p{day:%Y%m%d}" for day in old_days]
-        assert [name for plan in planned.plans for name in older if name in plan] == []
+        assert planned.partitions_of(old_days) == []
     finally:
         await conn.close()
