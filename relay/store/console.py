@@ -7,8 +7,9 @@ viewer's ``tenant_id`` (None: an operator, every tenant) and filters by it.
 
 Figures never scan the history (issue 24): traffic over a window comes from
 the per-minute figures and deliveries by status from their counters, both kept
-by migration 0011's triggers as the work happens. ``sql.floor_id`` still bounds
-a time window by id where a list needs one.
+by migration 0011's triggers as the work happens; their bounds are values
+(``minute_of``), so that the planner prunes the days they do not show. Lists of
+events read the last day first (``sql.newest_first``).
 """
 
 from __future__ import annotations
@@ -373,6 +374,7 @@ async def target_health(
         list(set(target_ids)),
     )
     ids = [r["id"] for r in mine]
+    first_minute = minute_of(since)
     rows = await conn.fetch(
         """
         WITH att AS (
@@ -395,7 +397,7 @@ async def target_health(
         LEFT JOIN att ON att.target_id = t.id LEFT JOIN now_ ON now_.target_id = t.id
         """,
         ids,
-        minute_of(since),
+        first_minute,
     )
     latency: dict[str, dict[int, int]] = {}
     for r in await conn.fetch(
@@ -405,7 +407,7 @@ async def target_health(
         GROUP BY target_id, bucket
         """,
         ids,
-        minute_of(since),
+        first_minute,
     ):
         latency.setdefault(r["target_id"], {})[r["bucket"]] = r["n"]
     return {

@@ -35,15 +35,20 @@ def id_time(row_id: str) -> datetime | None:
         return None
 
 
+def _floor_before(prefix: str, at: datetime | None, by: timedelta) -> str | None:
+    """``floor_id(prefix, at - by)``; None (no bound) without ``at``, or when that is
+    before the epoch (an id of its first hours)."""
+    try:
+        return None if at is None else floor_id(prefix, at - by)
+    except OverflowError:
+        return None
+
+
 def made_since(prefix: str, parent_id: str) -> str | None:
     """The lowest id of type ``prefix`` that a row made after the row ``parent_id`` can
     have (an attempt of a delivery, a delivery of an event): ``parent_id``'s time, less
     ``CLOCKS_APART``; None when ``parent_id`` holds no ULID (no bound, no row missed)."""
-    made = id_time(parent_id)
-    try:
-        return None if made is None else floor_id(prefix, made - CLOCKS_APART)
-    except OverflowError:  # an id of the epoch's first hour
-        return None
+    return _floor_before(prefix, id_time(parent_id), CLOCKS_APART)
 
 
 #: A list newest first reads the rows of the days since this long before its newest
@@ -67,15 +72,12 @@ async def newest_first(
     and a read of every id below the cursor starts a scan of every day's partition to
     take a page of the newest (a merge of them all, for deliveries, whose sent ones are
     partitioned under their status): with 40 days of 2 M events kept, a page of a
-    tenant's events cost 7.1 ms and of its deliveries 7.4 ms; read from the last day
-    first, 3.0 and 2.1 ms. The older days are read only when the recent ones do not
-    fill the page.
+    tenant's events cost 5.5 ms and of its deliveries 6.4 ms; read from the last day
+    first, 2.3-3.0 and 2.0-2.3 ms (bench/RESULTS.md, 2026-12-08). The older days are
+    read only when the recent ones do not fill the page.
     """
     newest = datetime.now(UTC) if cursor is None else id_time(cursor)
-    try:
-        lo = None if newest is None else floor_id(prefix, newest - RECENT)
-    except OverflowError:
-        lo = None
+    lo = _floor_before(prefix, newest, RECENT)
     if lo is None:
         return await fetch(None, cursor, want)
     rows = await fetch(lo, cursor, want)
